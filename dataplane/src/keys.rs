@@ -1,0 +1,130 @@
+//! The Redis key layout, the one contract between gateway, consumer and operator.
+//!
+//! Every key of one product shares the hash tag `{namespace/sale/sku}`, so each
+//! script touches exactly one Redis Cluster slot; sale-wide keys share
+//! `{namespace/sale}`.
+
+use crate::spec::SaleId;
+
+/// Keys of one product of one sale.
+#[derive(Clone, Debug)]
+pub struct ProductKeys {
+    base: String,
+}
+
+impl ProductKeys {
+    pub fn new(sale: &SaleId, sku: &str) -> Self {
+        Self {
+            base: format!("fs:{{{}/{}/{}}}", sale.namespace, sale.name, sku),
+        }
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}:{suffix}", self.base)
+    }
+
+    /// Hash: `stock` (total), `price`, `limit`, `start_ms`, `end_ms`.
+    pub fn info(&self) -> String {
+        self.key("info")
+    }
+    /// String: units still for sale.
+    pub fn stock(&self) -> String {
+        self.key("stock")
+    }
+    /// Hash: user -> units held by active (not failed/cancelled) orders.
+    pub fn buyers(&self) -> String {
+        self.key("buyers")
+    }
+    /// Hash: user -> number of orders ever placed (never decreases; the
+    /// database's unique (sale, sku, user, seq) key uses it).
+    pub fn user_seq(&self) -> String {
+        self.key("useq")
+    }
+    /// Hash: `user \x1f idempotency-key` -> order id.
+    pub fn idempotency(&self) -> String {
+        self.key("idem")
+    }
+    /// Hash: order id -> order record (JSON, see `order::OrderRecord`).
+    pub fn orders(&self) -> String {
+        self.key("orders")
+    }
+    /// Hash: user -> comma-separated order ids.
+    pub fn user_orders(&self) -> String {
+        self.key("uorders")
+    }
+    /// Stream of accepted order requests, read by the consumers' group.
+    pub fn stream(&self) -> String {
+        self.key("stream")
+    }
+    /// Stream of entries that failed persistence too often.
+    pub fn dead_letter(&self) -> String {
+        self.key("dead")
+    }
+
+    /// Every key of the product, for clearing a deleted sale.
+    pub fn all(&self) -> Vec<String> {
+        vec![
+            self.info(),
+            self.stock(),
+            self.buyers(),
+            self.user_seq(),
+            self.idempotency(),
+            self.orders(),
+            self.user_orders(),
+            self.stream(),
+            self.dead_letter(),
+        ]
+    }
+}
+
+/// Sale-wide keys.
+#[derive(Clone, Debug)]
+pub struct SaleKeys {
+    base: String,
+}
+
+impl SaleKeys {
+    pub fn new(sale: &SaleId) -> Self {
+        Self {
+            base: format!("fs:{{{}/{}}}", sale.namespace, sale.name),
+        }
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}:{suffix}", self.base)
+    }
+
+    /// Hash: `skus` (comma-separated), `warmed_at`.
+    pub fn meta(&self) -> String {
+        self.key("meta")
+    }
+    /// Sorted set: gateway pod -> last report time (ms).
+    pub fn gateways(&self) -> String {
+        self.key("gateways")
+    }
+    /// Hash: gateway pod -> its last load report (JSON).
+    pub fn gateway_reports(&self) -> String {
+        self.key("gwreports")
+    }
+
+    pub fn all(&self) -> Vec<String> {
+        vec![self.meta(), self.gateways(), self.gateway_reports()]
+    }
+}
+
+/// The consumer group every consumer of a sale joins.
+pub const CONSUMER_GROUP: &str = "persist";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn product_keys_share_one_hash_tag() {
+        let k = ProductKeys::new(&SaleId::new("shop", "sd"), "phone-17");
+        for key in k.all() {
+            assert!(key.starts_with("fs:{shop/sd/phone-17}:"), "{key}");
+        }
+        assert_eq!(SaleKeys::new(&SaleId::new("shop", "sd")).meta(), "fs:{shop/sd}:meta");
+    }
+}

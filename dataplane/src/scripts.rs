@@ -1,0 +1,22 @@
+//! The Lua scripts of the Redis contract. `redis::Script` calls them by SHA
+//! (EVALSHA) and loads them on NOSCRIPT, so each is sent in full once per server.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// The purchase decision (`purchase.lua`).
+pub static PURCHASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/purchase.lua")));
+/// Stock and limit returned for an order that will not be fulfilled (`release.lua`).
+pub static RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
+/// Guarded order status change (`transition.lua`).
+pub static TRANSITION: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/transition.lua")));
+/// Catalog and stock written once per sale (`warm.lua`).
+pub static WARM: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/warm.lua")));
+
+/// The purchase script's source, for `redis-benchmark` comparisons.
+pub const PURCHASE_SOURCE: &str = include_str!("scripts/purchase.lua");

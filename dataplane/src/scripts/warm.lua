@@ -1,0 +1,28 @@
+-- Writes one product's catalog entry and stock, once. Re-running it never
+-- resets sold stock: a raised stock adds the difference, a stock below what is
+-- already sold is refused, anything else only refreshes price/limit/window.
+-- KEYS: 1 info, 2 stock
+-- ARGV: 1 stock, 2 price, 3 per-user limit, 4 start_ms, 5 end_ms
+-- Returns {outcome, remaining, sold, delta}: created | unchanged | resized | below_sold
+local total = tonumber(ARGV[1])
+local old = redis.call('HGET', KEYS[1], 'stock')
+local function write_info()
+  redis.call('HSET', KEYS[1], 'stock', ARGV[1], 'price', ARGV[2], 'limit', ARGV[3],
+    'start_ms', ARGV[4], 'end_ms', ARGV[5])
+end
+if not old then
+  redis.call('SET', KEYS[2], ARGV[1])
+  write_info()
+  return {'created', ARGV[1], '0', ARGV[1]}
+end
+local remaining = tonumber(redis.call('GET', KEYS[2]) or '0')
+local sold = tonumber(old) - remaining
+if total < sold then
+  return {'below_sold', string.format('%d', remaining), string.format('%d', sold), '0'}
+end
+local delta = total - tonumber(old)
+if delta ~= 0 then remaining = redis.call('INCRBY', KEYS[2], delta) end
+write_info()
+local outcome = 'unchanged'
+if delta ~= 0 then outcome = 'resized' end
+return {outcome, string.format('%d', remaining), string.format('%d', sold), string.format('%d', delta)}

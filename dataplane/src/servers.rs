@@ -1,0 +1,426 @@
+//! Throwaway Redis and PostgreSQL servers run as child processes, on free
+//! loopback ports in temp dirs: the test harness and `flashsale local` use them.
+//!
+//! Modelled on redis-rs's `redis-test` (spawn, retry until ready, dump the log
+//! on failure, kill on drop); written here because no maintained crate starts a
+//! local PostgreSQL from the installed binaries without downloading its own.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{binary} not found on PATH{extra}; install it: {hint}")]
+    Missing {
+        binary: &'static str,
+        extra: &'static str,
+        hint: &'static str,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{what} did not become ready in {secs} s; its log:\n{log}")]
+    NotReady {
+        what: &'static str,
+        secs: u64,
+        log: String,
+    },
+    #[error("{what} failed: {log}")]
+    Failed { what: String, log: String },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
+    let what = what.into();
+    move |source| ServerError::Io { what, source }
+}
+
+/// A free TCP port on 127.0.0.1 (released just before the server binds it).
+pub fn free_port() -> Result<u16, ServerError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(io("bind a free port"))?;
+    let port = l.local_addr().map_err(io("read a free port"))?.port();
+    Ok(port)
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn kill(child: &mut Child, signal: libc::c_int) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) on our own child's pid; no memory is shared.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}
+
+/// Options for a Redis child.
+#[derive(Clone, Debug, Default)]
+pub struct RedisOptions {
+    /// AOF with `appendfsync everysec`: at most about one second of writes is
+    /// lost on a crash of the machine; a crash of the process loses none.
+    pub append_only: bool,
+}
+
+/// A `redis-server` child process.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: TempDir,
+    options: RedisOptions,
+}
+
+impl RedisServer {
+    pub fn start() -> Result<Self, ServerError> {
+        Self::start_with(RedisOptions::default())
+    }
+
+    pub fn start_with(options: RedisOptions) -> Result<Self, ServerError> {
+        let dir = tempfile::Builder::new()
+            .prefix("flashsale-redis-")
+            .tempdir()
+            .map_err(io("create a temp dir for redis"))?;
+        let mut server = Self {
+            child: None,
+            port: free_port()?,
+            dir,
+            options,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> Result<(), ServerError> {
+        let binary = find_on_path("redis-server").ok_or(ServerError::Missing {
+            binary: "redis-server",
+            extra: "",
+            hint: "apt-get install -y redis-server",
+        })?;
+        let log = self.dir.path().join("redis.log");
+        let mut cmd = Command::new(binary);
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(&log)
+            .args(["--maxclients", "20000"]);
+        if self.options.append_only {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "everysec"]);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(io("spawn redis-server"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(client) = redis::Client::open(self.url())
+                && let Ok(mut conn) = client.get_connection()
+                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(ServerError::NotReady {
+                    what: "redis-server",
+                    secs: 10,
+                    log: tail(&log, 30),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(&mut child, libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same port and data dir (AOF is replayed if on).
+    pub fn restart(&mut self) -> Result<(), ServerError> {
+        self.kill();
+        self.spawn()
+    }
+
+    pub fn log(&self) -> String {
+        tail(&self.dir.path().join("redis.log"), 40)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- redis-server log (port {}) ---\n{}", self.port, self.log());
+        }
+        self.kill();
+    }
+}
+
+/// A PostgreSQL cluster made by `initdb` and run by `postgres` as a child.
+pub struct PostgresServer {
+    child: Option<Child>,
+    port: u16,
+    dir: TempDir,
+    bin: PathBuf,
+    run_as: Option<(u32, u32)>,
+}
+
+/// PostgreSQL refuses to run as root; as root we run it as the `postgres` user.
+fn postgres_user() -> Result<Option<(u32, u32)>, ServerError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    // SAFETY: getpwnam returns a pointer into static storage or null; we copy
+    // the two ids out before any other call could overwrite it.
+    let pw = unsafe { libc::getpwnam(c"postgres".as_ptr()) };
+    if pw.is_null() {
+        return Err(ServerError::Failed {
+            what: "find the postgres user".into(),
+            log: "running as root needs a `postgres` system user to run PostgreSQL as \
+                  (apt-get install -y postgresql creates it)"
+                .into(),
+        });
+    }
+    // SAFETY: pw is non-null and points to a valid passwd record.
+    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+    Ok(Some((uid, gid)))
+}
+
+/// `initdb`'s directory: on PATH, else the newest /usr/lib/postgresql/*/bin.
+fn postgres_bin_dir() -> Result<PathBuf, ServerError> {
+    if let Some(p) = find_on_path("initdb")
+        && let Ok(real) = std::fs::canonicalize(&p)
+        && let Some(dir) = real.parent()
+        && dir.join("postgres").is_file()
+    {
+        return Ok(dir.to_path_buf());
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").is_file().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .ok_or(ServerError::Missing {
+            binary: "initdb",
+            extra: " or under /usr/lib/postgresql/*/bin",
+            hint: "apt-get install -y postgresql",
+        })
+}
+
+fn chown_recursive(path: &Path, uid: u32, gid: u32) -> Result<(), ServerError> {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .map_err(io(format!("chown {}", path.display())))?;
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path).map_err(io(format!("read {}", path.display())))? {
+            let entry = entry.map_err(io("read dir entry"))?;
+            chown_recursive(&entry.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+impl PostgresServer {
+    pub fn start() -> Result<Self, ServerError> {
+        let bin = postgres_bin_dir()?;
+        let run_as = postgres_user()?;
+        let dir = tempfile::Builder::new()
+            .prefix("flashsale-pg-")
+            .tempdir()
+            .map_err(io("create a temp dir for postgres"))?;
+        if let Some((uid, gid)) = run_as {
+            chown_recursive(dir.path(), uid, gid)?;
+        }
+        let server = Self {
+            child: None,
+            port: free_port()?,
+            dir,
+            bin,
+            run_as,
+        };
+        let out = server
+            .command("initdb")
+            .arg("-D")
+            .arg(server.data_dir())
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .output()
+            .map_err(io("run initdb"))?;
+        if !out.status.success() {
+            return Err(ServerError::Failed {
+                what: "initdb".into(),
+                log: format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            });
+        }
+        let mut server = server;
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(program));
+        if let Some((uid, gid)) = self.run_as {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.current_dir(self.dir.path());
+        cmd
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+
+    fn spawn(&mut self) -> Result<(), ServerError> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(io("open the postgres log"))?;
+        if let Some((uid, gid)) = self.run_as {
+            chown_recursive(&self.log_path(), uid, gid)?;
+        }
+        let log_err = log.try_clone().map_err(io("clone the postgres log"))?;
+        let child = self
+            .command("postgres")
+            .arg("-D")
+            .arg(self.data_dir())
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-k")
+            .arg(self.dir.path())
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=300",
+                "-c",
+                "shared_buffers=128MB",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(io("spawn postgres"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.accepts_connections() {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(ServerError::Failed {
+                    what: format!("postgres exited with {status}"),
+                    log: tail(&self.log_path(), 30),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(ServerError::NotReady {
+                    what: "postgres",
+                    secs: 30,
+                    log: tail(&self.log_path(), 30),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Ready once the log says so and the port takes a connection.
+    fn accepts_connections(&self) -> bool {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let starts = log.matches("database system is ready to accept connections").count();
+        let stops = log.matches("database system is shut down").count();
+        starts > stops && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Fast shutdown (SIGINT): clients are disconnected, nothing is lost.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(&mut child, libc::SIGINT);
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same port and data.
+    pub fn restart(&mut self) -> Result<(), ServerError> {
+        self.stop();
+        self.spawn()
+    }
+
+    pub fn log(&self) -> String {
+        tail(&self.log_path(), 40)
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- postgres log (port {}) ---\n{}", self.port, self.log());
+        }
+        // Immediate shutdown (SIGQUIT): the cluster is thrown away with its dir.
+        if let Some(mut child) = self.child.take() {
+            kill(&mut child, libc::SIGQUIT);
+            let _ = child.wait();
+        }
+    }
+}
