@@ -1,1 +1,397 @@
-fn main() {}
+//! `flashsale`: the data plane's one binary — gateway and consumer for pods,
+//! and the tools around them (local sale, crowd, audit, tokens, OpenAPI).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use dataplane::consumer::{Consumer, ConsumerSettings};
+use dataplane::crowd::{CrowdConfig, Target};
+use dataplane::gateway::{self, Gateway, GatewaySettings};
+use dataplane::spec::SaleDocument;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "flashsale", version, about = "flashsale data plane: gateway, consumer and tools")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a whole flash sale locally (Redis and PostgreSQL started as child
+    /// processes unless REDIS_URL / DATABASE_URL are set) and print the report.
+    Local(LocalArgs),
+    /// Serve the public purchase API (pods run this).
+    Gateway(GatewayArgs),
+    /// Persist accepted orders from Redis streams into PostgreSQL (pods run this).
+    Consumer(ConsumerArgs),
+    /// Send a crowd of buyers at running gateways, then optionally audit.
+    Crowd(CrowdArgs),
+    /// Check a sale's books in Redis and PostgreSQL.
+    Audit(AuditArgs),
+    /// Write a sale's catalog and stock into Redis (idempotent).
+    Warm(WarmArgs),
+    /// Print a user token signed with TOKEN_SECRET, as the shop's login would issue.
+    Token(TokenArgs),
+    /// Print the public API's OpenAPI document.
+    Openapi,
+}
+
+#[derive(Args)]
+struct LocalArgs {
+    /// The FlashSale YAML (its window is moved to start a few seconds from now).
+    sale: PathBuf,
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: Option<String>,
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    #[arg(long, default_value_t = 20_000)]
+    users: u32,
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    #[arg(long, default_value_t = 60_000)]
+    requests: u64,
+    #[arg(long, default_value_t = 0.05)]
+    retry_fraction: f64,
+    #[arg(long, default_value_t = 2)]
+    consumers: usize,
+    /// Seconds from "everything up" to the sale's start.
+    #[arg(long, default_value_t = 2.0)]
+    lead_seconds: f64,
+    /// How long the sale stays open, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    sale_seconds: f64,
+    /// Also write the report as JSON to this file (`-` for stdout).
+    #[arg(long)]
+    json: Option<String>,
+}
+
+#[derive(Args)]
+struct SaleConfigArgs {
+    /// The sale document (the operator mounts it at /etc/flashsale/sale.yaml).
+    #[arg(long, env = "SALE_CONFIG", default_value = "/etc/flashsale/sale.yaml")]
+    config: PathBuf,
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: String,
+}
+
+#[derive(Args)]
+struct GatewayArgs {
+    #[command(flatten)]
+    sale: SaleConfigArgs,
+    #[arg(long, env = "TOKEN_SECRET", hide_env_values = true)]
+    token_secret: String,
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    admin_listen: SocketAddr,
+    #[arg(long, default_value_t = 250)]
+    redis_timeout_ms: u64,
+    /// Take the client IP from this header (e.g. x-forwarded-for) behind a proxy.
+    #[arg(long)]
+    client_ip_header: Option<String>,
+}
+
+#[derive(Args)]
+struct ConsumerArgs {
+    #[command(flatten)]
+    sale: SaleConfigArgs,
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    admin_listen: SocketAddr,
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    /// Claim entries another consumer left pending this long.
+    #[arg(long, default_value_t = 30_000)]
+    claim_idle_ms: u64,
+    #[arg(long, default_value_t = 5_000)]
+    claim_every_ms: u64,
+}
+
+#[derive(Args)]
+struct CrowdArgs {
+    /// Gateway addresses, comma-separated (host:port).
+    #[arg(long, value_delimiter = ',', required = true)]
+    gateways: Vec<SocketAddr>,
+    #[arg(long)]
+    sale: String,
+    /// SKUs to buy, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    skus: Vec<String>,
+    #[arg(long, default_value_t = 5_000)]
+    users: u32,
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    #[arg(long, default_value_t = 20_000)]
+    requests: u64,
+    #[arg(long, default_value_t = 60.0)]
+    max_seconds: f64,
+    #[arg(long, default_value_t = 0.0)]
+    retry_fraction: f64,
+    /// Pace at this many requests per second in total (default: as fast as answered).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// `purchase`, or `ping` for the trivial endpoint.
+    #[arg(long, default_value = "purchase")]
+    target: String,
+    #[arg(long, default_value_t = 32)]
+    source_ips: u8,
+    #[arg(long, env = "TOKEN_SECRET", hide_env_values = true)]
+    token_secret: String,
+    /// Print the tally as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    #[command(flatten)]
+    sale: SaleConfigArgs,
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+}
+
+#[derive(Args)]
+struct WarmArgs {
+    #[command(flatten)]
+    sale: SaleConfigArgs,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    #[arg(long)]
+    user: String,
+    #[arg(long, default_value_t = 3600)]
+    ttl_seconds: u64,
+    #[arg(long, env = "TOKEN_SECRET", hide_env_values = true)]
+    token_secret: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The local run prints a report; its servers' chatter would bury it.
+    let default_filter = match cli.command {
+        Command::Local(_) | Command::Crowd(_) => "warn",
+        _ => "info,tokio_postgres=warn",
+    };
+    dataplane::telemetry::init_logging(default_filter);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM (Kubernetes) or Ctrl-C cancels the token.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
+}
+
+async fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Local(a) => local(a).await,
+        Command::Gateway(a) => {
+            let doc = load(&a.sale.config)?;
+            let mut settings = GatewaySettings::new(&a.sale.redis_url, a.token_secret.into_bytes());
+            settings.redis_timeout = Duration::from_millis(a.redis_timeout_ms);
+            settings.client_ip_header = a
+                .client_ip_header
+                .map(|h| h.parse())
+                .transpose()
+                .context("--client-ip-header is not a header name")?;
+            let gw = Gateway::new(&doc, &settings)?;
+            let public = gateway::bind(a.listen).await?;
+            let admin = gateway::bind(a.admin_listen).await?;
+            tracing::info!(sale = %doc.id(), listen = %a.listen, admin = %a.admin_listen, "gateway up");
+            gateway::serve(gw, public, admin, shutdown_on_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Consumer(a) => {
+            let doc = load(&a.sale.config)?;
+            let mut settings = ConsumerSettings::new(&a.sale.redis_url, &a.database_url);
+            settings.batch_size = a.batch_size;
+            settings.claim_idle = Duration::from_millis(a.claim_idle_ms);
+            settings.claim_every = Duration::from_millis(a.claim_every_ms);
+            let shutdown = shutdown_on_signal();
+            let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let admin = gateway::bind(a.admin_listen).await?;
+            tokio::spawn(consumer_admin(admin, ready.clone(), shutdown.clone()));
+            let Some(consumer) = Consumer::start(&doc, settings, &shutdown).await? else {
+                return Ok(ExitCode::SUCCESS);
+            };
+            ready.store(true, std::sync::atomic::Ordering::Relaxed);
+            consumer.run(shutdown).await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Crowd(a) => crowd(a).await,
+        Command::Audit(a) => {
+            let doc = load(&a.sale.config)?;
+            let client = redis::Client::open(a.sale.redis_url.as_str())?;
+            let mut conn = client.get_connection_manager().await?;
+            let store = dataplane::store::OrderStore::connect(&a.database_url, 2)?;
+            let report = dataplane::audit::audit(&mut conn, &store, &doc.id(), &doc.spec, &[], 0).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Warm(a) => {
+            let doc = load(&a.sale.config)?;
+            let client = redis::Client::open(a.sale.redis_url.as_str())?;
+            let mut conn = client.get_connection_manager().await?;
+            for p in dataplane::warm::warm_sale(&mut conn, &doc.id(), &doc.spec).await? {
+                println!("{}: {:?}, remaining {}, sold {}", p.sku, p.outcome, p.remaining, p.sold);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(a) => {
+            println!("{}", dataplane::token::issue(a.token_secret.as_bytes(), &a.user, a.ttl_seconds)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Openapi => {
+            println!("{}", dataplane::gateway::openapi::document());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<SaleDocument> {
+    Ok(SaleDocument::load(path)?)
+}
+
+async fn local(a: LocalArgs) -> Result<ExitCode> {
+    let report = dataplane::local::run(dataplane::local::LocalOptions {
+        sale_file: a.sale,
+        redis_url: a.redis_url,
+        database_url: a.database_url,
+        users: a.users,
+        connections: a.connections,
+        requests: a.requests,
+        retry_fraction: a.retry_fraction,
+        consumers: a.consumers,
+        lead: Duration::from_secs_f64(a.lead_seconds.max(0.0)),
+        sale_length: Duration::from_secs_f64(a.sale_seconds.max(1.0)),
+    })
+    .await?;
+    println!("{}", report.render());
+    if let Some(path) = a.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        if path == "-" {
+            println!("{json}");
+        } else {
+            std::fs::write(&path, json).with_context(|| format!("writing {path}"))?;
+        }
+    }
+    Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+async fn crowd(a: CrowdArgs) -> Result<ExitCode> {
+    let target = match a.target.as_str() {
+        "purchase" => Target::Purchase,
+        "ping" => Target::Ping,
+        other => bail!("--target must be purchase or ping, not {other:?}"),
+    };
+    let r = dataplane::crowd::run(CrowdConfig {
+        gateways: a.gateways,
+        sale: a.sale,
+        skus: a.skus,
+        users: a.users,
+        connections: a.connections,
+        requests: a.requests,
+        max_duration: Duration::from_secs_f64(a.max_seconds.max(0.1)),
+        retry_fraction: a.retry_fraction,
+        rate: a.rate,
+        token_secret: a.token_secret.into_bytes(),
+        target,
+        source_ips: a.source_ips,
+    })
+    .await?;
+    let summary = serde_json::json!({
+        "tally": &r,
+        "throughput_rps": r.throughput_rps(),
+        "latency_ms": {
+            "p50": r.latency_ms(0.5), "p90": r.latency_ms(0.9),
+            "p99": r.latency_ms(0.99), "p999": r.latency_ms(0.999), "max": r.latency_ms(1.0),
+        },
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "{} requests in {:.2} s = {:.0} req/s; p50 {:.2} ms, p99 {:.2} ms; accepted {}, sold out {}, limit {}, rate-limited {}, errors {}",
+            r.sent + r.retries,
+            r.elapsed_s,
+            r.throughput_rps(),
+            r.latency_ms(0.5),
+            r.latency_ms(0.99),
+            r.accepted,
+            r.sold_out,
+            r.limit_reached,
+            r.rate_limited,
+            r.server_errors + r.transport_errors
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The consumer's admin port: `/metrics`, `/healthz`, and `/readyz` once the
+/// schema is migrated and the group joined.
+async fn consumer_admin(
+    listener: tokio::net::TcpListener,
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    dataplane::telemetry::prometheus();
+    let app = axum::Router::new()
+        .route("/metrics", get(dataplane::telemetry::metrics_response))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    if ready.load(std::sync::atomic::Ordering::Relaxed) {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                    }
+                }
+            }),
+        );
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+}

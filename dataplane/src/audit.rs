@@ -1,0 +1,242 @@
+//! The audit: after a run, read Redis and PostgreSQL directly and check the
+//! three promises — nothing oversold, nobody over their limit, every 202 an
+//! order row (or an explicit failure), Redis and the database in agreement.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionLike;
+use serde::Serialize;
+
+use crate::crowd::AcceptedOrder;
+use crate::keys::ProductKeys;
+use crate::order::{OrderRecord, OrderStatus};
+use crate::spec::{SaleId, SaleSpec};
+use crate::store::{OrderStore, StoreError};
+use crate::warm::product_counters;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("order store: {0}")]
+    Store(#[from] StoreError),
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+}
+
+/// One product's books.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ProductAudit {
+    pub sku: String,
+    pub stock: i64,
+    /// Units still for sale in Redis.
+    pub remaining: i64,
+    /// Units held by accepted orders, by Redis (`stock - remaining`).
+    pub sold_in_redis: i64,
+    /// Order rows in PostgreSQL that count (confirmed or paid).
+    pub orders: i64,
+    /// Units of those rows.
+    pub units: i64,
+    /// Units beyond stock (must be 0).
+    pub oversold: i64,
+    /// `remaining + units == stock`.
+    pub consistent: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AuditReport {
+    pub products: Vec<ProductAudit>,
+    /// (sku, user, units) over the per-user limit.
+    pub users_over_limit: Vec<(String, String, i64)>,
+    /// Answered 202 but neither persisted nor explicitly failed.
+    pub lost_orders: Vec<String>,
+    /// Answered 202 and then explicitly failed (dead-lettered, stock returned).
+    pub failed_orders: u64,
+    /// Answered 202 more than once with different ids for one request, or
+    /// two rows for one order id (both must be 0).
+    pub duplicates_found: u64,
+    /// Rows no 202 was seen for (e.g. the client timed out): not an error.
+    pub unanswered_rows: i64,
+}
+
+impl AuditReport {
+    pub fn oversold(&self) -> i64 {
+        self.products.iter().map(|p| p.oversold).sum()
+    }
+
+    /// Every promise kept.
+    pub fn passed(&self) -> bool {
+        self.oversold() == 0
+            && self.users_over_limit.is_empty()
+            && self.lost_orders.is_empty()
+            && self.duplicates_found == 0
+            && self.products.iter().all(|p| p.consistent)
+    }
+
+    /// One line per broken promise, for people.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for p in &self.products {
+            if p.oversold > 0 {
+                out.push(format!("{}: oversold by {} units", p.sku, p.oversold));
+            }
+            if !p.consistent {
+                out.push(format!(
+                    "{}: remaining {} + persisted units {} != stock {}",
+                    p.sku, p.remaining, p.units, p.stock
+                ));
+            }
+        }
+        for (sku, user, units) in &self.users_over_limit {
+            out.push(format!("{user} holds {units} units of {sku}, over the limit"));
+        }
+        if !self.lost_orders.is_empty() {
+            out.push(format!("{} accepted orders lost, e.g. {}", self.lost_orders.len(), self.lost_orders[0]));
+        }
+        if self.duplicates_found > 0 {
+            out.push(format!("{} duplicate orders", self.duplicates_found));
+        }
+        out
+    }
+}
+
+/// Waits until every accepted order has been persisted or failed: Redis'
+/// sold units equal the database's units for every product. False on timeout.
+pub async fn wait_drained<C: ConnectionLike + Send>(
+    conn: &mut C,
+    store: &OrderStore,
+    sale: &SaleId,
+    spec: &SaleSpec,
+    timeout: Duration,
+) -> Result<bool, AuditError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let counters = product_counters(conn, sale, spec).await?;
+        let units = units_per_sku(store, sale).await.unwrap_or_default();
+        let drained = counters.iter().flatten().all(|c| {
+            let (_, u) = units.get(&c.sku).copied().unwrap_or((0, 0));
+            c.sold() == u
+        });
+        if drained {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// (orders, units) per SKU that count: confirmed or paid.
+async fn units_per_sku(store: &OrderStore, sale: &SaleId) -> Result<HashMap<String, (i64, i64)>, AuditError> {
+    let client = store.pool().get().await.map_err(StoreError::from)?;
+    let rows = client
+        .query(
+            "SELECT sku, count(*), coalesce(sum(quantity), 0)::bigint FROM flashsale_orders
+             WHERE sale = $1 AND status IN ('confirmed', 'paid') GROUP BY sku",
+            &[&sale.key()],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), (r.get::<_, i64>(1), r.get::<_, i64>(2))))
+        .collect())
+}
+
+/// Audits the sale. `answered` are the 202s a crowd saw (may be empty when
+/// auditing a sale someone else drove); `idempotency_violations` comes from it too.
+pub async fn audit<C: ConnectionLike + Send>(
+    conn: &mut C,
+    store: &OrderStore,
+    sale: &SaleId,
+    spec: &SaleSpec,
+    answered: &[AcceptedOrder],
+    idempotency_violations: u64,
+) -> Result<AuditReport, AuditError> {
+    let counters = product_counters(conn, sale, spec).await?;
+    let units = units_per_sku(store, sale).await?;
+    let products = spec
+        .products
+        .iter()
+        .zip(counters)
+        .map(|(p, c)| {
+            let remaining = c.as_ref().map(|c| c.remaining).unwrap_or(p.stock);
+            let stock = c.as_ref().map(|c| c.stock).unwrap_or(p.stock);
+            let (orders, units) = units.get(&p.sku).copied().unwrap_or((0, 0));
+            ProductAudit {
+                sku: p.sku.clone(),
+                stock,
+                remaining,
+                sold_in_redis: stock - remaining,
+                orders,
+                units,
+                oversold: (units - stock).max(0),
+                consistent: remaining + units == stock && remaining >= 0,
+            }
+        })
+        .collect();
+
+    let client = store.pool().get().await.map_err(StoreError::from)?;
+    let limits: HashMap<&str, i64> = spec
+        .products
+        .iter()
+        .map(|p| (p.sku.as_str(), i64::from(p.per_user_limit)))
+        .collect();
+    let held = client
+        .query(
+            "SELECT sku, user_id, sum(quantity)::bigint FROM flashsale_orders
+             WHERE sale = $1 AND status IN ('confirmed', 'paid') GROUP BY sku, user_id",
+            &[&sale.key()],
+        )
+        .await?;
+    let users_over_limit = held
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, i64>(2)))
+        .filter(|(sku, _, units)| limits.get(sku.as_str()).is_some_and(|l| units > l))
+        .collect();
+
+    let ids: Vec<String> = answered.iter().map(|o| o.order_id.clone()).collect();
+    let distinct: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let present: HashSet<String> = store.existing_order_ids(&ids).await?.into_iter().collect();
+    let mut lost_orders = Vec::new();
+    let mut failed_orders = 0;
+    for o in answered {
+        if present.contains(&o.order_id) {
+            continue;
+        }
+        match order_status(conn, sale, &o.sku, &o.order_id).await? {
+            Some(OrderStatus::Failed) => failed_orders += 1,
+            _ => lost_orders.push(o.order_id.clone()),
+        }
+    }
+    let total_rows: i64 = client
+        .query_one("SELECT count(*) FROM flashsale_orders WHERE sale = $1", &[&sale.key()])
+        .await?
+        .get(0);
+    let answered_present = i64::try_from(distinct.iter().filter(|id| present.contains(**id)).count()).unwrap_or(0);
+    Ok(AuditReport {
+        products,
+        users_over_limit,
+        lost_orders,
+        failed_orders,
+        duplicates_found: idempotency_violations + (ids.len() - distinct.len()) as u64,
+        unanswered_rows: total_rows - answered_present,
+    })
+}
+
+async fn order_status<C: ConnectionLike + Send>(
+    conn: &mut C,
+    sale: &SaleId,
+    sku: &str,
+    id: &str,
+) -> Result<Option<OrderStatus>, AuditError> {
+    let raw: Option<String> = redis::cmd("HGET")
+        .arg(ProductKeys::new(sale, sku).orders())
+        .arg(id)
+        .query_async(conn)
+        .await?;
+    Ok(raw
+        .and_then(|r| serde_json::from_str::<OrderRecord>(&r).ok())
+        .map(|r| r.status))
+}

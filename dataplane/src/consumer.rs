@@ -1,0 +1,508 @@
+//! The consumer: reads accepted orders from the products' streams with a
+//! consumer group, persists them in batches, then confirms and acknowledges.
+//!
+//! Order of effects per batch: commit in PostgreSQL → mark orders confirmed in
+//! Redis → XACK. A crash anywhere leaves the entries pending; whoever reads
+//! them next re-inserts (a no-op thanks to the unique keys) and confirms.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{StreamId, StreamReadOptions, StreamReadReply};
+use tokio_util::sync::CancellationToken;
+
+use crate::keys::{CONSUMER_GROUP, ProductKeys};
+use crate::order::OrderStatus;
+use crate::scripts;
+use crate::spec::{SaleDocument, SaleId};
+use crate::store::{OrderRow, OrderStore, StoreError};
+
+#[derive(Clone, Debug)]
+pub struct ConsumerSettings {
+    pub redis_url: String,
+    pub database_url: String,
+    /// This consumer's name in the group (the pod name in a cluster).
+    pub name: String,
+    /// Most entries read and persisted at once.
+    pub batch_size: usize,
+    /// How long XREADGROUP blocks waiting for new entries.
+    pub block: Duration,
+    /// Entries pending this long at another consumer are claimed (it died).
+    pub claim_idle: Duration,
+    /// How often to look for such entries.
+    pub claim_every: Duration,
+    /// An entry delivered more often than this (crash loops) is dead-lettered.
+    pub max_deliveries: u64,
+    /// An entry the database refuses this many times is dead-lettered.
+    pub max_data_failures: u32,
+    pub db_connections: usize,
+}
+
+impl ConsumerSettings {
+    pub fn new(redis_url: impl Into<String>, database_url: impl Into<String>) -> Self {
+        Self {
+            redis_url: redis_url.into(),
+            database_url: database_url.into(),
+            name: crate::gateway::default_pod_name(),
+            batch_size: 500,
+            block: Duration::from_millis(500),
+            claim_idle: Duration::from_secs(30),
+            claim_every: Duration::from_secs(5),
+            max_deliveries: 10,
+            max_data_failures: 3,
+            db_connections: 4,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("order store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// One product stream and the keys its entries touch.
+struct Stream {
+    sku: String,
+    keys: ProductKeys,
+    name: String,
+}
+
+/// An entry read from a stream, parsed or not.
+struct Entry {
+    stream: usize,
+    id: String,
+    row: Option<OrderRow>,
+}
+
+pub struct Consumer {
+    sale: SaleId,
+    streams: Vec<Stream>,
+    redis: ConnectionManager,
+    reader: ConnectionManager,
+    store: OrderStore,
+    settings: ConsumerSettings,
+    data_failures: HashMap<String, u32>,
+}
+
+impl Consumer {
+    /// Connects (lazily), migrates the schema, syncs inventory rows and joins
+    /// the consumer group; retries while PostgreSQL or Redis are not up yet.
+    pub async fn start(
+        doc: &SaleDocument,
+        settings: ConsumerSettings,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Self>, ConsumerError> {
+        let sale = doc.id();
+        let client = redis::Client::open(settings.redis_url.as_str())?;
+        let base = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_max_delay(Duration::from_secs(2));
+        let redis = ConnectionManager::new_lazy_with_config(
+            client.clone(),
+            base.clone().set_response_timeout(Some(Duration::from_secs(5))),
+        )?;
+        // Blocking reads get their own connection so they never stall the
+        // acks and status updates queued behind them.
+        let reader = ConnectionManager::new_lazy_with_config(
+            client,
+            base.set_response_timeout(Some(settings.block + Duration::from_secs(5))),
+        )?;
+        let store = OrderStore::connect(&settings.database_url, settings.db_connections)?;
+        let streams = doc
+            .spec
+            .products
+            .iter()
+            .map(|p| {
+                let keys = ProductKeys::new(&sale, &p.sku);
+                Stream {
+                    sku: p.sku.clone(),
+                    name: keys.stream(),
+                    keys,
+                }
+            })
+            .collect();
+        let mut consumer = Self {
+            sale,
+            streams,
+            redis,
+            reader,
+            store,
+            settings,
+            data_failures: HashMap::new(),
+        };
+        let mut backoff = Backoff::new();
+        loop {
+            match consumer.prepare(doc).await {
+                Ok(()) => return Ok(Some(consumer)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "consumer not ready; retrying");
+                    if !backoff.wait(shutdown).await {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn prepare(&mut self, doc: &SaleDocument) -> Result<(), ConsumerError> {
+        self.store.migrate().await?;
+        self.store.sync_inventory(&self.sale, &doc.spec).await?;
+        for s in &self.streams {
+            let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&s.name)
+                .arg(CONSUMER_GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .exec_async(&mut self.redis)
+                .await;
+            match created {
+                Ok(()) => {}
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn store(&self) -> &OrderStore {
+        &self.store
+    }
+
+    /// Runs until `shutdown`; entries in flight are finished or left pending
+    /// for the next consumer, never lost.
+    pub async fn run(self, shutdown: CancellationToken) {
+        use tracing::Instrument;
+        let span = tracing::info_span!("consumer", sale = %self.sale, consumer = %self.settings.name);
+        self.run_loop(shutdown).instrument(span).await;
+    }
+
+    async fn run_loop(mut self, shutdown: CancellationToken) {
+        tracing::info!(streams = self.streams.len(), "consumer running");
+        // First our own pending entries (a previous life of this consumer).
+        let mut history = true;
+        let mut last_claim = Instant::now();
+        let mut backoff = Backoff::new();
+        while !shutdown.is_cancelled() {
+            if last_claim.elapsed() >= self.settings.claim_every {
+                last_claim = Instant::now();
+                match self.claim_abandoned().await {
+                    Ok(n) if n > 0 => history = true,
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "claiming abandoned entries failed"),
+                }
+            }
+            let read = tokio::select! {
+                r = self.read(history) => r,
+                _ = shutdown.cancelled() => break,
+            };
+            let entries = match read {
+                Ok(e) => {
+                    backoff.reset();
+                    e
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading streams failed");
+                    if !backoff.wait(&shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            if entries.is_empty() {
+                history = false;
+                continue;
+            }
+            if let Err(e) = self.process(entries, history, &shutdown).await {
+                tracing::warn!(error = %e, "batch left pending; it will be read again");
+                history = true;
+                if !backoff.wait(&shutdown).await {
+                    break;
+                }
+            }
+        }
+        tracing::info!("consumer stopped");
+    }
+
+    async fn read(&mut self, history: bool) -> Result<Vec<Entry>, redis::RedisError> {
+        let names: Vec<&str> = self.streams.iter().map(|s| s.name.as_str()).collect();
+        let id = if history { "0" } else { ">" };
+        let ids = vec![id; names.len()];
+        let mut opts = StreamReadOptions::default()
+            .group(CONSUMER_GROUP, &self.settings.name)
+            .count(self.settings.batch_size);
+        if !history {
+            opts = opts.block(usize::try_from(self.settings.block.as_millis()).unwrap_or(500));
+        }
+        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg(&opts)
+            .arg("STREAMS")
+            .arg(&names)
+            .arg(&ids)
+            .query_async(&mut self.reader)
+            .await?;
+        let mut out = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            let Some(stream) = self.streams.iter().position(|s| s.name == key.key) else {
+                continue;
+            };
+            for entry in key.ids {
+                let row = parse_entry(&self.streams[stream].sku, &entry);
+                out.push(Entry {
+                    stream,
+                    id: entry.id,
+                    row,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Persists, confirms and acknowledges one batch. Transient database
+    /// errors are retried here, with the batch in memory, until they pass or
+    /// shutdown; entries the database refuses are retried alone, then
+    /// dead-lettered.
+    async fn process(
+        &mut self,
+        entries: Vec<Entry>,
+        history: bool,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ConsumerError> {
+        let started = Instant::now();
+        let mut good = Vec::with_capacity(entries.len());
+        let mut dead = Vec::new();
+        let over_delivered = if history {
+            self.over_delivered(&entries).await?
+        } else {
+            Vec::new()
+        };
+        for e in entries {
+            if over_delivered.contains(&e.id) {
+                dead.push((e, "delivered too many times"));
+            } else if e.row.is_some() {
+                good.push(e);
+            } else {
+                dead.push((e, "malformed stream entry"));
+            }
+        }
+        for (e, reason) in dead {
+            self.dead_letter(&e, reason).await?;
+        }
+        let mut backoff = Backoff::new();
+        let mut pending = good;
+        while !pending.is_empty() {
+            let rows: Vec<OrderRow> = pending.iter().filter_map(|e| e.row.clone()).collect();
+            match self.store.persist_batch(&self.sale, &rows).await {
+                Ok(outcome) => {
+                    self.finish(&pending, &outcome.sold).await?;
+                    metrics::counter!("flashsale_consumer_orders_persisted_total").increment(outcome.inserted);
+                    metrics::histogram!("flashsale_consumer_batch_duration_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    tracing::debug!(entries = pending.len(), inserted = outcome.inserted, "batch persisted");
+                    return Ok(());
+                }
+                Err(e) if e.is_transient() => {
+                    metrics::counter!("flashsale_consumer_store_errors_total", "kind" => "transient").increment(1);
+                    tracing::warn!(error = %e, entries = pending.len(), "database unavailable; retrying batch");
+                    if !backoff.wait(shutdown).await {
+                        return Err(e.into());
+                    }
+                }
+                Err(e) if pending.len() > 1 => {
+                    metrics::counter!("flashsale_consumer_store_errors_total", "kind" => "refused").increment(1);
+                    tracing::warn!(error = %e, "batch refused; persisting its entries one by one");
+                    for entry in std::mem::take(&mut pending) {
+                        Box::pin(self.process(vec![entry], false, shutdown)).await?;
+                    }
+                }
+                Err(e) => {
+                    let id = pending[0].id.clone();
+                    let n = self.data_failures.entry(id.clone()).or_insert(0);
+                    *n += 1;
+                    tracing::warn!(error = %e, entry = %id, failures = *n, "entry refused by the database");
+                    if *n >= self.settings.max_data_failures {
+                        self.data_failures.remove(&id);
+                        let entry = pending.remove(0);
+                        self.dead_letter(&entry, "refused by the database").await?;
+                    } else if !backoff.wait(shutdown).await {
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After commit: confirm each order (accepted → confirmed, never over a
+    /// later state), publish persisted counts, then acknowledge.
+    async fn finish(&mut self, entries: &[Entry], sold: &[(String, i64)]) -> Result<(), ConsumerError> {
+        let mut pipe = redis::pipe();
+        pipe.load_script(&scripts::TRANSITION).ignore();
+        let invocations: Vec<_> = entries
+            .iter()
+            .filter_map(|e| {
+                let row = e.row.as_ref()?;
+                let mut inv = scripts::TRANSITION.prepare_invoke();
+                inv.key(self.streams[e.stream].keys.orders())
+                    .arg(&row.order_id)
+                    .arg(OrderStatus::Confirmed.as_str())
+                    .arg(OrderStatus::Accepted.as_str());
+                Some(inv)
+            })
+            .collect();
+        for inv in &invocations {
+            pipe.invoke_script(inv).ignore();
+        }
+        for (sku, units) in sold {
+            if let Some(s) = self.streams.iter().find(|s| &s.sku == sku) {
+                pipe.cmd("HSET").arg(s.keys.info()).arg("persisted").arg(units).ignore();
+            }
+        }
+        for (i, s) in self.streams.iter().enumerate() {
+            let ids: Vec<&str> = entries.iter().filter(|e| e.stream == i).map(|e| e.id.as_str()).collect();
+            if !ids.is_empty() {
+                pipe.cmd("XACK").arg(&s.name).arg(CONSUMER_GROUP).arg(ids).ignore();
+            }
+        }
+        pipe.exec_async(&mut self.redis).await?;
+        Ok(())
+    }
+
+    /// Gives up on an entry: copy it to the dead-letter stream, fail its order
+    /// and return its stock (release.lua moves an order once, so a repeat
+    /// after a crash returns nothing twice), then acknowledge it.
+    async fn dead_letter(&mut self, entry: &Entry, reason: &str) -> Result<(), ConsumerError> {
+        let s = &self.streams[entry.stream];
+        tracing::error!(entry = %entry.id, stream = %s.name, reason, "dead-lettering entry");
+        metrics::counter!("flashsale_consumer_dead_lettered_total").increment(1);
+        let order_id = entry.row.as_ref().map(|r| r.order_id.clone());
+        let mut pipe = redis::pipe();
+        pipe.cmd("XADD")
+            .arg(s.keys.dead_letter())
+            .arg("*")
+            .arg("entry")
+            .arg(&entry.id)
+            .arg("order")
+            .arg(order_id.as_deref().unwrap_or(""))
+            .arg("reason")
+            .arg(reason)
+            .ignore();
+        pipe.load_script(&scripts::RELEASE).ignore();
+        let mut inv = scripts::RELEASE.prepare_invoke();
+        if let Some(id) = &order_id {
+            inv.key(s.keys.orders())
+                .key(s.keys.stock())
+                .key(s.keys.buyers())
+                .arg(id)
+                .arg(OrderStatus::Failed.as_str())
+                .arg(reason);
+            pipe.invoke_script(&inv).ignore();
+        }
+        pipe.cmd("XACK").arg(&s.name).arg(CONSUMER_GROUP).arg(&entry.id).ignore();
+        pipe.exec_async(&mut self.redis).await?;
+        Ok(())
+    }
+
+    /// Ids among `entries` delivered more than `max_deliveries` times.
+    async fn over_delivered(&mut self, entries: &[Entry]) -> Result<Vec<String>, ConsumerError> {
+        let mut out = Vec::new();
+        for (i, s) in self.streams.iter().enumerate() {
+            let ids: Vec<&str> = entries.iter().filter(|e| e.stream == i).map(|e| e.id.as_str()).collect();
+            let (Some(first), Some(last)) = (ids.first(), ids.last()) else {
+                continue;
+            };
+            let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+                .arg(&s.name)
+                .arg(CONSUMER_GROUP)
+                .arg(*first)
+                .arg(*last)
+                .arg(ids.len())
+                .arg(&self.settings.name)
+                .query_async(&mut self.redis)
+                .await?;
+            out.extend(
+                pending
+                    .into_iter()
+                    .filter(|(_, _, _, delivered)| *delivered > self.settings.max_deliveries)
+                    .map(|(id, ..)| id),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Takes over entries another consumer left pending for `claim_idle`.
+    async fn claim_abandoned(&mut self) -> Result<usize, ConsumerError> {
+        let idle = u64::try_from(self.settings.claim_idle.as_millis()).unwrap_or(30_000);
+        let mut claimed = 0;
+        for s in &self.streams {
+            let mut cursor = "0-0".to_string();
+            loop {
+                let (next, ids, _deleted): (String, Vec<String>, Vec<String>) = redis::cmd("XAUTOCLAIM")
+                    .arg(&s.name)
+                    .arg(CONSUMER_GROUP)
+                    .arg(&self.settings.name)
+                    .arg(idle)
+                    .arg(&cursor)
+                    .arg("COUNT")
+                    .arg(self.settings.batch_size)
+                    .arg("JUSTID")
+                    .query_async(&mut self.redis)
+                    .await?;
+                claimed += ids.len();
+                if next == "0-0" || ids.is_empty() {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        if claimed > 0 {
+            tracing::info!(claimed, "claimed entries abandoned by another consumer");
+            metrics::counter!("flashsale_consumer_claimed_total").increment(claimed as u64);
+        }
+        Ok(claimed)
+    }
+}
+
+fn parse_entry(sku: &str, e: &StreamId) -> Option<OrderRow> {
+    Some(OrderRow {
+        order_id: e.get("id")?,
+        sku: sku.to_string(),
+        user_id: e.get("user")?,
+        seq: e.get("seq")?,
+        quantity: e.get("qty")?,
+        unit_price: e.get("price")?,
+        accepted_at_ms: e.get("at")?,
+        stream_id: e.id.clone(),
+    })
+}
+
+/// Exponential backoff, 50 ms to 2 s, that gives up when shutdown comes.
+struct Backoff {
+    delay: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self {
+            delay: Duration::from_millis(50),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.delay = Duration::from_millis(50);
+    }
+
+    /// Sleeps; false if shutdown came first.
+    async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
+        let d = self.delay;
+        self.delay = (self.delay * 2).min(Duration::from_secs(2));
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = shutdown.cancelled() => false,
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! The crowd generator: many users on many keep-alive connections pressing
+//! "buy" against any gateway URL, with a share of client retries that reuse
+//! their Idempotency-Key, and a tally of every answer.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tokio::net::TcpSocket;
+
+/// What to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// `POST /v1/sales/{sale}/purchase`.
+    Purchase,
+    /// `GET /v1/ping`, the trivial endpoint, for side-by-side benchmarks.
+    Ping,
+}
+
+#[derive(Clone, Debug)]
+pub struct CrowdConfig {
+    /// Gateway addresses; connections are spread over them round-robin.
+    pub gateways: Vec<SocketAddr>,
+    pub sale: String,
+    /// SKUs to buy, each equally likely.
+    pub skus: Vec<String>,
+    /// Distinct users (`user-0` …); each request picks one at random.
+    pub users: u32,
+    pub connections: usize,
+    /// Total requests (first attempts; retries come on top).
+    pub requests: u64,
+    /// Stop after this long even if `requests` were not all sent.
+    pub max_duration: Duration,
+    /// Share of answered requests sent again with the same Idempotency-Key.
+    pub retry_fraction: f64,
+    /// Total request rate to pace at; `None` sends as fast as answers come.
+    pub rate: Option<f64>,
+    pub token_secret: Vec<u8>,
+    pub target: Target,
+    /// Spread connections over this many 127.0.0.x source addresses (so a
+    /// per-IP limit sees many clients); 0 lets the system choose.
+    pub source_ips: u8,
+}
+
+/// One order the gateway answered 202 for.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct AcceptedOrder {
+    pub order_id: String,
+    pub user: String,
+    pub sku: String,
+}
+
+/// Tally of a run.
+#[derive(Debug, Default, Serialize)]
+pub struct CrowdResult {
+    pub sent: u64,
+    pub retries: u64,
+    pub accepted: u64,
+    /// Retries answered with the order of their first attempt (as they must be).
+    pub idempotent_replays: u64,
+    /// Retries answered with a different order or refused after a 202.
+    pub idempotency_violations: u64,
+    pub sold_out: u64,
+    pub limit_reached: u64,
+    pub rate_limited: u64,
+    pub not_started: u64,
+    pub ended: u64,
+    pub other_client_errors: u64,
+    pub server_errors: u64,
+    pub transport_errors: u64,
+    pub ok: u64,
+    pub elapsed_s: f64,
+    #[serde(skip)]
+    pub orders: Vec<AcceptedOrder>,
+    #[serde(skip)]
+    pub latency_us: Option<Histogram<u64>>,
+}
+
+impl CrowdResult {
+    pub fn throughput_rps(&self) -> f64 {
+        (self.sent + self.retries) as f64 / self.elapsed_s.max(1e-9)
+    }
+
+    /// Latency quantile in milliseconds.
+    pub fn latency_ms(&self, q: f64) -> f64 {
+        self.latency_us
+            .as_ref()
+            .map(|h| h.value_at_quantile(q) as f64 / 1000.0)
+            .unwrap_or(0.0)
+    }
+
+    fn merge(&mut self, o: CrowdResult) {
+        self.sent += o.sent;
+        self.retries += o.retries;
+        self.accepted += o.accepted;
+        self.idempotent_replays += o.idempotent_replays;
+        self.idempotency_violations += o.idempotency_violations;
+        self.sold_out += o.sold_out;
+        self.limit_reached += o.limit_reached;
+        self.rate_limited += o.rate_limited;
+        self.not_started += o.not_started;
+        self.ended += o.ended;
+        self.other_client_errors += o.other_client_errors;
+        self.server_errors += o.server_errors;
+        self.transport_errors += o.transport_errors;
+        self.ok += o.ok;
+        self.orders.extend(o.orders);
+        if let Some(h) = o.latency_us {
+            match &mut self.latency_us {
+                Some(mine) => {
+                    let _ = mine.add(&h);
+                }
+                None => self.latency_us = Some(h),
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CrowdError {
+    #[error("no gateway address given")]
+    NoGateway,
+    #[error("no SKU given")]
+    NoSku,
+    #[error("signing user tokens: {0}")]
+    Token(#[from] crate::token::SignError),
+    #[error("latency histogram: {0}")]
+    Histogram(String),
+}
+
+/// One answer, as the tally needs it.
+struct Answer {
+    status: u16,
+    order_id: Option<String>,
+    error: Option<String>,
+}
+
+/// Runs the crowd and returns the tally.
+pub async fn run(config: CrowdConfig) -> Result<CrowdResult, CrowdError> {
+    if config.gateways.is_empty() {
+        return Err(CrowdError::NoGateway);
+    }
+    if config.skus.is_empty() && config.target == Target::Purchase {
+        return Err(CrowdError::NoSku);
+    }
+    let tokens: Vec<String> = (0..config.users)
+        .map(|u| crate::token::issue(&config.token_secret, &format!("user-{u}"), 3600))
+        .collect::<Result<_, _>>()?;
+    let tokens = Arc::new(tokens);
+    let config = Arc::new(config);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(config.connections);
+    for c in 0..config.connections {
+        let (config, tokens, next) = (Arc::clone(&config), Arc::clone(&tokens), Arc::clone(&next));
+        tasks.push(tokio::spawn(async move { connection(c, config, tokens, next, started).await }));
+    }
+    let mut total = CrowdResult::default();
+    for t in tasks {
+        match t.await {
+            Ok(Ok(r)) => total.merge(r),
+            Ok(Err(e)) => return Err(e),
+            Err(e) => tracing::warn!(error = %e, "crowd connection task failed"),
+        }
+    }
+    total.elapsed_s = started.elapsed().as_secs_f64();
+    Ok(total)
+}
+
+type Sender = http1::SendRequest<Full<Bytes>>;
+
+async fn connect(config: &CrowdConfig, c: usize) -> Option<Sender> {
+    let addr = config.gateways[c % config.gateways.len()];
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .ok()?;
+    if config.source_ips > 0 && addr.ip().is_loopback() && addr.is_ipv4() {
+        let host = 1 + u8::try_from(c % usize::from(config.source_ips)).unwrap_or(0);
+        let _ = socket.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)), 0));
+    }
+    let _ = socket.set_nodelay(true);
+    let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(addr)).await.ok()?.ok()?;
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.ok()?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Some(sender)
+}
+
+async fn connection(
+    c: usize,
+    config: Arc<CrowdConfig>,
+    tokens: Arc<Vec<String>>,
+    next: Arc<AtomicU64>,
+    started: Instant,
+) -> Result<CrowdResult, CrowdError> {
+    let mut out = CrowdResult {
+        latency_us: Some(
+            Histogram::new_with_bounds(1, 60_000_000, 3).map_err(|e| CrowdError::Histogram(e.to_string()))?,
+        ),
+        ..Default::default()
+    };
+    let mut rng = rand::rngs::SmallRng::from_rng(&mut rand::rng());
+    let mut sender = connect(&config, c).await;
+    let path = format!("/v1/sales/{}/purchase", config.sale);
+    let per_conn_interval = config
+        .rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(config.connections as f64 / r));
+    let mut sent_here = 0u32;
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= config.requests || started.elapsed() >= config.max_duration {
+            break;
+        }
+        if let Some(iv) = per_conn_interval {
+            let due = started + iv * sent_here;
+            tokio::time::sleep_until(due.into()).await;
+        }
+        sent_here += 1;
+        let user = rng.random_range(0..config.users.max(1));
+        let sku = config
+            .skus
+            .get(rng.random_range(0..config.skus.len().max(1)))
+            .map(String::as_str)
+            .unwrap_or("");
+        let key = format!("{:032x}", rng.random::<u128>());
+        let token = &tokens[usize::try_from(user).unwrap_or(0) % tokens.len().max(1)];
+        let body = format!(r#"{{"sku":"{sku}","quantity":1}}"#);
+        let first = send(&mut sender, &config, c, &path, token, &key, &body, &mut out).await;
+        out.sent += 1;
+        tally(&mut out, &first, &format!("user-{user}"), sku);
+        if config.target == Target::Purchase && first.status != 0 && rng.random_bool(config.retry_fraction.clamp(0.0, 1.0)) {
+            let again = send(&mut sender, &config, c, &path, token, &key, &body, &mut out).await;
+            out.retries += 1;
+            match (&first.order_id, first.status, &again.order_id, again.status) {
+                (Some(a), 202, Some(b), 202) if a == b => out.idempotent_replays += 1,
+                (_, 202, _, _) => out.idempotency_violations += 1,
+                (_, _, Some(_), 202) => {
+                    // A refused first attempt may pass on retry (stock came
+                    // back or a rate limit expired): a new, legitimate order.
+                    tally(&mut out, &again, &format!("user-{user}"), sku);
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send(
+    sender: &mut Option<Sender>,
+    config: &CrowdConfig,
+    c: usize,
+    path: &str,
+    token: &str,
+    key: &str,
+    body: &str,
+    out: &mut CrowdResult,
+) -> Answer {
+    let failed = Answer {
+        status: 0,
+        order_id: None,
+        error: None,
+    };
+    if sender.as_ref().is_none_or(|s| s.is_closed()) {
+        *sender = connect(config, c).await;
+    }
+    let Some(s) = sender.as_mut() else {
+        return failed;
+    };
+    if s.ready().await.is_err() {
+        *sender = None;
+        return failed;
+    }
+    let req = match config.target {
+        Target::Purchase => Request::post(path)
+            .header("host", "gateway")
+            .header("authorization", format!("Bearer {token}"))
+            .header("idempotency-key", key)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string()))),
+        Target::Ping => Request::get("/v1/ping")
+            .header("host", "gateway")
+            .body(Full::new(Bytes::new())),
+    };
+    let Ok(req) = req else {
+        return failed;
+    };
+    let t0 = Instant::now();
+    let resp = match tokio::time::timeout(Duration::from_secs(10), s.send_request(req)).await {
+        Ok(Ok(r)) => r,
+        _ => {
+            *sender = None;
+            return failed;
+        }
+    };
+    let status = resp.status().as_u16();
+    let bytes = match resp.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            *sender = None;
+            return failed;
+        }
+    };
+    if let Some(h) = out.latency_us.as_mut() {
+        let _ = h.record(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX).max(1));
+    }
+    let json: Option<serde_json::Value> = if config.target == Target::Purchase {
+        serde_json::from_slice(&bytes).ok()
+    } else {
+        None
+    };
+    let field = |name: &str| {
+        json.as_ref()
+            .and_then(|j| j.get(name))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    };
+    Answer {
+        status,
+        order_id: field("orderId"),
+        error: field("error"),
+    }
+}
+
+fn tally(out: &mut CrowdResult, a: &Answer, user: &str, sku: &str) {
+    match (a.status, a.error.as_deref()) {
+        (0, _) => out.transport_errors += 1,
+        (200, _) => out.ok += 1,
+        (202, _) => {
+            out.accepted += 1;
+            if let Some(id) = &a.order_id {
+                out.orders.push(AcceptedOrder {
+                    order_id: id.clone(),
+                    user: user.to_string(),
+                    sku: sku.to_string(),
+                });
+            }
+        }
+        (410, Some("ended")) => out.ended += 1,
+        (410, _) => out.sold_out += 1,
+        (409, _) => out.limit_reached += 1,
+        (429, _) => out.rate_limited += 1,
+        (425, _) => out.not_started += 1,
+        (s, _) if s >= 500 => out.server_errors += 1,
+        _ => out.other_client_errors += 1,
+    }
+}

@@ -1,0 +1,282 @@
+//! The gateway: takes the crowd, decides winners in Redis, answers losers at once.
+
+pub mod error;
+pub mod load_report;
+pub mod observability;
+pub mod openapi;
+pub mod orders;
+pub mod purchase;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::HeaderName;
+use axum::routing::{get, post};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken as Shutdown;
+
+use crate::breaker::Breaker;
+use crate::keys::ProductKeys;
+use crate::ratelimit::RateLimiters;
+use crate::spec::{Phase, SaleDocument, SaleId, SaleSpec};
+use crate::token::TokenVerifier;
+
+/// How a gateway is run (flags and environment of `flashsale gateway`).
+#[derive(Clone, Debug)]
+pub struct GatewaySettings {
+    pub redis_url: String,
+    pub token_secret: Vec<u8>,
+    /// This pod's name in load reports.
+    pub pod: String,
+    /// Longest wait for one Redis answer before the request gets a 503.
+    pub redis_timeout: Duration,
+    /// Take the client IP from this header's first address (behind a proxy).
+    pub client_ip_header: Option<HeaderName>,
+    /// Tolerated difference between this pod's clock and Redis' (local phase check).
+    pub clock_skew: Duration,
+}
+
+impl GatewaySettings {
+    pub fn new(redis_url: impl Into<String>, token_secret: impl Into<Vec<u8>>) -> Self {
+        Self {
+            redis_url: redis_url.into(),
+            token_secret: token_secret.into(),
+            pod: default_pod_name(),
+            redis_timeout: Duration::from_millis(250),
+            client_ip_header: None,
+            clock_skew: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `POD_NAME`, else host name and pid: unique per process.
+pub fn default_pod_name() -> String {
+    std::env::var("POD_NAME").unwrap_or_else(|_| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "local".into());
+        format!("{}-{}", host.trim(), std::process::id())
+    })
+}
+
+/// One product as the hot path needs it: precomputed keys and the sold-out flag.
+pub struct ProductRuntime {
+    pub sku: String,
+    pub limit: u32,
+    /// info, stock, buyers, useq, idem, orders, uorders, stream (the script's KEYS).
+    pub keys: [String; 8],
+    pub layout: ProductKeys,
+    pub sold_out: AtomicBool,
+}
+
+/// Figures the load report publishes.
+#[derive(Default)]
+pub struct LoadCounters {
+    pub requests: AtomicU64,
+    pub connections: AtomicI64,
+}
+
+pub struct Gateway {
+    pub sale: SaleId,
+    pub spec: SaleSpec,
+    pub products: HashMap<String, ProductRuntime>,
+    pub redis: ConnectionManager,
+    pub verifier: TokenVerifier,
+    pub limits: RateLimiters,
+    pub breaker: Breaker,
+    pub redis_timeout: Duration,
+    pub client_ip_header: Option<HeaderName>,
+    pub clock_skew: Duration,
+    pub pod: String,
+    pub load: LoadCounters,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("redis url {url:?}: {source}")]
+    RedisUrl {
+        url: String,
+        source: redis::RedisError,
+    },
+    #[error("bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("serve: {0}")]
+    Serve(std::io::Error),
+    #[error("the token secret is empty; set TOKEN_SECRET")]
+    EmptySecret,
+}
+
+impl Gateway {
+    /// Builds the gateway; Redis is connected lazily, so a gateway starts (and
+    /// answers 503) while Redis is still down.
+    pub fn new(doc: &SaleDocument, settings: &GatewaySettings) -> Result<Arc<Self>, GatewayError> {
+        if settings.token_secret.is_empty() {
+            return Err(GatewayError::EmptySecret);
+        }
+        let sale = doc.id();
+        let client = redis::Client::open(settings.redis_url.as_str()).map_err(|source| GatewayError::RedisUrl {
+            url: settings.redis_url.clone(),
+            source,
+        })?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(settings.redis_timeout))
+            .set_connection_timeout(Some(settings.redis_timeout.max(Duration::from_millis(500))))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let redis = ConnectionManager::new_lazy_with_config(client, config).map_err(|source| {
+            GatewayError::RedisUrl {
+                url: settings.redis_url.clone(),
+                source,
+            }
+        })?;
+        let products = doc
+            .spec
+            .products
+            .iter()
+            .map(|p| {
+                let k = ProductKeys::new(&sale, &p.sku);
+                let runtime = ProductRuntime {
+                    sku: p.sku.clone(),
+                    limit: p.per_user_limit,
+                    keys: [
+                        k.info(),
+                        k.stock(),
+                        k.buyers(),
+                        k.user_seq(),
+                        k.idempotency(),
+                        k.orders(),
+                        k.user_orders(),
+                        k.stream(),
+                    ],
+                    layout: k,
+                    sold_out: AtomicBool::new(false),
+                };
+                (p.sku.clone(), runtime)
+            })
+            .collect();
+        Ok(Arc::new(Self {
+            limits: RateLimiters::new(&doc.spec.rate_limits),
+            sale,
+            spec: doc.spec.clone(),
+            products,
+            redis,
+            verifier: TokenVerifier::new(&settings.token_secret),
+            breaker: Breaker::new(5, Duration::from_secs(1)),
+            redis_timeout: settings.redis_timeout,
+            client_ip_header: settings.client_ip_header.clone(),
+            clock_skew: settings.clock_skew,
+            pod: settings.pod.clone(),
+            load: LoadCounters::default(),
+        }))
+    }
+
+    /// The phase by this pod's clock, widened by the skew allowance so only
+    /// requests clearly outside the window are refused without asking Redis.
+    pub fn local_phase(&self) -> Phase {
+        let now = jiff::Timestamp::now();
+        let skew = jiff::SignedDuration::try_from(self.clock_skew).unwrap_or_default();
+        let early = now.checked_add(skew).unwrap_or(now);
+        let late = now.checked_sub(skew).unwrap_or(now);
+        match (self.spec.phase_at(early), self.spec.phase_at(late)) {
+            (Phase::Pending | Phase::Warming, _) => Phase::Pending,
+            (_, Phase::Ended) => Phase::Ended,
+            _ => Phase::Active,
+        }
+    }
+
+    /// The public API.
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/v1/sales/{sale}/purchase", post(purchase::purchase))
+            .route("/v1/orders/{id}", get(orders::get_order))
+            .route("/v1/ping", get(observability::ping))
+            .route("/openapi.json", get(openapi::serve))
+            .fallback(observability::not_found)
+            .with_state(Arc::clone(self))
+    }
+
+    /// `/metrics`, `/healthz`, `/readyz`, on their own port.
+    pub fn admin_router(self: &Arc<Self>) -> Router {
+        observability::admin_router(Arc::clone(self))
+    }
+
+    /// Background work: load reports (which also re-split the global rate
+    /// limit), sold-out flag refresh, rate-limiter housekeeping.
+    pub fn spawn_background(self: &Arc<Self>, shutdown: Shutdown) {
+        tokio::spawn(load_report::run(Arc::clone(self), shutdown.clone()));
+        tokio::spawn(refresh_sold_out(Arc::clone(self), shutdown));
+    }
+
+    pub fn sold_out(&self, sku: &str) -> bool {
+        self.products
+            .get(sku)
+            .is_some_and(|p| p.sold_out.load(Ordering::Relaxed))
+    }
+}
+
+/// Sold-out flags are cleared when stock comes back (a failed or cancelled
+/// order returns it): one GET per flagged product per pod every 500 ms.
+async fn refresh_sold_out(gw: Arc<Gateway>, shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut housekeeping = 0u32;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        housekeeping += 1;
+        if housekeeping % 20 == 0 {
+            gw.limits.housekeeping();
+        }
+        for p in gw.products.values() {
+            if !p.sold_out.load(Ordering::Relaxed) {
+                continue;
+            }
+            let mut conn = gw.redis.clone();
+            let remaining: Result<Option<i64>, _> = redis::cmd("GET")
+                .arg(&p.keys[1])
+                .query_async(&mut conn)
+                .await;
+            if let Ok(Some(n)) = remaining
+                && n > 0
+            {
+                tracing::info!(sku = %p.sku, remaining = n, "stock returned; sold-out flag cleared");
+                p.sold_out.store(false, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Serves the public and admin routers until `shutdown` fires; in-flight
+/// requests finish first.
+pub async fn serve(
+    gw: Arc<Gateway>,
+    public: TcpListener,
+    admin: TcpListener,
+    shutdown: Shutdown,
+) -> Result<(), GatewayError> {
+    gw.spawn_background(shutdown.clone());
+    let public_app = gw.router().into_make_service_with_connect_info::<SocketAddr>();
+    let admin_app = gw.admin_router();
+    let s1 = shutdown.clone();
+    let s2 = shutdown.clone();
+    let public_task = axum::serve(public, public_app).with_graceful_shutdown(async move { s1.cancelled().await });
+    let admin_task = axum::serve(admin, admin_app).with_graceful_shutdown(async move { s2.cancelled().await });
+    let (a, b) = tokio::join!(public_task, admin_task);
+    a.map_err(GatewayError::Serve)?;
+    b.map_err(GatewayError::Serve)?;
+    Ok(())
+}
+
+/// Binds a listener, with the address in the error.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayError::Bind { addr, source })
+}

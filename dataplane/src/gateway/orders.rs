@@ -1,0 +1,98 @@
+//! `GET /v1/orders/{id}`: an order's status, for its owner only.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::Gateway;
+use super::error::{ApiError, ErrorBody};
+use crate::order::{OrderRecord, OrderStatus, sku_of};
+
+/// An order as its owner sees it.
+#[derive(Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderView {
+    pub order_id: String,
+    pub sku: String,
+    pub quantity: u32,
+    /// Unit price as a decimal string.
+    pub unit_price: String,
+    pub status: OrderStatus,
+    /// RFC 3339 time the gateway accepted it (Redis clock).
+    pub accepted_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl OrderView {
+    pub fn new(sku: &str, rec: OrderRecord) -> Self {
+        Self {
+            accepted_at: jiff::Timestamp::from_millisecond(rec.at)
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
+            order_id: rec.id,
+            sku: sku.to_string(),
+            quantity: rec.qty,
+            unit_price: rec.price,
+            status: rec.status,
+            reason: rec.reason,
+        }
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/orders/{id}",
+    tag = "orders",
+    params(("id" = String, Path, description = "The order id from the 202 answer")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The order", body = OrderView),
+        (status = 401, description = "Missing, forged or expired token", body = ErrorBody),
+        (status = 404, description = "No such order for this user", body = ErrorBody),
+        (status = 503, description = "Redis unreachable or slow", body = ErrorBody),
+    )
+)]
+pub async fn get_order(
+    State(gw): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    match lookup(&gw, &id, &headers).await {
+        Ok(view) => axum::Json(view).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn lookup(gw: &Gateway, id: &str, headers: &HeaderMap) -> Result<OrderView, ApiError> {
+    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let user = gw
+        .verifier
+        .user_from_header(auth)
+        .map_err(|e| ApiError::unauthorized(e.to_string()))?;
+    let missing = || ApiError::not_found("unknown_order", format!("no order {id:?} for you"));
+    let sku = sku_of(id).ok_or_else(missing)?;
+    let product = gw.products.get(sku).ok_or_else(missing)?;
+    let mut conn = gw.redis.clone();
+    let raw = tokio::time::timeout(
+        gw.redis_timeout,
+        redis::cmd("HGET")
+            .arg(&product.keys[5])
+            .arg(id)
+            .query_async::<Option<String>>(&mut conn),
+    )
+    .await
+    .map_err(|_| ApiError::unavailable("store_timeout", "the order store is slow; retry shortly"))?
+    .map_err(|_| ApiError::unavailable("store_unavailable", "the order store is unavailable"))?;
+    let rec: OrderRecord = raw
+        .and_then(|r| serde_json::from_str(&r).ok())
+        .ok_or_else(missing)?;
+    // Someone else's order is reported as absent, not forbidden: ids leak nothing.
+    if rec.user != user {
+        return Err(missing());
+    }
+    Ok(OrderView::new(sku, rec))
+}

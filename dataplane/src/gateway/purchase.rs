@@ -1,0 +1,337 @@
+//! `POST /v1/sales/{sale}/purchase`: the filters, cheapest first, then one
+//! Lua script in Redis that decides.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+
+use super::Gateway;
+use super::error::{ApiError, ErrorBody};
+use crate::order::new_order_id;
+use crate::scripts;
+use crate::spec::Phase;
+
+/// Largest request body accepted; a purchase is a few dozen bytes.
+pub const MAX_BODY_BYTES: usize = 1024;
+const MAX_AUTH_HEADER_BYTES: usize = 4096;
+const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PurchaseRequest {
+    /// The product's SKU, as in the FlashSale spec.
+    pub sku: String,
+    /// Units to buy, 1 to the product's perUserLimit.
+    pub quantity: i64,
+}
+
+/// The answer to a winner: the order exists and will be persisted or failed
+/// explicitly; its updates are pushed on `pushUrl`.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PurchaseAccepted {
+    pub order_id: String,
+    pub status: String,
+    pub status_url: String,
+    pub push_url: String,
+}
+
+/// Outcome labels of `flashsale_gateway_requests_total`.
+pub mod outcome {
+    pub const ACCEPTED: &str = "accepted";
+    pub const DUPLICATE: &str = "duplicate";
+    pub const SOLD_OUT: &str = "sold_out";
+    pub const SOLD_OUT_LOCAL: &str = "sold_out_local";
+    pub const LIMIT: &str = "limit_reached";
+    pub const NOT_STARTED: &str = "not_started";
+    pub const ENDED: &str = "ended";
+    pub const RATE_LIMITED: &str = "rate_limited";
+    pub const BAD_REQUEST: &str = "bad_request";
+    pub const UNAUTHENTICATED: &str = "unauthenticated";
+    pub const UNAVAILABLE: &str = "unavailable";
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/sales/{sale}/purchase",
+    tag = "purchase",
+    params(
+        ("sale" = String, Path, description = "The FlashSale's name"),
+        ("Idempotency-Key" = Option<String>, Header,
+            description = "Retries with the same key return the same order, never a second one (1-128 visible ASCII characters)"),
+    ),
+    request_body = PurchaseRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Won: the order is accepted", body = PurchaseAccepted),
+        (status = 400, description = "Malformed request (invalid_json, invalid_quantity, bad_header)", body = ErrorBody),
+        (status = 401, description = "Missing, forged or expired token", body = ErrorBody),
+        (status = 404, description = "Unknown sale or SKU", body = ErrorBody),
+        (status = 409, description = "Per-user limit reached", body = ErrorBody),
+        (status = 410, description = "Sold out, or the sale has ended", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 425, description = "The sale has not started", body = ErrorBody),
+        (status = 429, description = "Rate limited; see Retry-After", body = ErrorBody),
+        (status = 503, description = "Redis unreachable or slow; retry", body = ErrorBody),
+    )
+)]
+pub async fn purchase(
+    State(gw): State<Arc<Gateway>>,
+    Path(sale): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    gw.load.requests.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::debug_span!("purchase", sale = %sale, sku = tracing::field::Empty, user = tracing::field::Empty);
+    let result = handle(&gw, &sale, peer, &headers, body)
+        .instrument(span)
+        .await;
+    let (label, response) = match result {
+        Ok((label, accepted)) => (
+            label,
+            (StatusCode::ACCEPTED, axum::Json(accepted)).into_response(),
+        ),
+        Err((label, err)) => (label, err.into_response()),
+    };
+    metrics::counter!("flashsale_gateway_requests_total", "outcome" => label).increment(1);
+    metrics::histogram!("flashsale_gateway_request_duration_seconds", "route" => "purchase")
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+type Outcome<T> = Result<T, (&'static str, ApiError)>;
+
+fn fail<T>(label: &'static str, err: ApiError) -> Outcome<T> {
+    Err((label, err))
+}
+
+async fn handle(
+    gw: &Gateway,
+    sale: &str,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: Body,
+) -> Outcome<(&'static str, PurchaseAccepted)> {
+    use outcome::*;
+    // 1. Body and header limits.
+    let bytes = read_body(body).await.map_err(|e| (BAD_REQUEST, e))?;
+    let auth = header_str(headers, header::AUTHORIZATION.as_str(), MAX_AUTH_HEADER_BYTES)
+        .map_err(|e| (BAD_REQUEST, e))?;
+    let idem = header_str(headers, "idempotency-key", MAX_IDEMPOTENCY_KEY_BYTES)
+        .map_err(|e| (BAD_REQUEST, e))?;
+    if let Some(k) = idem
+        && (k.is_empty() || !k.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return fail(
+            BAD_REQUEST,
+            ApiError::bad_request("bad_header", "Idempotency-Key must be 1-128 visible ASCII characters"),
+        );
+    }
+    // 2. Token.
+    let user = gw
+        .verifier
+        .user_from_header(auth)
+        .map_err(|e| (UNAUTHENTICATED, ApiError::unauthorized(e.to_string())))?;
+    tracing::Span::current().record("user", user.as_str());
+    // Which sale and what is asked (cheap, local).
+    if sale != gw.sale.name {
+        return fail(
+            BAD_REQUEST,
+            ApiError::not_found("unknown_sale", format!("no sale named {sale:?} here")).with("sale", sale),
+        );
+    }
+    let req: PurchaseRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        (
+            BAD_REQUEST,
+            ApiError::bad_request("invalid_json", format!("request body: {e}")),
+        )
+    })?;
+    tracing::Span::current().record("sku", req.sku.as_str());
+    let Some(product) = gw.products.get(&req.sku) else {
+        return fail(
+            BAD_REQUEST,
+            ApiError::not_found("unknown_sku", format!("sku {:?} is not on sale", req.sku)).with("sku", req.sku),
+        );
+    };
+    if req.quantity < 1 || req.quantity > i64::from(product.limit) {
+        return fail(
+            BAD_REQUEST,
+            ApiError::bad_request(
+                "invalid_quantity",
+                format!("quantity must be between 1 and {} (the per-user limit)", product.limit),
+            )
+            .with("quantity", req.quantity),
+        );
+    }
+    // 3. Sale phase from local config (Redis' clock has the last word inside
+    // the script; the skew allowance keeps a fast local clock from refusing early).
+    match gw.local_phase() {
+        Phase::Pending | Phase::Warming => {
+            return fail(NOT_STARTED, not_started(gw.spec.start_time.to_string()));
+        }
+        Phase::Ended => return fail(ENDED, ended(gw.spec.end_time.to_string())),
+        Phase::Active => {}
+    }
+    // 4. Local sold-out flag: once this pod saw the product sold out, the
+    // crowd is answered from memory.
+    if product.sold_out.load(Ordering::Relaxed) {
+        return fail(SOLD_OUT_LOCAL, sold_out(&req.sku));
+    }
+    // 5. Rate limits.
+    let ip = client_ip(headers, gw.client_ip_header.as_ref(), peer.ip());
+    if let Err(l) = gw.limits.check(&user, ip) {
+        metrics::counter!("flashsale_gateway_rate_limited_total", "scope" => l.scope.as_str()).increment(1);
+        let secs = l.retry_after.as_secs() + u64::from(l.retry_after.subsec_nanos() > 0);
+        return fail(
+            RATE_LIMITED,
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("too many requests ({} limit)", l.scope.as_str()))
+                .with("scope", l.scope.as_str())
+                .retry_after(secs),
+        );
+    }
+    // 6. The script.
+    if !gw.breaker.allow() {
+        return fail(UNAVAILABLE, ApiError::unavailable("store_unavailable", "the stock store is unavailable; retry shortly"));
+    }
+    let order_id = new_order_id(&req.sku);
+    let idem_field = idem.map(|k| format!("{user}\x1f{k}")).unwrap_or_default();
+    let k = &product.keys;
+    let mut conn = gw.redis.clone();
+    let redis_started = Instant::now();
+    let mut invocation = scripts::PURCHASE.prepare_invoke();
+    invocation
+        .key(&k[0])
+        .key(&k[1])
+        .key(&k[2])
+        .key(&k[3])
+        .key(&k[4])
+        .key(&k[5])
+        .key(&k[6])
+        .key(&k[7])
+        .arg(&user)
+        .arg(req.quantity)
+        .arg(&order_id)
+        .arg(&idem_field);
+    let call = invocation.invoke_async::<(String, String, String)>(&mut conn);
+    let answer = tokio::time::timeout(gw.redis_timeout, call).await;
+    metrics::histogram!("flashsale_gateway_redis_duration_seconds").record(redis_started.elapsed().as_secs_f64());
+    let (verdict, a, b) = match answer {
+        Ok(Ok(v)) => {
+            gw.breaker.success();
+            v
+        }
+        Ok(Err(e)) => {
+            gw.breaker.failure();
+            tracing::warn!(error = %e, "purchase script failed");
+            return fail(UNAVAILABLE, ApiError::unavailable("store_unavailable", "the stock store failed; retry shortly"));
+        }
+        Err(_) => {
+            gw.breaker.failure();
+            tracing::warn!(timeout_ms = gw.redis_timeout.as_millis(), "purchase script timed out");
+            return fail(UNAVAILABLE, ApiError::unavailable("store_timeout", "the stock store is slow; retry shortly"));
+        }
+    };
+    let accepted = |id: String| PurchaseAccepted {
+        status_url: format!("/v1/orders/{id}"),
+        push_url: "/v1/ws".into(),
+        order_id: id,
+        status: "accepted".into(),
+    };
+    match verdict.as_str() {
+        "ok" => {
+            if b == "0" {
+                product.sold_out.store(true, Ordering::Relaxed);
+            }
+            Ok((ACCEPTED, accepted(a)))
+        }
+        "dup" => Ok((DUPLICATE, accepted(a))),
+        "soldout" => {
+            if a == "0" {
+                product.sold_out.store(true, Ordering::Relaxed);
+            }
+            fail(SOLD_OUT, sold_out(&req.sku).with("remaining", a.parse::<i64>().unwrap_or(0)))
+        }
+        "limit" => fail(
+            LIMIT,
+            ApiError::new(StatusCode::CONFLICT, "limit_reached", format!("you already hold {a} of {} allowed units of {}", b, req.sku))
+                .with("held", a.parse::<i64>().unwrap_or(0))
+                .with("limit", b.parse::<i64>().unwrap_or(0)),
+        ),
+        "early" => fail(NOT_STARTED, not_started(ms_to_rfc3339(&a))),
+        "ended" => fail(ENDED, ended(ms_to_rfc3339(&a))),
+        "nosale" => fail(
+            UNAVAILABLE,
+            ApiError::unavailable("sale_not_ready", "the sale has not been warmed into Redis yet").retry_after(5),
+        ),
+        other => {
+            tracing::error!(answer = other, "unexpected answer from purchase.lua");
+            fail(UNAVAILABLE, ApiError::unavailable("store_protocol", "unexpected answer from the stock store"))
+        }
+    }
+}
+
+fn sold_out(sku: &str) -> ApiError {
+    ApiError::new(StatusCode::GONE, "sold_out", format!("{sku} is sold out")).with("sku", sku)
+}
+
+fn not_started(starts_at: String) -> ApiError {
+    ApiError::new(StatusCode::TOO_EARLY, "not_started", format!("the sale starts at {starts_at}"))
+        .with("startsAt", starts_at)
+}
+
+fn ended(ended_at: String) -> ApiError {
+    ApiError::new(StatusCode::GONE, "ended", format!("the sale ended at {ended_at}")).with("endedAt", ended_at)
+}
+
+fn ms_to_rfc3339(ms: &str) -> String {
+    ms.parse::<i64>()
+        .ok()
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .map(|t| t.to_string())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// Reads at most `MAX_BODY_BYTES`; a larger body is refused without reading it all.
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body must be at most {MAX_BODY_BYTES} bytes"),
+        )
+    })
+}
+
+/// A header's value as text, within a size bound; absent is `None`.
+pub(super) fn header_str<'h>(headers: &'h HeaderMap, name: &str, max: usize) -> Result<Option<&'h str>, ApiError> {
+    let Some(v) = headers.get(name) else {
+        return Ok(None);
+    };
+    if v.len() > max {
+        return Err(ApiError::bad_request("bad_header", format!("header {name} is longer than {max} bytes")));
+    }
+    v.to_str()
+        .map(Some)
+        .map_err(|_| ApiError::bad_request("bad_header", format!("header {name} is not visible ASCII")))
+}
+
+/// The client's address: the peer, or the first address of a configured
+/// proxy header (behind an ingress every peer is the ingress).
+fn client_ip(headers: &HeaderMap, from_header: Option<&header::HeaderName>, peer: IpAddr) -> IpAddr {
+    from_header
+        .and_then(|h| headers.get(h))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(peer)
+}

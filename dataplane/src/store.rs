@@ -1,0 +1,267 @@
+//! The order store in PostgreSQL: schema migrations under an advisory lock,
+//! the inventory rows that guard against overselling a second time, and the
+//! batched, idempotent insert of accepted orders.
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use crate::spec::{SaleId, SaleSpec};
+
+/// Applied in order, once each, recorded in `flashsale_schema_migrations`.
+/// Hand-rolled rather than a migration crate because it must run under a
+/// PostgreSQL advisory lock so many consumer pods can start at once.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE flashsale_inventory (
+        sale text NOT NULL,
+        sku text NOT NULL,
+        stock bigint NOT NULL CHECK (stock >= 0),
+        sold bigint NOT NULL DEFAULT 0 CHECK (sold >= 0),
+        PRIMARY KEY (sale, sku),
+        CONSTRAINT sold_within_stock CHECK (sold <= stock)
+    );
+    CREATE TABLE flashsale_orders (
+        order_id text PRIMARY KEY,
+        sale text NOT NULL,
+        sku text NOT NULL,
+        user_id text NOT NULL,
+        seq bigint NOT NULL,
+        quantity integer NOT NULL CHECK (quantity > 0),
+        unit_price numeric(14, 2) NOT NULL CHECK (unit_price >= 0),
+        status text NOT NULL DEFAULT 'confirmed'
+            CHECK (status IN ('confirmed', 'paid', 'cancelled')),
+        accepted_at timestamptz NOT NULL,
+        persisted_at timestamptz NOT NULL DEFAULT now(),
+        stream_id text NOT NULL,
+        UNIQUE (sale, sku, user_id, seq),
+        FOREIGN KEY (sale, sku) REFERENCES flashsale_inventory (sale, sku)
+    );
+    CREATE INDEX flashsale_orders_user ON flashsale_orders (sale, user_id);",
+)];
+
+/// Arbitrary constant identifying flashsale's migration lock.
+const MIGRATION_LOCK: i64 = 0x666c_6173_6873_616c;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database url: {0}")]
+    Config(String),
+    #[error("database connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("migration {version}: {source}")]
+    Migration {
+        version: i32,
+        source: tokio_postgres::Error,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying the same work later can succeed (the database is down
+    /// or restarting), as opposed to the data being refused.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Config(_) => false,
+            Self::Pool(_) => true,
+            Self::Db(e) | Self::Migration { source: e, .. } => match e.code() {
+                None => true,
+                Some(code) => {
+                    let c = code.code();
+                    c.starts_with("08")
+                        || c.starts_with("53")
+                        || c.starts_with("57")
+                        || c.starts_with("58")
+                        || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                        || *code == SqlState::T_R_DEADLOCK_DETECTED
+                }
+            },
+        }
+    }
+}
+
+/// One accepted order on its way into `flashsale_orders`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OrderRow {
+    pub order_id: String,
+    pub sku: String,
+    pub user_id: String,
+    pub seq: i64,
+    pub quantity: i32,
+    /// Decimal string, cast to numeric by the database.
+    pub unit_price: String,
+    pub accepted_at_ms: i64,
+    pub stream_id: String,
+}
+
+/// What one batch did.
+#[derive(Debug, Default, PartialEq)]
+pub struct BatchOutcome {
+    /// Rows inserted now (a redelivered row is skipped, not counted).
+    pub inserted: u64,
+    /// For each product the batch touched: units now persisted (`sold`).
+    pub sold: Vec<(String, i64)>,
+}
+
+#[derive(Clone)]
+pub struct OrderStore {
+    pool: Pool,
+}
+
+impl OrderStore {
+    /// A pool of at most `max_connections`; connects lazily.
+    pub fn connect(url: &str, max_connections: usize) -> Result<Self, StoreError> {
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::Config(e.to_string()))?;
+        let mut config = config;
+        config.connect_timeout(std::time::Duration::from_secs(2));
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Verified,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(max_connections)
+            .wait_timeout(Some(std::time::Duration::from_secs(5)))
+            .create_timeout(Some(std::time::Duration::from_secs(3)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Config(e.to_string()))?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Applies pending migrations; concurrent callers wait on the advisory lock
+    /// and then find nothing to do.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS flashsale_schema_migrations (
+                version integer PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+        let done: Vec<i32> = tx
+            .query("SELECT version FROM flashsale_schema_migrations", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for (version, sql) in MIGRATIONS {
+            if done.contains(version) {
+                continue;
+            }
+            tx.batch_execute(sql)
+                .await
+                .map_err(|source| StoreError::Migration {
+                    version: *version,
+                    source,
+                })?;
+            tx.execute(
+                "INSERT INTO flashsale_schema_migrations (version) VALUES ($1)",
+                &[version],
+            )
+            .await?;
+            tracing::info!(version, "schema migration applied");
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Creates or resizes the sale's inventory rows from the spec. A stock
+    /// below what is persisted fails on the CHECK, as it must.
+    pub async fn sync_inventory(&self, sale: &SaleId, spec: &SaleSpec) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        let skus: Vec<&str> = spec.products.iter().map(|p| p.sku.as_str()).collect();
+        let stocks: Vec<i64> = spec.products.iter().map(|p| p.stock).collect();
+        client
+            .execute(
+                "INSERT INTO flashsale_inventory (sale, sku, stock)
+                 SELECT $1, sku, stock FROM unnest($2::text[], $3::bigint[]) AS t(sku, stock)
+                 ON CONFLICT (sale, sku) DO UPDATE SET stock = EXCLUDED.stock
+                 WHERE flashsale_inventory.stock <> EXCLUDED.stock",
+                &[&sale.key(), &skus, &stocks],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Inserts a batch in one statement (so one transaction): rows already
+    /// present (a redelivery) are skipped, and only newly inserted rows add to
+    /// the inventory's `sold`, whose CHECK refuses an oversell.
+    pub async fn persist_batch(&self, sale: &SaleId, rows: &[OrderRow]) -> Result<BatchOutcome, StoreError> {
+        if rows.is_empty() {
+            return Ok(BatchOutcome::default());
+        }
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "WITH input AS (
+                    SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[],
+                                         $6::int[], $7::text[], $8::bigint[], $9::text[])
+                        AS t(order_id, sku, user_id, seq, quantity, unit_price, accepted_ms, stream_id)
+                 ), inserted AS (
+                    INSERT INTO flashsale_orders
+                        (order_id, sale, sku, user_id, seq, quantity, unit_price, accepted_at, stream_id)
+                    SELECT order_id, $1, sku, user_id, seq, quantity, unit_price::numeric,
+                           to_timestamp(accepted_ms / 1000.0), stream_id
+                    FROM input
+                    ON CONFLICT DO NOTHING
+                    RETURNING sku, quantity
+                 ), per_sku AS (
+                    SELECT sku, sum(quantity)::bigint AS units, count(*)::bigint AS n
+                    FROM inserted GROUP BY sku
+                 ), updated AS (
+                    UPDATE flashsale_inventory i SET sold = i.sold + p.units
+                    FROM per_sku p WHERE i.sale = $1 AND i.sku = p.sku
+                    RETURNING i.sku, i.sold, p.n
+                 )
+                 SELECT sku, sold, n FROM updated",
+            )
+            .await?;
+        let col = |f: fn(&OrderRow) -> &str| rows.iter().map(f).collect::<Vec<&str>>();
+        let ids = col(|r| &r.order_id);
+        let skus = col(|r| &r.sku);
+        let users = col(|r| &r.user_id);
+        let prices = col(|r| &r.unit_price);
+        let streams = col(|r| &r.stream_id);
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        let qtys: Vec<i32> = rows.iter().map(|r| r.quantity).collect();
+        let ats: Vec<i64> = rows.iter().map(|r| r.accepted_at_ms).collect();
+        let result = client
+            .query(
+                &stmt,
+                &[&sale.key(), &ids, &skus, &users, &seqs, &qtys, &prices, &ats, &streams],
+            )
+            .await?;
+        let mut out = BatchOutcome::default();
+        for row in result {
+            let n: i64 = row.get(2);
+            out.inserted += u64::try_from(n).unwrap_or(0);
+            out.sold.push((row.get(0), row.get(1)));
+        }
+        Ok(out)
+    }
+
+    /// Ids among `ids` that have a row (for audits).
+    pub async fn existing_order_ids(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT order_id FROM flashsale_orders WHERE order_id = ANY($1)",
+                &[&ids],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
