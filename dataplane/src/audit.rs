@@ -89,10 +89,16 @@ impl AuditReport {
             }
         }
         for (sku, user, units) in &self.users_over_limit {
-            out.push(format!("{user} holds {units} units of {sku}, over the limit"));
+            out.push(format!(
+                "{user} holds {units} units of {sku}, over the limit"
+            ));
         }
         if !self.lost_orders.is_empty() {
-            out.push(format!("{} accepted orders lost, e.g. {}", self.lost_orders.len(), self.lost_orders[0]));
+            out.push(format!(
+                "{} accepted orders lost, e.g. {}",
+                self.lost_orders.len(),
+                self.lost_orders[0]
+            ));
         }
         if self.duplicates_found > 0 {
             out.push(format!("{} duplicate orders", self.duplicates_found));
@@ -129,7 +135,10 @@ pub async fn wait_drained<C: ConnectionLike + Send>(
 }
 
 /// (orders, units) per SKU that count: confirmed or paid.
-async fn units_per_sku(store: &OrderStore, sale: &SaleId) -> Result<HashMap<String, (i64, i64)>, AuditError> {
+async fn units_per_sku(
+    store: &OrderStore,
+    sale: &SaleId,
+) -> Result<HashMap<String, (i64, i64)>, AuditError> {
     let client = store.pool().get().await.map_err(StoreError::from)?;
     let rows = client
         .query(
@@ -140,7 +149,12 @@ async fn units_per_sku(store: &OrderStore, sale: &SaleId) -> Result<HashMap<Stri
         .await?;
     Ok(rows
         .iter()
-        .map(|r| (r.get::<_, String>(0), (r.get::<_, i64>(1), r.get::<_, i64>(2))))
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                (r.get::<_, i64>(1), r.get::<_, i64>(2)),
+            )
+        })
         .collect())
 }
 
@@ -192,7 +206,13 @@ pub async fn audit<C: ConnectionLike + Send>(
         .await?;
     let users_over_limit = held
         .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, i64>(2)))
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+                r.get::<_, i64>(2),
+            )
+        })
         .filter(|(sku, _, units)| limits.get(sku.as_str()).is_some_and(|l| units > l))
         .collect();
 
@@ -211,10 +231,14 @@ pub async fn audit<C: ConnectionLike + Send>(
         }
     }
     let total_rows: i64 = client
-        .query_one("SELECT count(*) FROM flashsale_orders WHERE sale = $1", &[&sale.key()])
+        .query_one(
+            "SELECT count(*) FROM flashsale_orders WHERE sale = $1",
+            &[&sale.key()],
+        )
         .await?
         .get(0);
-    let answered_present = i64::try_from(distinct.iter().filter(|id| present.contains(**id)).count()).unwrap_or(0);
+    let answered_present =
+        i64::try_from(distinct.iter().filter(|id| present.contains(**id)).count()).unwrap_or(0);
     Ok(AuditReport {
         products,
         users_over_limit,

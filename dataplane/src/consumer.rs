@@ -103,7 +103,8 @@ impl Consumer {
             .set_max_delay(Duration::from_secs(2));
         let redis = ConnectionManager::new_lazy_with_config(
             client.clone(),
-            base.clone().set_response_timeout(Some(Duration::from_secs(5))),
+            base.clone()
+                .set_response_timeout(Some(Duration::from_secs(5))),
         )?;
         // Blocking reads get their own connection so they never stall the
         // acks and status updates queued behind them.
@@ -177,7 +178,8 @@ impl Consumer {
     /// for the next consumer, never lost.
     pub async fn run(self, shutdown: CancellationToken) {
         use tracing::Instrument;
-        let span = tracing::info_span!("consumer", sale = %self.sale, consumer = %self.settings.name);
+        let span =
+            tracing::info_span!("consumer", sale = %self.sale, consumer = %self.settings.name);
         self.run_loop(shutdown).instrument(span).await;
     }
 
@@ -299,10 +301,15 @@ impl Consumer {
             match self.store.persist_batch(&self.sale, &rows).await {
                 Ok(outcome) => {
                     self.finish(&pending, &outcome.sold).await?;
-                    metrics::counter!("flashsale_consumer_orders_persisted_total").increment(outcome.inserted);
+                    metrics::counter!("flashsale_consumer_orders_persisted_total")
+                        .increment(outcome.inserted);
                     metrics::histogram!("flashsale_consumer_batch_duration_seconds")
                         .record(started.elapsed().as_secs_f64());
-                    tracing::debug!(entries = pending.len(), inserted = outcome.inserted, "batch persisted");
+                    tracing::debug!(
+                        entries = pending.len(),
+                        inserted = outcome.inserted,
+                        "batch persisted"
+                    );
                     return Ok(());
                 }
                 Err(e) if e.is_transient() => {
@@ -313,7 +320,8 @@ impl Consumer {
                     }
                 }
                 Err(e) if pending.len() > 1 => {
-                    metrics::counter!("flashsale_consumer_store_errors_total", "kind" => "refused").increment(1);
+                    metrics::counter!("flashsale_consumer_store_errors_total", "kind" => "refused")
+                        .increment(1);
                     tracing::warn!(error = %e, "batch refused; persisting its entries one by one");
                     for entry in std::mem::take(&mut pending) {
                         Box::pin(self.process(vec![entry], false, shutdown)).await?;
@@ -339,7 +347,11 @@ impl Consumer {
 
     /// After commit: confirm each order (accepted → confirmed, never over a
     /// later state), publish persisted counts, then acknowledge.
-    async fn finish(&mut self, entries: &[Entry], sold: &[(String, i64)]) -> Result<(), ConsumerError> {
+    async fn finish(
+        &mut self,
+        entries: &[Entry],
+        sold: &[(String, i64)],
+    ) -> Result<(), ConsumerError> {
         let mut pipe = redis::pipe();
         pipe.load_script(&scripts::TRANSITION).ignore();
         let invocations: Vec<_> = entries
@@ -359,13 +371,25 @@ impl Consumer {
         }
         for (sku, units) in sold {
             if let Some(s) = self.streams.iter().find(|s| &s.sku == sku) {
-                pipe.cmd("HSET").arg(s.keys.info()).arg("persisted").arg(units).ignore();
+                pipe.cmd("HSET")
+                    .arg(s.keys.info())
+                    .arg("persisted")
+                    .arg(units)
+                    .ignore();
             }
         }
         for (i, s) in self.streams.iter().enumerate() {
-            let ids: Vec<&str> = entries.iter().filter(|e| e.stream == i).map(|e| e.id.as_str()).collect();
+            let ids: Vec<&str> = entries
+                .iter()
+                .filter(|e| e.stream == i)
+                .map(|e| e.id.as_str())
+                .collect();
             if !ids.is_empty() {
-                pipe.cmd("XACK").arg(&s.name).arg(CONSUMER_GROUP).arg(ids).ignore();
+                pipe.cmd("XACK")
+                    .arg(&s.name)
+                    .arg(CONSUMER_GROUP)
+                    .arg(ids)
+                    .ignore();
             }
         }
         pipe.exec_async(&mut self.redis).await?;
@@ -402,7 +426,11 @@ impl Consumer {
                 .arg(reason);
             pipe.invoke_script(&inv).ignore();
         }
-        pipe.cmd("XACK").arg(&s.name).arg(CONSUMER_GROUP).arg(&entry.id).ignore();
+        pipe.cmd("XACK")
+            .arg(&s.name)
+            .arg(CONSUMER_GROUP)
+            .arg(&entry.id)
+            .ignore();
         pipe.exec_async(&mut self.redis).await?;
         Ok(())
     }
@@ -411,7 +439,11 @@ impl Consumer {
     async fn over_delivered(&mut self, entries: &[Entry]) -> Result<Vec<String>, ConsumerError> {
         let mut out = Vec::new();
         for (i, s) in self.streams.iter().enumerate() {
-            let ids: Vec<&str> = entries.iter().filter(|e| e.stream == i).map(|e| e.id.as_str()).collect();
+            let ids: Vec<&str> = entries
+                .iter()
+                .filter(|e| e.stream == i)
+                .map(|e| e.id.as_str())
+                .collect();
             let (Some(first), Some(last)) = (ids.first(), ids.last()) else {
                 continue;
             };
@@ -441,17 +473,18 @@ impl Consumer {
         for s in &self.streams {
             let mut cursor = "0-0".to_string();
             loop {
-                let (next, ids, _deleted): (String, Vec<String>, Vec<String>) = redis::cmd("XAUTOCLAIM")
-                    .arg(&s.name)
-                    .arg(CONSUMER_GROUP)
-                    .arg(&self.settings.name)
-                    .arg(idle)
-                    .arg(&cursor)
-                    .arg("COUNT")
-                    .arg(self.settings.batch_size)
-                    .arg("JUSTID")
-                    .query_async(&mut self.redis)
-                    .await?;
+                let (next, ids, _deleted): (String, Vec<String>, Vec<String>) =
+                    redis::cmd("XAUTOCLAIM")
+                        .arg(&s.name)
+                        .arg(CONSUMER_GROUP)
+                        .arg(&self.settings.name)
+                        .arg(idle)
+                        .arg(&cursor)
+                        .arg("COUNT")
+                        .arg(self.settings.batch_size)
+                        .arg("JUSTID")
+                        .query_async(&mut self.redis)
+                        .await?;
                 claimed += ids.len();
                 if next == "0-0" || ids.is_empty() {
                     break;

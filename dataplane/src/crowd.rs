@@ -162,7 +162,9 @@ pub async fn run(config: CrowdConfig) -> Result<CrowdResult, CrowdError> {
     let mut tasks = Vec::with_capacity(config.connections);
     for c in 0..config.connections {
         let (config, tokens, next) = (Arc::clone(&config), Arc::clone(&tokens), Arc::clone(&next));
-        tasks.push(tokio::spawn(async move { connection(c, config, tokens, next, started).await }));
+        tasks.push(tokio::spawn(async move {
+            connection(c, config, tokens, next, started).await
+        }));
     }
     let mut total = CrowdResult::default();
     for t in tasks {
@@ -187,10 +189,16 @@ async fn connect(config: &CrowdConfig, c: usize) -> Option<Sender> {
     .ok()?;
     if config.source_ips > 0 && addr.ip().is_loopback() && addr.is_ipv4() {
         let host = 1 + u8::try_from(c % usize::from(config.source_ips)).unwrap_or(0);
-        let _ = socket.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)), 0));
+        let _ = socket.bind(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)),
+            0,
+        ));
     }
     let _ = socket.set_nodelay(true);
-    let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(addr)).await.ok()?.ok()?;
+    let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
+        .await
+        .ok()?
+        .ok()?;
     let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.ok()?;
     tokio::spawn(async move {
         let _ = conn.await;
@@ -207,7 +215,8 @@ async fn connection(
 ) -> Result<CrowdResult, CrowdError> {
     let mut out = CrowdResult {
         latency_us: Some(
-            Histogram::new_with_bounds(1, 60_000_000, 3).map_err(|e| CrowdError::Histogram(e.to_string()))?,
+            Histogram::new_with_bounds(1, 60_000_000, 3)
+                .map_err(|e| CrowdError::Histogram(e.to_string()))?,
         ),
         ..Default::default()
     };
@@ -241,7 +250,10 @@ async fn connection(
         let first = send(&mut sender, &config, c, &path, token, &key, &body, &mut out).await;
         out.sent += 1;
         tally(&mut out, &first, &format!("user-{user}"), sku);
-        if config.target == Target::Purchase && first.status != 0 && rng.random_bool(config.retry_fraction.clamp(0.0, 1.0)) {
+        if config.target == Target::Purchase
+            && first.status != 0
+            && rng.random_bool(config.retry_fraction.clamp(0.0, 1.0))
+        {
             let again = send(&mut sender, &config, c, &path, token, &key, &body, &mut out).await;
             out.retries += 1;
             match (&first.order_id, first.status, &again.order_id, again.status) {
@@ -316,7 +328,11 @@ async fn send(
         }
     };
     if let Some(h) = out.latency_us.as_mut() {
-        let _ = h.record(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX).max(1));
+        let _ = h.record(
+            u64::try_from(t0.elapsed().as_micros())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        );
     }
     let json: Option<serde_json::Value> = if config.target == Target::Purchase {
         serde_json::from_slice(&bytes).ok()

@@ -125,6 +125,9 @@ mod tests {
         for key in k.all() {
             assert!(key.starts_with("fs:{shop/sd/phone-17}:"), "{key}");
         }
-        assert_eq!(SaleKeys::new(&SaleId::new("shop", "sd")).meta(), "fs:{shop/sd}:meta");
+        assert_eq!(
+            SaleKeys::new(&SaleId::new("shop", "sd")).meta(),
+            "fs:{shop/sd}:meta"
+        );
     }
 }

@@ -4,19 +4,19 @@
 //!
 //! This crate never depends on `kube`; the operator depends on it.
 
+pub mod audit;
+pub mod breaker;
+pub mod consumer;
+pub mod crowd;
+pub mod gateway;
 pub mod keys;
+pub mod local;
 pub mod order;
+pub mod ratelimit;
 pub mod scripts;
 pub mod servers;
 pub mod spec;
-pub mod warm;
-pub mod breaker;
-pub mod gateway;
-pub mod ratelimit;
-pub mod token;
-pub mod consumer;
 pub mod store;
 pub mod telemetry;
-pub mod crowd;
-pub mod audit;
-pub mod local;
+pub mod token;
+pub mod warm;

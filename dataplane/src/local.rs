@@ -103,11 +103,17 @@ pub async fn run(opts: LocalOptions) -> Result<LocalReport, LocalError> {
     let mut doc = SaleDocument::load(&opts.sale_file)?;
     // Keep the file's products and limits; move its window to now.
     let start = jiff::Timestamp::now()
-        .checked_add(jiff::SignedDuration::try_from(opts.lead).map_err(|e| LocalError::Window(e.to_string()))?)
+        .checked_add(
+            jiff::SignedDuration::try_from(opts.lead)
+                .map_err(|e| LocalError::Window(e.to_string()))?,
+        )
         .map_err(|e| LocalError::Window(e.to_string()))?;
     doc.spec.start_time = start;
     doc.spec.end_time = start
-        .checked_add(jiff::SignedDuration::try_from(opts.sale_length).map_err(|e| LocalError::Window(e.to_string()))?)
+        .checked_add(
+            jiff::SignedDuration::try_from(opts.sale_length)
+                .map_err(|e| LocalError::Window(e.to_string()))?,
+        )
         .map_err(|e| LocalError::Window(e.to_string()))?;
     let sale = doc.id();
 
@@ -138,7 +144,10 @@ pub async fn run(opts: LocalOptions) -> Result<LocalReport, LocalError> {
     store.migrate().await?;
     clear_orders(&store, &sale).await?;
     let warmed = crate::warm::warm_sale(&mut conn, &sale, &doc.spec).await?;
-    eprintln!("warmed {} products into Redis for sale {sale}", warmed.len());
+    eprintln!(
+        "warmed {} products into Redis for sale {sale}",
+        warmed.len()
+    );
 
     let secret: Vec<u8> = b"local-sale-secret".to_vec();
     let shutdown = CancellationToken::new();
@@ -159,7 +168,10 @@ pub async fn run(opts: LocalOptions) -> Result<LocalReport, LocalError> {
 
     let wait = start.duration_since(jiff::Timestamp::now());
     if let Ok(w) = Duration::try_from(wait) {
-        eprintln!("gateway on http://{gw_addr}; the sale opens in {:.1} s", w.as_secs_f64());
+        eprintln!(
+            "gateway on http://{gw_addr}; the sale opens in {:.1} s",
+            w.as_secs_f64()
+        );
         tokio::time::sleep(w).await;
     }
     eprintln!(
@@ -182,9 +194,18 @@ pub async fn run(opts: LocalOptions) -> Result<LocalReport, LocalError> {
     })
     .await?;
     let drain_started = std::time::Instant::now();
-    let drained = wait_drained(&mut conn, &store, &sale, &doc.spec, Duration::from_secs(60)).await?;
+    let drained =
+        wait_drained(&mut conn, &store, &sale, &doc.spec, Duration::from_secs(60)).await?;
     let drain_s = drain_started.elapsed().as_secs_f64();
-    let report = audit(&mut conn, &store, &sale, &doc.spec, &result.orders, result.idempotency_violations).await?;
+    let report = audit(
+        &mut conn,
+        &store,
+        &sale,
+        &doc.spec,
+        &result.orders,
+        result.idempotency_violations,
+    )
+    .await?;
     shutdown.cancel();
     let _ = gateway_task.await;
     for t in consumer_tasks {
@@ -194,19 +215,35 @@ pub async fn run(opts: LocalOptions) -> Result<LocalReport, LocalError> {
 }
 
 async fn clear_orders(store: &OrderStore, sale: &crate::spec::SaleId) -> Result<(), LocalError> {
-    let client = store.pool().get().await.map_err(crate::store::StoreError::from)?;
-    client
-        .execute("DELETE FROM flashsale_orders WHERE sale = $1", &[&sale.key()])
+    let client = store
+        .pool()
+        .get()
         .await
         .map_err(crate::store::StoreError::from)?;
     client
-        .execute("DELETE FROM flashsale_inventory WHERE sale = $1", &[&sale.key()])
+        .execute(
+            "DELETE FROM flashsale_orders WHERE sale = $1",
+            &[&sale.key()],
+        )
+        .await
+        .map_err(crate::store::StoreError::from)?;
+    client
+        .execute(
+            "DELETE FROM flashsale_inventory WHERE sale = $1",
+            &[&sale.key()],
+        )
         .await
         .map_err(crate::store::StoreError::from)?;
     Ok(())
 }
 
-fn build_report(doc: &SaleDocument, r: &CrowdResult, a: &AuditReport, drained: bool, drain_s: f64) -> LocalReport {
+fn build_report(
+    doc: &SaleDocument,
+    r: &CrowdResult,
+    a: &AuditReport,
+    drained: bool,
+    drain_s: f64,
+) -> LocalReport {
     let mut problems = a.problems();
     if !drained {
         problems.push("orders still in flight after 60 s".into());
@@ -259,12 +296,23 @@ impl LocalReport {
         );
         s += &format!(
             "  latency ms      p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n",
-            self.latency_ms.p50, self.latency_ms.p90, self.latency_ms.p99, self.latency_ms.p999, self.latency_ms.max
+            self.latency_ms.p50,
+            self.latency_ms.p90,
+            self.latency_ms.p99,
+            self.latency_ms.p999,
+            self.latency_ms.max
         );
-        s += &format!("  accepted (202)  {:>9}   idempotent replays {}\n", self.accepted, self.idempotent_replays);
+        s += &format!(
+            "  accepted (202)  {:>9}   idempotent replays {}\n",
+            self.accepted, self.idempotent_replays
+        );
         s += &format!(
             "  refused         sold out {}, limit {}, rate-limited {}, not started {}, ended {}\n",
-            self.sold_out_rejections, self.limit_rejections, self.rate_limited, self.not_started, self.ended
+            self.sold_out_rejections,
+            self.limit_rejections,
+            self.rate_limited,
+            self.not_started,
+            self.ended
         );
         s += &format!("  errors          {:>9}\n", self.errors);
         s += &format!(

@@ -15,7 +15,11 @@ use dataplane::spec::SaleDocument;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "flashsale", version, about = "flashsale data plane: gateway, consumer and tools")]
+#[command(
+    name = "flashsale",
+    version,
+    about = "flashsale data plane: gateway, consumer and tools"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -262,21 +266,32 @@ async fn run(command: Command) -> Result<ExitCode> {
             let client = redis::Client::open(a.sale.redis_url.as_str())?;
             let mut conn = client.get_connection_manager().await?;
             let store = dataplane::store::OrderStore::connect(&a.database_url, 2)?;
-            let report = dataplane::audit::audit(&mut conn, &store, &doc.id(), &doc.spec, &[], 0).await?;
+            let report =
+                dataplane::audit::audit(&mut conn, &store, &doc.id(), &doc.spec, &[], 0).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(if report.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Warm(a) => {
             let doc = load(&a.sale.config)?;
             let client = redis::Client::open(a.sale.redis_url.as_str())?;
             let mut conn = client.get_connection_manager().await?;
             for p in dataplane::warm::warm_sale(&mut conn, &doc.id(), &doc.spec).await? {
-                println!("{}: {:?}, remaining {}, sold {}", p.sku, p.outcome, p.remaining, p.sold);
+                println!(
+                    "{}: {:?}, remaining {}, sold {}",
+                    p.sku, p.outcome, p.remaining, p.sold
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Token(a) => {
-            println!("{}", dataplane::token::issue(a.token_secret.as_bytes(), &a.user, a.ttl_seconds)?);
+            println!(
+                "{}",
+                dataplane::token::issue(a.token_secret.as_bytes(), &a.user, a.ttl_seconds)?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Openapi => {
@@ -313,7 +328,11 @@ async fn local(a: LocalArgs) -> Result<ExitCode> {
             std::fs::write(&path, json).with_context(|| format!("writing {path}"))?;
         }
     }
-    Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn crowd(a: CrowdArgs) -> Result<ExitCode> {

@@ -58,11 +58,20 @@ impl RateLimiters {
         Self {
             global_limit: limits.global,
             global: ArcSwap::from_pointee(
-                limits.global.and_then(|l| quota(l, 1)).map(RateLimiter::direct),
+                limits
+                    .global
+                    .and_then(|l| quota(l, 1))
+                    .map(RateLimiter::direct),
             ),
             gateways: std::sync::atomic::AtomicU32::new(1),
-            user: limits.per_user.and_then(|l| quota(l, 1)).map(RateLimiter::keyed),
-            ip: limits.per_ip.and_then(|l| quota(l, 1)).map(RateLimiter::keyed),
+            user: limits
+                .per_user
+                .and_then(|l| quota(l, 1))
+                .map(RateLimiter::keyed),
+            ip: limits
+                .per_ip
+                .and_then(|l| quota(l, 1))
+                .map(RateLimiter::keyed),
             clock: DefaultClock::default(),
         }
     }
@@ -130,8 +139,14 @@ mod tests {
 
     fn limits() -> RateLimits {
         RateLimits {
-            global: Some(RateLimit { requests_per_second: 100, burst: 10 }),
-            per_user: Some(RateLimit { requests_per_second: 1, burst: 2 }),
+            global: Some(RateLimit {
+                requests_per_second: 100,
+                burst: 10,
+            }),
+            per_user: Some(RateLimit {
+                requests_per_second: 1,
+                burst: 2,
+            }),
             per_ip: None,
         }
     }
@@ -153,7 +168,9 @@ mod tests {
         r.set_gateway_count(5);
         let ip: IpAddr = [127, 0, 0, 1].into();
         // burst 10 / 5 gateways = 2 per pod
-        let passed = (0..10).filter(|i| r.check(&format!("u{i}"), ip).is_ok()).count();
+        let passed = (0..10)
+            .filter(|i| r.check(&format!("u{i}"), ip).is_ok())
+            .count();
         assert_eq!(passed, 2);
     }
 }

@@ -15,8 +15,7 @@ pub static RELEASE: LazyLock<Script> =
 pub static TRANSITION: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/transition.lua")));
 /// Catalog and stock written once per sale (`warm.lua`).
-pub static WARM: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/warm.lua")));
+pub static WARM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/warm.lua")));
 
 /// The purchase script's source, for `redis-benchmark` comparisons.
 pub const PURCHASE_SOURCE: &str = include_str!("scripts/purchase.lua");

@@ -115,7 +115,14 @@ impl RedisServer {
         let mut cmd = Command::new(binary);
         cmd.arg("--port")
             .arg(self.port.to_string())
-            .args(["--bind", "127.0.0.1", "--save", "", "--protected-mode", "no"])
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+            ])
             .arg("--dir")
             .arg(self.dir.path())
             .arg("--logfile")
@@ -180,7 +187,11 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- redis-server log (port {}) ---\n{}", self.port, self.log());
+            eprintln!(
+                "--- redis-server log (port {}) ---\n{}",
+                self.port,
+                self.log()
+            );
         }
         self.kill();
     }
@@ -281,7 +292,16 @@ impl PostgresServer {
             .command("initdb")
             .arg("-D")
             .arg(server.data_dir())
-            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
             .output()
             .map_err(io("run initdb"))?;
         if !out.status.success() {
@@ -380,7 +400,9 @@ impl PostgresServer {
     /// Ready once the log says so and the port takes a connection.
     fn accepts_connections(&self) -> bool {
         let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-        let starts = log.matches("database system is ready to accept connections").count();
+        let starts = log
+            .matches("database system is ready to accept connections")
+            .count();
         let stops = log.matches("database system is shut down").count();
         starts > stops && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
     }

@@ -230,7 +230,9 @@ impl SaleSpec {
     /// When Redis is warmed and gateways are pre-scaled.
     pub fn warmup_start(&self) -> Timestamp {
         self.start_time
-            .checked_sub(jiff::SignedDuration::from_secs(i64::from(self.warmup_seconds)))
+            .checked_sub(jiff::SignedDuration::from_secs(i64::from(
+                self.warmup_seconds,
+            )))
             .unwrap_or(self.start_time)
     }
 
@@ -263,8 +265,7 @@ pub fn valid_sku(sku: &str) -> bool {
     !b.is_empty()
         && b.len() <= 64
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
 }
 
@@ -371,7 +372,10 @@ mod tests {
     #[test]
     fn phases_follow_the_clock() {
         let s = spec();
-        let at = |secs: i64| s.start_time.checked_add(jiff::SignedDuration::from_secs(secs));
+        let at = |secs: i64| {
+            s.start_time
+                .checked_add(jiff::SignedDuration::from_secs(secs))
+        };
         let phase = |secs| at(secs).map(|t| s.phase_at(t)).ok();
         assert_eq!(phase(-301), Some(Phase::Pending));
         assert_eq!(phase(-300), Some(Phase::Warming));

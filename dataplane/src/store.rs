@@ -199,7 +199,11 @@ impl OrderStore {
     /// Inserts a batch in one statement (so one transaction): rows already
     /// present (a redelivery) are skipped, and only newly inserted rows add to
     /// the inventory's `sold`, whose CHECK refuses an oversell.
-    pub async fn persist_batch(&self, sale: &SaleId, rows: &[OrderRow]) -> Result<BatchOutcome, StoreError> {
+    pub async fn persist_batch(
+        &self,
+        sale: &SaleId,
+        rows: &[OrderRow],
+    ) -> Result<BatchOutcome, StoreError> {
         if rows.is_empty() {
             return Ok(BatchOutcome::default());
         }
@@ -241,7 +245,17 @@ impl OrderStore {
         let result = client
             .query(
                 &stmt,
-                &[&sale.key(), &ids, &skus, &users, &seqs, &qtys, &prices, &ats, &streams],
+                &[
+                    &sale.key(),
+                    &ids,
+                    &skus,
+                    &users,
+                    &seqs,
+                    &qtys,
+                    &prices,
+                    &ats,
+                    &streams,
+                ],
             )
             .await?;
         let mut out = BatchOutcome::default();

@@ -103,13 +103,22 @@ mod tests {
     fn round_trip_and_failures() -> Result<(), SignError> {
         let v = TokenVerifier::new(b"s3cret");
         let t = issue(b"s3cret", "alice", 60)?;
-        assert_eq!(v.user_from_header(Some(&format!("Bearer {t}"))), Ok("alice".into()));
+        assert_eq!(
+            v.user_from_header(Some(&format!("Bearer {t}"))),
+            Ok("alice".into())
+        );
         assert_eq!(v.user_from_header(None), Err(TokenError::Missing));
-        assert_eq!(v.user_from_header(Some("Basic x")), Err(TokenError::Missing));
+        assert_eq!(
+            v.user_from_header(Some("Basic x")),
+            Err(TokenError::Missing)
+        );
         assert_eq!(v.user("nonsense"), Err(TokenError::Malformed));
         let forged = issue(b"other", "alice", 60)?;
         assert_eq!(v.user(&forged), Err(TokenError::BadSignature));
-        let claims = Claims { sub: "alice".into(), exp: 1_000 };
+        let claims = Claims {
+            sub: "alice".into(),
+            exp: 1_000,
+        };
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
             &claims,

@@ -23,7 +23,9 @@ pub enum WarmOutcome {
     Created,
     Unchanged,
     /// Stock changed by `delta` (positive: added; negative: lowered, never below sold).
-    Resized { delta: i64 },
+    Resized {
+        delta: i64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -183,6 +185,9 @@ pub async fn clear_sale<C: ConnectionLike + Send>(
             .await?;
         deleted += n;
     }
-    let n: usize = redis::cmd("DEL").arg(sale_keys.all()).query_async(conn).await?;
+    let n: usize = redis::cmd("DEL")
+        .arg(sale_keys.all())
+        .query_async(conn)
+        .await?;
     Ok(deleted + n)
 }

@@ -31,7 +31,10 @@ pub struct LoadReport {
 pub(super) async fn run(gw: Arc<Gateway>, shutdown: CancellationToken) {
     let keys = SaleKeys::new(&gw.sale);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut last = (std::time::Instant::now(), gw.load.requests.load(Ordering::Relaxed));
+    let mut last = (
+        std::time::Instant::now(),
+        gw.load.requests.load(Ordering::Relaxed),
+    );
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -48,34 +51,66 @@ pub(super) async fn run(gw: Arc<Gateway>, shutdown: CancellationToken) {
             requests_per_second: rps,
         };
         match publish(&gw, &keys, &report).await {
-            Ok(live) => gw.limits.set_gateway_count(u32::try_from(live).unwrap_or(1)),
+            Ok(live) => gw
+                .limits
+                .set_gateway_count(u32::try_from(live).unwrap_or(1)),
             Err(e) => tracing::debug!(error = %e, "load report not published"),
         }
     }
     // Leave at once so the others take over this pod's share of the rate limit.
     let mut conn = gw.redis.clone();
     let _: Result<(), _> = redis::pipe()
-        .cmd("ZREM").arg(keys.gateways()).arg(&gw.pod).ignore()
-        .cmd("HDEL").arg(keys.gateway_reports()).arg(&gw.pod).ignore()
+        .cmd("ZREM")
+        .arg(keys.gateways())
+        .arg(&gw.pod)
+        .ignore()
+        .cmd("HDEL")
+        .arg(keys.gateway_reports())
+        .arg(&gw.pod)
+        .ignore()
         .query_async(&mut conn)
         .await;
 }
 
 /// Writes the report, drops stale peers, and returns how many gateways are live.
-async fn publish(gw: &Gateway, keys: &SaleKeys, report: &LoadReport) -> Result<u64, redis::RedisError> {
+async fn publish(
+    gw: &Gateway,
+    keys: &SaleKeys,
+    report: &LoadReport,
+) -> Result<u64, redis::RedisError> {
     let json = serde_json::to_string(report).unwrap_or_default();
     let stale_before = report.at_ms - i64::try_from(REPORT_TTL.as_millis()).unwrap_or(5000);
     let mut conn = gw.redis.clone();
     let (stale, live): (Vec<String>, u64) = redis::pipe()
-        .cmd("ZADD").arg(keys.gateways()).arg(report.at_ms).arg(&report.pod).ignore()
-        .cmd("HSET").arg(keys.gateway_reports()).arg(&report.pod).arg(json).ignore()
-        .cmd("ZRANGEBYSCORE").arg(keys.gateways()).arg("-inf").arg(stale_before)
-        .cmd("ZREMRANGEBYSCORE").arg(keys.gateways()).arg("-inf").arg(stale_before).ignore()
-        .cmd("ZCARD").arg(keys.gateways())
+        .cmd("ZADD")
+        .arg(keys.gateways())
+        .arg(report.at_ms)
+        .arg(&report.pod)
+        .ignore()
+        .cmd("HSET")
+        .arg(keys.gateway_reports())
+        .arg(&report.pod)
+        .arg(json)
+        .ignore()
+        .cmd("ZRANGEBYSCORE")
+        .arg(keys.gateways())
+        .arg("-inf")
+        .arg(stale_before)
+        .cmd("ZREMRANGEBYSCORE")
+        .arg(keys.gateways())
+        .arg("-inf")
+        .arg(stale_before)
+        .ignore()
+        .cmd("ZCARD")
+        .arg(keys.gateways())
         .query_async(&mut conn)
         .await?;
     if !stale.is_empty() {
-        redis::cmd("HDEL").arg(keys.gateway_reports()).arg(&stale).exec_async(&mut conn).await?;
+        redis::cmd("HDEL")
+            .arg(keys.gateway_reports())
+            .arg(&stale)
+            .exec_async(&mut conn)
+            .await?;
     }
     Ok(live)
 }
@@ -87,8 +122,10 @@ pub async fn read_reports<C: redis::aio::ConnectionLike + Send>(
     now_ms: i64,
 ) -> Result<Vec<LoadReport>, redis::RedisError> {
     let keys = SaleKeys::new(sale);
-    let raw: std::collections::HashMap<String, String> =
-        redis::cmd("HGETALL").arg(keys.gateway_reports()).query_async(conn).await?;
+    let raw: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys.gateway_reports())
+        .query_async(conn)
+        .await?;
     let stale_before = now_ms - i64::try_from(REPORT_TTL.as_millis()).unwrap_or(5000);
     let mut reports: Vec<LoadReport> = raw
         .values()

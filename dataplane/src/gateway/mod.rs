@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use axum::Router;
 use axum::http::HeaderName;
 use axum::routing::{get, post};
@@ -70,7 +71,16 @@ pub struct ProductRuntime {
     pub keys: [String; 8],
     pub layout: ProductKeys,
     pub sold_out: AtomicBool,
+    /// Once sold out, a snapshot of the product's idempotency records, so a
+    /// client retrying a winning request is answered with its order from
+    /// memory instead of a false "sold out" (no new record can appear while
+    /// the stock is 0).
+    pub replays: ArcSwapOption<HashMap<String, String>>,
 }
+
+/// Above this many records a product's replay snapshot is not taken; keyed
+/// requests then go to Redis, which answers them correctly anyway.
+const MAX_REPLAY_SNAPSHOT: usize = 200_000;
 
 /// Figures the load report publishes.
 #[derive(Default)]
@@ -120,9 +130,11 @@ impl Gateway {
             return Err(GatewayError::EmptySecret);
         }
         let sale = doc.id();
-        let client = redis::Client::open(settings.redis_url.as_str()).map_err(|source| GatewayError::RedisUrl {
-            url: settings.redis_url.clone(),
-            source,
+        let client = redis::Client::open(settings.redis_url.as_str()).map_err(|source| {
+            GatewayError::RedisUrl {
+                url: settings.redis_url.clone(),
+                source,
+            }
         })?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(settings.redis_timeout))
@@ -156,6 +168,7 @@ impl Gateway {
                     ],
                     layout: k,
                     sold_out: AtomicBool::new(false),
+                    replays: ArcSwapOption::empty(),
                 };
                 (p.sku.clone(), runtime)
             })
@@ -221,7 +234,8 @@ impl Gateway {
 }
 
 /// Sold-out flags are cleared when stock comes back (a failed or cancelled
-/// order returns it): one GET per flagged product per pod every 500 ms.
+/// order returns it): one GET per flagged product per pod every 500 ms. A
+/// flagged product's replay snapshot is loaded here too.
 async fn refresh_sold_out(gw: Arc<Gateway>, shutdown: Shutdown) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut housekeeping = 0u32;
@@ -231,7 +245,7 @@ async fn refresh_sold_out(gw: Arc<Gateway>, shutdown: Shutdown) {
             _ = shutdown.cancelled() => return,
         }
         housekeeping += 1;
-        if housekeeping % 20 == 0 {
+        if housekeeping.is_multiple_of(20) {
             gw.limits.housekeeping();
         }
         for p in gw.products.values() {
@@ -248,8 +262,33 @@ async fn refresh_sold_out(gw: Arc<Gateway>, shutdown: Shutdown) {
             {
                 tracing::info!(sku = %p.sku, remaining = n, "stock returned; sold-out flag cleared");
                 p.sold_out.store(false, Ordering::Relaxed);
+                p.replays.store(None);
+                continue;
+            }
+            if p.replays.load().is_none() {
+                load_replays(p, &mut conn).await;
             }
         }
+    }
+}
+
+async fn load_replays(p: &ProductRuntime, conn: &mut ConnectionManager) {
+    let len: Result<usize, _> = redis::cmd("HLEN").arg(&p.keys[4]).query_async(conn).await;
+    match len {
+        Ok(n) if n <= MAX_REPLAY_SNAPSHOT => {
+            let all: Result<HashMap<String, String>, _> = redis::cmd("HGETALL")
+                .arg(&p.keys[4])
+                .query_async(conn)
+                .await;
+            if let Ok(map) = all {
+                tracing::debug!(sku = %p.sku, records = map.len(), "replay snapshot loaded");
+                p.replays.store(Some(Arc::new(map)));
+            }
+        }
+        Ok(n) => {
+            tracing::debug!(sku = %p.sku, records = n, "too many records for a replay snapshot")
+        }
+        Err(e) => tracing::debug!(error = %e, "replay snapshot not loaded"),
     }
 }
 
@@ -262,12 +301,16 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> Result<(), GatewayError> {
     gw.spawn_background(shutdown.clone());
-    let public_app = gw.router().into_make_service_with_connect_info::<SocketAddr>();
+    let public_app = gw
+        .router()
+        .into_make_service_with_connect_info::<SocketAddr>();
     let admin_app = gw.admin_router();
     let s1 = shutdown.clone();
     let s2 = shutdown.clone();
-    let public_task = axum::serve(public, public_app).with_graceful_shutdown(async move { s1.cancelled().await });
-    let admin_task = axum::serve(admin, admin_app).with_graceful_shutdown(async move { s2.cancelled().await });
+    let public_task =
+        axum::serve(public, public_app).with_graceful_shutdown(async move { s1.cancelled().await });
+    let admin_task =
+        axum::serve(admin, admin_app).with_graceful_shutdown(async move { s2.cancelled().await });
     let (a, b) = tokio::join!(public_task, admin_task);
     a.map_err(GatewayError::Serve)?;
     b.map_err(GatewayError::Serve)?;

@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::telemetry::{metrics_response, prometheus};
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use crate::telemetry::{metrics_response, prometheus};
 
 use super::Gateway;
 use super::error::ApiError;
@@ -22,7 +22,6 @@ pub fn admin_router(gw: Arc<Gateway>) -> Router {
         .route("/readyz", get(ready))
         .with_state(gw)
 }
-
 
 /// Ready when Redis answers a PING in time and the breaker is closed: a pod
 /// that cannot reach Redis is taken out of the Service rather than failing requests.

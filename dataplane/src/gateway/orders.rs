@@ -68,7 +68,9 @@ pub async fn get_order(
 }
 
 async fn lookup(gw: &Gateway, id: &str, headers: &HeaderMap) -> Result<OrderView, ApiError> {
-    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     let user = gw
         .verifier
         .user_from_header(auth)

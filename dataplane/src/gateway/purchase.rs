@@ -125,8 +125,12 @@ async fn handle(
     use outcome::*;
     // 1. Body and header limits.
     let bytes = read_body(body).await.map_err(|e| (BAD_REQUEST, e))?;
-    let auth = header_str(headers, header::AUTHORIZATION.as_str(), MAX_AUTH_HEADER_BYTES)
-        .map_err(|e| (BAD_REQUEST, e))?;
+    let auth = header_str(
+        headers,
+        header::AUTHORIZATION.as_str(),
+        MAX_AUTH_HEADER_BYTES,
+    )
+    .map_err(|e| (BAD_REQUEST, e))?;
     let idem = header_str(headers, "idempotency-key", MAX_IDEMPOTENCY_KEY_BYTES)
         .map_err(|e| (BAD_REQUEST, e))?;
     if let Some(k) = idem
@@ -134,7 +138,10 @@ async fn handle(
     {
         return fail(
             BAD_REQUEST,
-            ApiError::bad_request("bad_header", "Idempotency-Key must be 1-128 visible ASCII characters"),
+            ApiError::bad_request(
+                "bad_header",
+                "Idempotency-Key must be 1-128 visible ASCII characters",
+            ),
         );
     }
     // 2. Token.
@@ -147,10 +154,22 @@ async fn handle(
     if sale != gw.sale.name {
         return fail(
             BAD_REQUEST,
-            ApiError::not_found("unknown_sale", format!("no sale named {sale:?} here")).with("sale", sale),
+            ApiError::not_found("unknown_sale", format!("no sale named {sale:?} here"))
+                .with("sale", sale),
         );
     }
-    let req: PurchaseRequest = serde_json::from_slice(&bytes).map_err(|e| {
+    // serde_path_to_error names the offending field ("quantity: invalid type ...").
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    let req: PurchaseRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let at = e.path().to_string();
+        let message = if at == "." {
+            format!("request body: {}", e.inner())
+        } else {
+            format!("request body: {at}: {}", e.inner())
+        };
+        (BAD_REQUEST, ApiError::bad_request("invalid_json", message))
+    })?;
+    de.end().map_err(|e| {
         (
             BAD_REQUEST,
             ApiError::bad_request("invalid_json", format!("request body: {e}")),
@@ -160,7 +179,8 @@ async fn handle(
     let Some(product) = gw.products.get(&req.sku) else {
         return fail(
             BAD_REQUEST,
-            ApiError::not_found("unknown_sku", format!("sku {:?} is not on sale", req.sku)).with("sku", req.sku),
+            ApiError::not_found("unknown_sku", format!("sku {:?} is not on sale", req.sku))
+                .with("sku", req.sku),
         );
     };
     if req.quantity < 1 || req.quantity > i64::from(product.limit) {
@@ -168,7 +188,10 @@ async fn handle(
             BAD_REQUEST,
             ApiError::bad_request(
                 "invalid_quantity",
-                format!("quantity must be between 1 and {} (the per-user limit)", product.limit),
+                format!(
+                    "quantity must be between 1 and {} (the per-user limit)",
+                    product.limit
+                ),
             )
             .with("quantity", req.quantity),
         );
@@ -184,27 +207,48 @@ async fn handle(
     }
     // 4. Local sold-out flag: once this pod saw the product sold out, the
     // crowd is answered from memory.
+    // A retry carrying an Idempotency-Key is answered from the replay
+    // snapshot; until that is loaded it goes on to Redis.
+    let idem_field = idem.map(|k| format!("{user}\x1f{k}")).unwrap_or_default();
     if product.sold_out.load(Ordering::Relaxed) {
-        return fail(SOLD_OUT_LOCAL, sold_out(&req.sku));
+        let replays = product.replays.load();
+        match (idem.is_some(), replays.as_ref()) {
+            (false, _) => return fail(SOLD_OUT_LOCAL, sold_out(&req.sku)),
+            (true, Some(map)) => match map.get(&idem_field) {
+                Some(id) => return Ok((DUPLICATE, accepted(id.clone()))),
+                None => return fail(SOLD_OUT_LOCAL, sold_out(&req.sku)),
+            },
+            (true, None) => {}
+        }
     }
     // 5. Rate limits.
     let ip = client_ip(headers, gw.client_ip_header.as_ref(), peer.ip());
     if let Err(l) = gw.limits.check(&user, ip) {
-        metrics::counter!("flashsale_gateway_rate_limited_total", "scope" => l.scope.as_str()).increment(1);
+        metrics::counter!("flashsale_gateway_rate_limited_total", "scope" => l.scope.as_str())
+            .increment(1);
         let secs = l.retry_after.as_secs() + u64::from(l.retry_after.subsec_nanos() > 0);
         return fail(
             RATE_LIMITED,
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("too many requests ({} limit)", l.scope.as_str()))
-                .with("scope", l.scope.as_str())
-                .retry_after(secs),
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("too many requests ({} limit)", l.scope.as_str()),
+            )
+            .with("scope", l.scope.as_str())
+            .retry_after(secs),
         );
     }
     // 6. The script.
     if !gw.breaker.allow() {
-        return fail(UNAVAILABLE, ApiError::unavailable("store_unavailable", "the stock store is unavailable; retry shortly"));
+        return fail(
+            UNAVAILABLE,
+            ApiError::unavailable(
+                "store_unavailable",
+                "the stock store is unavailable; retry shortly",
+            ),
+        );
     }
     let order_id = new_order_id(&req.sku);
-    let idem_field = idem.map(|k| format!("{user}\x1f{k}")).unwrap_or_default();
     let k = &product.keys;
     let mut conn = gw.redis.clone();
     let redis_started = Instant::now();
@@ -224,7 +268,8 @@ async fn handle(
         .arg(&idem_field);
     let call = invocation.invoke_async::<(String, String, String)>(&mut conn);
     let answer = tokio::time::timeout(gw.redis_timeout, call).await;
-    metrics::histogram!("flashsale_gateway_redis_duration_seconds").record(redis_started.elapsed().as_secs_f64());
+    metrics::histogram!("flashsale_gateway_redis_duration_seconds")
+        .record(redis_started.elapsed().as_secs_f64());
     let (verdict, a, b) = match answer {
         Ok(Ok(v)) => {
             gw.breaker.success();
@@ -233,19 +278,22 @@ async fn handle(
         Ok(Err(e)) => {
             gw.breaker.failure();
             tracing::warn!(error = %e, "purchase script failed");
-            return fail(UNAVAILABLE, ApiError::unavailable("store_unavailable", "the stock store failed; retry shortly"));
+            return fail(
+                UNAVAILABLE,
+                ApiError::unavailable("store_unavailable", "the stock store failed; retry shortly"),
+            );
         }
         Err(_) => {
             gw.breaker.failure();
-            tracing::warn!(timeout_ms = gw.redis_timeout.as_millis(), "purchase script timed out");
-            return fail(UNAVAILABLE, ApiError::unavailable("store_timeout", "the stock store is slow; retry shortly"));
+            tracing::warn!(
+                timeout_ms = gw.redis_timeout.as_millis(),
+                "purchase script timed out"
+            );
+            return fail(
+                UNAVAILABLE,
+                ApiError::unavailable("store_timeout", "the stock store is slow; retry shortly"),
+            );
         }
-    };
-    let accepted = |id: String| PurchaseAccepted {
-        status_url: format!("/v1/orders/{id}"),
-        push_url: "/v1/ws".into(),
-        order_id: id,
-        status: "accepted".into(),
     };
     match verdict.as_str() {
         "ok" => {
@@ -259,24 +307,47 @@ async fn handle(
             if a == "0" {
                 product.sold_out.store(true, Ordering::Relaxed);
             }
-            fail(SOLD_OUT, sold_out(&req.sku).with("remaining", a.parse::<i64>().unwrap_or(0)))
+            fail(
+                SOLD_OUT,
+                sold_out(&req.sku).with("remaining", a.parse::<i64>().unwrap_or(0)),
+            )
         }
         "limit" => fail(
             LIMIT,
-            ApiError::new(StatusCode::CONFLICT, "limit_reached", format!("you already hold {a} of {} allowed units of {}", b, req.sku))
-                .with("held", a.parse::<i64>().unwrap_or(0))
-                .with("limit", b.parse::<i64>().unwrap_or(0)),
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "limit_reached",
+                format!("you already hold {a} of {} allowed units of {}", b, req.sku),
+            )
+            .with("held", a.parse::<i64>().unwrap_or(0))
+            .with("limit", b.parse::<i64>().unwrap_or(0)),
         ),
         "early" => fail(NOT_STARTED, not_started(ms_to_rfc3339(&a))),
         "ended" => fail(ENDED, ended(ms_to_rfc3339(&a))),
         "nosale" => fail(
             UNAVAILABLE,
-            ApiError::unavailable("sale_not_ready", "the sale has not been warmed into Redis yet").retry_after(5),
+            ApiError::unavailable(
+                "sale_not_ready",
+                "the sale has not been warmed into Redis yet",
+            )
+            .retry_after(5),
         ),
         other => {
             tracing::error!(answer = other, "unexpected answer from purchase.lua");
-            fail(UNAVAILABLE, ApiError::unavailable("store_protocol", "unexpected answer from the stock store"))
+            fail(
+                UNAVAILABLE,
+                ApiError::unavailable("store_protocol", "unexpected answer from the stock store"),
+            )
         }
+    }
+}
+
+fn accepted(id: String) -> PurchaseAccepted {
+    PurchaseAccepted {
+        status_url: format!("/v1/orders/{id}"),
+        push_url: "/v1/ws".into(),
+        order_id: id,
+        status: "accepted".into(),
     }
 }
 
@@ -285,12 +356,21 @@ fn sold_out(sku: &str) -> ApiError {
 }
 
 fn not_started(starts_at: String) -> ApiError {
-    ApiError::new(StatusCode::TOO_EARLY, "not_started", format!("the sale starts at {starts_at}"))
-        .with("startsAt", starts_at)
+    ApiError::new(
+        StatusCode::TOO_EARLY,
+        "not_started",
+        format!("the sale starts at {starts_at}"),
+    )
+    .with("startsAt", starts_at)
 }
 
 fn ended(ended_at: String) -> ApiError {
-    ApiError::new(StatusCode::GONE, "ended", format!("the sale ended at {ended_at}")).with("endedAt", ended_at)
+    ApiError::new(
+        StatusCode::GONE,
+        "ended",
+        format!("the sale ended at {ended_at}"),
+    )
+    .with("endedAt", ended_at)
 }
 
 fn ms_to_rfc3339(ms: &str) -> String {
@@ -303,31 +383,44 @@ fn ms_to_rfc3339(ms: &str) -> String {
 
 /// Reads at most `MAX_BODY_BYTES`; a larger body is refused without reading it all.
 async fn read_body(body: Body) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the request body must be at most {MAX_BODY_BYTES} bytes"),
-        )
-    })
+    axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the request body must be at most {MAX_BODY_BYTES} bytes"),
+            )
+        })
 }
 
 /// A header's value as text, within a size bound; absent is `None`.
-pub(super) fn header_str<'h>(headers: &'h HeaderMap, name: &str, max: usize) -> Result<Option<&'h str>, ApiError> {
+pub(super) fn header_str<'h>(
+    headers: &'h HeaderMap,
+    name: &str,
+    max: usize,
+) -> Result<Option<&'h str>, ApiError> {
     let Some(v) = headers.get(name) else {
         return Ok(None);
     };
     if v.len() > max {
-        return Err(ApiError::bad_request("bad_header", format!("header {name} is longer than {max} bytes")));
+        return Err(ApiError::bad_request(
+            "bad_header",
+            format!("header {name} is longer than {max} bytes"),
+        ));
     }
-    v.to_str()
-        .map(Some)
-        .map_err(|_| ApiError::bad_request("bad_header", format!("header {name} is not visible ASCII")))
+    v.to_str().map(Some).map_err(|_| {
+        ApiError::bad_request("bad_header", format!("header {name} is not visible ASCII"))
+    })
 }
 
 /// The client's address: the peer, or the first address of a configured
 /// proxy header (behind an ingress every peer is the ingress).
-fn client_ip(headers: &HeaderMap, from_header: Option<&header::HeaderName>, peer: IpAddr) -> IpAddr {
+fn client_ip(
+    headers: &HeaderMap,
+    from_header: Option<&header::HeaderName>,
+    peer: IpAddr,
+) -> IpAddr {
     from_header
         .and_then(|h| headers.get(h))
         .and_then(|v| v.to_str().ok())

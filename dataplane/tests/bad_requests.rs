@@ -1,0 +1,410 @@
+//! Bad input gets a clear 4xx with a JSON body naming the problem, and
+//! nothing is written to Redis.
+
+mod common;
+
+use common::*;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+/// Everything the purchase path could write, as one comparable snapshot.
+async fn redis_state(
+    conn: &mut redis::aio::ConnectionManager,
+) -> redis::RedisResult<Vec<(String, String)>> {
+    let mut keys: Vec<String> = redis::cmd("KEYS").arg("fs:*").query_async(conn).await?;
+    keys.retain(|k| !k.contains("gateways") && !k.contains("gwreports"));
+    keys.sort();
+    let mut out = Vec::new();
+    for k in keys {
+        let kind: String = redis::cmd("TYPE").arg(&k).query_async(conn).await?;
+        let summary = match kind.as_str() {
+            "string" => {
+                redis::cmd("GET")
+                    .arg(&k)
+                    .query_async::<String>(conn)
+                    .await?
+            }
+            "hash" => format!(
+                "{:?}",
+                redis::cmd("HGETALL")
+                    .arg(&k)
+                    .query_async::<Vec<String>>(conn)
+                    .await?
+            ),
+            "stream" => redis::cmd("XLEN")
+                .arg(&k)
+                .query_async::<u64>(conn)
+                .await?
+                .to_string(),
+            other => other.to_string(),
+        };
+        out.push((k, summary));
+    }
+    Ok(out)
+}
+
+/// (name, url, Authorization, body, status, error code, a word the message names)
+type Case<'a> = (
+    &'a str,
+    String,
+    Option<&'a str>,
+    String,
+    StatusCode,
+    &'a str,
+    &'a str,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_json_errors_and_write_nothing() -> TestResult {
+    let servers = Servers::start()?;
+    let doc = sale("bad", &[("item", 10, 2)]);
+    warm(&servers, &doc).await?;
+    let gw = RunningGateway::start(&doc, &servers.redis.url(), "gw").await?;
+    let mut conn = servers.redis_conn().await?;
+    let before = redis_state(&mut conn).await?;
+    let http = http();
+    let good = format!("Bearer {}", token("alice"));
+    let forged = format!(
+        "Bearer {}",
+        dataplane::token::issue(b"not-the-secret", "alice", 3600)?
+    );
+    let expired = {
+        // Signed correctly, expired an hour ago (beyond the 5 s leeway).
+        use jsonwebtoken::{EncodingKey, Header, encode};
+        let claims = serde_json::json!({"sub": "alice", "exp": jsonwebtoken::get_current_timestamp() - 3600});
+        format!(
+            "Bearer {}",
+            encode(
+                &Header::default(),
+                &claims,
+                &EncodingKey::from_secret(SECRET)
+            )?
+        )
+    };
+    let purchase = gw.url("/v1/sales/bad/purchase");
+    let big = format!(
+        r#"{{"sku":"item","quantity":1,"pad":"{}"}}"#,
+        "x".repeat(4096)
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "malformed JSON",
+            purchase.clone(),
+            Some(&good),
+            "{\"sku\": ".into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "request body",
+        ),
+        (
+            "missing field",
+            purchase.clone(),
+            Some(&good),
+            r#"{"sku":"item"}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "quantity",
+        ),
+        (
+            "unknown field",
+            purchase.clone(),
+            Some(&good),
+            r#"{"sku":"item","quantity":1,"price":0}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "price",
+        ),
+        (
+            "unknown SKU",
+            purchase.clone(),
+            Some(&good),
+            r#"{"sku":"nope","quantity":1}"#.into(),
+            StatusCode::NOT_FOUND,
+            "unknown_sku",
+            "nope",
+        ),
+        (
+            "unknown sale",
+            gw.url("/v1/sales/other/purchase"),
+            Some(&good),
+            r#"{"sku":"item","quantity":1}"#.into(),
+            StatusCode::NOT_FOUND,
+            "unknown_sale",
+            "other",
+        ),
+        (
+            "missing token",
+            purchase.clone(),
+            None,
+            r#"{"sku":"item","quantity":1}"#.into(),
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "missing",
+        ),
+        (
+            "forged token",
+            purchase.clone(),
+            Some(&forged),
+            r#"{"sku":"item","quantity":1}"#.into(),
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "signature",
+        ),
+        (
+            "expired token",
+            purchase.clone(),
+            Some(&expired),
+            r#"{"sku":"item","quantity":1}"#.into(),
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "expired",
+        ),
+        (
+            "garbage token",
+            purchase.clone(),
+            Some("Bearer abc.def.ghi"),
+            r#"{"sku":"item","quantity":1}"#.into(),
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "malformed",
+        ),
+        (
+            "oversized body",
+            purchase.clone(),
+            Some(&good),
+            big,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "1024",
+        ),
+        (
+            "zero quantity",
+            purchase.clone(),
+            Some(&good),
+            r#"{"sku":"item","quantity":0}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_quantity",
+            "between 1 and 2",
+        ),
+        (
+            "negative quantity",
+            purchase.clone(),
+            Some(&good),
+            r#"{"sku":"item","quantity":-3}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_quantity",
+            "between 1 and 2",
+        ),
+        (
+            "quantity over limit",
+            purchase.clone(),
+            Some(&good),
+            r#"{"sku":"item","quantity":3}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_quantity",
+            "per-user limit",
+        ),
+        (
+            "non-integer quantity",
+            purchase.clone(),
+            Some(&good),
+            r#"{"sku":"item","quantity":1.5}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "quantity",
+        ),
+    ];
+    for (name, url, auth, body, status, code, mentions) in cases {
+        let mut req = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = req.send().await?;
+        assert_eq!(resp.status(), status, "{name}");
+        let json: Value = resp.json().await?;
+        assert_eq!(json["error"], code, "{name}: {json}");
+        let message = json["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(mentions),
+            "{name}: message {message:?} should mention {mentions:?}"
+        );
+    }
+    // A bad Idempotency-Key header.
+    let resp = http
+        .post(&purchase)
+        .header("authorization", &good)
+        .header("idempotency-key", "x".repeat(200))
+        .body(r#"{"sku":"item","quantity":1}"#)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(resp.json::<Value>().await?["error"], "bad_header");
+    // Unknown route: JSON 404 too.
+    let resp = http.get(gw.url("/v2/nothing")).send().await?;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(resp.json::<Value>().await?["error"], "not_found");
+
+    assert_eq!(
+        redis_state(&mut conn).await?,
+        before,
+        "no bad request wrote to Redis"
+    );
+    gw.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_follow_the_contract() -> TestResult {
+    let servers = Servers::start()?;
+    let doc = sale("contract", &[("item", 2, 1)]);
+    warm(&servers, &doc).await?;
+    let gw = RunningGateway::start(&doc, &servers.redis.url(), "gw").await?;
+    let http = http();
+    let url = gw.url("/v1/sales/contract/purchase");
+    let buy = |user: &str, key: Option<&str>| {
+        let mut req = http
+            .post(&url)
+            .header("authorization", format!("Bearer {}", token(user)))
+            .body(r#"{"sku":"item","quantity":1}"#);
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        req.send()
+    };
+    let first = buy("alice", Some("k1")).await?;
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    let first: Value = first.json().await?;
+    let order_id = first["orderId"].as_str().unwrap_or_default().to_string();
+    assert_eq!(first["statusUrl"], format!("/v1/orders/{order_id}"));
+    // Same key: the same order, not a 409.
+    let replay: Value = buy("alice", Some("k1")).await?.json().await?;
+    assert_eq!(replay["orderId"], order_id.as_str());
+    // New key, same user: the per-user limit.
+    let again = buy("alice", Some("k2")).await?;
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+    assert_eq!(again.json::<Value>().await?["error"], "limit_reached");
+    // Last unit, then sold out (from Redis, then from the local flag).
+    assert_eq!(buy("bob", None).await?.status(), StatusCode::ACCEPTED);
+    let gone = buy("carol", None).await?;
+    assert_eq!(gone.status(), StatusCode::GONE);
+    assert_eq!(gone.json::<Value>().await?["error"], "sold_out");
+    assert!(gw.gateway.sold_out("item"));
+    assert_eq!(buy("dave", None).await?.status(), StatusCode::GONE);
+    // A retry of a winning request after the sell-out still gets its order.
+    let late_replay = buy("alice", Some("k1")).await?;
+    assert_eq!(late_replay.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        late_replay.json::<Value>().await?["orderId"],
+        order_id.as_str()
+    );
+
+    // The order's owner sees it; anyone else gets a 404.
+    let mine = http
+        .get(gw.url(&format!("/v1/orders/{order_id}")))
+        .header("authorization", format!("Bearer {}", token("alice")))
+        .send()
+        .await?;
+    assert_eq!(mine.status(), StatusCode::OK);
+    let view: Value = mine.json().await?;
+    assert_eq!(
+        (
+            view["status"].as_str(),
+            view["sku"].as_str(),
+            view["quantity"].as_u64()
+        ),
+        (Some("accepted"), Some("item"), Some(1))
+    );
+    let theirs = http
+        .get(gw.url(&format!("/v1/orders/{order_id}")))
+        .header("authorization", format!("Bearer {}", token("mallory")))
+        .send()
+        .await?;
+    assert_eq!(theirs.status(), StatusCode::NOT_FOUND);
+    gw.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn window_is_enforced_before_start_and_after_end() -> TestResult {
+    let servers = Servers::start()?;
+    let now = jiff::Timestamp::now();
+    let early = sale_window(
+        "early",
+        &[("item", 5, 1)],
+        now + jiff::SignedDuration::from_secs(3600),
+        now + jiff::SignedDuration::from_secs(7200),
+    );
+    let late = sale_window(
+        "late",
+        &[("item", 5, 1)],
+        now - jiff::SignedDuration::from_secs(7200),
+        now - jiff::SignedDuration::from_secs(3600),
+    );
+    let http = http();
+    for (doc, status, code) in [
+        (early, StatusCode::TOO_EARLY, "not_started"),
+        (late, StatusCode::GONE, "ended"),
+    ] {
+        warm(&servers, &doc).await?;
+        let gw = RunningGateway::start(&doc, &servers.redis.url(), "gw").await?;
+        let resp = http
+            .post(gw.url(&format!("/v1/sales/{}/purchase", doc.metadata.name)))
+            .header("authorization", format!("Bearer {}", token("alice")))
+            .body(r#"{"sku":"item","quantity":1}"#)
+            .send()
+            .await?;
+        assert_eq!(resp.status(), status);
+        let json: Value = resp.json().await?;
+        assert_eq!(json["error"], code);
+        gw.stop().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_is_a_fast_503_not_a_hang() -> TestResult {
+    let mut servers = Servers::start()?;
+    let doc = sale("down", &[("item", 5, 1)]);
+    warm(&servers, &doc).await?;
+    let gw = RunningGateway::start(&doc, &servers.redis.url(), "gw").await?;
+    servers.redis.kill();
+    let http = http();
+    for _ in 0..10 {
+        let started = std::time::Instant::now();
+        let resp = http
+            .post(gw.url("/v1/sales/down/purchase"))
+            .header("authorization", format!("Bearer {}", token("alice")))
+            .body(r#"{"sku":"item","quantity":1}"#)
+            .send()
+            .await?;
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(resp.headers().contains_key("retry-after"));
+        let json: Value = resp.json().await?;
+        assert!(
+            json["error"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("store_"),
+            "{json}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "answered in {:?}",
+            started.elapsed()
+        );
+    }
+    let ready = http
+        .get(format!("http://{}/readyz", gw.admin))
+        .send()
+        .await?;
+    assert_eq!(
+        ready.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not ready without Redis"
+    );
+    gw.stop().await;
+    Ok(())
+}

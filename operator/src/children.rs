@@ -1,0 +1,479 @@
+//! The objects a `FlashSale` owns, built from its spec: the data plane's
+//! ConfigMap, the gateway Deployment + Service, the consumer Deployment and a
+//! PodDisruptionBudget for each. Pure functions: the reconciler applies them.
+//!
+//! The Deployments never carry `replicas`: the autoscaler owns that field
+//! through the `scale` subresource, under its own field manager.
+
+use std::collections::BTreeMap;
+
+use dataplane::spec::{DocumentMetadata, SaleDocument};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
+
+use crate::resource::{FlashSale, SecretKeyRef};
+
+/// The one field manager the reconciler applies with.
+pub const MANAGER: &str = "flashsale-operator";
+/// Where the sale's config is mounted in data plane pods.
+pub const CONFIG_DIR: &str = "/etc/flashsale";
+pub const CONFIG_KEY: &str = "sale.yaml";
+/// Pod-template annotation that rolls the pods when the sale config changes.
+pub const CHECKSUM_ANNOTATION: &str = "flashsale.dev/config-checksum";
+pub const HTTP_PORT: i32 = 8080;
+pub const ADMIN_PORT: i32 = 9090;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("FlashSale has no {0}")]
+    Missing(&'static str),
+    #[error("serialize the sale config: {0}")]
+    Config(#[from] serde_yaml::Error),
+}
+
+/// Which of the two data plane workloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Component {
+    Gateway,
+    Consumer,
+}
+
+impl Component {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gateway => "gateway",
+            Self::Consumer => "consumer",
+        }
+    }
+}
+
+/// Object names for a sale; every child is named after it.
+pub fn config_map_name(sale: &str) -> String {
+    format!("{sale}-dataplane")
+}
+
+pub fn workload_name(sale: &str, component: Component) -> String {
+    format!("{sale}-{}", component.as_str())
+}
+
+/// Everything the reconciler applies for one sale, in apply order.
+#[derive(Clone, Debug)]
+pub struct Children {
+    pub config_map: ConfigMap,
+    pub gateway: Deployment,
+    pub gateway_service: Service,
+    pub gateway_pdb: PodDisruptionBudget,
+    pub consumer: Deployment,
+    pub consumer_pdb: PodDisruptionBudget,
+}
+
+/// Builds the children of `sale`; `default_image` is used where the spec names none.
+pub fn build(sale: &FlashSale, default_image: &str) -> Result<Children, BuildError> {
+    let name = sale
+        .metadata
+        .name
+        .clone()
+        .ok_or(BuildError::Missing("name"))?;
+    let namespace = sale.namespace().ok_or(BuildError::Missing("namespace"))?;
+    let owner = sale
+        .controller_owner_ref(&())
+        .ok_or(BuildError::Missing("uid"))?;
+    let owned = Owned {
+        sale: name.clone(),
+        namespace: namespace.clone(),
+        owner,
+    };
+
+    let document = SaleDocument {
+        metadata: DocumentMetadata {
+            name: name.clone(),
+            namespace: namespace.clone(),
+        },
+        spec: sale.spec.sale.clone(),
+    };
+    let config = serde_yaml::to_string(&document)?;
+    let checksum = format!("{:x}", Sha256::digest(config.as_bytes()));
+
+    let config_map = ConfigMap {
+        metadata: owned.meta(config_map_name(&name), None),
+        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), config)])),
+        ..Default::default()
+    };
+
+    let spec = &sale.spec;
+    let gateway_env = vec![
+        secret_env("REDIS_URL", &spec.redis.url_secret_ref),
+        secret_env("TOKEN_SECRET", &spec.token_secret_ref),
+        pod_name_env(),
+    ];
+    let consumer_env = vec![
+        secret_env("REDIS_URL", &spec.redis.url_secret_ref),
+        secret_env("DATABASE_URL", &spec.database.url_secret_ref),
+        pod_name_env(),
+    ];
+    let gateway = owned.deployment(Workload {
+        component: Component::Gateway,
+        image: spec.gateway.image.as_deref().unwrap_or(default_image),
+        env: gateway_env,
+        http_port: true,
+        resources: spec
+            .gateway
+            .resources
+            .clone()
+            .unwrap_or_else(|| default_resources("500m", "256Mi", "1Gi")),
+        checksum: &checksum,
+        // Gateways drain their WebSockets and in-flight purchases on SIGTERM.
+        grace_seconds: 30,
+    });
+    let consumer = owned.deployment(Workload {
+        component: Component::Consumer,
+        image: spec.consumer.image.as_deref().unwrap_or(default_image),
+        env: consumer_env,
+        http_port: false,
+        resources: spec
+            .consumer
+            .resources
+            .clone()
+            .unwrap_or_else(|| default_resources("250m", "128Mi", "512Mi")),
+        checksum: &checksum,
+        // A consumer finishes and acknowledges its current batch before exiting.
+        grace_seconds: 60,
+    });
+
+    let gateway_service = Service {
+        metadata: owned.meta(
+            workload_name(&name, Component::Gateway),
+            Some(Component::Gateway),
+        ),
+        spec: Some(ServiceSpec {
+            selector: Some(owned.selector(Component::Gateway)),
+            ports: Some(vec![
+                service_port("http", HTTP_PORT),
+                service_port("admin", ADMIN_PORT),
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    Ok(Children {
+        config_map,
+        gateway_pdb: owned.pdb(Component::Gateway),
+        consumer_pdb: owned.pdb(Component::Consumer),
+        gateway,
+        gateway_service,
+        consumer,
+    })
+}
+
+/// The labels every child carries; the selector is the instance + component subset.
+pub fn labels(sale: &str, component: Option<Component>) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "flashsale".to_string(),
+        ),
+        ("app.kubernetes.io/instance".to_string(), sale.to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            MANAGER.to_string(),
+        ),
+    ]);
+    if let Some(c) = component {
+        labels.insert(
+            "app.kubernetes.io/component".to_string(),
+            c.as_str().to_string(),
+        );
+    }
+    labels
+}
+
+struct Owned {
+    sale: String,
+    namespace: String,
+    owner: OwnerReference,
+}
+
+struct Workload<'a> {
+    component: Component,
+    image: &'a str,
+    env: Vec<EnvVar>,
+    http_port: bool,
+    resources: ResourceRequirements,
+    checksum: &'a str,
+    grace_seconds: i64,
+}
+
+impl Owned {
+    fn meta(&self, name: String, component: Option<Component>) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(labels(&self.sale, component)),
+            owner_references: Some(vec![self.owner.clone()]),
+            ..Default::default()
+        }
+    }
+
+    fn selector(&self, component: Component) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("app.kubernetes.io/instance".to_string(), self.sale.clone()),
+            (
+                "app.kubernetes.io/component".to_string(),
+                component.as_str().to_string(),
+            ),
+        ])
+    }
+
+    fn deployment(&self, w: Workload<'_>) -> Deployment {
+        let name = workload_name(&self.sale, w.component);
+        let mut ports = vec![container_port("admin", ADMIN_PORT)];
+        if w.http_port {
+            ports.insert(0, container_port("http", HTTP_PORT));
+        }
+        let container = Container {
+            name: w.component.as_str().to_string(),
+            image: Some(w.image.to_string()),
+            args: Some(vec![
+                w.component.as_str().to_string(),
+                "--config".to_string(),
+                format!("{CONFIG_DIR}/{CONFIG_KEY}"),
+            ]),
+            env: Some(w.env),
+            ports: Some(ports),
+            liveness_probe: Some(admin_probe("/healthz", 3)),
+            readiness_probe: Some(admin_probe("/readyz", 1)),
+            resources: Some(w.resources),
+            security_context: Some(SecurityContext {
+                allow_privilege_escalation: Some(false),
+                read_only_root_filesystem: Some(true),
+                run_as_non_root: Some(true),
+                capabilities: Some(Capabilities {
+                    drop: Some(vec!["ALL".to_string()]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            volume_mounts: Some(vec![VolumeMount {
+                name: "sale".to_string(),
+                mount_path: CONFIG_DIR.to_string(),
+                read_only: Some(true),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let mut pod_labels = labels(&self.sale, Some(w.component));
+        pod_labels.remove("app.kubernetes.io/managed-by");
+        Deployment {
+            metadata: self.meta(name, Some(w.component)),
+            spec: Some(DeploymentSpec {
+                // `replicas` deliberately absent: the autoscaler owns it.
+                selector: LabelSelector {
+                    match_labels: Some(self.selector(w.component)),
+                    ..Default::default()
+                },
+                strategy: Some(DeploymentStrategy {
+                    type_: Some("RollingUpdate".to_string()),
+                    // Never drop below the current capacity while rolling.
+                    rolling_update: Some(RollingUpdateDeployment {
+                        max_surge: Some(IntOrString::String("25%".to_string())),
+                        max_unavailable: Some(IntOrString::Int(0)),
+                    }),
+                }),
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        labels: Some(pod_labels),
+                        annotations: Some(BTreeMap::from([(
+                            CHECKSUM_ANNOTATION.to_string(),
+                            w.checksum.to_string(),
+                        )])),
+                        ..Default::default()
+                    }),
+                    spec: Some(PodSpec {
+                        containers: vec![container],
+                        // The data plane never talks to the Kubernetes API.
+                        automount_service_account_token: Some(false),
+                        termination_grace_period_seconds: Some(w.grace_seconds),
+                        security_context: Some(PodSecurityContext {
+                            run_as_non_root: Some(true),
+                            run_as_user: Some(65532),
+                            run_as_group: Some(65532),
+                            seccomp_profile: Some(SeccompProfile {
+                                type_: "RuntimeDefault".to_string(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }),
+                        volumes: Some(vec![Volume {
+                            name: "sale".to_string(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: config_map_name(&self.sale),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    }),
+                },
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn pdb(&self, component: Component) -> PodDisruptionBudget {
+        PodDisruptionBudget {
+            metadata: self.meta(workload_name(&self.sale, component), Some(component)),
+            spec: Some(PodDisruptionBudgetSpec {
+                // Drains proceed one pod at a time, whatever the replica count.
+                max_unavailable: Some(IntOrString::Int(1)),
+                selector: Some(LabelSelector {
+                    match_labels: Some(self.selector(component)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+fn secret_env(name: &str, secret: &SecretKeyRef) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.name.clone(),
+                key: secret.key.clone(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn pod_name_env() -> EnvVar {
+    EnvVar {
+        name: "POD_NAME".to_string(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.name".to_string(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn container_port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_string()),
+        container_port: port,
+        protocol: Some("TCP".to_string()),
+        ..Default::default()
+    }
+}
+
+fn service_port(name: &str, port: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.to_string()),
+        port,
+        target_port: Some(IntOrString::String(name.to_string())),
+        protocol: Some("TCP".to_string()),
+        ..Default::default()
+    }
+}
+
+fn admin_probe(path: &str, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::String("admin".to_string()),
+            ..Default::default()
+        }),
+        period_seconds: Some(5),
+        failure_threshold: Some(failure_threshold),
+        ..Default::default()
+    }
+}
+
+fn default_resources(cpu: &str, memory: &str, memory_limit: &str) -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity(cpu.to_string())),
+            ("memory".to_string(), Quantity(memory.to_string())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_string(),
+            Quantity(memory_limit.to_string()),
+        )])),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures;
+
+    #[test]
+    fn deployments_leave_replicas_to_the_autoscaler() -> anyhow::Result<()> {
+        let children = build(&fixtures::sale(), "img:1")?;
+        for d in [&children.gateway, &children.consumer] {
+            let json = serde_json::to_value(d)?;
+            assert!(json["spec"].get("replicas").is_none(), "{json}");
+            assert_eq!(
+                json["metadata"]["ownerReferences"][0]["controller"],
+                serde_json::json!(true)
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn config_map_holds_the_dataplane_document() -> anyhow::Result<()> {
+        let sale = fixtures::sale();
+        let children = build(&sale, "img:1")?;
+        let data = children.config_map.data.unwrap_or_default();
+        let doc = SaleDocument::parse(&data[CONFIG_KEY], "configmap")?;
+        assert_eq!(
+            doc.id(),
+            dataplane::spec::SaleId::new("shop", "singles-day")
+        );
+        assert_eq!(doc.spec, sale.spec.sale);
+        Ok(())
+    }
+
+    #[test]
+    fn a_spec_change_rolls_the_pods() -> anyhow::Result<()> {
+        let checksum = |sale: &FlashSale| -> anyhow::Result<String> {
+            let d = build(sale, "img:1")?.gateway;
+            let template = d.spec.map(|s| s.template.metadata).unwrap_or_default();
+            Ok(template
+                .and_then(|m| m.annotations)
+                .and_then(|a| a.get(CHECKSUM_ANNOTATION).cloned())
+                .unwrap_or_default())
+        };
+        let mut sale = fixtures::sale();
+        let before = checksum(&sale)?;
+        assert_eq!(before, checksum(&sale)?);
+        sale.spec.sale.products[0].stock += 1;
+        assert_ne!(before, checksum(&sale)?);
+        Ok(())
+    }
+}
