@@ -540,7 +540,9 @@ async fn apply(
             None => format!("{phase}"),
         };
         info!(%note, "phase changed");
-        report.event(EventType::Normal, "PhaseChanged", "Schedule", note);
+        // The phase is the reason: the recorder merges events of equal reason
+        // into one series, and each phase is entered once.
+        report.event(EventType::Normal, &phase.to_string(), "Schedule", note);
     }
 
     let live = matches!(schedule.phase, Phase::Warming | Phase::Active);
@@ -589,8 +591,10 @@ async fn apply(
             );
         } else {
             let message = match schedule.next {
-                Some((next, at)) => format!("{phase}; {} at {at}", SalePhase::from(next)),
-                None => format!("{phase} at {}", spec.end_time),
+                Some((Phase::Warming, at)) => format!("warming starts at {at}"),
+                Some((Phase::Active, at)) => format!("the sale opens at {at}"),
+                Some((_, at)) => format!("the sale closes at {at}"),
+                None => format!("the sale ended at {}", spec.end_time),
             };
             report.condition(Observed::new(
                 conditions::READY,
@@ -635,9 +639,7 @@ async fn sync_redis(
         match warm::warm_sale(&mut conn, &id, spec).await {
             Ok(products) => {
                 report.next.warmed_generation = generation;
-                let note = warm_note(&products);
-                info!(%note, "redis warmed");
-                report.event(EventType::Normal, "RedisWarmed", "Warm", note);
+                warm_events(report, &products, generation);
             }
             Err(WarmError::BelowSold { sku, stock, sold }) => {
                 warm_problem = Some(format!(
@@ -744,18 +746,37 @@ fn product_status(c: &ProductCounters) -> ProductStatus {
     }
 }
 
-fn warm_note(products: &[ProductWarm]) -> String {
-    products
+/// Events for what warming changed: a first warm, or stock moved by a spec
+/// edit. A re-warm that changed nothing says nothing.
+fn warm_events(report: &mut Report<'_>, products: &[ProductWarm], generation: Option<i64>) {
+    let created: Vec<String> = products
         .iter()
-        .map(|p| match &p.outcome {
-            WarmOutcome::Created => format!("{}: {} units", p.sku, p.remaining),
-            WarmOutcome::Unchanged => format!("{}: unchanged", p.sku),
-            WarmOutcome::Resized { delta } => {
-                format!("{}: stock {delta:+}, {} remaining", p.sku, p.remaining)
-            }
+        .filter(|p| p.outcome == WarmOutcome::Created)
+        .map(|p| format!("{}: {} units", p.sku, p.remaining))
+        .collect();
+    let resized: Vec<String> = products
+        .iter()
+        .filter_map(|p| match p.outcome {
+            WarmOutcome::Resized { delta } => Some(format!(
+                "{}: stock {delta:+}, {} remaining",
+                p.sku, p.remaining
+            )),
+            _ => None,
         })
-        .collect::<Vec<_>>()
-        .join("; ")
+        .collect();
+    if !created.is_empty() {
+        let note = created.join("; ");
+        info!(%note, "redis warmed");
+        report.event(EventType::Normal, "RedisWarmed", "Warm", note);
+    }
+    if !resized.is_empty() {
+        let note = resized.join("; ");
+        info!(%note, "stock changed");
+        // The recorder merges events of equal reason and action into a series
+        // that keeps the first note; the generation keeps each change visible.
+        let action = format!("WarmGeneration{}", generation.unwrap_or_default());
+        report.event(EventType::Normal, "StockChanged", &action, note);
+    }
 }
 
 /// Deletion: stop gateways (no new orders), wait until consumers persisted
@@ -919,3 +940,6 @@ async fn stop(ctx: &Context, ns: &str, sale: &str, component: Component) -> Resu
         Err(e) => Err(kube_err("delete deployment", format!("{ns}/{name}"))(e)),
     }
 }
+
+#[cfg(test)]
+mod tests;
