@@ -1,0 +1,349 @@
+//! The Helm chart rendered and linted by the real Helm engine: PyPI's
+//! `helm-python-sdk` (a library build of Helm v4) in a throwaway venv, created
+//! here on first use. No helm binary, no cluster.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use serde::Deserialize as _;
+use serde_json::{Value, json};
+
+const SDK: &str = "helm-python-sdk==0.2.2";
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn chart_dir() -> PathBuf {
+    workspace().join("charts/flashsale")
+}
+
+/// The venv's python with helm-python-sdk importable; built once per run.
+fn python() -> &'static Path {
+    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let ready = PYTHON.get_or_init(|| {
+        let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("helm-venv");
+        let python = venv.join("bin/python");
+        let importable = |p: &Path| {
+            Command::new(p)
+                .args(["-c", "import helm_python"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if importable(&python) {
+            return Ok(python);
+        }
+        let run = |cmd: &mut Command, what: &str| -> Result<(), String> {
+            let out = cmd
+                .output()
+                .map_err(|e| format!("{what}: cannot run: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{what} failed:\n{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        };
+        run(
+            Command::new("python3").args(["-m", "venv"]).arg(&venv),
+            "python3 -m venv (install python3 and python3-venv)",
+        )?;
+        run(
+            Command::new(venv.join("bin/pip")).args(["install", "--quiet", SDK]),
+            &format!("pip install {SDK} (needs PyPI)"),
+        )?;
+        if importable(&python) {
+            Ok(python)
+        } else {
+            Err(format!("{SDK} installed but `import helm_python` fails"))
+        }
+    });
+    match ready {
+        Ok(p) => p,
+        Err(e) => panic!("the chart tests need helm-python-sdk in a venv: {e}"),
+    }
+}
+
+struct Rendered {
+    /// Every rendered object, parsed.
+    objects: Vec<Value>,
+    notes: String,
+    crds: Vec<Value>,
+    schema_error: Option<String>,
+    lint: Value,
+}
+
+impl Rendered {
+    fn find(&self, kind: &str, name_suffix: &str) -> Option<&Value> {
+        self.objects.iter().find(|o| {
+            o["kind"] == json!(kind)
+                && o["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with(name_suffix))
+        })
+    }
+
+    fn get(&self, kind: &str, name_suffix: &str) -> &Value {
+        match self.find(kind, name_suffix) {
+            Some(o) => o,
+            None => panic!("no {kind} named *{name_suffix} among {:?}", self.kinds()),
+        }
+    }
+
+    fn kinds(&self) -> Vec<String> {
+        self.objects
+            .iter()
+            .map(|o| format!("{}/{}", o["kind"], o["metadata"]["name"]))
+            .collect()
+    }
+}
+
+fn yaml_documents(text: &str) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let value = Value::deserialize(doc)?;
+        if !value.is_null() {
+            out.push(value);
+        }
+    }
+    Ok(out)
+}
+
+fn render(values: Value) -> anyhow::Result<Rendered> {
+    let request = json!({
+        "chart": chart_dir(),
+        "values": values,
+        "release": "flashsale",
+        "namespace": "flashsale-system",
+    });
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/helm_render.py");
+    let mut child = Command::new(python())
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(serde_json::to_string(&request)?.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "helm_render.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply: Value = serde_json::from_slice(&out.stdout)?;
+    let mut objects = Vec::new();
+    let mut notes = String::new();
+    for (template, text) in reply["manifests"].as_object().into_iter().flatten() {
+        let text = text.as_str().unwrap_or_default();
+        if template.ends_with("NOTES.txt") {
+            notes = text.to_string();
+        } else {
+            objects.extend(yaml_documents(text)?);
+        }
+    }
+    let mut crds = Vec::new();
+    for crd in reply["crds"].as_array().into_iter().flatten() {
+        crds.extend(yaml_documents(crd["data"].as_str().unwrap_or_default())?);
+    }
+    Ok(Rendered {
+        objects,
+        notes,
+        crds,
+        schema_error: reply["schema_error"].as_str().map(String::from),
+        lint: reply["lint"].clone(),
+    })
+}
+
+/// (API group, resource, verbs) as the README's permission tables list them.
+fn documented_rules() -> anyhow::Result<BTreeSet<(String, String, BTreeSet<String>)>> {
+    let readme = std::fs::read_to_string(chart_dir().join("README.md"))?;
+    let mut rules = BTreeSet::new();
+    for line in readme.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let group = cells[1].trim_matches('`').to_string();
+        let resource = cells[2].trim_matches('`').to_string();
+        let verbs = cells[3].split(',').map(|v| v.trim().to_string()).collect();
+        rules.insert((group, resource, verbs));
+    }
+    Ok(rules)
+}
+
+fn rendered_rules(r: &Rendered) -> BTreeSet<(String, String, BTreeSet<String>)> {
+    let mut rules = BTreeSet::new();
+    for role in r
+        .objects
+        .iter()
+        .filter(|o| o["kind"] == json!("ClusterRole") || o["kind"] == json!("Role"))
+    {
+        for rule in role["rules"].as_array().into_iter().flatten() {
+            let verbs: BTreeSet<String> = rule["verbs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect();
+            for group in rule["apiGroups"].as_array().into_iter().flatten() {
+                for resource in rule["resources"].as_array().into_iter().flatten() {
+                    rules.insert((
+                        group.as_str().unwrap_or_default().to_string(),
+                        resource.as_str().unwrap_or_default().to_string(),
+                        verbs.clone(),
+                    ));
+                }
+            }
+        }
+    }
+    rules
+}
+
+#[test]
+fn the_chart_lints_clean() -> anyhow::Result<()> {
+    let r = render(json!({}))?;
+    assert_eq!(r.lint["errors"], json!([]), "{}", r.lint);
+    let serious: Vec<&Value> = r.lint["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["severity"].as_i64().unwrap_or(0) >= 2)
+        .collect();
+    assert!(serious.is_empty(), "lint warnings: {serious:?}");
+    Ok(())
+}
+
+#[test]
+fn the_crd_ships_with_the_chart() -> anyhow::Result<()> {
+    let r = render(json!({}))?;
+    assert_eq!(r.crds.len(), 1);
+    let crd = &r.crds[0];
+    assert_eq!(crd["kind"], json!("CustomResourceDefinition"));
+    assert_eq!(crd["metadata"]["name"], json!("flashsales.flashsale.dev"));
+    let generated = serde_json::to_value(operator::crd::definition())?;
+    assert_eq!(crd, &generated);
+    Ok(())
+}
+
+#[test]
+fn rbac_is_exactly_what_the_readme_documents() -> anyhow::Result<()> {
+    let r = render(json!({}))?;
+    let documented = documented_rules()?;
+    assert_eq!(documented.len(), 9, "README tables: {documented:?}");
+    assert_eq!(rendered_rules(&r), documented);
+    let binding = r.get("ClusterRoleBinding", "flashsale");
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "flashsale", "namespace": "flashsale-system"}])
+    );
+    r.get("ServiceAccount", "flashsale");
+    r.get("RoleBinding", "flashsale-leader-election");
+    Ok(())
+}
+
+#[test]
+fn the_operator_pod_is_locked_down() -> anyhow::Result<()> {
+    let r = render(json!({}))?;
+    let d = r.get("Deployment", "flashsale");
+    let pod = &d["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], json!(true));
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        json!("RuntimeDefault")
+    );
+    let c = &pod["containers"][0];
+    assert_eq!(
+        c["securityContext"],
+        json!({
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "runAsNonRoot": true,
+            "capabilities": {"drop": ["ALL"]}
+        })
+    );
+    assert!(c["resources"]["requests"]["cpu"].is_string());
+    assert!(c["resources"]["limits"]["memory"].is_string());
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], json!("/healthz"));
+    assert_eq!(d["spec"]["replicas"], json!(2));
+    Ok(())
+}
+
+#[test]
+fn values_are_honoured() -> anyhow::Result<()> {
+    let defaults = render(json!({}))?;
+    let args = &defaults.get("Deployment", "flashsale")["spec"]["template"]["spec"]["containers"]
+        [0]["args"];
+    assert!(
+        args.as_array()
+            .into_iter()
+            .flatten()
+            .any(|a| a == "--lease-name=flashsale")
+    );
+    assert!(
+        args.as_array()
+            .into_iter()
+            .flatten()
+            .any(|a| a == "--dataplane-image=ghcr.io/flashsale/dataplane:0.1.0")
+    );
+    assert!(defaults.find("ServiceMonitor", "flashsale").is_none());
+    assert!(
+        defaults
+            .notes
+            .contains("kubectl apply -f examples/singles-day.yaml")
+    );
+
+    let r = render(json!({
+        "replicaCount": 3,
+        "image": {"repository": "registry.example/ops/flashsale-operator", "tag": "1.2.3"},
+        "dataplaneImage": "registry.example/ops/dataplane:1.2.3",
+        "leaderElection": {"enabled": false},
+        "metrics": {"port": 9100, "serviceMonitor": {"enabled": true, "interval": "15s"}}
+    }))?;
+    let d = r.get("Deployment", "flashsale");
+    assert_eq!(d["spec"]["replicas"], json!(3));
+    let c = &d["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        c["image"],
+        json!("registry.example/ops/flashsale-operator:1.2.3")
+    );
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(args.contains(&"--no-leader-election"), "{args:?}");
+    assert!(args.contains(&"--admin-addr=0.0.0.0:9100"), "{args:?}");
+    assert!(args.contains(&"--dataplane-image=registry.example/ops/dataplane:1.2.3"));
+    assert!(r.find("Role", "leader-election").is_none());
+    let monitor = r.get("ServiceMonitor", "flashsale");
+    assert_eq!(monitor["spec"]["endpoints"][0]["interval"], json!("15s"));
+    assert_eq!(
+        r.get("Service", "flashsale-metrics")["spec"]["ports"][0]["port"],
+        json!(9100)
+    );
+    Ok(())
+}
+
+#[test]
+fn the_schema_rejects_bad_values() -> anyhow::Result<()> {
+    for (values, expected) in [
+        (json!({"replicaCount": "two"}), "/replicaCount"),
+        (json!({"logFormat": "xml"}), "/logFormat"),
+        (json!({"replicas": 2}), "replicas"),
+        (
+            json!({"metrics": {"serviceMonitor": {"interval": "soon"}}}),
+            "interval",
+        ),
+    ] {
+        let r = render(values.clone())?;
+        let error = r.schema_error.unwrap_or_default();
+        assert!(error.contains(expected), "{values}: {error:?}");
+    }
+    Ok(())
+}
