@@ -78,11 +78,59 @@ struct Entry {
     row: Option<OrderRow>,
 }
 
+/// Reads batches with XREADGROUP on its own connection; cheap to clone, so
+/// the next batch can be read while the current one is being inserted.
+#[derive(Clone)]
+struct Reader {
+    conn: ConnectionManager,
+    names: std::sync::Arc<Vec<String>>,
+    skus: std::sync::Arc<Vec<String>>,
+    consumer: String,
+    batch: usize,
+    block_ms: usize,
+}
+
+impl Reader {
+    /// New entries (`>`, blocking) or this consumer's own pending ones (`0`).
+    async fn read(mut self, history: bool) -> Result<Vec<Entry>, redis::RedisError> {
+        let id = if history { "0" } else { ">" };
+        let ids = vec![id; self.names.len()];
+        let mut opts = StreamReadOptions::default()
+            .group(CONSUMER_GROUP, &self.consumer)
+            .count(self.batch);
+        if !history {
+            opts = opts.block(self.block_ms);
+        }
+        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg(&opts)
+            .arg("STREAMS")
+            .arg(self.names.as_slice())
+            .arg(&ids)
+            .query_async(&mut self.conn)
+            .await?;
+        let mut out = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            let Some(stream) = self.names.iter().position(|n| *n == key.key) else {
+                continue;
+            };
+            for entry in key.ids {
+                let row = parse_entry(&self.skus[stream], &entry);
+                out.push(Entry {
+                    stream,
+                    id: entry.id,
+                    row,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
 pub struct Consumer {
     sale: SaleId,
     streams: Vec<Stream>,
     redis: ConnectionManager,
-    reader: ConnectionManager,
+    reader: Reader,
     store: OrderStore,
     settings: ConsumerSettings,
     data_failures: HashMap<String, u32>,
@@ -113,7 +161,7 @@ impl Consumer {
             base.set_response_timeout(Some(settings.block + Duration::from_secs(5))),
         )?;
         let store = OrderStore::connect(&settings.database_url, settings.db_connections)?;
-        let streams = doc
+        let streams: Vec<Stream> = doc
             .spec
             .products
             .iter()
@@ -126,6 +174,14 @@ impl Consumer {
                 }
             })
             .collect();
+        let reader = Reader {
+            conn: reader,
+            names: std::sync::Arc::new(streams.iter().map(|s: &Stream| s.name.clone()).collect()),
+            skus: std::sync::Arc::new(streams.iter().map(|s: &Stream| s.sku.clone()).collect()),
+            consumer: settings.name.clone(),
+            batch: settings.batch_size,
+            block_ms: usize::try_from(settings.block.as_millis()).unwrap_or(500),
+        };
         let mut consumer = Self {
             sale,
             streams,
@@ -189,6 +245,8 @@ impl Consumer {
         let mut history = true;
         let mut last_claim = Instant::now();
         let mut backoff = Backoff::new();
+        let mut finishing: Option<tokio::task::JoinHandle<redis::RedisResult<()>>> = None;
+        let mut prefetch: Option<tokio::task::JoinHandle<redis::RedisResult<Vec<Entry>>>> = None;
         while !shutdown.is_cancelled() {
             if last_claim.elapsed() >= self.settings.claim_every {
                 last_claim = Instant::now();
@@ -198,9 +256,25 @@ impl Consumer {
                     Err(e) => tracing::warn!(error = %e, "claiming abandoned entries failed"),
                 }
             }
-            let read = tokio::select! {
-                r = self.read(history) => r,
-                _ = shutdown.cancelled() => break,
+            let read = match prefetch.take() {
+                Some(next) if !history => match next.await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "read task failed");
+                        history = true;
+                        continue;
+                    }
+                },
+                other => {
+                    // Whatever a pending prefetch got is in our history now.
+                    if let Some(next) = other {
+                        let _ = next.await;
+                    }
+                    tokio::select! {
+                        r = self.reader.clone().read(history) => r,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
             };
             let entries = match read {
                 Ok(e) => {
@@ -219,7 +293,30 @@ impl Consumer {
                 history = false;
                 continue;
             }
-            if let Err(e) = self.process(entries, history, &shutdown).await {
+            if !history {
+                prefetch = Some(tokio::spawn(self.reader.clone().read(false)));
+            }
+            let mut committed = Vec::new();
+            let result = self
+                .process(entries, history, &shutdown, &mut committed)
+                .await;
+            // The Redis half of the previous batch must be done before this
+            // one's starts; it ran while this batch was read and inserted.
+            if let Some(previous) = finishing.take()
+                && !finished_ok(previous).await
+            {
+                history = true;
+            }
+            if !committed.is_empty() {
+                let mut redis = self.redis.clone();
+                finishing = Some(tokio::spawn(async move {
+                    for pipe in committed {
+                        pipe.exec_async(&mut redis).await?;
+                    }
+                    Ok(())
+                }));
+            }
+            if let Err(e) = result {
                 tracing::warn!(error = %e, "batch left pending; it will be read again");
                 history = true;
                 if !backoff.wait(&shutdown).await {
@@ -227,41 +324,14 @@ impl Consumer {
                 }
             }
         }
+        if let Some(next) = prefetch.take() {
+            // Entries it read stay pending for this consumer's next life or a claim.
+            next.abort();
+        }
+        if let Some(previous) = finishing.take() {
+            finished_ok(previous).await;
+        }
         tracing::info!("consumer stopped");
-    }
-
-    async fn read(&mut self, history: bool) -> Result<Vec<Entry>, redis::RedisError> {
-        let names: Vec<&str> = self.streams.iter().map(|s| s.name.as_str()).collect();
-        let id = if history { "0" } else { ">" };
-        let ids = vec![id; names.len()];
-        let mut opts = StreamReadOptions::default()
-            .group(CONSUMER_GROUP, &self.settings.name)
-            .count(self.settings.batch_size);
-        if !history {
-            opts = opts.block(usize::try_from(self.settings.block.as_millis()).unwrap_or(500));
-        }
-        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-            .arg(&opts)
-            .arg("STREAMS")
-            .arg(&names)
-            .arg(&ids)
-            .query_async(&mut self.reader)
-            .await?;
-        let mut out = Vec::new();
-        for key in reply.map(|r| r.keys).unwrap_or_default() {
-            let Some(stream) = self.streams.iter().position(|s| s.name == key.key) else {
-                continue;
-            };
-            for entry in key.ids {
-                let row = parse_entry(&self.streams[stream].sku, &entry);
-                out.push(Entry {
-                    stream,
-                    id: entry.id,
-                    row,
-                });
-            }
-        }
-        Ok(out)
     }
 
     /// Persists, confirms and acknowledges one batch. Transient database
@@ -273,6 +343,7 @@ impl Consumer {
         entries: Vec<Entry>,
         history: bool,
         shutdown: &CancellationToken,
+        committed: &mut Vec<redis::Pipeline>,
     ) -> Result<(), ConsumerError> {
         let started = Instant::now();
         let mut good = Vec::with_capacity(entries.len());
@@ -300,7 +371,7 @@ impl Consumer {
             let rows: Vec<OrderRow> = pending.iter().filter_map(|e| e.row.clone()).collect();
             match self.store.persist_batch(&self.sale, &rows).await {
                 Ok(outcome) => {
-                    self.finish(&pending, &outcome.sold).await?;
+                    committed.push(self.finish_pipeline(&pending, &outcome.sold));
                     metrics::counter!("flashsale_consumer_orders_persisted_total")
                         .increment(outcome.inserted);
                     metrics::histogram!("flashsale_consumer_batch_duration_seconds")
@@ -324,7 +395,7 @@ impl Consumer {
                         .increment(1);
                     tracing::warn!(error = %e, "batch refused; persisting its entries one by one");
                     for entry in std::mem::take(&mut pending) {
-                        Box::pin(self.process(vec![entry], false, shutdown)).await?;
+                        Box::pin(self.process(vec![entry], false, shutdown, committed)).await?;
                     }
                 }
                 Err(e) => {
@@ -345,24 +416,30 @@ impl Consumer {
         Ok(())
     }
 
-    /// After commit: confirm each order (accepted → confirmed, never over a
+    /// The Redis half of a committed batch: confirm each order (accepted → confirmed, never over a
     /// later state), publish persisted counts, then acknowledge.
-    async fn finish(
-        &mut self,
-        entries: &[Entry],
-        sold: &[(String, i64)],
-    ) -> Result<(), ConsumerError> {
+    fn finish_pipeline(&self, entries: &[Entry], sold: &[(String, i64)]) -> redis::Pipeline {
         let mut pipe = redis::pipe();
         pipe.load_script(&scripts::TRANSITION).ignore();
-        let invocations: Vec<_> = entries
+        // One script call per stream confirms the whole batch.
+        let invocations: Vec<_> = self
+            .streams
             .iter()
-            .filter_map(|e| {
-                let row = e.row.as_ref()?;
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let ids: Vec<&str> = entries
+                    .iter()
+                    .filter(|e| e.stream == i)
+                    .filter_map(|e| e.row.as_ref().map(|r| r.order_id.as_str()))
+                    .collect();
+                if ids.is_empty() {
+                    return None;
+                }
                 let mut inv = scripts::TRANSITION.prepare_invoke();
-                inv.key(self.streams[e.stream].keys.orders())
-                    .arg(&row.order_id)
+                inv.key(s.keys.orders())
                     .arg(OrderStatus::Confirmed.as_str())
-                    .arg(OrderStatus::Accepted.as_str());
+                    .arg(OrderStatus::Accepted.as_str())
+                    .arg(ids);
                 Some(inv)
             })
             .collect();
@@ -392,8 +469,7 @@ impl Consumer {
                     .ignore();
             }
         }
-        pipe.exec_async(&mut self.redis).await?;
-        Ok(())
+        pipe
     }
 
     /// Gives up on an entry: copy it to the dead-letter stream, fail its order
@@ -497,6 +573,22 @@ impl Consumer {
             metrics::counter!("flashsale_consumer_claimed_total").increment(claimed as u64);
         }
         Ok(claimed)
+    }
+}
+
+/// Waits for a batch's Redis half; a failure leaves its entries pending, to
+/// be read again from this consumer's history (re-insert is a no-op).
+async fn finished_ok(task: tokio::task::JoinHandle<redis::RedisResult<()>>) -> bool {
+    match task.await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "confirming a persisted batch failed; it will be read again");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "confirming task failed");
+            false
+        }
     }
 }
 

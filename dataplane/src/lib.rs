@@ -5,6 +5,7 @@
 //! This crate never depends on `kube`; the operator depends on it.
 
 pub mod audit;
+pub mod bench;
 pub mod breaker;
 pub mod consumer;
 pub mod crowd;

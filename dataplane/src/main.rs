@@ -44,6 +44,30 @@ enum Command {
     Token(TokenArgs),
     /// Print the public API's OpenAPI document.
     Openapi,
+    /// Measure side by side on this machine and print figures (and JSON).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// `accept` (purchase vs trivial endpoint vs redis-benchmark EVALSHA -P 16),
+    /// `sold-out` (sold-out answers vs trivial endpoint) or `persist`
+    /// (consumer vs raw batched INSERT).
+    which: String,
+    #[arg(long, default_value_t = 100_000)]
+    requests: u64,
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Paired A/B rounds; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    #[arg(long, default_value_t = 100_000)]
+    orders: u64,
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    /// Write the JSON figures to this file too.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -181,7 +205,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The local run prints a report; its servers' chatter would bury it.
     let default_filter = match cli.command {
-        Command::Local(_) | Command::Crowd(_) => "warn",
+        Command::Local(_) | Command::Crowd(_) | Command::Bench(_) => "warn",
         _ => "info,tokio_postgres=warn",
     };
     dataplane::telemetry::init_logging(default_filter);
@@ -294,11 +318,77 @@ async fn run(command: Command) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(a) => bench(a).await,
         Command::Openapi => {
             println!("{}", dataplane::gateway::openapi::document());
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn bench(a: BenchArgs) -> Result<ExitCode> {
+    use dataplane::bench;
+    let json = match a.which.as_str() {
+        "accept" => {
+            let r = bench::accept(a.requests, a.connections, a.rounds).await?;
+            println!(
+                "accept path, {} connections: purchase {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms) vs trivial {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms): ratio {:.2}",
+                r.connections,
+                r.purchase.throughput_rps,
+                r.purchase.p50_ms,
+                r.purchase.p99_ms,
+                r.trivial.throughput_rps,
+                r.trivial.p50_ms,
+                r.trivial.p99_ms,
+                r.purchase_vs_trivial
+            );
+            println!(
+                "redis-benchmark EVALSHA purchase.lua -c 50 -P 16: {:.0} calls/s; purchase endpoint / that = {:.2}",
+                r.redis_benchmark_evalsha_p16_rps, r.purchase_vs_redis_benchmark
+            );
+            println!(
+                "at half the peak ({:.0} req/s offered): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                r.half_rate.throughput_rps,
+                r.half_rate.p50_ms,
+                r.half_rate.p99_ms,
+                r.half_rate.max_ms
+            );
+            serde_json::to_string_pretty(&r)?
+        }
+        "sold-out" => {
+            let r = bench::sold_out(a.requests, a.connections, a.rounds).await?;
+            println!(
+                "sold-out path, {} connections: {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms) vs trivial {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms): ratio {:.2}",
+                r.connections,
+                r.sold_out.throughput_rps,
+                r.sold_out.p50_ms,
+                r.sold_out.p99_ms,
+                r.trivial.throughput_rps,
+                r.trivial.p50_ms,
+                r.trivial.p99_ms,
+                r.sold_out_vs_trivial
+            );
+            serde_json::to_string_pretty(&r)?
+        }
+        "persist" => {
+            let r = bench::persist(a.orders, a.batch_size).await?;
+            println!(
+                "persistence, {} orders, batches of {}: consumer {:.0} orders/s vs raw batched INSERT {:.0} rows/s: ratio {:.2}",
+                r.orders,
+                r.batch_size,
+                r.consumer_orders_per_s,
+                r.raw_insert_rows_per_s,
+                r.consumer_vs_raw_insert
+            );
+            serde_json::to_string_pretty(&r)?
+        }
+        other => bail!("bench takes accept, sold-out or persist, not {other:?}"),
+    };
+    println!("{json}");
+    if let Some(path) = a.json {
+        std::fs::write(&path, &json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load(path: &std::path::Path) -> Result<SaleDocument> {

@@ -17,6 +17,7 @@ use arc_swap::ArcSwapOption;
 use axum::Router;
 use axum::http::HeaderName;
 use axum::routing::{get, post};
+use futures::FutureExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken as Shutdown;
@@ -76,6 +77,21 @@ pub struct ProductRuntime {
     /// memory instead of a false "sold out" (no new record can appear while
     /// the stock is 0).
     pub replays: ArcSwapOption<HashMap<String, String>>,
+    /// The sold-out answer, serialized once: the crowd after a sell-out is
+    /// answered without building JSON per request.
+    sold_out_body: axum::body::Bytes,
+}
+
+impl ProductRuntime {
+    pub fn sold_out_response(&self) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        (
+            axum::http::StatusCode::GONE,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            self.sold_out_body.clone(),
+        )
+            .into_response()
+    }
 }
 
 /// Above this many records a product's replay snapshot is not taken; keyed
@@ -102,6 +118,7 @@ pub struct Gateway {
     pub clock_skew: Duration,
     pub pod: String,
     pub load: LoadCounters,
+    pub metrics: observability::PurchaseMetrics,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +186,14 @@ impl Gateway {
                     layout: k,
                     sold_out: AtomicBool::new(false),
                     replays: ArcSwapOption::empty(),
+                    sold_out_body: axum::body::to_bytes(
+                        axum::response::IntoResponse::into_response(purchase::sold_out(&p.sku))
+                            .into_body(),
+                        4096,
+                    )
+                    .now_or_never()
+                    .and_then(Result::ok)
+                    .unwrap_or_default(),
                 };
                 (p.sku.clone(), runtime)
             })
@@ -186,6 +211,7 @@ impl Gateway {
             clock_skew: settings.clock_skew,
             pod: settings.pod.clone(),
             load: LoadCounters::default(),
+            metrics: observability::PurchaseMetrics::new(),
         }))
     }
 
@@ -208,7 +234,10 @@ impl Gateway {
         Router::new()
             .route("/v1/sales/{sale}/purchase", post(purchase::purchase))
             .route("/v1/orders/{id}", get(orders::get_order))
-            .route("/v1/ping", get(observability::ping))
+            .route(
+                "/v1/ping",
+                get(observability::ping).post(observability::ping),
+            )
             .route("/openapi.json", get(openapi::serve))
             .fallback(observability::not_found)
             .with_state(Arc::clone(self))

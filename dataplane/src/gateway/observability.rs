@@ -39,9 +39,69 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
     }
 }
 
-/// The trivial endpoint benchmarks compare the purchase path against.
-pub async fn ping() -> &'static str {
-    "pong"
+/// The trivial endpoint benchmarks compare the purchase path against: a
+/// small JSON answer, so the client parses a body as for a purchase.
+pub async fn ping() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        r#"{"status":"ok"}"#,
+    )
+        .into_response()
+}
+
+/// The purchase path's metric handles, registered once: the hot path only
+/// bumps atomics instead of looking labels up in the registry per request.
+pub struct PurchaseMetrics {
+    by_outcome: std::collections::HashMap<&'static str, metrics::Counter>,
+    pub request_duration: metrics::Histogram,
+    pub redis_duration: metrics::Histogram,
+}
+
+impl PurchaseMetrics {
+    pub fn new() -> Self {
+        use super::purchase::outcome::*;
+        prometheus();
+        let by_outcome = [
+            ACCEPTED,
+            DUPLICATE,
+            SOLD_OUT,
+            SOLD_OUT_LOCAL,
+            LIMIT,
+            NOT_STARTED,
+            ENDED,
+            RATE_LIMITED,
+            BAD_REQUEST,
+            UNAUTHENTICATED,
+            UNAVAILABLE,
+        ]
+        .into_iter()
+        .map(|o| {
+            (
+                o,
+                metrics::counter!("flashsale_gateway_requests_total", "outcome" => o),
+            )
+        })
+        .collect();
+        Self {
+            by_outcome,
+            request_duration: metrics::histogram!(
+                "flashsale_gateway_request_duration_seconds", "route" => "purchase"
+            ),
+            redis_duration: metrics::histogram!("flashsale_gateway_redis_duration_seconds"),
+        }
+    }
+
+    pub fn outcome(&self, label: &'static str) {
+        if let Some(c) = self.by_outcome.get(label) {
+            c.increment(1);
+        }
+    }
+}
+
+impl Default for PurchaseMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 pub async fn not_found() -> ApiError {

@@ -1,5 +1,8 @@
 //! `POST /v1/sales/{sale}/purchase`: the filters, cheapest first, then one
 //! Lua script in Redis that decides.
+// A refusal is the common answer during a sale; it travels as a ready
+// `Response` in `Err` rather than boxed, which would allocate per request.
+#![allow(clippy::result_large_err)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -87,13 +90,15 @@ pub async fn purchase(
     State(gw): State<Arc<Gateway>>,
     Path(sale): Path<String>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Body,
+    request: axum::extract::Request,
 ) -> Response {
     let started = Instant::now();
+    // The whole request rather than a HeaderMap extractor, which would clone the headers.
+    let (parts, body) = request.into_parts();
+    let headers = &parts.headers;
     gw.load.requests.fetch_add(1, Ordering::Relaxed);
     let span = tracing::debug_span!("purchase", sale = %sale, sku = tracing::field::Empty, user = tracing::field::Empty);
-    let result = handle(&gw, &sale, peer, &headers, body)
+    let result = handle(&gw, &sale, peer, headers, body)
         .instrument(span)
         .await;
     let (label, response) = match result {
@@ -101,18 +106,23 @@ pub async fn purchase(
             label,
             (StatusCode::ACCEPTED, axum::Json(accepted)).into_response(),
         ),
-        Err((label, err)) => (label, err.into_response()),
+        Err(refused) => refused,
     };
-    metrics::counter!("flashsale_gateway_requests_total", "outcome" => label).increment(1);
-    metrics::histogram!("flashsale_gateway_request_duration_seconds", "route" => "purchase")
+    gw.metrics.outcome(label);
+    gw.metrics
+        .request_duration
         .record(started.elapsed().as_secs_f64());
     response
 }
 
-type Outcome<T> = Result<T, (&'static str, ApiError)>;
+type Outcome<T> = Result<T, (&'static str, Response)>;
 
 fn fail<T>(label: &'static str, err: ApiError) -> Outcome<T> {
-    Err((label, err))
+    Err((label, err.into_response()))
+}
+
+fn refuse(label: &'static str) -> impl FnOnce(ApiError) -> (&'static str, Response) {
+    move |e| (label, e.into_response())
 }
 
 async fn handle(
@@ -124,15 +134,15 @@ async fn handle(
 ) -> Outcome<(&'static str, PurchaseAccepted)> {
     use outcome::*;
     // 1. Body and header limits.
-    let bytes = read_body(body).await.map_err(|e| (BAD_REQUEST, e))?;
+    let bytes = read_body(body).await.map_err(refuse(BAD_REQUEST))?;
     let auth = header_str(
         headers,
         header::AUTHORIZATION.as_str(),
         MAX_AUTH_HEADER_BYTES,
     )
-    .map_err(|e| (BAD_REQUEST, e))?;
+    .map_err(refuse(BAD_REQUEST))?;
     let idem = header_str(headers, "idempotency-key", MAX_IDEMPOTENCY_KEY_BYTES)
-        .map_err(|e| (BAD_REQUEST, e))?;
+        .map_err(refuse(BAD_REQUEST))?;
     if let Some(k) = idem
         && (k.is_empty() || !k.bytes().all(|b| b.is_ascii_graphic()))
     {
@@ -148,7 +158,7 @@ async fn handle(
     let user = gw
         .verifier
         .user_from_header(auth)
-        .map_err(|e| (UNAUTHENTICATED, ApiError::unauthorized(e.to_string())))?;
+        .map_err(|e| refuse(UNAUTHENTICATED)(ApiError::unauthorized(e.to_string())))?;
     tracing::Span::current().record("user", user.as_str());
     // Which sale and what is asked (cheap, local).
     if sale != gw.sale.name {
@@ -158,23 +168,15 @@ async fn handle(
                 .with("sale", sale),
         );
     }
-    // serde_path_to_error names the offending field ("quantity: invalid type ...").
-    let mut de = serde_json::Deserializer::from_slice(&bytes);
-    let req: PurchaseRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let at = e.path().to_string();
-        let message = if at == "." {
-            format!("request body: {}", e.inner())
-        } else {
-            format!("request body: {at}: {}", e.inner())
-        };
-        (BAD_REQUEST, ApiError::bad_request("invalid_json", message))
-    })?;
-    de.end().map_err(|e| {
-        (
-            BAD_REQUEST,
-            ApiError::bad_request("invalid_json", format!("request body: {e}")),
-        )
-    })?;
+    let req: PurchaseRequest = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            return fail(
+                BAD_REQUEST,
+                ApiError::bad_request("invalid_json", json_problem(&bytes, e)),
+            );
+        }
+    };
     tracing::Span::current().record("sku", req.sku.as_str());
     let Some(product) = gw.products.get(&req.sku) else {
         return fail(
@@ -213,10 +215,10 @@ async fn handle(
     if product.sold_out.load(Ordering::Relaxed) {
         let replays = product.replays.load();
         match (idem.is_some(), replays.as_ref()) {
-            (false, _) => return fail(SOLD_OUT_LOCAL, sold_out(&req.sku)),
+            (false, _) => return Err((SOLD_OUT_LOCAL, product.sold_out_response())),
             (true, Some(map)) => match map.get(&idem_field) {
                 Some(id) => return Ok((DUPLICATE, accepted(id.clone()))),
-                None => return fail(SOLD_OUT_LOCAL, sold_out(&req.sku)),
+                None => return Err((SOLD_OUT_LOCAL, product.sold_out_response())),
             },
             (true, None) => {}
         }
@@ -268,7 +270,8 @@ async fn handle(
         .arg(&idem_field);
     let call = invocation.invoke_async::<(String, String, String)>(&mut conn);
     let answer = tokio::time::timeout(gw.redis_timeout, call).await;
-    metrics::histogram!("flashsale_gateway_redis_duration_seconds")
+    gw.metrics
+        .redis_duration
         .record(redis_started.elapsed().as_secs_f64());
     let (verdict, a, b) = match answer {
         Ok(Ok(v)) => {
@@ -342,6 +345,19 @@ async fn handle(
     }
 }
 
+/// The parse error with the offending field named ("quantity: invalid type
+/// ..."): serde_path_to_error tracks the path, so it is only run to explain a
+/// failure, never on the accept path.
+fn json_problem(bytes: &[u8], plain: serde_json::Error) -> String {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize::<_, PurchaseRequest>(&mut de) {
+        Err(e) if e.path().to_string() != "." => {
+            format!("request body: {}: {}", e.path(), e.inner())
+        }
+        _ => format!("request body: {plain}"),
+    }
+}
+
 fn accepted(id: String) -> PurchaseAccepted {
     PurchaseAccepted {
         status_url: format!("/v1/orders/{id}"),
@@ -351,7 +367,7 @@ fn accepted(id: String) -> PurchaseAccepted {
     }
 }
 
-fn sold_out(sku: &str) -> ApiError {
+pub(super) fn sold_out(sku: &str) -> ApiError {
     ApiError::new(StatusCode::GONE, "sold_out", format!("{sku} is sold out")).with("sku", sku)
 }
 

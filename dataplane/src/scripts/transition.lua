@@ -1,17 +1,23 @@
--- Moves an order to a new status if its current status is one of the allowed
--- ones, so a late or repeated update never overwrites a final state.
+-- Moves orders to a new status where their current status is one of the
+-- allowed ones, so a late or repeated update never overwrites a final state.
 -- KEYS: 1 orders
--- ARGV: 1 order id, 2 new status, 3.. allowed current statuses
--- Returns {'moved', previous} | {'noop', current} | {'unknown', ''}
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then return {'unknown', ''} end
-local rec = cjson.decode(raw)
+-- ARGV: 1 new status, 2 allowed current statuses (comma-separated), 3.. order ids
+-- Returns, per order id: the status it had before ('' if unknown). Moved only
+-- where that status was allowed.
+local allowed = {}
+for s in string.gmatch(ARGV[2], '[^,]+') do allowed[s] = true end
+local out = {}
 for i = 3, #ARGV do
-  if rec.status == ARGV[i] then
-    local previous = rec.status
-    rec.status = ARGV[2]
-    redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(rec))
-    return {'moved', previous}
+  local raw = redis.call('HGET', KEYS[1], ARGV[i])
+  if not raw then
+    out[#out + 1] = ''
+  else
+    local rec = cjson.decode(raw)
+    out[#out + 1] = rec.status
+    if allowed[rec.status] then
+      rec.status = ARGV[1]
+      redis.call('HSET', KEYS[1], ARGV[i], cjson.encode(rec))
+    end
   end
 end
-return {'noop', rec.status}
+return out

@@ -1,0 +1,542 @@
+//! `flashsale bench`: side-by-side measurements on this machine, printed as
+//! text and JSON (never asserted in tests: absolute numbers on a shared
+//! machine are noise; the ratios in one run are the figures to quote).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::consumer::{Consumer, ConsumerSettings};
+use crate::crowd::{self, CrowdConfig, CrowdResult, Target};
+use crate::gateway::{self, Gateway, GatewaySettings};
+use crate::keys::ProductKeys;
+use crate::servers::{PostgresServer, RedisServer};
+use crate::spec::SaleDocument;
+use crate::store::{OrderRow, OrderStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Server(#[from] crate::servers::ServerError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Spec(#[from] crate::spec::SpecError),
+    #[error("warming: {0}")]
+    Warm(#[from] crate::warm::WarmError),
+    #[error("gateway: {0}")]
+    Gateway(#[from] gateway::GatewayError),
+    #[error("crowd: {0}")]
+    Crowd(#[from] crowd::CrowdError),
+    #[error("consumer: {0}")]
+    Consumer(#[from] crate::consumer::ConsumerError),
+    #[error("order store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("redis-benchmark: {0}")]
+    RedisBenchmark(String),
+}
+
+/// One load run's figures.
+#[derive(Debug, Serialize, Clone)]
+pub struct LoadFigures {
+    pub requests: u64,
+    pub throughput_rps: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub errors: u64,
+}
+
+impl From<&CrowdResult> for LoadFigures {
+    fn from(r: &CrowdResult) -> Self {
+        Self {
+            requests: r.sent + r.retries,
+            throughput_rps: r.throughput_rps(),
+            p50_ms: r.latency_ms(0.5),
+            p90_ms: r.latency_ms(0.9),
+            p99_ms: r.latency_ms(0.99),
+            max_ms: r.latency_ms(1.0),
+            errors: r.server_errors + r.transport_errors,
+        }
+    }
+}
+
+fn doc(name: &str, products: &[(&str, i64)]) -> Result<SaleDocument, BenchError> {
+    let now = jiff::Timestamp::now();
+    let start = now - jiff::SignedDuration::from_secs(1);
+    let end = now + jiff::SignedDuration::from_secs(3600);
+    let products: String = products
+        .iter()
+        .map(|(sku, stock)| {
+            format!("    - {{ sku: {sku}, stock: {stock}, price: \"9.99\", perUserLimit: 1000 }}\n")
+        })
+        .collect();
+    let yaml = format!(
+        "metadata: {{ name: {name}, namespace: bench }}\nspec:\n  startTime: \"{start}\"\n  endTime: \"{end}\"\n  warmupSeconds: 0\n  products:\n{products}"
+    );
+    Ok(SaleDocument::parse(&yaml, "bench sale")?)
+}
+
+struct Rig {
+    redis: RedisServer,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+const SECRET: &[u8] = b"bench-secret";
+
+async fn rig(doc: &SaleDocument) -> Result<Rig, BenchError> {
+    let redis = RedisServer::start()?;
+    let mut conn = redis::Client::open(redis.url())?
+        .get_connection_manager()
+        .await?;
+    crate::warm::warm_sale(&mut conn, &doc.id(), &doc.spec).await?;
+    let gw = Gateway::new(doc, &GatewaySettings::new(redis.url(), SECRET.to_vec()))?;
+    let public = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let admin = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let addr = public.local_addr().map_err(gateway::GatewayError::Serve)?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(gateway::serve(gw, public, admin, shutdown.clone()));
+    Ok(Rig {
+        redis,
+        addr,
+        shutdown,
+    })
+}
+
+fn crowd_config(
+    addr: SocketAddr,
+    sale: &str,
+    sku: &str,
+    target: Target,
+    requests: u64,
+    connections: usize,
+    rate: Option<f64>,
+) -> CrowdConfig {
+    CrowdConfig {
+        gateways: vec![addr],
+        sale: sale.into(),
+        skus: vec![sku.into()],
+        users: bench_users(),
+        connections,
+        requests,
+        max_duration: Duration::from_secs(120),
+        retry_fraction: 0.0,
+        rate,
+        token_secret: SECRET.to_vec(),
+        target,
+        source_ips: 16,
+    }
+}
+
+/// Paired runs, A then B, `rounds` times; medians of each.
+async fn paired(
+    rounds: usize,
+    a: impl Fn() -> CrowdConfig,
+    b: impl Fn() -> CrowdConfig,
+) -> Result<(LoadFigures, LoadFigures, Vec<f64>), BenchError> {
+    let mut fa = Vec::new();
+    let mut fb = Vec::new();
+    let mut ratios = Vec::new();
+    for _ in 0..rounds {
+        let ra = LoadFigures::from(&crowd::run(a()).await?);
+        let rb = LoadFigures::from(&crowd::run(b()).await?);
+        ratios.push(ra.throughput_rps / rb.throughput_rps.max(1e-9));
+        fa.push(ra);
+        fb.push(rb);
+    }
+    Ok((median(fa), median(fb), ratios))
+}
+
+fn median(mut v: Vec<LoadFigures>) -> LoadFigures {
+    v.sort_by(|x, y| x.throughput_rps.total_cmp(&y.throughput_rps));
+    v[v.len() / 2].clone()
+}
+
+fn median_f(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+#[derive(Debug, Serialize)]
+pub struct AcceptReport {
+    pub connections: usize,
+    pub purchase: LoadFigures,
+    pub trivial: LoadFigures,
+    pub purchase_vs_trivial: f64,
+    pub redis_benchmark_evalsha_p16_rps: f64,
+    pub purchase_vs_redis_benchmark: f64,
+    pub half_rate: LoadFigures,
+}
+
+/// Accept path: purchase vs the trivial endpoint, vs redis-benchmark running
+/// the same script by EVALSHA with 16-deep pipelining, and p99 at half the peak.
+pub async fn accept(
+    requests: u64,
+    connections: usize,
+    rounds: usize,
+) -> Result<AcceptReport, BenchError> {
+    let doc = doc("accept", &[("item", 100_000_000)])?;
+    let rig = rig(&doc).await?;
+    let addr = rig.addr;
+    // Warm-up: connections, script cache, allocator.
+    crowd::run(crowd_config(
+        addr,
+        "accept",
+        "item",
+        Target::Purchase,
+        requests / 10,
+        connections,
+        None,
+    ))
+    .await?;
+    let (purchase, trivial, ratios) = paired(
+        rounds,
+        || {
+            crowd_config(
+                addr,
+                "accept",
+                "item",
+                Target::Purchase,
+                requests,
+                connections,
+                None,
+            )
+        },
+        || {
+            crowd_config(
+                addr,
+                "accept",
+                "item",
+                Target::Ping,
+                requests,
+                connections,
+                None,
+            )
+        },
+    )
+    .await?;
+    let half = purchase.throughput_rps / 2.0;
+    let half_rate = LoadFigures::from(
+        &crowd::run(crowd_config(
+            addr,
+            "accept",
+            "item",
+            Target::Purchase,
+            (half * 5.0) as u64,
+            connections,
+            Some(half),
+        ))
+        .await?,
+    );
+    rig.shutdown.cancel();
+    let redis_rps = redis_benchmark_purchase(&rig.redis, &doc, 300_000)?;
+    Ok(AcceptReport {
+        connections,
+        purchase_vs_trivial: median_f(&ratios),
+        purchase_vs_redis_benchmark: purchase.throughput_rps / redis_rps.max(1e-9),
+        purchase,
+        trivial,
+        redis_benchmark_evalsha_p16_rps: redis_rps,
+        half_rate,
+    })
+}
+
+/// `redis-benchmark` calling purchase.lua by EVALSHA, 50 clients, `-P 16`,
+/// random users and order ids so every call takes the accept path.
+fn redis_benchmark_purchase(
+    redis: &RedisServer,
+    doc: &SaleDocument,
+    n: u64,
+) -> Result<f64, BenchError> {
+    let mut conn = redis::Client::open(redis.url())?.get_connection()?;
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(crate::scripts::PURCHASE_SOURCE)
+        .query(&mut conn)?;
+    let k = ProductKeys::new(&doc.id(), "item");
+    let out = std::process::Command::new("redis-benchmark")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &redis.port().to_string(),
+            "-c",
+            "50",
+            "-P",
+            "16",
+            "-q",
+            "--csv",
+        ])
+        .args(["-n", &n.to_string(), "-r", "100000000"])
+        .args(["EVALSHA", &sha, "8"])
+        .args([
+            k.info(),
+            k.stock(),
+            k.buyers(),
+            k.user_seq(),
+            k.idempotency(),
+            k.orders(),
+            k.user_orders(),
+            k.stream(),
+        ])
+        .args(["user:__rand_int__", "1", "item.order:__rand_int__", ""])
+        .output()
+        .map_err(|e| BenchError::RedisBenchmark(format!("{e} (apt-get install -y redis-tools)")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // --csv: "test","rps",...; the second field of the last data line.
+    text.lines()
+        .filter_map(|l| l.split(',').nth(1))
+        .filter_map(|f| f.trim_matches('"').parse::<f64>().ok())
+        .next_back()
+        .ok_or_else(|| {
+            BenchError::RedisBenchmark(format!(
+                "no figure in output: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        })
+}
+
+#[derive(Debug, Serialize)]
+pub struct SoldOutReport {
+    pub connections: usize,
+    pub sold_out: LoadFigures,
+    pub trivial: LoadFigures,
+    pub sold_out_vs_trivial: f64,
+}
+
+/// Sold-out path (answered from the pod's flag) vs the trivial endpoint.
+pub async fn sold_out(
+    requests: u64,
+    connections: usize,
+    rounds: usize,
+) -> Result<SoldOutReport, BenchError> {
+    let doc = doc("soldout", &[("item", 0)])?;
+    let rig = rig(&doc).await?;
+    let addr = rig.addr;
+    crowd::run(crowd_config(
+        addr,
+        "soldout",
+        "item",
+        Target::Purchase,
+        requests / 10,
+        connections,
+        None,
+    ))
+    .await?;
+    // The replay snapshot loads within 500 ms of the flag flipping.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (sold_out, trivial, ratios) = paired(
+        rounds,
+        || {
+            crowd_config(
+                addr,
+                "soldout",
+                "item",
+                Target::Purchase,
+                requests,
+                connections,
+                None,
+            )
+        },
+        || {
+            crowd_config(
+                addr,
+                "soldout",
+                "item",
+                Target::Ping,
+                requests,
+                connections,
+                None,
+            )
+        },
+    )
+    .await?;
+    rig.shutdown.cancel();
+    Ok(SoldOutReport {
+        connections,
+        sold_out,
+        trivial,
+        sold_out_vs_trivial: median_f(&ratios),
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct PersistReport {
+    pub orders: u64,
+    pub consumer_orders_per_s: f64,
+    pub raw_insert_rows_per_s: f64,
+    pub consumer_vs_raw_insert: f64,
+    pub batch_size: usize,
+}
+
+/// Consumer persistence (stream → committed rows, confirmed and acked) vs a
+/// raw batched INSERT of the same rows, same batch size, same server.
+pub async fn persist(orders: u64, batch_size: usize) -> Result<PersistReport, BenchError> {
+    let redis = RedisServer::start()?;
+    let pg = PostgresServer::start()?;
+    let doc = doc("persist", &[("item", 100_000_000)])?;
+    let sale = doc.id();
+    let mut conn = redis::Client::open(redis.url())?
+        .get_connection_manager()
+        .await?;
+    crate::warm::warm_sale(&mut conn, &sale, &doc.spec).await?;
+    let k = ProductKeys::new(&sale, "item");
+    // Fill the stream through the real purchase script, pipelined.
+    let mut done = 0u64;
+    while done < orders {
+        let n = (orders - done).min(1000);
+        let mut pipe = redis::pipe();
+        pipe.load_script(&crate::scripts::PURCHASE).ignore();
+        let invs: Vec<_> = (0..n)
+            .map(|i| {
+                let mut inv = crate::scripts::PURCHASE.prepare_invoke();
+                inv.key(k.info())
+                    .key(k.stock())
+                    .key(k.buyers())
+                    .key(k.user_seq())
+                    .key(k.idempotency())
+                    .key(k.orders())
+                    .key(k.user_orders())
+                    .key(k.stream())
+                    .arg(format!("user-{}", done + i))
+                    .arg(1)
+                    .arg(crate::order::new_order_id("item"))
+                    .arg("");
+                inv
+            })
+            .collect();
+        for inv in &invs {
+            pipe.invoke_script(inv).ignore();
+        }
+        pipe.exec_async(&mut conn).await?;
+        done += n;
+    }
+    let rows = stream_rows(&mut conn, &k).await?;
+
+    // Raw first: the same rows, same batch size, nothing else; then the
+    // table is emptied so the consumer starts from the same state.
+    let store = OrderStore::connect(&pg.url(), 2)?;
+    store.migrate().await?;
+    let raw_sale = crate::spec::SaleId::new("bench", "raw");
+    store.sync_inventory(&raw_sale, &doc.spec).await?;
+    let client = store
+        .pool()
+        .get()
+        .await
+        .map_err(crate::store::StoreError::from)?;
+    let started = Instant::now();
+    for chunk in rows.chunks(batch_size) {
+        raw_insert(&client, &raw_sale.key(), chunk).await?;
+    }
+    let raw_s = started.elapsed().as_secs_f64();
+    client.batch_execute("TRUNCATE flashsale_orders").await?;
+    client
+        .batch_execute("VACUUM ANALYZE flashsale_orders")
+        .await?;
+
+    // Consumer: from start until PostgreSQL holds every order.
+    let shutdown = CancellationToken::new();
+    let mut settings = ConsumerSettings::new(redis.url(), pg.url());
+    settings.batch_size = batch_size;
+    settings.name = "bench".into();
+    let consumer = Consumer::start(&doc, settings, &shutdown).await?;
+    let started = Instant::now();
+    if let Some(c) = consumer {
+        tokio::spawn(c.run(shutdown.clone()));
+    }
+    loop {
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM flashsale_orders", &[])
+            .await?
+            .get(0);
+        if n as u64 >= orders {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let consumer_s = started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    let consumer_rate = orders as f64 / consumer_s;
+    let raw_rate = rows.len() as f64 / raw_s;
+    Ok(PersistReport {
+        orders,
+        consumer_orders_per_s: consumer_rate,
+        raw_insert_rows_per_s: raw_rate,
+        consumer_vs_raw_insert: consumer_rate / raw_rate,
+        batch_size,
+    })
+}
+
+async fn stream_rows(
+    conn: &mut redis::aio::ConnectionManager,
+    k: &ProductKeys,
+) -> Result<Vec<OrderRow>, BenchError> {
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(k.stream())
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await?;
+    Ok(reply
+        .ids
+        .iter()
+        .filter_map(|e| {
+            Some(OrderRow {
+                order_id: format!("raw-{}", e.get::<String>("id")?),
+                sku: "item".into(),
+                user_id: e.get("user")?,
+                seq: e.get("seq")?,
+                quantity: e.get("qty")?,
+                unit_price: e.get("price")?,
+                accepted_at_ms: e.get("at")?,
+                stream_id: e.id.clone(),
+            })
+        })
+        .collect())
+}
+
+/// A plain multi-row INSERT with the same unique keys and ON CONFLICT.
+async fn raw_insert(
+    client: &tokio_postgres::Client,
+    sale: &str,
+    rows: &[OrderRow],
+) -> Result<(), BenchError> {
+    let col = |f: fn(&OrderRow) -> &str| rows.iter().map(f).collect::<Vec<&str>>();
+    let (ids, skus, users, prices, streams) = (
+        col(|r| &r.order_id),
+        col(|r| &r.sku),
+        col(|r| &r.user_id),
+        col(|r| &r.unit_price),
+        col(|r| &r.stream_id),
+    );
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    let qtys: Vec<i32> = rows.iter().map(|r| r.quantity).collect();
+    let ats: Vec<i64> = rows.iter().map(|r| r.accepted_at_ms).collect();
+    client
+        .execute(
+            "INSERT INTO flashsale_orders
+                (order_id, sale, sku, user_id, seq, quantity, unit_price, accepted_at, stream_id)
+             SELECT order_id, $1, sku, user_id, seq, quantity, unit_price::numeric,
+                    to_timestamp(accepted_ms / 1000.0), stream_id
+             FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::int[], $7::text[], $8::bigint[], $9::text[])
+                AS t(order_id, sku, user_id, seq, quantity, unit_price, accepted_ms, stream_id)
+             ON CONFLICT DO NOTHING",
+            &[&sale, &ids, &skus, &users, &seqs, &qtys, &prices, &ats, &streams],
+        )
+        .await?;
+    Ok(())
+}
+
+fn bench_users() -> u32 {
+    std::env::var("BENCH_USERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000)
+}
