@@ -57,7 +57,8 @@ pub struct AuditReport {
     /// two rows for one order id (both must be 0).
     pub duplicates_found: u64,
     /// Rows no 202 was seen for (e.g. the client timed out): not an error.
-    pub unanswered_rows: i64,
+    /// Absent when auditing without a crowd's answers.
+    pub unanswered_rows: Option<i64>,
 }
 
 impl AuditReport {
@@ -245,7 +246,7 @@ pub async fn audit<C: ConnectionLike + Send>(
         lost_orders,
         failed_orders,
         duplicates_found: idempotency_violations + (ids.len() - distinct.len()) as u64,
-        unanswered_rows: total_rows - answered_present,
+        unanswered_rows: (!answered.is_empty()).then_some(total_rows - answered_present),
     })
 }
 

@@ -44,6 +44,9 @@ enum Command {
     Token(TokenArgs),
     /// Print the public API's OpenAPI document.
     Openapi,
+    /// Start a throwaway Redis (AOF on) and PostgreSQL, print their URLs, and
+    /// keep them until Ctrl-C (for the README tour and manual testing).
+    Servers,
     /// Measure side by side on this machine and print figures (and JSON).
     Bench(BenchArgs),
 }
@@ -319,6 +322,17 @@ async fn run(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(a) => bench(a).await,
+        Command::Servers => {
+            let redis =
+                dataplane::servers::RedisServer::start_with(dataplane::servers::RedisOptions {
+                    append_only: true,
+                })?;
+            let pg = dataplane::servers::PostgresServer::start()?;
+            println!("export REDIS_URL={} DATABASE_URL={}", redis.url(), pg.url());
+            println!("# Redis and PostgreSQL are up; Ctrl-C stops and removes them.");
+            shutdown_on_signal().cancelled().await;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Openapi => {
             println!("{}", dataplane::gateway::openapi::document());
             Ok(ExitCode::SUCCESS)
