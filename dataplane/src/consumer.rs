@@ -12,6 +12,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamId, StreamReadOptions, StreamReadReply};
 use tokio_util::sync::CancellationToken;
 
+use crate::events::{OrderEvent, Publisher};
 use crate::keys::{CONSUMER_GROUP, ProductKeys};
 use crate::order::OrderStatus;
 use crate::scripts;
@@ -134,6 +135,7 @@ pub struct Consumer {
     store: OrderStore,
     settings: ConsumerSettings,
     data_failures: HashMap<String, u32>,
+    publisher: Publisher,
 }
 
 impl Consumer {
@@ -190,6 +192,7 @@ impl Consumer {
             store,
             settings,
             data_failures: HashMap::new(),
+            publisher: Publisher::new(&doc.id()),
         };
         let mut backoff = Backoff::new();
         loop {
@@ -309,9 +312,10 @@ impl Consumer {
             }
             if !committed.is_empty() {
                 let mut redis = self.redis.clone();
+                let publisher = self.publisher.clone();
                 finishing = Some(tokio::spawn(async move {
-                    for pipe in committed {
-                        pipe.exec_async(&mut redis).await?;
+                    for finish in committed {
+                        finish.run(&mut redis, &publisher).await?;
                     }
                     Ok(())
                 }));
@@ -343,7 +347,7 @@ impl Consumer {
         entries: Vec<Entry>,
         history: bool,
         shutdown: &CancellationToken,
-        committed: &mut Vec<redis::Pipeline>,
+        committed: &mut Vec<Finish>,
     ) -> Result<(), ConsumerError> {
         let started = Instant::now();
         let mut good = Vec::with_capacity(entries.len());
@@ -417,9 +421,11 @@ impl Consumer {
     }
 
     /// The Redis half of a committed batch: confirm each order (accepted → confirmed, never over a
-    /// later state), publish persisted counts, then acknowledge.
-    fn finish_pipeline(&self, entries: &[Entry], sold: &[(String, i64)]) -> redis::Pipeline {
+    /// later state), publish persisted counts, then acknowledge; the orders
+    /// that moved are then pushed as `order.confirmed`.
+    fn finish_pipeline(&self, entries: &[Entry], sold: &[(String, i64)]) -> Finish {
         let mut pipe = redis::pipe();
+        let mut confirming: Vec<Vec<(String, String, String)>> = Vec::new();
         pipe.load_script(&scripts::TRANSITION).ignore();
         // One script call per stream confirms the whole batch.
         let invocations: Vec<_> = self
@@ -427,14 +433,20 @@ impl Consumer {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| {
-                let ids: Vec<&str> = entries
+                let rows: Vec<&OrderRow> = entries
                     .iter()
                     .filter(|e| e.stream == i)
-                    .filter_map(|e| e.row.as_ref().map(|r| r.order_id.as_str()))
+                    .filter_map(|e| e.row.as_ref())
                     .collect();
-                if ids.is_empty() {
+                if rows.is_empty() {
                     return None;
                 }
+                let ids: Vec<&str> = rows.iter().map(|r| r.order_id.as_str()).collect();
+                confirming.push(
+                    rows.iter()
+                        .map(|r| (r.order_id.clone(), r.user_id.clone(), r.sku.clone()))
+                        .collect(),
+                );
                 let mut inv = scripts::TRANSITION.prepare_invoke();
                 inv.key(s.keys.orders())
                     .arg(OrderStatus::Confirmed.as_str())
@@ -443,8 +455,9 @@ impl Consumer {
                 Some(inv)
             })
             .collect();
+        // Not ignored: each answers the statuses its orders had before.
         for inv in &invocations {
-            pipe.invoke_script(inv).ignore();
+            pipe.invoke_script(inv);
         }
         for (sku, units) in sold {
             if let Some(s) = self.streams.iter().find(|s| &s.sku == sku) {
@@ -469,7 +482,7 @@ impl Consumer {
                     .ignore();
             }
         }
-        pipe
+        Finish { pipe, confirming }
     }
 
     /// Gives up on an entry: copy it to the dead-letter stream, fail its order
@@ -500,14 +513,28 @@ impl Consumer {
                 .arg(id)
                 .arg(OrderStatus::Failed.as_str())
                 .arg(reason);
-            pipe.invoke_script(&inv).ignore();
+            pipe.invoke_script(&inv);
         }
         pipe.cmd("XACK")
             .arg(&s.name)
             .arg(CONSUMER_GROUP)
             .arg(&entry.id)
             .ignore();
-        pipe.exec_async(&mut self.redis).await?;
+        let released: Vec<(String, String)> = pipe.query_async(&mut self.redis).await?;
+        // Told once: only the call that moved the order pushes.
+        if let (Some(id), Some(row), Some((outcome, _))) =
+            (&order_id, entry.row.as_ref(), released.first())
+            && outcome == "released"
+        {
+            let event = OrderEvent::new(id, &s.sku, OrderStatus::Failed, Some(reason.to_string()));
+            if let Err(e) = self
+                .publisher
+                .publish(&mut self.redis, &row.user_id, &event)
+                .await
+            {
+                tracing::debug!(error = %e, "order.failed not pushed");
+            }
+        }
         Ok(())
     }
 
@@ -573,6 +600,40 @@ impl Consumer {
             metrics::counter!("flashsale_consumer_claimed_total").increment(claimed as u64);
         }
         Ok(claimed)
+    }
+}
+
+/// The Redis half of one committed batch, and who to tell.
+struct Finish {
+    pipe: redis::Pipeline,
+    /// Per transition call in `pipe`: (order id, user, sku) in argument order.
+    confirming: Vec<Vec<(String, String, String)>>,
+}
+
+impl Finish {
+    async fn run(
+        self,
+        redis: &mut ConnectionManager,
+        publisher: &Publisher,
+    ) -> redis::RedisResult<()> {
+        let before: Vec<Vec<String>> = self.pipe.query_async(redis).await?;
+        let events: Vec<(String, OrderEvent)> = self
+            .confirming
+            .into_iter()
+            .zip(before)
+            .flat_map(|(orders, before)| orders.into_iter().zip(before))
+            .filter(|(_, prev)| prev == OrderStatus::Accepted.as_str())
+            .map(|((id, user, sku), _)| {
+                let event = OrderEvent::new(&id, &sku, OrderStatus::Confirmed, None);
+                (user, event)
+            })
+            .collect();
+        // A push that fails is not a reason to re-persist: the client's
+        // resume snapshot shows the order confirmed.
+        if let Err(e) = publisher.publish_many(redis, &events).await {
+            tracing::debug!(error = %e, "order.confirmed not pushed");
+        }
+        Ok(())
     }
 }
 

@@ -107,6 +107,21 @@ impl SaleKeys {
         self.key("gwreports")
     }
 
+    /// String: the gateway pod holding `user`'s WebSocket (with a TTL the
+    /// pod refreshes while the socket is open).
+    pub fn push_user(&self, user: &str) -> String {
+        format!("{}:push:user:{user}", self.base)
+    }
+    /// The prefix of the per-pod push channels (`<prefix><pod>`); channels
+    /// share the sale's hash tag, so a script can publish to one on the slot
+    /// of the registry key it read.
+    pub fn push_channel_prefix(&self) -> String {
+        self.key("push:pod:")
+    }
+    pub fn push_channel(&self, pod: &str) -> String {
+        format!("{}{pod}", self.push_channel_prefix())
+    }
+
     pub fn all(&self) -> Vec<String> {
         vec![self.meta(), self.gateways(), self.gateway_reports()]
     }

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod breaker;
 pub mod consumer;
 pub mod crowd;
+pub mod events;
 pub mod gateway;
 pub mod keys;
 pub mod local;

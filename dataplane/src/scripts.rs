@@ -19,3 +19,8 @@ pub static WARM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("s
 
 /// The purchase script's source, for `redis-benchmark` comparisons.
 pub const PURCHASE_SOURCE: &str = include_str!("scripts/purchase.lua");
+/// One push event routed to the pod holding the user's socket (`push.lua`).
+pub static PUSH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/push.lua")));
+/// A push registry entry removed only by the pod it names (`unregister.lua`).
+pub static UNREGISTER: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/unregister.lua")));

@@ -6,6 +6,7 @@ pub mod observability;
 pub mod openapi;
 pub mod orders;
 pub mod purchase;
+pub mod push;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -41,6 +42,8 @@ pub struct GatewaySettings {
     pub client_ip_header: Option<HeaderName>,
     /// Tolerated difference between this pod's clock and Redis' (local phase check).
     pub clock_skew: Duration,
+    /// WebSocket push tuning.
+    pub push: push::PushSettings,
 }
 
 impl GatewaySettings {
@@ -52,6 +55,7 @@ impl GatewaySettings {
             redis_timeout: Duration::from_millis(250),
             client_ip_header: None,
             clock_skew: Duration::from_secs(1),
+            push: push::PushSettings::default(),
         }
     }
 }
@@ -119,6 +123,13 @@ pub struct Gateway {
     pub pod: String,
     pub load: LoadCounters,
     pub metrics: observability::PurchaseMetrics,
+    /// This pod's WebSocket connections and its push channel.
+    pub push: push::PushHub,
+    /// Routes order events to the pod holding the user's socket.
+    pub events: crate::events::Publisher,
+    /// Cancelled when the gateway stops (closes open WebSockets).
+    pub shutdown: Shutdown,
+    redis_url: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,7 +211,6 @@ impl Gateway {
             .collect();
         Ok(Arc::new(Self {
             limits: RateLimiters::new(&doc.spec.rate_limits),
-            sale,
             spec: doc.spec.clone(),
             products,
             redis,
@@ -212,6 +222,15 @@ impl Gateway {
             pod: settings.pod.clone(),
             load: LoadCounters::default(),
             metrics: observability::PurchaseMetrics::new(),
+            push: push::PushHub::new(
+                crate::keys::SaleKeys::new(&sale),
+                &settings.pod,
+                settings.push.clone(),
+            ),
+            events: crate::events::Publisher::new(&sale),
+            shutdown: Shutdown::new(),
+            redis_url: settings.redis_url.clone(),
+            sale,
         }))
     }
 
@@ -234,6 +253,7 @@ impl Gateway {
         Router::new()
             .route("/v1/sales/{sale}/purchase", post(purchase::purchase))
             .route("/v1/orders/{id}", get(orders::get_order))
+            .route("/v1/ws", get(push::ws))
             .route(
                 "/v1/ping",
                 get(observability::ping).post(observability::ping),
@@ -249,10 +269,22 @@ impl Gateway {
     }
 
     /// Background work: load reports (which also re-split the global rate
-    /// limit), sold-out flag refresh, rate-limiter housekeeping.
+    /// limit), sold-out flag refresh, rate-limiter housekeeping, the push
+    /// channel subscription and registry refresh.
     pub fn spawn_background(self: &Arc<Self>, shutdown: Shutdown) {
         tokio::spawn(load_report::run(Arc::clone(self), shutdown.clone()));
-        tokio::spawn(refresh_sold_out(Arc::clone(self), shutdown));
+        tokio::spawn(refresh_sold_out(Arc::clone(self), shutdown.clone()));
+        tokio::spawn(push::subscribe(
+            Arc::clone(self),
+            self.redis_url.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(push::refresh_registry(Arc::clone(self), shutdown.clone()));
+        let own = self.shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            own.cancel();
+        });
     }
 
     pub fn sold_out(&self, sku: &str) -> bool {

@@ -12,12 +12,17 @@ use utoipa::{Modify, OpenApi};
         title = "flashsale gateway",
         description = "Buy in a flash sale: one purchase call decides atomically; losers are answered at once, winners get an order id and its updates by push."
     ),
-    paths(super::purchase::purchase, super::orders::get_order),
+    paths(
+        super::purchase::purchase,
+        super::orders::get_order,
+        super::push::ws
+    ),
     components(schemas(
         super::purchase::PurchaseRequest,
         super::purchase::PurchaseAccepted,
         super::orders::OrderView,
         super::error::ErrorBody,
+        crate::events::OrderEvent,
         crate::order::OrderStatus
     )),
     modifiers(&BearerAuth)

@@ -1,0 +1,184 @@
+//! Order events for push: what a user's WebSocket receives, and how a
+//! publisher (gateway on accept, consumer on confirm/fail, payment callback
+//! on paid, timeout sweeper on cancel) routes one to the single gateway pod
+//! that holds the user's socket.
+//!
+//! Routing: `fs:{ns/sale}:push:user:<user>` names the pod (TTL refreshed
+//! while the socket is open); `push.lua` reads it and PUBLISHes on that pod's
+//! channel only. Pub/sub is lossy (a pod restarting its subscription misses
+//! what was sent meanwhile); the guarantee is the resume snapshot a client
+//! gets on (re)connect. See docs/push.md.
+
+use redis::aio::ConnectionLike;
+use serde::{Deserialize, Serialize};
+
+use crate::keys::SaleKeys;
+use crate::order::OrderStatus;
+use crate::scripts;
+use crate::spec::SaleId;
+
+/// One order update as pushed to its owner.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderEvent {
+    /// `order.accepted`, `order.confirmed`, `order.paid`, `order.failed` or `order.cancelled`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub order_id: String,
+    pub sku: String,
+    pub status: OrderStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Unix milliseconds when the event was produced.
+    pub at: i64,
+    /// True when the event comes from the snapshot sent on (re)connect
+    /// rather than live.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resumed: bool,
+}
+
+impl OrderEvent {
+    pub fn new(order_id: &str, sku: &str, status: OrderStatus, reason: Option<String>) -> Self {
+        Self {
+            kind: event_type(status).to_string(),
+            order_id: order_id.to_string(),
+            sku: sku.to_string(),
+            status,
+            reason,
+            at: jiff::Timestamp::now().as_millisecond(),
+            resumed: false,
+        }
+    }
+}
+
+/// The event type of a status.
+pub fn event_type(status: OrderStatus) -> &'static str {
+    match status {
+        OrderStatus::Accepted => "order.accepted",
+        OrderStatus::Confirmed => "order.confirmed",
+        OrderStatus::Paid => "order.paid",
+        OrderStatus::Failed => "order.failed",
+        OrderStatus::Cancelled => "order.cancelled",
+    }
+}
+
+/// How far along its life a status is. An order only moves forward, so a
+/// connection never sends a status ranked at or below one it already sent
+/// for that order (late live events and snapshot overlap are dropped).
+pub fn rank(status: OrderStatus) -> u8 {
+    match status {
+        OrderStatus::Accepted => 0,
+        OrderStatus::Confirmed => 1,
+        OrderStatus::Paid | OrderStatus::Failed | OrderStatus::Cancelled => 2,
+    }
+}
+
+/// The wire form on a pod's channel: `<user>\n<event JSON>`. User ids are
+/// visible ASCII (no newline), so the pod routes without parsing the JSON.
+pub fn encode(user: &str, event: &OrderEvent) -> String {
+    let json = serde_json::to_string(event).unwrap_or_default();
+    format!("{user}\n{json}")
+}
+
+/// Splits a channel message into user and event JSON.
+pub fn decode(message: &str) -> Option<(&str, &str)> {
+    message.split_once('\n')
+}
+
+/// Publishes events; cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    keys: SaleKeys,
+    prefix: String,
+}
+
+/// Events pipelined per round trip when publishing many.
+const PUBLISH_CHUNK: usize = 500;
+
+impl Publisher {
+    pub fn new(sale: &SaleId) -> Self {
+        let keys = SaleKeys::new(sale);
+        Self {
+            prefix: keys.push_channel_prefix(),
+            keys,
+        }
+    }
+
+    fn invocation(&self, user: &str, event: &OrderEvent) -> redis::ScriptInvocation<'static> {
+        let mut inv = scripts::PUSH.prepare_invoke();
+        inv.key(self.keys.push_user(user))
+            .arg(&self.prefix)
+            .arg(encode(user, event));
+        inv
+    }
+
+    /// Routes one event; true if a gateway pod received it.
+    pub async fn publish<C: ConnectionLike + Send>(
+        &self,
+        conn: &mut C,
+        user: &str,
+        event: &OrderEvent,
+    ) -> Result<bool, redis::RedisError> {
+        let reached: i64 = self.invocation(user, event).invoke_async(conn).await?;
+        metrics::counter!("flashsale_push_published_total", "routed" => if reached > 0 { "yes" } else { "no" })
+            .increment(1);
+        Ok(reached > 0)
+    }
+
+    /// Routes many events, pipelined; returns how many reached a pod.
+    pub async fn publish_many<C: ConnectionLike + Send>(
+        &self,
+        conn: &mut C,
+        events: &[(String, OrderEvent)],
+    ) -> Result<usize, redis::RedisError> {
+        let mut reached = 0;
+        for chunk in events.chunks(PUBLISH_CHUNK) {
+            let mut pipe = redis::pipe();
+            pipe.load_script(&scripts::PUSH).ignore();
+            let invocations: Vec<_> = chunk
+                .iter()
+                .map(|(user, event)| self.invocation(user, event))
+                .collect();
+            for inv in &invocations {
+                pipe.invoke_script(inv);
+            }
+            let counts: Vec<i64> = pipe.query_async(conn).await?;
+            let routed = counts.iter().filter(|n| **n > 0).count();
+            metrics::counter!("flashsale_push_published_total", "routed" => "yes")
+                .increment(routed as u64);
+            metrics::counter!("flashsale_push_published_total", "routed" => "no")
+                .increment((counts.len() - routed) as u64);
+            reached += routed;
+        }
+        Ok(reached)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_form_round_trips() {
+        let e = OrderEvent::new(
+            "item.01ARZ3NDEKTSV4RRFFQ69G5FAV",
+            "item",
+            OrderStatus::Confirmed,
+            None,
+        );
+        let wire = encode("alice", &e);
+        let (user, json) = decode(&wire).unwrap_or_default();
+        assert_eq!(user, "alice");
+        let back: Result<OrderEvent, _> = serde_json::from_str(json);
+        assert!(matches!(back, Ok(b) if b == e));
+        assert!(json.contains(r#""type":"order.confirmed""#), "{json}");
+        assert!(!json.contains("resumed"), "{json}");
+    }
+
+    #[test]
+    fn ranks_only_move_forward() {
+        assert!(rank(OrderStatus::Accepted) < rank(OrderStatus::Confirmed));
+        assert!(rank(OrderStatus::Confirmed) < rank(OrderStatus::Paid));
+        assert_eq!(rank(OrderStatus::Cancelled), rank(OrderStatus::Failed));
+    }
+}

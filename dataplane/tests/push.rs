@@ -1,0 +1,231 @@
+//! Push over WebSocket: a buyer learns accepted then confirmed without
+//! polling; a reconnect with what it last saw brings what it missed; an
+//! event reaches only the gateway pod holding the user's socket.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use dataplane::keys::ProductKeys;
+use dataplane::order::{OrderRecord, OrderStatus};
+use futures::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+const BOUND: Duration = Duration::from_secs(10);
+
+/// Connects with the token in the Authorization header.
+async fn connect(
+    gw: &RunningGateway,
+    user: &str,
+    query: &str,
+) -> Result<Socket, Box<dyn std::error::Error + Send + Sync>> {
+    let mut req = format!("ws://{}/v1/ws{query}", gw.addr).into_client_request()?;
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {}", token(user)).parse()?);
+    let (socket, _) = tokio_tungstenite::connect_async(req).await?;
+    Ok(socket)
+}
+
+/// The next JSON text message, within the test's bound.
+async fn next_json(socket: &mut Socket) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+    loop {
+        let msg = tokio::time::timeout(BOUND, socket.next())
+            .await
+            .map_err(|_| "no message within the bound")?
+            .ok_or("socket closed")??;
+        if let Message::Text(t) = msg {
+            return Ok(serde_json::from_str(t.as_str())?);
+        }
+    }
+}
+
+async fn buy(
+    gw: &RunningGateway,
+    sale: &str,
+    user: &str,
+    sku: &str,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let resp = http()
+        .post(gw.url(&format!("/v1/sales/{sale}/purchase")))
+        .bearer_auth(token(user))
+        .json(&serde_json::json!({"sku": sku, "quantity": 1}))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 202);
+    let body: Value = resp.json().await?;
+    Ok(body["orderId"].as_str().ok_or("no orderId")?.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buyer_is_told_accepted_then_confirmed() -> TestResult {
+    let servers = Servers::start()?;
+    let doc = sale("push", &[("item", 10, 1)]);
+    warm(&servers, &doc).await?;
+    let gw = RunningGateway::start(&doc, &servers.redis.url(), "gw-a").await?;
+    let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
+
+    let mut socket = connect(&gw, "alice", "").await?;
+    let hello = next_json(&mut socket).await?;
+    assert_eq!(hello, serde_json::json!({"type": "synced", "orders": 0}));
+
+    let order = buy(&gw, "push", "alice", "item").await?;
+    let first = next_json(&mut socket).await?;
+    assert_eq!(first["type"], "order.accepted", "{first}");
+    assert_eq!(first["orderId"], order.as_str());
+    assert_eq!(first["sku"], "item");
+    let second = next_json(&mut socket).await?;
+    assert_eq!(second["type"], "order.confirmed", "{second}");
+    assert_eq!(second["orderId"], order.as_str());
+    assert_eq!(second["status"], "confirmed");
+    assert_eq!(gw.gateway.load.connections.load(Ordering::Relaxed), 1);
+
+    socket.close(None).await?;
+    let closed = eventually(BOUND, || async {
+        gw.gateway.load.connections.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    assert!(closed, "the connection count goes back to 0");
+    // The registry entry went with the last socket.
+    let mut conn = servers.redis_conn().await?;
+    let entry: Option<String> = redis::cmd("GET")
+        .arg(dataplane::keys::SaleKeys::new(&doc.id()).push_user("alice"))
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(entry, None);
+
+    // Unauthenticated upgrades are refused before the handshake.
+    let bad = format!("ws://{}/v1/ws?token=forged", gw.addr);
+    assert!(tokio_tungstenite::connect_async(bad).await.is_err());
+    consumers.stop().await;
+    gw.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_with_what_was_seen_brings_what_was_missed() -> TestResult {
+    let servers = Servers::start()?;
+    let doc = sale("resume", &[("item", 10, 2), ("other", 10, 1)]);
+    warm(&servers, &doc).await?;
+    let gw = RunningGateway::start(&doc, &servers.redis.url(), "gw-a").await?;
+
+    // No consumer yet: the order stays accepted while the client is connected.
+    let mut socket = connect(&gw, "bob", "").await?;
+    assert_eq!(next_json(&mut socket).await?["type"], "synced");
+    let order = buy(&gw, "resume", "bob", "item").await?;
+    let seen = next_json(&mut socket).await?;
+    assert_eq!(
+        (seen["type"].as_str(), seen["orderId"].as_str()),
+        (Some("order.accepted"), Some(order.as_str()))
+    );
+    socket.close(None).await?;
+    drop(socket);
+
+    // Disconnected: the order is confirmed meanwhile.
+    let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
+    let conn = servers.redis_conn().await?;
+    let orders_key = ProductKeys::new(&doc.id(), "item").orders();
+    let confirmed = eventually(BOUND, || {
+        let mut conn = conn.clone();
+        let (key, id) = (orders_key.clone(), order.clone());
+        async move {
+            let raw: Option<String> = redis::cmd("HGET")
+                .arg(&key)
+                .arg(&id)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(None);
+            raw.and_then(|r| serde_json::from_str::<OrderRecord>(&r).ok())
+                .is_some_and(|r| r.status == OrderStatus::Confirmed)
+        }
+    })
+    .await;
+    assert!(confirmed, "the consumer confirmed the order");
+
+    // Reconnect (token by query, as a browser would) saying what was seen:
+    // the update arrives, marked as resumed, then the end of the snapshot.
+    let url = format!(
+        "ws://{}/v1/ws?token={}&seen={order}:accepted",
+        gw.addr,
+        token("bob")
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await?;
+    let update = next_json(&mut socket).await?;
+    assert_eq!(update["type"], "order.confirmed", "{update}");
+    assert_eq!(update["orderId"], order.as_str());
+    assert_eq!(update["resumed"], true);
+    assert_eq!(
+        next_json(&mut socket).await?,
+        serde_json::json!({"type": "synced", "orders": 1})
+    );
+
+    // Asking again with everything seen sends nothing but the marker.
+    let resume = serde_json::json!({"type": "resume", "seen": {order.as_str(): "confirmed"}});
+    socket
+        .send(Message::Text(resume.to_string().into()))
+        .await?;
+    assert_eq!(
+        next_json(&mut socket).await?,
+        serde_json::json!({"type": "synced", "orders": 1})
+    );
+
+    // A second order on another SKU: live events keep flowing after a resume.
+    let second = buy(&gw, "resume", "bob", "other").await?;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let e = next_json(&mut socket).await?;
+        assert_eq!(e["orderId"], second.as_str(), "{e}");
+        got.push(e["type"].as_str().unwrap_or("").to_string());
+    }
+    assert_eq!(got, ["order.accepted", "order.confirmed"]);
+    consumers.stop().await;
+    gw.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_reaches_only_the_pod_holding_the_socket() -> TestResult {
+    let servers = Servers::start()?;
+    let doc = sale("route", &[("item", 10, 1)]);
+    warm(&servers, &doc).await?;
+    let a = RunningGateway::start(&doc, &servers.redis.url(), "gw-a").await?;
+    let b = RunningGateway::start(&doc, &servers.redis.url(), "gw-b").await?;
+    let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
+
+    // Someone is connected to B too, so B's channel is live and listening.
+    let mut other = connect(&b, "carol", "").await?;
+    assert_eq!(next_json(&mut other).await?["type"], "synced");
+    let mut socket = connect(&a, "dave", "").await?;
+    assert_eq!(next_json(&mut socket).await?["type"], "synced");
+
+    // Dave buys through B; his socket is on A.
+    let order = buy(&b, "route", "dave", "item").await?;
+    let accepted = next_json(&mut socket).await?;
+    assert_eq!(
+        (accepted["type"].as_str(), accepted["orderId"].as_str()),
+        (Some("order.accepted"), Some(order.as_str()))
+    );
+    let confirmed = next_json(&mut socket).await?;
+    assert_eq!(
+        (confirmed["type"].as_str(), confirmed["orderId"].as_str()),
+        (Some("order.confirmed"), Some(order.as_str()))
+    );
+
+    assert_eq!(a.gateway.push.counters.received.load(Ordering::Relaxed), 2);
+    assert_eq!(
+        b.gateway.push.counters.received.load(Ordering::Relaxed),
+        0,
+        "gateway B never received dave's events"
+    );
+    other.close(None).await?;
+    consumers.stop().await;
+    a.stop().await;
+    b.stop().await;
+    Ok(())
+}
