@@ -12,6 +12,7 @@ pub mod crowd;
 pub mod events;
 pub mod gateway;
 pub mod keys;
+pub mod lag;
 pub mod local;
 pub mod order;
 pub mod ratelimit;

@@ -387,7 +387,8 @@ async fn read_secrets(
     })
 }
 
-async fn secret_value(
+/// One Secret key's value, or why it cannot be had (the autoscaler reads the Redis URL this way too).
+pub(crate) async fn secret_value(
     secrets: &Api<Secret>,
     ns: &str,
     r: &SecretKeyRef,
@@ -851,7 +852,7 @@ async fn cleanup(
             sale: id.to_string(),
             source,
         })?;
-        let backlog = redis_store::unpersisted(&mut conn, &id, &skus)
+        let backlog = redis_store::unpersisted(&mut conn, &id, &sale.spec.sale)
             .await
             .map_err(|source| Error::Redis {
                 sale: id.to_string(),

@@ -4,10 +4,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use dataplane::keys::{CONSUMER_GROUP, ProductKeys, SaleKeys};
-use dataplane::spec::SaleId;
+use dataplane::lag;
+use dataplane::spec::{SaleId, SaleSpec};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::streams::StreamInfoGroupsReply;
 use tokio::sync::Mutex;
 
 #[derive(Default)]
@@ -35,41 +34,12 @@ impl RedisConnections {
 }
 
 /// Accepted orders still waiting in the sale's streams (not yet persisted and
-/// acknowledged by the consumers), over every SKU the spec or Redis knows.
+/// acknowledged by the consumers), over every SKU the spec or Redis knows: the
+/// backlog the autoscaler scales consumers on.
 pub async fn unpersisted<C: redis::aio::ConnectionLike + Send>(
     conn: &mut C,
     sale: &SaleId,
-    skus: &[String],
+    spec: &SaleSpec,
 ) -> Result<u64, redis::RedisError> {
-    let warmed: Option<String> = redis::cmd("HGET")
-        .arg(SaleKeys::new(sale).meta())
-        .arg("skus")
-        .query_async(conn)
-        .await?;
-    let mut all: Vec<String> = skus.to_vec();
-    for s in warmed.iter().flat_map(|w| w.split(',')) {
-        if !s.is_empty() && !all.iter().any(|k| k == s) {
-            all.push(s.to_string());
-        }
-    }
-    let mut total = 0u64;
-    for sku in &all {
-        let stream = ProductKeys::new(sale, sku).stream();
-        let len: u64 = redis::cmd("XLEN").arg(&stream).query_async(conn).await?;
-        if len == 0 {
-            continue;
-        }
-        let groups: StreamInfoGroupsReply = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(&stream)
-            .query_async(conn)
-            .await?;
-        let backlog = match groups.groups.iter().find(|g| g.name == CONSUMER_GROUP) {
-            // `lag` is unknown after deletions inside the stream: count every entry then.
-            Some(g) => g.pending as u64 + g.lag.map_or(len, |l| l as u64),
-            None => len,
-        };
-        total += backlog;
-    }
-    Ok(total)
+    Ok(lag::consumer_lag(conn, sale, spec).await?.backlog())
 }
