@@ -235,7 +235,10 @@ async fn connection(
             break;
         }
         if let Some(iv) = per_conn_interval {
-            let due = started + iv * sent_here;
+            // Connections are staggered across the interval so the offered
+            // load is smooth, not 'connections' requests at once per tick.
+            let offset = iv.mul_f64(c as f64 / config.connections.max(1) as f64);
+            let due = started + offset + iv * sent_here;
             tokio::time::sleep_until(due.into()).await;
         }
         sent_here += 1;

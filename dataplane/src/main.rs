@@ -178,6 +178,14 @@ struct CrowdArgs {
     /// Print the tally as JSON.
     #[arg(long)]
     json: bool,
+    /// After the run, wait for the consumers to drain and audit Redis and
+    /// PostgreSQL against every 202 this crowd saw (needs REDIS_URL and DATABASE_URL).
+    #[arg(long, value_name = "SALE_YAML")]
+    audit: Option<PathBuf>,
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: Option<String>,
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -460,7 +468,14 @@ async fn crowd(a: CrowdArgs) -> Result<ExitCode> {
         source_ips: a.source_ips,
     })
     .await?;
+    let audit = match &a.audit {
+        Some(path) => {
+            Some(audit_crowd(path, a.redis_url.as_deref(), a.database_url.as_deref(), &r).await?)
+        }
+        None => None,
+    };
     let summary = serde_json::json!({
+        "audit": &audit,
         "tally": &r,
         "throughput_rps": r.throughput_rps(),
         "latency_ms": {
@@ -484,8 +499,51 @@ async fn crowd(a: CrowdArgs) -> Result<ExitCode> {
             r.rate_limited,
             r.server_errors + r.transport_errors
         );
+        if let Some(report) = &audit {
+            println!("{}", serde_json::to_string_pretty(report)?);
+        }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(match audit {
+        Some(report) if !report.passed() => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+/// Waits for the backlog to drain, then audits the sale against the 202s seen.
+async fn audit_crowd(
+    path: &std::path::Path,
+    redis_url: Option<&str>,
+    database_url: Option<&str>,
+    r: &dataplane::crowd::CrowdResult,
+) -> Result<dataplane::audit::AuditReport> {
+    let doc = load(path)?;
+    let (Some(redis_url), Some(database_url)) = (redis_url, database_url) else {
+        bail!("--audit needs --redis-url/REDIS_URL and --database-url/DATABASE_URL");
+    };
+    let mut conn = redis::Client::open(redis_url)?
+        .get_connection_manager()
+        .await?;
+    let store = dataplane::store::OrderStore::connect(database_url, 2)?;
+    let drained = dataplane::audit::wait_drained(
+        &mut conn,
+        &store,
+        &doc.id(),
+        &doc.spec,
+        Duration::from_secs(60),
+    )
+    .await?;
+    if !drained {
+        eprintln!("warning: orders still in flight after 60 s; auditing anyway");
+    }
+    Ok(dataplane::audit::audit(
+        &mut conn,
+        &store,
+        &doc.id(),
+        &doc.spec,
+        &r.orders,
+        r.idempotency_violations,
+    )
+    .await?)
 }
 
 /// The consumer's admin port: `/metrics`, `/healthz`, and `/readyz` once the
