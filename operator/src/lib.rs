@@ -2,6 +2,7 @@
 //! sale's data plane, and the runtime around it (leader election, metrics).
 
 pub mod admin;
+pub mod autoscaler;
 pub mod children;
 pub mod clock;
 pub mod conditions;

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
+use operator::autoscaler;
 use operator::clock::SystemClock;
 use operator::leader::{self, LeaseSettings};
 use operator::metrics::Metrics;
@@ -158,9 +159,24 @@ async fn run(
     Ok(())
 }
 
-/// Everything that runs on the leading replica only, until `halt` turns true.
+/// Everything that runs on the leading replica only, until `halt` turns true:
+/// the reconciler and the autoscaler. The autoscaler also stops when the
+/// reconciler returns early (an error), so leading never half-runs.
 async fn lead(ctx: Arc<Context>, halt: watch::Receiver<bool>) -> anyhow::Result<()> {
-    reconciler::run(ctx, halted(halt)).await?;
+    let (done_tx, done) = watch::channel(false);
+    let scaler_halt = halt.clone();
+    let scaler = tokio::spawn(autoscaler::run(ctx.clone(), async move {
+        tokio::select! {
+            _ = halted(scaler_halt) => {}
+            _ = halted(done) => {}
+        }
+    }));
+    let result = reconciler::run(ctx, halted(halt)).await;
+    let _ = done_tx.send(true);
+    if let Err(e) = scaler.await {
+        error!(error = %e, "autoscaler task failed");
+    }
+    result?;
     Ok(())
 }
 
