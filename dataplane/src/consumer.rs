@@ -38,6 +38,8 @@ pub struct ConsumerSettings {
     /// An entry the database refuses this many times is dead-lettered.
     pub max_data_failures: u32,
     pub db_connections: usize,
+    /// The payment timeout sweeper run next to the consumer loop (`None`: not here).
+    pub sweeper: Option<crate::payment_timeout::SweeperSettings>,
 }
 
 impl ConsumerSettings {
@@ -53,6 +55,7 @@ impl ConsumerSettings {
             max_deliveries: 10,
             max_data_failures: 3,
             db_connections: 4,
+            sweeper: Some(crate::payment_timeout::SweeperSettings::default()),
         }
     }
 }
@@ -136,6 +139,7 @@ pub struct Consumer {
     settings: ConsumerSettings,
     data_failures: HashMap<String, u32>,
     publisher: Publisher,
+    sweeper: Option<crate::payment_timeout::Sweeper>,
 }
 
 impl Consumer {
@@ -193,7 +197,16 @@ impl Consumer {
             settings,
             data_failures: HashMap::new(),
             publisher: Publisher::new(&doc.id()),
+            sweeper: None,
         };
+        consumer.sweeper = consumer.settings.sweeper.clone().map(|s| {
+            crate::payment_timeout::Sweeper::new(
+                doc,
+                consumer.store.clone(),
+                consumer.redis.clone(),
+                s,
+            )
+        });
         let mut backoff = Backoff::new();
         loop {
             match consumer.prepare(doc).await {
@@ -235,11 +248,18 @@ impl Consumer {
 
     /// Runs until `shutdown`; entries in flight are finished or left pending
     /// for the next consumer, never lost.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         use tracing::Instrument;
         let span =
             tracing::info_span!("consumer", sale = %self.sale, consumer = %self.settings.name);
+        let sweeper = self
+            .sweeper
+            .take()
+            .map(|s| tokio::spawn(s.run(shutdown.clone()).instrument(span.clone())));
         self.run_loop(shutdown).instrument(span).await;
+        if let Some(task) = sweeper {
+            let _ = task.await;
+        }
     }
 
     async fn run_loop(mut self, shutdown: CancellationToken) {

@@ -15,6 +15,7 @@ pub mod keys;
 pub mod lag;
 pub mod local;
 pub mod order;
+pub mod payment_timeout;
 pub mod ratelimit;
 pub mod scripts;
 pub mod servers;

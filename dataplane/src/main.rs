@@ -44,6 +44,11 @@ enum Command {
     Token(TokenArgs),
     /// Print the public API's OpenAPI document.
     Openapi,
+    /// Print a signed payment callback as a curl command, as the payment
+    /// provider would send it (signed with PAYMENT_PRIVATE_KEY).
+    SignCallback(SignCallbackArgs),
+    /// Print a fresh Ed25519 key pair for payment callbacks (base64).
+    PaymentKeygen,
     /// Start a throwaway Redis (AOF on) and PostgreSQL, print their URLs, and
     /// keep them until Ctrl-C (for the README tour and manual testing).
     Servers,
@@ -126,6 +131,19 @@ struct GatewayArgs {
     /// Take the client IP from this header (e.g. x-forwarded-for) behind a proxy.
     #[arg(long)]
     client_ip_header: Option<String>,
+    /// The payment provider's Ed25519 public key (base64 or hex); with
+    /// DATABASE_URL it enables POST /v1/payments/callback.
+    #[arg(long, env = "PAYMENT_PUBLIC_KEY")]
+    payment_public_key: Option<String>,
+    /// The order store, for payment callbacks.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// The currency callbacks must pay in.
+    #[arg(long, env = "PAYMENT_CURRENCY", default_value = "USD")]
+    payment_currency: String,
+    /// WebSocket ping interval; a peer silent for two intervals is dropped.
+    #[arg(long, default_value_t = 20)]
+    ws_ping_seconds: u64,
 }
 
 #[derive(Args)]
@@ -143,6 +161,41 @@ struct ConsumerArgs {
     claim_idle_ms: u64,
     #[arg(long, default_value_t = 5_000)]
     claim_every_ms: u64,
+    /// How often this consumer looks for unpaid orders past the payment timeout.
+    #[arg(long, default_value_t = 1_000)]
+    sweep_every_ms: u64,
+    /// Unpaid orders cancelled per transaction.
+    #[arg(long, default_value_t = 500)]
+    sweep_batch: i64,
+    /// Do not run the payment timeout sweeper in this process.
+    #[arg(long)]
+    no_sweeper: bool,
+    /// Pause between a sweep's commit and its Redis apply (fault tests).
+    #[arg(long, default_value_t = 0, hide = true)]
+    sweep_apply_delay_ms: u64,
+}
+
+#[derive(Args)]
+struct SignCallbackArgs {
+    #[arg(long)]
+    order_id: String,
+    /// Amount paid, a decimal string (the order's quantity × unit price).
+    #[arg(long)]
+    amount: String,
+    #[arg(long, default_value = "USD")]
+    currency: String,
+    /// The provider's payment id (default: a new one).
+    #[arg(long)]
+    payment_id: Option<String>,
+    /// `succeeded` or `failed`.
+    #[arg(long, default_value = "succeeded")]
+    status: String,
+    /// The provider's Ed25519 private key (base64 or hex, 32 bytes).
+    #[arg(long, env = "PAYMENT_PRIVATE_KEY", hide_env_values = true)]
+    private_key: String,
+    /// The gateway the curl command posts to.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    gateway: String,
 }
 
 #[derive(Args)]
@@ -271,6 +324,25 @@ async fn run(command: Command) -> Result<ExitCode> {
                 .map(|h| h.parse())
                 .transpose()
                 .context("--client-ip-header is not a header name")?;
+            settings.push.ping_interval = Duration::from_secs(a.ws_ping_seconds.max(1));
+            settings.payment = match (a.payment_public_key, a.database_url) {
+                (Some(key), Some(database_url)) => Some(gateway::payment::PaymentSettings {
+                    public_key: gateway::payment::parse_public_key(&key)
+                        .context("--payment-public-key")?,
+                    database_url,
+                    currency: a.payment_currency,
+                }),
+                (Some(_), None) => {
+                    bail!("--payment-public-key needs --database-url (DATABASE_URL)")
+                }
+                _ => None,
+            };
+            match dataplane::gateway::push::raise_open_files_limit() {
+                Ok(n) => {
+                    tracing::debug!(open_files = n, "open file limit raised to the hard limit")
+                }
+                Err(e) => tracing::warn!(error = %e, "open file limit not raised"),
+            }
             let gw = Gateway::new(&doc, &settings)?;
             let public = gateway::bind(a.listen).await?;
             let admin = gateway::bind(a.admin_listen).await?;
@@ -284,6 +356,13 @@ async fn run(command: Command) -> Result<ExitCode> {
             settings.batch_size = a.batch_size;
             settings.claim_idle = Duration::from_millis(a.claim_idle_ms);
             settings.claim_every = Duration::from_millis(a.claim_every_ms);
+            settings.sweeper =
+                (!a.no_sweeper).then(|| dataplane::payment_timeout::SweeperSettings {
+                    every: Duration::from_millis(a.sweep_every_ms.max(10)),
+                    batch: a.sweep_batch.max(1),
+                    apply_delay: Duration::from_millis(a.sweep_apply_delay_ms),
+                    ..Default::default()
+                });
             let shutdown = shutdown_on_signal();
             let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let admin = gateway::bind(a.admin_listen).await?;
@@ -343,6 +422,29 @@ async fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Openapi => {
             println!("{}", dataplane::gateway::openapi::document());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::SignCallback(a) => {
+            use dataplane::gateway::payment;
+            let key = payment::parse_private_key(&a.private_key).context("PAYMENT_PRIVATE_KEY")?;
+            let body = serde_json::to_string(&serde_json::json!({
+                "paymentId": a.payment_id.unwrap_or_else(|| format!("pay-{}", ulid::Ulid::new())),
+                "orderId": a.order_id,
+                "amount": a.amount,
+                "currency": a.currency,
+                "status": a.status,
+            }))?;
+            let signature = payment::sign(&key, body.as_bytes());
+            println!(
+                "curl -sS -X POST {}/v1/payments/callback -H 'content-type: application/json' -H 'X-Signature: {signature}' -d '{body}'",
+                a.gateway.trim_end_matches('/')
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::PaymentKeygen => {
+            let (private, public) = dataplane::gateway::payment::keygen();
+            println!("PAYMENT_PRIVATE_KEY={private}");
+            println!("PAYMENT_PUBLIC_KEY={public}");
             Ok(ExitCode::SUCCESS)
         }
     }

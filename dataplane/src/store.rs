@@ -11,9 +11,10 @@ use crate::spec::{SaleId, SaleSpec};
 /// Applied in order, once each, recorded in `flashsale_schema_migrations`.
 /// Hand-rolled rather than a migration crate because it must run under a
 /// PostgreSQL advisory lock so many consumer pods can start at once.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE flashsale_inventory (
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE flashsale_inventory (
         sale text NOT NULL,
         sku text NOT NULL,
         stock bigint NOT NULL CHECK (stock >= 0),
@@ -38,7 +39,49 @@ const MIGRATIONS: &[(i32, &str)] = &[(
         FOREIGN KEY (sale, sku) REFERENCES flashsale_inventory (sale, sku)
     );
     CREATE INDEX flashsale_orders_user ON flashsale_orders (sale, user_id);",
-)];
+    ),
+    (
+        2,
+        // Payments and timeouts: every callback recorded once by payment id
+        // (its answer stored, so a repeat answers the same), at most one paid
+        // payment per order, and the outbox whose rows return a cancelled
+        // order's stock to Redis after the cancelling transaction commits.
+        "ALTER TABLE flashsale_orders
+        ADD COLUMN paid_at timestamptz,
+        ADD COLUMN cancelled_at timestamptz;
+    CREATE INDEX flashsale_orders_unpaid ON flashsale_orders (sale, sku, accepted_at)
+        WHERE status = 'confirmed';
+    CREATE TABLE flashsale_payments (
+        payment_id text PRIMARY KEY,
+        order_id text NOT NULL,
+        sale text NOT NULL,
+        amount numeric(14, 2) NOT NULL,
+        currency text NOT NULL,
+        provider_status text NOT NULL,
+        outcome text NOT NULL CHECK (outcome IN ('paid', 'refund_due', 'rejected')),
+        reason text,
+        http_status integer NOT NULL,
+        body text NOT NULL,
+        received_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE UNIQUE INDEX flashsale_payments_one_paid ON flashsale_payments (order_id)
+        WHERE outcome = 'paid';
+    CREATE INDEX flashsale_payments_refund_due ON flashsale_payments (sale)
+        WHERE outcome = 'refund_due';
+    CREATE TABLE flashsale_outbox (
+        id bigserial PRIMARY KEY,
+        sale text NOT NULL,
+        sku text NOT NULL,
+        order_id text NOT NULL,
+        user_id text NOT NULL,
+        action text NOT NULL CHECK (action IN ('release')),
+        created_at timestamptz NOT NULL DEFAULT now(),
+        applied_at timestamptz
+    );
+    CREATE INDEX flashsale_outbox_unapplied ON flashsale_outbox (sale, id)
+        WHERE applied_at IS NULL;",
+    ),
+];
 
 /// Arbitrary constant identifying flashsale's migration lock.
 const MIGRATION_LOCK: i64 = 0x666c_6173_6873_616c;

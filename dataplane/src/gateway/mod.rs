@@ -5,6 +5,7 @@ pub mod load_report;
 pub mod observability;
 pub mod openapi;
 pub mod orders;
+pub mod payment;
 pub mod purchase;
 pub mod push;
 
@@ -44,6 +45,8 @@ pub struct GatewaySettings {
     pub clock_skew: Duration,
     /// WebSocket push tuning.
     pub push: push::PushSettings,
+    /// Payment callbacks are taken only with a provider key and an order store.
+    pub payment: Option<payment::PaymentSettings>,
 }
 
 impl GatewaySettings {
@@ -56,6 +59,7 @@ impl GatewaySettings {
             client_ip_header: None,
             clock_skew: Duration::from_secs(1),
             push: push::PushSettings::default(),
+            payment: None,
         }
     }
 }
@@ -129,6 +133,8 @@ pub struct Gateway {
     pub events: crate::events::Publisher,
     /// Cancelled when the gateway stops (closes open WebSockets).
     pub shutdown: Shutdown,
+    /// The payment callback's key and order store, when configured.
+    pub payments: Option<payment::Payments>,
     redis_url: String,
 }
 
@@ -148,6 +154,8 @@ pub enum GatewayError {
     Serve(std::io::Error),
     #[error("the token secret is empty; set TOKEN_SECRET")]
     EmptySecret,
+    #[error("payment order store: {0}")]
+    PaymentStore(#[from] crate::store::StoreError),
 }
 
 impl Gateway {
@@ -229,6 +237,11 @@ impl Gateway {
             ),
             events: crate::events::Publisher::new(&sale),
             shutdown: Shutdown::new(),
+            payments: settings
+                .payment
+                .as_ref()
+                .map(payment::Payments::new)
+                .transpose()?,
             redis_url: settings.redis_url.clone(),
             sale,
         }))
@@ -254,6 +267,7 @@ impl Gateway {
             .route("/v1/sales/{sale}/purchase", post(purchase::purchase))
             .route("/v1/orders/{id}", get(orders::get_order))
             .route("/v1/ws", get(push::ws))
+            .route("/v1/payments/callback", post(payment::callback))
             .route(
                 "/v1/ping",
                 get(observability::ping).post(observability::ping),
@@ -280,6 +294,7 @@ impl Gateway {
             shutdown.clone(),
         ));
         tokio::spawn(push::refresh_registry(Arc::clone(self), shutdown.clone()));
+        tokio::spawn(payment::migrate(Arc::clone(self), shutdown.clone()));
         let own = self.shutdown.clone();
         tokio::spawn(async move {
             shutdown.cancelled().await;

@@ -15,7 +15,8 @@ use utoipa::{Modify, OpenApi};
     paths(
         super::purchase::purchase,
         super::orders::get_order,
-        super::push::ws
+        super::push::ws,
+        super::payment::callback
     ),
     components(schemas(
         super::purchase::PurchaseRequest,
@@ -23,6 +24,10 @@ use utoipa::{Modify, OpenApi};
         super::orders::OrderView,
         super::error::ErrorBody,
         crate::events::OrderEvent,
+        super::payment::PaymentCallback,
+        super::payment::ProviderStatus,
+        super::payment::PaymentOutcome,
+        super::payment::PaymentAnswer,
         crate::order::OrderStatus
     )),
     modifiers(&BearerAuth)

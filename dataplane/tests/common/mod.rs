@@ -103,7 +103,14 @@ impl RunningGateway {
     ) -> Result<Self, gateway::GatewayError> {
         let mut settings = GatewaySettings::new(redis_url, SECRET.to_vec());
         settings.pod = pod.to_string();
-        let gw = Gateway::new(doc, &settings)?;
+        Self::start_with(doc, &settings).await
+    }
+
+    pub async fn start_with(
+        doc: &SaleDocument,
+        settings: &GatewaySettings,
+    ) -> Result<Self, gateway::GatewayError> {
+        let gw = Gateway::new(doc, settings)?;
         let public = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let admin = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let addr = public.local_addr().map_err(gateway::GatewayError::Serve)?;
@@ -179,6 +186,18 @@ pub fn spawn_consumer_process(
     batch: usize,
     log: &Path,
 ) -> std::io::Result<Child> {
+    spawn_consumer_process_with(config, servers, name, batch, &[], log)
+}
+
+/// `flashsale consumer` with extra flags.
+pub fn spawn_consumer_process_with(
+    config: &Path,
+    servers: &Servers,
+    name: &str,
+    batch: usize,
+    extra: &[&str],
+    log: &Path,
+) -> std::io::Result<Child> {
     let log = std::fs::File::create(log)?;
     Command::new(env!("CARGO_BIN_EXE_flashsale"))
         .arg("consumer")
@@ -194,6 +213,7 @@ pub fn spawn_consumer_process(
         ])
         .arg("--batch-size")
         .arg(batch.to_string())
+        .args(extra)
         .env("REDIS_URL", servers.redis.url())
         .env("DATABASE_URL", servers.pg.url())
         .env("POD_NAME", name)

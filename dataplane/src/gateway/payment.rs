@@ -1,0 +1,628 @@
+//! `POST /v1/payments/callback`: the payment provider reports a payment.
+//!
+//! The provider signs the raw body with its Ed25519 private key
+//! (`X-Signature: <base64 signature>`); the gateway verifies with the
+//! configured public key. PostgreSQL is the source of truth: the order row
+//! is locked (`FOR UPDATE`, which the timeout sweeper's `SKIP LOCKED` steps
+//! around), the callback is recorded once by payment id with the answer
+//! given, and only a confirmed order with the right amount and currency
+//! becomes paid. A callback for a cancelled, already paid or unknown order is
+//! recorded as `refund_due` and changes no order.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+
+use super::Gateway;
+use super::error::{ApiError, ErrorBody};
+use crate::events::OrderEvent;
+use crate::order::{OrderRecord, OrderStatus, sku_of};
+use crate::scripts;
+use crate::store::{OrderStore, StoreError};
+
+/// The header carrying the base64 Ed25519 signature of the raw body.
+pub const SIGNATURE_HEADER: &str = "x-signature";
+/// Largest callback body accepted.
+const MAX_CALLBACK_BYTES: usize = 4096;
+
+/// How the gateway checks payment callbacks.
+#[derive(Clone, Debug)]
+pub struct PaymentSettings {
+    /// The provider's public key.
+    pub public_key: VerifyingKey,
+    /// The order store (PostgreSQL), the source of truth for paid.
+    pub database_url: String,
+    /// The currency every amount must be in (ISO 4217 code).
+    pub currency: String,
+}
+
+/// The gateway's payment side: the verifying key and the order store.
+pub struct Payments {
+    key: VerifyingKey,
+    currency: String,
+    store: OrderStore,
+    /// Set once the schema is known to be applied.
+    schema: tokio::sync::OnceCell<()>,
+}
+
+impl Payments {
+    pub fn new(settings: &PaymentSettings) -> Result<Self, StoreError> {
+        Ok(Self {
+            key: settings.public_key,
+            currency: settings.currency.clone(),
+            store: OrderStore::connect(&settings.database_url, 4)?,
+            schema: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// Applies the schema once (a no-op when a consumer already did).
+    async fn ensure_schema(&self) -> Result<(), StoreError> {
+        self.schema
+            .get_or_try_init(|| self.store.migrate())
+            .await
+            .map(|_| ())
+    }
+
+    pub fn store(&self) -> &OrderStore {
+        &self.store
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("the key is neither base64 nor hex")]
+    Encoding,
+    #[error("an Ed25519 key is 32 bytes, this one is {0}")]
+    Length(usize),
+    #[error("not a valid Ed25519 public key")]
+    Invalid,
+}
+
+fn key_bytes(text: &str) -> Result<[u8; 32], KeyError> {
+    let text = text.trim();
+    let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        (0..32)
+            .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .map_err(|_| KeyError::Encoding)?
+    } else {
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|_| KeyError::Encoding)?
+    };
+    let len = bytes.len();
+    bytes.try_into().map_err(|_| KeyError::Length(len))
+}
+
+/// A public key given as base64 or hex.
+pub fn parse_public_key(text: &str) -> Result<VerifyingKey, KeyError> {
+    VerifyingKey::from_bytes(&key_bytes(text)?).map_err(|_| KeyError::Invalid)
+}
+
+/// A private key (the 32-byte seed) given as base64 or hex.
+pub fn parse_private_key(text: &str) -> Result<SigningKey, KeyError> {
+    Ok(SigningKey::from_bytes(&key_bytes(text)?))
+}
+
+/// A fresh key pair as (private, public), both base64, for tests and the tour.
+pub fn keygen() -> (String, String) {
+    let seed: [u8; 32] = rand::random();
+    let key = SigningKey::from_bytes(&seed);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    (
+        b64.encode(key.to_bytes()),
+        b64.encode(key.verifying_key().to_bytes()),
+    )
+}
+
+/// The `X-Signature` value for a body, as the provider computes it.
+pub fn sign(key: &SigningKey, body: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(key.sign(body).to_bytes())
+}
+
+/// The provider's report of one payment.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentCallback {
+    /// The provider's id of this payment; a repeat with the same id is
+    /// answered as the first time.
+    pub payment_id: String,
+    pub order_id: String,
+    /// Amount paid as a decimal string, e.g. "5999.00".
+    #[schema(value_type = String)]
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+    /// ISO 4217 code.
+    pub currency: String,
+    pub status: ProviderStatus,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderStatus {
+    Succeeded,
+    Failed,
+}
+
+impl ProviderStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// What the gateway made of a callback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentOutcome {
+    /// The order is paid.
+    Paid,
+    /// Money came in for an order that cannot take it (cancelled, unknown or
+    /// already paid): recorded for refund; no order changed.
+    RefundDue,
+    /// Not accepted (wrong amount or currency, or the provider reports a
+    /// failed payment); no order changed.
+    Rejected,
+}
+
+impl PaymentOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Paid => "paid",
+            Self::RefundDue => "refund_due",
+            Self::Rejected => "rejected",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "paid" => Some(Self::Paid),
+            "refund_due" => Some(Self::RefundDue),
+            "rejected" => Some(Self::Rejected),
+            _ => None,
+        }
+    }
+}
+
+/// The answer to a recorded callback (the same on every repeat).
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentAnswer {
+    pub payment_id: String,
+    pub order_id: String,
+    pub outcome: PaymentOutcome,
+    /// Why, for refund_due and rejected: `order_cancelled`, `unknown_order`,
+    /// `already_paid`, `order_failed`, `amount_mismatch`, `currency_mismatch`,
+    /// `payment_failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/payments/callback",
+    tag = "payments",
+    params(("X-Signature" = String, Header,
+        description = "Base64 Ed25519 signature of the raw body by the provider's private key")),
+    request_body = PaymentCallback,
+    responses(
+        (status = 200, description = "Recorded: paid, refund_due (cancelled, unknown or already paid order), or rejected with reason payment_failed. A repeat answers the same", body = PaymentAnswer),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 401, description = "Missing or forged signature; nothing recorded", body = ErrorBody),
+        (status = 409, description = "not_persisted: the order is not in the order store yet, retry (Retry-After); or payment_id_reused with a different body", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "Rejected: amount_mismatch or currency_mismatch; recorded, the order is unchanged", body = PaymentAnswer),
+        (status = 503, description = "Payments not configured, or the order store is unavailable; retry", body = ErrorBody),
+    )
+)]
+pub async fn callback(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
+    let span = tracing::info_span!(
+        "payment_callback",
+        payment = tracing::field::Empty,
+        order = tracing::field::Empty
+    );
+    match handle(&gw, &headers, &body).instrument(span).await {
+        Ok((status, answer)) => (status, axum::Json(answer)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn handle(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(StatusCode, PaymentAnswer), ApiError> {
+    let Some(payments) = gw.payments.as_ref() else {
+        return Err(ApiError::unavailable(
+            "payments_disabled",
+            "this gateway has no payment key or order store configured",
+        ));
+    };
+    if body.len() > MAX_CALLBACK_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("a callback must be at most {MAX_CALLBACK_BYTES} bytes"),
+        ));
+    }
+    verify(&payments.key, headers, body)?;
+    let cb: PaymentCallback = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("callback body: {e}")))?;
+    let span = tracing::Span::current();
+    span.record("payment", cb.payment_id.as_str());
+    span.record("order", cb.order_id.as_str());
+    if cb.payment_id.is_empty()
+        || cb.payment_id.len() > 128
+        || cb.order_id.len() > 200
+        || cb.amount.is_sign_negative()
+        || cb.amount.scale() > 2
+        || cb.amount >= Decimal::from(1_000_000_000_000i64)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_callback",
+            "paymentId must be 1-128 characters and amount a non-negative decimal with at most 2 places",
+        ));
+    }
+    let raw = String::from_utf8_lossy(body).into_owned();
+    let decided = decide(gw, payments, &cb, &raw).await.map_err(|e| {
+        tracing::warn!(error = %e, "payment callback not recorded");
+        ApiError::unavailable("store_unavailable", "the order store is unavailable; retry")
+    })?;
+    let (status, answer, fresh) = match decided {
+        Decision::Recorded {
+            status,
+            answer,
+            fresh,
+        } => (status, answer, fresh),
+        Decision::Refused(e) => return Err(e),
+    };
+    tracing::info!(outcome = answer.outcome.as_str(), reason = ?answer.reason, fresh, "payment callback answered");
+    metrics::counter!("flashsale_payment_callbacks_total", "outcome" => answer.outcome.as_str(), "repeat" => if fresh { "no" } else { "yes" }).increment(1);
+    if answer.outcome == PaymentOutcome::Paid && !fresh {
+        // Redis follows PostgreSQL; a repeat heals a transition a crash may
+        // have skipped the first time.
+        mark_paid_in_redis(gw, &cb.order_id, true).await;
+    }
+    Ok((status, answer))
+}
+
+fn verify(key: &VerifyingKey, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+    let forged = || ApiError::unauthorized("the callback's X-Signature does not verify");
+    let sig = headers
+        .get(SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::unauthorized("missing X-Signature"))?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(sig.trim())
+        .map_err(|_| forged())?;
+    let sig = Signature::from_slice(&bytes).map_err(|_| forged())?;
+    key.verify(body, &sig).map_err(|_| forged())?;
+    // verify_strict also refuses weak keys and malleable signatures.
+    key.verify_strict(body, &sig).map_err(|_| forged())
+}
+
+enum Decision {
+    Recorded {
+        status: StatusCode,
+        answer: PaymentAnswer,
+        /// False when this is a repeat answered from the record.
+        fresh: bool,
+    },
+    Refused(ApiError),
+}
+
+/// The callback decided in one transaction.
+async fn decide(
+    gw: &Gateway,
+    payments: &Payments,
+    cb: &PaymentCallback,
+    raw: &str,
+) -> Result<Decision, StoreError> {
+    let sale = gw.sale.key();
+    payments.ensure_schema().await?;
+    let mut client = payments.store.pool().get().await?;
+    let tx = client.transaction().await?;
+    if let Some(prior) = recorded(&tx, cb).await? {
+        return Ok(prior);
+    }
+    let order = tx
+        .query_opt(
+            "SELECT sale, user_id, status, (quantity * unit_price)::text
+             FROM flashsale_orders WHERE order_id = $1 FOR UPDATE",
+            &[&cb.order_id],
+        )
+        .await?;
+    let mut paid_user = None;
+    let (outcome, reason, status) = if cb.status == ProviderStatus::Failed {
+        (
+            PaymentOutcome::Rejected,
+            Some("payment_failed"),
+            StatusCode::OK,
+        )
+    } else {
+        match order {
+            Some(row) if row.get::<_, String>(0) == sale => {
+                let user: String = row.get(1);
+                let order_status: String = row.get(2);
+                let total: Decimal = row.get::<_, String>(3).parse().unwrap_or_default();
+                match order_status.as_str() {
+                    "cancelled" => (
+                        PaymentOutcome::RefundDue,
+                        Some("order_cancelled"),
+                        StatusCode::OK,
+                    ),
+                    "paid" => (
+                        PaymentOutcome::RefundDue,
+                        Some("already_paid"),
+                        StatusCode::OK,
+                    ),
+                    _ if cb.currency != payments.currency => (
+                        PaymentOutcome::Rejected,
+                        Some("currency_mismatch"),
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                    ),
+                    _ if cb.amount != total => (
+                        PaymentOutcome::Rejected,
+                        Some("amount_mismatch"),
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                    ),
+                    _ => {
+                        tx.execute(
+                            "UPDATE flashsale_orders SET status = 'paid', paid_at = now()
+                             WHERE order_id = $1 AND status = 'confirmed'",
+                            &[&cb.order_id],
+                        )
+                        .await?;
+                        paid_user = Some(user);
+                        (PaymentOutcome::Paid, None, StatusCode::OK)
+                    }
+                }
+            }
+            _ => match redis_status(gw, &cb.order_id).await {
+                // Accepted but not persisted yet: answer "retry" and record
+                // nothing, so the retry is decided on the persisted order.
+                Some(OrderStatus::Accepted | OrderStatus::Confirmed) => {
+                    return Ok(Decision::Refused(
+                        ApiError::new(
+                            StatusCode::CONFLICT,
+                            "not_persisted",
+                            "the order is not in the order store yet; retry",
+                        )
+                        .retry_after(1),
+                    ));
+                }
+                Some(OrderStatus::Failed) => (
+                    PaymentOutcome::RefundDue,
+                    Some("order_failed"),
+                    StatusCode::OK,
+                ),
+                _ => (
+                    PaymentOutcome::RefundDue,
+                    Some("unknown_order"),
+                    StatusCode::OK,
+                ),
+            },
+        }
+    };
+    let inserted = tx
+        .execute(
+            "INSERT INTO flashsale_payments
+                (payment_id, order_id, sale, amount, currency, provider_status, outcome, reason, http_status, body)
+             VALUES ($1, $2, $3, $4::text::numeric, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (payment_id) DO NOTHING",
+            &[
+                &cb.payment_id,
+                &cb.order_id,
+                &sale,
+                &cb.amount.to_string(),
+                &cb.currency,
+                &cb.status.as_str(),
+                &outcome.as_str(),
+                &reason,
+                &i32::from(status.as_u16()),
+                &raw,
+            ],
+        )
+        .await?;
+    if inserted == 0 {
+        // The same payment id raced in on another connection and won: answer
+        // as it was answered.
+        drop(tx);
+        let tx = client.transaction().await?;
+        return Ok(recorded(&tx, cb)
+            .await?
+            .unwrap_or(Decision::Refused(ApiError::unavailable(
+                "store_conflict",
+                "the callback is being recorded; retry",
+            ))));
+    }
+    tx.commit().await?;
+    let answer = PaymentAnswer {
+        payment_id: cb.payment_id.clone(),
+        order_id: cb.order_id.clone(),
+        outcome,
+        reason: reason.map(str::to_string),
+    };
+    if let Some(user) = paid_user
+        && let Some(sku) = sku_of(&cb.order_id)
+    {
+        let event = OrderEvent::new(&cb.order_id, sku, OrderStatus::Paid, None);
+        let mut redis = gw.redis.clone();
+        // Order matters: the record moves to paid before the push, so a
+        // client's resume after the push never sees it older.
+        mark_paid_in_redis(gw, &cb.order_id, false).await;
+        if let Err(e) = gw.events.publish(&mut redis, &user, &event).await {
+            tracing::debug!(error = %e, "order.paid not pushed");
+        }
+    }
+    Ok(Decision::Recorded {
+        status,
+        answer,
+        fresh: true,
+    })
+}
+
+/// The stored answer for this payment id, if any. A different body under a
+/// known payment id is refused (a provider bug or an attack), never applied.
+async fn recorded(
+    tx: &tokio_postgres::Transaction<'_>,
+    cb: &PaymentCallback,
+) -> Result<Option<Decision>, StoreError> {
+    let Some(row) = tx
+        .query_opt(
+            "SELECT order_id, amount::text, currency, provider_status, outcome, reason, http_status
+             FROM flashsale_payments WHERE payment_id = $1",
+            &[&cb.payment_id],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let amount: Decimal = row.get::<_, String>(1).parse().unwrap_or_default();
+    let same = row.get::<_, String>(0) == cb.order_id
+        && amount == cb.amount
+        && row.get::<_, String>(2) == cb.currency
+        && row.get::<_, String>(3) == cb.status.as_str();
+    if !same {
+        return Ok(Some(Decision::Refused(
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "payment_id_reused",
+                "this paymentId was recorded with a different body",
+            )
+            .with("paymentId", cb.payment_id.as_str()),
+        )));
+    }
+    let outcome =
+        PaymentOutcome::parse(&row.get::<_, String>(4)).unwrap_or(PaymentOutcome::Rejected);
+    let status = u16::try_from(row.get::<_, i32>(6))
+        .ok()
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    Ok(Some(Decision::Recorded {
+        status,
+        answer: PaymentAnswer {
+            payment_id: cb.payment_id.clone(),
+            order_id: cb.order_id.clone(),
+            outcome,
+            reason: row.get(5),
+        },
+        fresh: false,
+    }))
+}
+
+/// The order's status in Redis, if this sale has it.
+async fn redis_status(gw: &Gateway, order_id: &str) -> Option<OrderStatus> {
+    let product = gw.products.get(sku_of(order_id)?)?;
+    let mut redis = gw.redis.clone();
+    let raw: Option<String> = tokio::time::timeout(
+        gw.redis_timeout,
+        redis::cmd("HGET")
+            .arg(&product.keys[5])
+            .arg(order_id)
+            .query_async(&mut redis),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    serde_json::from_str::<OrderRecord>(&raw?)
+        .ok()
+        .map(|r| r.status)
+}
+
+/// Moves the Redis record to paid (from accepted or confirmed only).
+async fn mark_paid_in_redis(gw: &Gateway, order_id: &str, repeat: bool) {
+    let Some(product) = sku_of(order_id).and_then(|s| gw.products.get(s)) else {
+        return;
+    };
+    let mut redis = gw.redis.clone();
+    let moved: Result<Vec<String>, _> = scripts::TRANSITION
+        .key(&product.keys[5])
+        .arg(OrderStatus::Paid.as_str())
+        .arg("accepted,confirmed")
+        .arg(order_id)
+        .invoke_async(&mut redis)
+        .await;
+    match moved {
+        Ok(_) => {}
+        Err(e) if repeat => tracing::debug!(error = %e, "paid order not marked in Redis"),
+        Err(e) => {
+            tracing::warn!(error = %e, "paid order not marked in Redis; a repeated callback retries")
+        }
+    }
+}
+
+/// Applies the schema (payments tables) in the background so a gateway can
+/// take callbacks before any consumer has started.
+pub(super) async fn migrate(gw: Arc<Gateway>, shutdown: tokio_util::sync::CancellationToken) {
+    let Some(payments) = gw.payments.as_ref() else {
+        return;
+    };
+    let mut delay = std::time::Duration::from_millis(200);
+    loop {
+        match payments.ensure_schema().await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = %e, "order store schema not applied yet; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        delay = (delay * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_parse_from_base64_and_hex() -> Result<(), KeyError> {
+        let (private, public) = keygen();
+        let signing = parse_private_key(&private)?;
+        let verifying = parse_public_key(&public)?;
+        assert_eq!(signing.verifying_key(), verifying);
+        let hex: String = verifying
+            .to_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(parse_public_key(&hex)?, verifying);
+        assert!(matches!(parse_public_key("AAAA"), Err(KeyError::Length(3))));
+        assert!(matches!(
+            parse_public_key("not base64!"),
+            Err(KeyError::Encoding)
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn signatures_verify_only_for_their_body_and_key() -> Result<(), KeyError> {
+        let (private, public) = keygen();
+        let key = parse_private_key(&private)?;
+        let public = parse_public_key(&public)?;
+        let body = br#"{"paymentId":"p1"}"#;
+        let mut headers = HeaderMap::new();
+        let sig = sign(&key, body);
+        headers.insert(
+            SIGNATURE_HEADER,
+            sig.parse().map_err(|_| KeyError::Encoding)?,
+        );
+        assert!(verify(&public, &headers, body).is_ok());
+        assert!(verify(&public, &headers, br#"{"paymentId":"p2"}"#).is_err());
+        let (_, other) = keygen();
+        assert!(verify(&parse_public_key(&other)?, &headers, body).is_err());
+        assert!(verify(&public, &HeaderMap::new(), body).is_err());
+        Ok(())
+    }
+}

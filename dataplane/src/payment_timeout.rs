@@ -1,0 +1,341 @@
+//! The payment timeout sweeper: orders still unpaid `payment.timeoutSeconds`
+//! after acceptance are cancelled and their stock and the buyer's limit
+//! returned to Redis exactly once. It runs in every consumer process.
+//!
+//! One PostgreSQL transaction per product and batch picks due orders with
+//! `FOR UPDATE SKIP LOCKED` (so several sweepers, and a payment callback
+//! holding an order's row, never meet on one order), cancels them, lowers the
+//! inventory's `sold`, and writes one outbox row per order. After commit the
+//! outbox rows are applied to Redis with `release.lua`, which moves an order
+//! only from accepted|confirmed (so applying twice returns nothing twice), and
+//! marked applied. A crash between commit and apply leaves the rows
+//! unapplied; the next sweep of any consumer applies them.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use tokio_util::sync::CancellationToken;
+
+use crate::events::{OrderEvent, Publisher};
+use crate::keys::ProductKeys;
+use crate::order::OrderStatus;
+use crate::scripts;
+use crate::spec::{SaleDocument, SaleId};
+use crate::store::{OrderStore, StoreError};
+
+/// The reason recorded on orders cancelled for want of payment.
+pub const REASON: &str = "payment_timeout";
+
+/// How often and how much to sweep.
+#[derive(Clone, Debug)]
+pub struct SweeperSettings {
+    pub every: Duration,
+    /// Orders cancelled per transaction.
+    pub batch: i64,
+    /// Unapplied outbox rows younger than this are left to the sweeper that
+    /// wrote them (it applies them right after its commit).
+    pub grace: Duration,
+    /// Pause between commit and apply. Only fault tests set it, to widen the
+    /// window in which a crash leaves outbox rows unapplied.
+    pub apply_delay: Duration,
+}
+
+impl Default for SweeperSettings {
+    fn default() -> Self {
+        Self {
+            every: Duration::from_secs(1),
+            batch: 500,
+            grace: Duration::from_secs(2),
+            apply_delay: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error("order store: {0}")]
+    Store(#[from] StoreError),
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl From<deadpool_postgres::PoolError> for SweepError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        Self::Store(StoreError::Pool(e))
+    }
+}
+
+/// What one sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SweepOutcome {
+    /// Orders cancelled in PostgreSQL.
+    pub cancelled: u64,
+    /// Outbox rows applied to Redis (this sweep's and earlier ones').
+    pub applied: u64,
+    /// Orders whose stock actually came back (the rest were already released).
+    pub released: u64,
+}
+
+/// One outbox row: an order whose stock must go back to Redis.
+struct Release {
+    id: i64,
+    sku: String,
+    order_id: String,
+    user_id: String,
+}
+
+pub struct Sweeper {
+    sale: SaleId,
+    products: Vec<(String, ProductKeys)>,
+    timeout: Duration,
+    store: OrderStore,
+    redis: ConnectionManager,
+    publisher: Publisher,
+    settings: SweeperSettings,
+}
+
+impl Sweeper {
+    pub fn new(
+        doc: &SaleDocument,
+        store: OrderStore,
+        redis: ConnectionManager,
+        settings: SweeperSettings,
+    ) -> Self {
+        let sale = doc.id();
+        Self {
+            products: doc
+                .spec
+                .products
+                .iter()
+                .map(|p| (p.sku.clone(), ProductKeys::new(&sale, &p.sku)))
+                .collect(),
+            timeout: Duration::from_secs(u64::from(doc.spec.payment.timeout_seconds)),
+            publisher: Publisher::new(&sale),
+            sale,
+            store,
+            redis,
+            settings,
+        }
+    }
+
+    /// Sweeps every `settings.every` until shutdown.
+    pub async fn run(self, shutdown: CancellationToken) {
+        use tracing::Instrument;
+        let span = tracing::info_span!("payment_timeout", sale = %self.sale);
+        async move {
+            let mut tick = tokio::time::interval(self.settings.every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                match self.sweep().await {
+                    Ok(o) if o.cancelled > 0 || o.applied > 0 => {
+                        tracing::info!(cancelled = o.cancelled, applied = o.applied, released = o.released, "unpaid orders cancelled");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "payment timeout sweep failed; retrying next tick"),
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// Applies abandoned outbox rows, then cancels every due order, a batch
+    /// per transaction.
+    pub async fn sweep(&self) -> Result<SweepOutcome, SweepError> {
+        let mut out = SweepOutcome::default();
+        self.apply_abandoned(&mut out).await?;
+        for (sku, _) in &self.products {
+            loop {
+                let rows = self.cancel_due(sku).await?;
+                let n = rows.len();
+                out.cancelled += n as u64;
+                metrics::counter!("flashsale_orders_cancelled_total", "reason" => REASON)
+                    .increment(n as u64);
+                if n == 0 {
+                    break;
+                }
+                if !self.settings.apply_delay.is_zero() {
+                    tokio::time::sleep(self.settings.apply_delay).await;
+                }
+                let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+                out.released += self.apply(&rows).await?;
+                self.mark_applied(&ids).await?;
+                out.applied += n as u64;
+                if (n as i64) < self.settings.batch {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One transaction: due orders of `sku` → cancelled, `sold` lowered,
+    /// one outbox row each.
+    async fn cancel_due(&self, sku: &str) -> Result<Vec<Release>, SweepError> {
+        let mut client = self.store.pool().get().await?;
+        let tx = client.transaction().await?;
+        let rows = tx
+            .query(
+                "WITH due AS (
+                    SELECT order_id FROM flashsale_orders
+                    WHERE sale = $1 AND sku = $2 AND status = 'confirmed'
+                      AND accepted_at < now() - make_interval(secs => $3)
+                    ORDER BY accepted_at
+                    LIMIT $4
+                    FOR UPDATE SKIP LOCKED
+                 ), cancelled AS (
+                    UPDATE flashsale_orders o SET status = 'cancelled', cancelled_at = now()
+                    FROM due WHERE o.order_id = due.order_id
+                    RETURNING o.order_id, o.user_id, o.quantity
+                 ), inventory AS (
+                    UPDATE flashsale_inventory
+                    SET sold = sold - (SELECT coalesce(sum(quantity), 0) FROM cancelled)
+                    WHERE sale = $1 AND sku = $2 AND EXISTS (SELECT 1 FROM cancelled)
+                 ), outbox AS (
+                    INSERT INTO flashsale_outbox (sale, sku, order_id, user_id, action)
+                    SELECT $1, $2, order_id, user_id, 'release' FROM cancelled
+                    RETURNING id, order_id, user_id
+                 )
+                 SELECT id, order_id, user_id FROM outbox",
+                &[
+                    &self.sale.key(),
+                    &sku,
+                    &self.timeout.as_secs_f64(),
+                    &self.settings.batch,
+                ],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(rows
+            .iter()
+            .map(|r| Release {
+                id: r.get(0),
+                sku: sku.to_string(),
+                order_id: r.get(1),
+                user_id: r.get(2),
+            })
+            .collect())
+    }
+
+    /// Outbox rows a crashed sweeper committed but never applied. Locked
+    /// while applied, so two sweepers do not both pick the same rows up.
+    async fn apply_abandoned(&self, out: &mut SweepOutcome) -> Result<(), SweepError> {
+        loop {
+            let mut client = self.store.pool().get().await?;
+            let tx = client.transaction().await?;
+            let rows = tx
+                .query(
+                    "SELECT id, sku, order_id, user_id FROM flashsale_outbox
+                     WHERE sale = $1 AND applied_at IS NULL
+                       AND created_at < now() - make_interval(secs => $2)
+                     ORDER BY id
+                     LIMIT $3
+                     FOR UPDATE SKIP LOCKED",
+                    &[
+                        &self.sale.key(),
+                        &self.settings.grace.as_secs_f64(),
+                        &self.settings.batch,
+                    ],
+                )
+                .await?;
+            if rows.is_empty() {
+                return Ok(());
+            }
+            let releases: Vec<Release> = rows
+                .iter()
+                .map(|r| Release {
+                    id: r.get(0),
+                    sku: r.get(1),
+                    order_id: r.get(2),
+                    user_id: r.get(3),
+                })
+                .collect();
+            tracing::info!(
+                rows = releases.len(),
+                "applying outbox rows left by an earlier sweep"
+            );
+            out.released += self.apply(&releases).await?;
+            let ids: Vec<i64> = releases.iter().map(|r| r.id).collect();
+            tx.execute(
+                "UPDATE flashsale_outbox SET applied_at = now() WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await?;
+            tx.commit().await?;
+            out.applied += ids.len() as u64;
+            if (ids.len() as i64) < self.settings.batch {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Releases each order in Redis (pipelined) and tells the users whose
+    /// order this call moved. Returns how many moved.
+    async fn apply(&self, rows: &[Release]) -> Result<u64, SweepError> {
+        let mut redis = self.redis.clone();
+        let mut pipe = redis::pipe();
+        pipe.load_script(&scripts::RELEASE).ignore();
+        let mut applied = Vec::with_capacity(rows.len());
+        let invocations: Vec<_> = rows
+            .iter()
+            .filter_map(|r| {
+                let (_, keys) = self.products.iter().find(|(s, _)| *s == r.sku)?;
+                let mut inv = scripts::RELEASE.prepare_invoke();
+                inv.key(keys.orders())
+                    .key(keys.stock())
+                    .key(keys.buyers())
+                    .arg(&r.order_id)
+                    .arg(OrderStatus::Cancelled.as_str())
+                    .arg(REASON);
+                applied.push(r);
+                Some(inv)
+            })
+            .collect();
+        if invocations.is_empty() {
+            return Ok(0);
+        }
+        for inv in &invocations {
+            pipe.invoke_script(inv);
+        }
+        let results: Vec<(String, String)> = pipe.query_async(&mut redis).await?;
+        let mut events = Vec::new();
+        for (r, (outcome, detail)) in applied.into_iter().zip(results) {
+            match outcome.as_str() {
+                "released" => events.push((
+                    r.user_id.clone(),
+                    OrderEvent::new(
+                        &r.order_id,
+                        &r.sku,
+                        OrderStatus::Cancelled,
+                        Some(REASON.into()),
+                    ),
+                )),
+                "unknown" => {
+                    tracing::warn!(order = %r.order_id, "cancelled order missing from Redis; its stock was not returned there")
+                }
+                _ => tracing::debug!(order = %r.order_id, status = %detail, "already released"),
+            }
+        }
+        if let Err(e) = self.publisher.publish_many(&mut redis, &events).await {
+            tracing::debug!(error = %e, "order.cancelled not pushed");
+        }
+        Ok(events.len() as u64)
+    }
+
+    async fn mark_applied(&self, ids: &[i64]) -> Result<(), SweepError> {
+        let client = self.store.pool().get().await?;
+        client
+            .execute(
+                "UPDATE flashsale_outbox SET applied_at = now() WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,258 @@
+//! 1,000 unpaid orders time out with three sweepers (consumer processes)
+//! running at once and one SIGKILLed mid-way: the stock comes back exactly
+//! 1,000 units, buyers may buy again, and no order is both paid and cancelled.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use dataplane::gateway::GatewaySettings;
+use dataplane::gateway::payment::{self, PaymentSettings};
+use dataplane::keys::ProductKeys;
+use dataplane::order::{OrderRecord, OrderStatus};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+const UNPAID: usize = 1_000;
+const PAID: usize = 10;
+
+async fn count(store: &dataplane::store::OrderStore, sql: &str) -> i64 {
+    match store.pool().get().await {
+        Ok(c) => c.query_one(sql, &[]).await.map(|r| r.get(0)).unwrap_or(-1),
+        Err(_) => -1,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_unpaid_orders_time_out_once_across_three_sweepers_one_killed() -> Result<(), Error>
+{
+    let servers = Servers::start()?;
+    let total = UNPAID + PAID;
+    let mut doc = sale("sweep", &[("item", total as i64, 1)]);
+    doc.spec.payment.timeout_seconds = 6;
+    warm(&servers, &doc).await?;
+    let (private, public) = payment::keygen();
+    let key = payment::parse_private_key(&private)?;
+    let mut settings = GatewaySettings::new(servers.redis.url(), SECRET.to_vec());
+    settings.pod = "gw".into();
+    settings.payment = Some(PaymentSettings {
+        public_key: payment::parse_public_key(&public)?,
+        database_url: servers.pg.url(),
+        currency: "USD".into(),
+    });
+    let gw = RunningGateway::start_with(&doc, &settings).await?;
+    let dir = tempfile::tempdir()?;
+    let config = write_doc(dir.path(), &doc)?;
+    // Small batches and a pause between commit and apply: sweeps overlap,
+    // and a kill most likely lands after a commit, before its Redis apply.
+    let flags = [
+        "--sweep-every-ms",
+        "100",
+        "--sweep-batch",
+        "25",
+        "--sweep-apply-delay-ms",
+        "300",
+    ];
+    let mut sweepers = Vec::new();
+    for i in 0..3 {
+        let log = dir.path().join(format!("c{i}.log"));
+        sweepers.push(spawn_consumer_process_with(
+            &config,
+            &servers,
+            &format!("c{i}"),
+            200,
+            &flags,
+            &log,
+        )?);
+    }
+
+    // Every user buys one unit.
+    let client = http();
+    let orders: Vec<(String, String)> = futures::stream::iter(0..total)
+        .map(|i| {
+            let (client, url) = (client.clone(), gw.url("/v1/sales/sweep/purchase"));
+            async move {
+                let user = format!("u{i}");
+                let resp = client
+                    .post(url)
+                    .bearer_auth(token(&user))
+                    .json(&json!({"sku": "item", "quantity": 1}))
+                    .send()
+                    .await
+                    .ok()?;
+                let body: Value = resp.json().await.ok()?;
+                Some((user, body["orderId"].as_str()?.to_string()))
+            }
+        })
+        .buffer_unordered(32)
+        .filter_map(|o| async move { o })
+        .collect()
+        .await;
+    assert_eq!(orders.len(), total, "every purchase accepted");
+
+    // The last buyers pay (their orders are the youngest, furthest from the
+    // timeout); a callback before persistence is told to retry.
+    let paid: Vec<&String> = orders.iter().rev().take(PAID).map(|(_, o)| o).collect();
+    for order in &paid {
+        let body = json!({"paymentId": format!("pay-{order}"), "orderId": order, "amount": "19.99", "currency": "USD", "status": "succeeded"}).to_string();
+        let sig = payment::sign(&key, body.as_bytes());
+        let done = eventually(Duration::from_secs(5), || {
+            let (client, url, body, sig) = (
+                client.clone(),
+                gw.url("/v1/payments/callback"),
+                body.clone(),
+                sig.clone(),
+            );
+            async move {
+                match client
+                    .post(url)
+                    .header("x-signature", sig)
+                    .body(body)
+                    .send()
+                    .await
+                {
+                    Ok(r) => r.status() == 200,
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+        assert!(done, "payment for {order} accepted");
+    }
+
+    // Kill one sweeper once cancelling is under way.
+    let store = servers.store().await?;
+    let cancelled_sql =
+        "SELECT count(*) FROM flashsale_orders WHERE sale = 'test/sweep' AND status = 'cancelled'";
+    let under_way = eventually(Duration::from_secs(60), || async {
+        count(&store, cancelled_sql).await >= 100
+    })
+    .await;
+    assert!(
+        under_way,
+        "cancelling started: {}",
+        std::fs::read_to_string(dir.path().join("c0.log"))?
+    );
+    sweepers[0].kill()?;
+    sweepers[0].wait()?;
+    let cancelled_at_kill = count(&store, cancelled_sql).await;
+    let unapplied_at_kill = count(
+        &store,
+        "SELECT count(*) FROM flashsale_outbox WHERE applied_at IS NULL",
+    )
+    .await;
+    eprintln!(
+        "at the kill: {cancelled_at_kill} cancelled, {unapplied_at_kill} outbox rows unapplied"
+    );
+    assert!((cancelled_at_kill as usize) < UNPAID, "killed mid-way");
+
+    // The survivors finish, including whatever the killed one left unapplied.
+    let finished = eventually(Duration::from_secs(60), || async {
+        count(&store, cancelled_sql).await == UNPAID as i64
+            && count(
+                &store,
+                "SELECT count(*) FROM flashsale_outbox WHERE applied_at IS NULL",
+            )
+            .await
+                == 0
+    })
+    .await;
+    assert!(finished, "all unpaid orders cancelled and applied");
+
+    let mut conn = servers.redis_conn().await?;
+    let keys = ProductKeys::new(&doc.id(), "item");
+    let stock: i64 = redis::cmd("GET")
+        .arg(keys.stock())
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(stock, UNPAID as i64, "exactly the unpaid units came back");
+    let records: Vec<String> = redis::cmd("HVALS")
+        .arg(keys.orders())
+        .query_async(&mut conn)
+        .await?;
+    let statuses: Vec<OrderStatus> = records
+        .iter()
+        .filter_map(|r| serde_json::from_str::<OrderRecord>(r).ok())
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == OrderStatus::Cancelled)
+            .count(),
+        UNPAID
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == OrderStatus::Paid).count(),
+        PAID
+    );
+    let holders: i64 = redis::cmd("HLEN")
+        .arg(keys.buyers())
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(holders, PAID as i64, "only payers still hold a unit");
+    assert_eq!(
+        count(
+            &store,
+            "SELECT sold FROM flashsale_inventory WHERE sale = 'test/sweep'"
+        )
+        .await,
+        PAID as i64
+    );
+    assert_eq!(
+        count(
+            &store,
+            "SELECT count(*) FROM flashsale_orders WHERE sale = 'test/sweep' AND status = 'paid'"
+        )
+        .await,
+        PAID as i64
+    );
+    assert_eq!(
+        count(
+            &store,
+            "SELECT count(*) FROM flashsale_orders o JOIN flashsale_payments p
+             ON p.order_id = o.order_id AND p.outcome = 'paid' WHERE o.status <> 'paid'"
+        )
+        .await,
+        0,
+        "no order both paid and cancelled"
+    );
+    assert_eq!(
+        count(&store, "SELECT count(*) FROM (SELECT order_id FROM flashsale_outbox GROUP BY order_id HAVING count(*) > 1) d").await,
+        0,
+        "one outbox row per cancelled order"
+    );
+
+    // Buyers whose orders timed out may buy again (the gateway's sold-out
+    // flag clears once stock is back).
+    for (user, _) in orders.iter().take(20) {
+        let again = eventually(Duration::from_secs(5), || {
+            let (client, url, user) = (
+                client.clone(),
+                gw.url("/v1/sales/sweep/purchase"),
+                user.clone(),
+            );
+            async move {
+                client
+                    .post(url)
+                    .bearer_auth(token(&user))
+                    .json(&json!({"sku": "item", "quantity": 1}))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 202)
+            }
+        })
+        .await;
+        assert!(again, "{user} buys again");
+    }
+
+    for mut s in sweepers.into_iter().skip(1) {
+        s.kill()?;
+        s.wait()?;
+    }
+    gw.stop().await;
+    Ok(())
+}

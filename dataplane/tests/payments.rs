@@ -1,0 +1,340 @@
+//! Payment callbacks: signature-verified, amount- and order-checked,
+//! idempotent by payment id, and never resurrecting a cancelled order; a paid
+//! order is never cancelled by the timeout sweeper.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use dataplane::gateway::GatewaySettings;
+use dataplane::gateway::payment::{self, PaymentSettings};
+use dataplane::keys::ProductKeys;
+use dataplane::order::{OrderRecord, OrderStatus};
+use dataplane::spec::SaleDocument;
+use ed25519_dalek::SigningKey;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+const BOUND: Duration = Duration::from_secs(15);
+
+struct Rig {
+    servers: Servers,
+    doc: SaleDocument,
+    gw: RunningGateway,
+    key: SigningKey,
+}
+
+async fn rig(name: &str, timeout_seconds: u32) -> Result<Rig, Error> {
+    let servers = Servers::start()?;
+    let mut doc = sale(name, &[("item", 10, 1)]);
+    doc.spec.payment.timeout_seconds = timeout_seconds;
+    warm(&servers, &doc).await?;
+    let (private, public) = payment::keygen();
+    let mut settings = GatewaySettings::new(servers.redis.url(), SECRET.to_vec());
+    settings.pod = "gw".into();
+    settings.payment = Some(PaymentSettings {
+        public_key: payment::parse_public_key(&public)?,
+        database_url: servers.pg.url(),
+        currency: "USD".into(),
+    });
+    let gw = RunningGateway::start_with(&doc, &settings).await?;
+    Ok(Rig {
+        servers,
+        doc,
+        gw,
+        key: payment::parse_private_key(&private)?,
+    })
+}
+
+fn body(payment_id: &str, order_id: &str, amount: &str, status: &str) -> String {
+    json!({"paymentId": payment_id, "orderId": order_id, "amount": amount, "currency": "USD", "status": status})
+        .to_string()
+}
+
+async fn post(rig: &Rig, body: &str, signature: &str) -> Result<(u16, Value), Error> {
+    let resp = http()
+        .post(rig.gw.url("/v1/payments/callback"))
+        .header("content-type", "application/json")
+        .header("x-signature", signature)
+        .body(body.to_string())
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.json().await?))
+}
+
+async fn pay(rig: &Rig, body: &str) -> Result<(u16, Value), Error> {
+    post(rig, body, &payment::sign(&rig.key, body.as_bytes())).await
+}
+
+async fn buy(rig: &Rig, user: &str) -> Result<(u16, String), Error> {
+    let resp = http()
+        .post(
+            rig.gw
+                .url(&format!("/v1/sales/{}/purchase", rig.doc.metadata.name)),
+        )
+        .bearer_auth(token(user))
+        .json(&json!({"sku": "item", "quantity": 1}))
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await?;
+    Ok((status, body["orderId"].as_str().unwrap_or("").to_string()))
+}
+
+async fn pg_status(rig: &Rig, order: &str) -> Result<Option<String>, Error> {
+    let store = rig.servers.store().await?;
+    let client = store.pool().get().await?;
+    let row = client
+        .query_opt(
+            "SELECT status FROM flashsale_orders WHERE order_id = $1",
+            &[&order],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+async fn redis_status(rig: &Rig, order: &str) -> Result<Option<OrderStatus>, Error> {
+    let mut conn = rig.servers.redis_conn().await?;
+    let raw: Option<String> = redis::cmd("HGET")
+        .arg(ProductKeys::new(&rig.doc.id(), "item").orders())
+        .arg(order)
+        .query_async(&mut conn)
+        .await?;
+    Ok(raw
+        .and_then(|r| serde_json::from_str::<OrderRecord>(&r).ok())
+        .map(|r| r.status))
+}
+
+async fn payments_rows(rig: &Rig) -> Result<i64, Error> {
+    let store = rig.servers.store().await?;
+    let client = store.pool().get().await?;
+    Ok(client
+        .query_one("SELECT count(*) FROM flashsale_payments", &[])
+        .await?
+        .get(0))
+}
+
+async fn until_status(rig: &Rig, order: &str, want: &str) -> bool {
+    eventually(BOUND, || async {
+        matches!(pg_status(rig, order).await, Ok(Some(s)) if s == want)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_are_verified_checked_and_idempotent() -> Result<(), Error> {
+    let rig = rig("pay", 600).await?;
+    let (status, o1) = buy(&rig, "u1").await?;
+    assert_eq!(status, 202);
+    let (_, o2) = buy(&rig, "u2").await?;
+
+    // Accepted but not yet in PostgreSQL (no consumer yet): retry later, nothing recorded.
+    let (status, answer) = pay(&rig, &body("p-early", &o1, "19.99", "succeeded")).await?;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (409, Some("not_persisted")),
+        "{answer}"
+    );
+
+    let consumers = RunningConsumers::start(&rig.doc, &rig.servers, 1).await?;
+    assert!(until_status(&rig, &o1, "confirmed").await);
+    assert!(until_status(&rig, &o2, "confirmed").await);
+
+    // Forged: signed by another key, or the body changed after signing.
+    let good = body("p1", &o1, "19.99", "succeeded");
+    let other_key = payment::parse_private_key(&payment::keygen().0)?;
+    let (status, answer) = post(&rig, &good, &payment::sign(&other_key, good.as_bytes())).await?;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (401, Some("unauthenticated")),
+        "{answer}"
+    );
+    let tampered = body("p1", &o1, "0.01", "succeeded");
+    let (status, _) = post(&rig, &tampered, &payment::sign(&rig.key, good.as_bytes())).await?;
+    assert_eq!(status, 401);
+    let (status, _) = post(&rig, &good, "not-a-signature").await?;
+    assert_eq!(status, 401);
+    assert_eq!(
+        payments_rows(&rig).await?,
+        0,
+        "nothing recorded for forged callbacks"
+    );
+
+    // Wrong amount: rejected and recorded; the order stays unpaid. A replay answers the same.
+    let wrong = body("p-wrong", &o1, "9.99", "succeeded");
+    let first = pay(&rig, &wrong).await?;
+    assert_eq!(first.0, 422, "{}", first.1);
+    assert_eq!(first.1["outcome"], "rejected");
+    assert_eq!(first.1["reason"], "amount_mismatch");
+    assert_eq!(pay(&rig, &wrong).await?, first, "replay answers the same");
+    assert_eq!(pg_status(&rig, &o1).await?.as_deref(), Some("confirmed"));
+    let currency = json!({"paymentId": "p-eur", "orderId": o1, "amount": "19.99", "currency": "EUR", "status": "succeeded"}).to_string();
+    let (status, answer) = pay(&rig, &currency).await?;
+    assert_eq!(
+        (status, answer["reason"].as_str()),
+        (422, Some("currency_mismatch"))
+    );
+
+    // The right payment, while the buyer listens: paid in PostgreSQL and Redis, and pushed.
+    let url = format!("ws://{}/v1/ws?token={}", rig.gw.addr, token("u1"));
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await?;
+    let paid = pay(&rig, &good).await?;
+    assert_eq!(paid.0, 200, "{}", paid.1);
+    assert_eq!(
+        paid.1,
+        json!({"paymentId": "p1", "orderId": o1, "outcome": "paid"})
+    );
+    assert_eq!(pg_status(&rig, &o1).await?.as_deref(), Some("paid"));
+    assert_eq!(redis_status(&rig, &o1).await?, Some(OrderStatus::Paid));
+    let pushed = tokio::time::timeout(BOUND, async {
+        while let Some(Ok(msg)) = socket.next().await {
+            if let Message::Text(t) = msg
+                && let Ok(v) = serde_json::from_str::<Value>(t.as_str())
+                && v["type"] == "order.paid"
+            {
+                return Some(v);
+            }
+        }
+        None
+    })
+    .await?;
+    assert!(matches!(pushed, Some(v) if v["orderId"] == o1.as_str()));
+
+    // Replayed: same answer, nothing changes.
+    let rows = payments_rows(&rig).await?;
+    assert_eq!(pay(&rig, &good).await?, paid);
+    assert_eq!(payments_rows(&rig).await?, rows);
+    // A second, different payment for the paid order is money to give back.
+    let (status, answer) = pay(&rig, &body("p2", &o1, "19.99", "succeeded")).await?;
+    assert_eq!(
+        (
+            status,
+            answer["outcome"].as_str(),
+            answer["reason"].as_str()
+        ),
+        (200, Some("refund_due"), Some("already_paid"))
+    );
+    // A known payment id with another body is refused, not applied.
+    let (status, answer) = pay(&rig, &body("p1", &o2, "19.99", "succeeded")).await?;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (409, Some("payment_id_reused"))
+    );
+    assert_eq!(pg_status(&rig, &o2).await?.as_deref(), Some("confirmed"));
+    // Unknown order: recorded for refund.
+    let (status, answer) = pay(
+        &rig,
+        &body(
+            "p3",
+            "item.01ARZ3NDEKTSV4RRFFQ69G5FAV",
+            "19.99",
+            "succeeded",
+        ),
+    )
+    .await?;
+    assert_eq!(
+        (
+            status,
+            answer["outcome"].as_str(),
+            answer["reason"].as_str()
+        ),
+        (200, Some("refund_due"), Some("unknown_order"))
+    );
+    // A failed payment is recorded and changes nothing.
+    let (status, answer) = pay(&rig, &body("p4", &o2, "19.99", "failed")).await?;
+    assert_eq!(
+        (
+            status,
+            answer["outcome"].as_str(),
+            answer["reason"].as_str()
+        ),
+        (200, Some("rejected"), Some("payment_failed"))
+    );
+    assert_eq!(pg_status(&rig, &o2).await?.as_deref(), Some("confirmed"));
+
+    consumers.stop().await;
+    rig.gw.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_callback_is_refund_due_and_paid_orders_are_never_cancelled() -> Result<(), Error> {
+    let rig = rig("late", 2).await?;
+    let (_, unpaid) = buy(&rig, "alice").await?;
+    let (_, paid) = buy(&rig, "bob").await?;
+    let consumers = RunningConsumers::start(&rig.doc, &rig.servers, 1).await?;
+    assert!(until_status(&rig, &paid, "confirmed").await);
+    let (status, answer) = pay(&rig, &body("p-bob", &paid, "19.99", "succeeded")).await?;
+    assert_eq!(status, 200, "{answer}");
+
+    // Alice never pays: cancelled after the timeout, her unit back in Redis.
+    assert!(
+        until_status(&rig, &unpaid, "cancelled").await,
+        "the unpaid order times out"
+    );
+    let cancelled_in_redis = eventually(BOUND, || async {
+        matches!(
+            redis_status(&rig, &unpaid).await,
+            Ok(Some(OrderStatus::Cancelled))
+        )
+    })
+    .await;
+    assert!(cancelled_in_redis);
+    let mut conn = rig.servers.redis_conn().await?;
+    let keys = ProductKeys::new(&rig.doc.id(), "item");
+    let stock: i64 = redis::cmd("GET")
+        .arg(keys.stock())
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(stock, 9, "one unit back; bob's paid unit stays sold");
+
+    // Her payment arrives late: recorded for refund, the order stays cancelled.
+    let late = body("p-alice", &unpaid, "19.99", "succeeded");
+    let first = pay(&rig, &late).await?;
+    assert_eq!(first.0, 200);
+    assert_eq!(first.1["outcome"], "refund_due");
+    assert_eq!(first.1["reason"], "order_cancelled");
+    assert_eq!(pay(&rig, &late).await?, first, "replay answers the same");
+    assert_eq!(
+        pg_status(&rig, &unpaid).await?.as_deref(),
+        Some("cancelled")
+    );
+    assert_eq!(
+        redis_status(&rig, &unpaid).await?,
+        Some(OrderStatus::Cancelled)
+    );
+
+    // Bob's paid order outlived the timeout untouched.
+    assert_eq!(pg_status(&rig, &paid).await?.as_deref(), Some("paid"));
+    assert_eq!(redis_status(&rig, &paid).await?, Some(OrderStatus::Paid));
+    // Alice may buy again.
+    let (status, _) = buy(&rig, "alice").await?;
+    assert_eq!(status, 202);
+
+    let store = rig.servers.store().await?;
+    let client = store.pool().get().await?;
+    let both: i64 = client
+        .query_one(
+            "SELECT count(*) FROM flashsale_orders o JOIN flashsale_payments p
+             ON p.order_id = o.order_id AND p.outcome = 'paid' WHERE o.status <> 'paid'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(both, 0, "no order both paid and cancelled");
+    let sold: i64 = client
+        .query_one(
+            "SELECT sold FROM flashsale_inventory WHERE sale = 'test/late'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert!(sold >= 1, "bob's unit stays sold");
+    consumers.stop().await;
+    rig.gw.stop().await;
+    Ok(())
+}
