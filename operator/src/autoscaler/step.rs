@@ -65,9 +65,10 @@ impl Autoscaler {
         self.sales.retain(|(ns, name), _| live(ns, name));
     }
 
-    /// Evaluates `sale` at `now`: both workloads while the sale is Warming or
-    /// Active, and after it ended until they are back at `min` (consumers also
-    /// while orders still wait in the streams).
+    /// Evaluates `sale` at `now`: both workloads from creation (Pending: held
+    /// within `min`/`max`, the `atStart` floor not yet applying) through
+    /// Warming and Active, and after it ended until they are back at `min`
+    /// (consumers also while orders still wait in the streams).
     pub async fn step(
         &mut self,
         ctx: &Context,
@@ -85,8 +86,6 @@ impl Autoscaler {
             Some("being deleted")
         } else if failed {
             Some("spec cannot run")
-        } else if sale.spec.sale.phase_at(now) == Phase::Pending {
-            Some("before warmup")
         } else {
             None
         };
@@ -143,8 +142,6 @@ impl SaleMemory {
         let mut first_error = None;
 
         if let Some(scale) = gateway_scale {
-            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-            let pods = observe::gateway_pods(&pods, name, scale.selector.as_deref()).await?;
             let published = match redis.as_mut() {
                 Some(conn) => load_report::read_reports(conn, &id, now.as_millisecond())
                     .await
@@ -153,6 +150,15 @@ impl SaleMemory {
                         Vec::new()
                     }),
                 None => Vec::new(),
+            };
+            // Pods only count through their reports: with none (Redis not
+            // reachable, gateways not up yet) the list could not change the
+            // decision, so it is not asked for.
+            let pods = if published.is_empty() {
+                Vec::new()
+            } else {
+                let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+                observe::gateway_pods(&pods, name, scale.selector.as_deref()).await?
             };
             let reports = observe::reports(&published);
             let decision = decide_gateway(
@@ -166,7 +172,10 @@ impl SaleMemory {
                 now,
             );
             let connections: i64 = published.iter().map(|r| r.connections).sum();
-            let rps: f64 = published.iter().map(|r| r.requests_per_second).sum();
+            // A fold from +0.0: an empty `sum` of f64 is -0.0 ("-0 requests/s").
+            let rps = published
+                .iter()
+                .fold(0.0, |sum, r| sum + r.requests_per_second);
             let rps = (rps * 10.0).round() / 10.0;
             let note = format!(
                 "{} → {} replicas ({}; {connections} connections, {rps} requests/s over {} report(s)): {}",
@@ -232,6 +241,10 @@ impl SaleMemory {
                     now,
                 );
                 let lag_note = match &reading {
+                    // Before the first order (a Pending sale: Redis not warmed yet).
+                    Some(r) if r.streams.is_empty() => {
+                        "0 not persisted: no order stream yet".to_string()
+                    }
                     Some(r) => format!(
                         "{} not persisted: {} undelivered, {} pending, from {}",
                         r.backlog(),

@@ -500,16 +500,119 @@ async fn gateway_reports_and_stream_lag_drive_scale_patches() -> anyhow::Result<
     Ok(())
 }
 
+/// A sale created hours before its start: its Deployments come up at the
+/// Kubernetes default of 1 (the reconciler leaves `replicas` out) and Redis is
+/// not warmed yet — no load report, no order stream. The step still holds both
+/// within the spec's bounds, without the `atStart` floor, which only applies
+/// from `startTime − warmupSeconds`.
 #[tokio::test]
-async fn a_sale_before_warmup_is_left_alone() -> anyhow::Result<()> {
-    let sale = fixtures::sale_with_finalizer();
-    let before = sale
+async fn a_pending_sale_is_held_within_its_bounds() -> anyhow::Result<()> {
+    let redis = RedisServer::start()?;
+    let mut sale = fixtures::sale_with_finalizer();
+    sale.spec.consumer.replicas.min = 2;
+    assert_eq!(
+        (
+            sale.spec.gateway.replicas.min,
+            sale.spec.gateway.replicas.at_start
+        ),
+        (2, Some(10))
+    );
+    let now = sale
+        .spec
+        .sale
+        .warmup_start()
+        .checked_sub(SignedDuration::from_hours(3))?;
+    assert_eq!(
+        sale.spec.sale.phase_at(now),
+        dataplane::spec::Phase::Pending
+    );
+
+    let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
+    let task = spawn_step(Autoscaler::default(), &ctx, &sale, now);
+    expect_scale_read(&mut server, "singles-day-gateway", 1).await;
+    expect_scale_read(&mut server, "singles-day-consumer", 1).await;
+    server
+        .expect(Method::GET, "/api/v1/namespaces/shop/secrets/redis")
+        .await
+        .respond(200, &fixtures::secret("redis", "url", &redis.url()));
+    // No gateway has reported, so no pod list.
+    expect_scale_write(&mut server, "singles-day-gateway", 2).await;
+    expect_scaled_event(
+        &mut server,
+        "ScaledGateway",
+        "Scale1To2",
+        "1 → 2 replicas (replicaBounds; 0 connections, 0 requests/s over 0 report(s)): current replicas 1 below minReplicas 2",
+    )
+    .await;
+    expect_scale_write(&mut server, "singles-day-consumer", 2).await;
+    expect_scaled_event(
+        &mut server,
+        "ScaledConsumer",
+        "Scale1To2",
+        "1 → 2 replicas (replicaBounds; 0 not persisted: no order stream yet): current replicas 1 below minReplicas 2",
+    )
+    .await;
+    let scaled_at = serde_json::to_value(now)?;
+    expect_status(
+        &mut server,
+        &mut sale,
+        json!({
+            "gateway": {"replicas": 1, "desiredReplicas": 2, "connections": 0,
+                        "requestsPerSecond": 0.0, "lastScaleTime": scaled_at,
+                        "drivingMetric": "replicaBounds"},
+            "consumer": {"replicas": 1, "desiredReplicas": 2, "lag": 0,
+                         "lastScaleTime": scaled_at},
+        }),
+    )
+    .await?;
+    let (scaler, report) = finish(task).await?;
+    assert_eq!(report.idle, None);
+    assert_eq!(
+        report.gateway,
+        Some(Change {
+            from: 1,
+            to: 2,
+            driver: "replicaBounds".into()
+        })
+    );
+    assert_eq!(
+        report.consumer,
+        Some(Change {
+            from: 1,
+            to: 2,
+            driver: "replicaBounds".into()
+        })
+    );
+    assert!(report.status_written);
+
+    // A second before warmup, still Pending: both at min, no metric, so both
+    // hold at 2 — no scale write; the status records the new counts.
+    let later = sale
         .spec
         .sale
         .warmup_start()
         .checked_sub(SignedDuration::from_secs(1))?;
-    let (ctx, _server) = fixtures::context(Arc::new(ManualClock::new(before)));
-    let report = Autoscaler::default().step(&ctx, &sale, before).await?;
-    assert_eq!(report.idle, Some("before warmup"));
+    let task = spawn_step(scaler, &ctx, &sale, later);
+    expect_scale_read(&mut server, "singles-day-gateway", 2).await;
+    expect_scale_read(&mut server, "singles-day-consumer", 2).await;
+    server
+        .expect(Method::GET, "/api/v1/namespaces/shop/secrets/redis")
+        .await
+        .respond(200, &fixtures::secret("redis", "url", &redis.url()));
+    expect_status(
+        &mut server,
+        &mut sale,
+        json!({
+            "gateway": {"replicas": 2, "desiredReplicas": 2, "connections": 0,
+                        "requestsPerSecond": 0.0, "lastScaleTime": scaled_at,
+                        "drivingMetric": "none"},
+            "consumer": {"replicas": 2, "desiredReplicas": 2, "lag": 0,
+                         "lastScaleTime": scaled_at},
+        }),
+    )
+    .await?;
+    let (_, report) = finish(task).await?;
+    assert_eq!(report.gateway.map(|c| (c.from, c.to)), Some((2, 2)));
+    assert_eq!(report.consumer.map(|c| (c.from, c.to)), Some((2, 2)));
     Ok(())
 }
