@@ -244,63 +244,9 @@ fn default_consumer_max() -> i32 {
     20
 }
 
-/// Scale-up and scale-down rules, shaped like `autoscaling/v2` `behavior`.
-/// An absent side takes the HPA's defaults for that side.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct ScalingBehavior {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scale_up: Option<ScalingRules>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scale_down: Option<ScalingRules>,
-}
-
-/// One direction's rules, as `HPAScalingRules`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct ScalingRules {
-    /// Recommendations inside this window are considered (up: the lowest wins,
-    /// down: the highest wins). HPA default: 0 up, 300 down.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0, max = 3600))]
-    pub stabilization_window_seconds: Option<i32>,
-    /// Which policy wins when several allow different changes.
-    #[serde(default)]
-    pub select_policy: SelectPolicy,
-    /// Limits on change per period; empty means the HPA's defaults for this direction.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 10))]
-    pub policies: Vec<ScalingPolicy>,
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
-pub enum SelectPolicy {
-    /// The policy allowing the largest change.
-    #[default]
-    Max,
-    /// The policy allowing the smallest change.
-    Min,
-    /// No change in this direction.
-    Disabled,
-}
-
-/// At most `value` pods (or percent of the count at the period's start) per `periodSeconds`.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct ScalingPolicy {
-    #[serde(rename = "type")]
-    pub type_: ScalingPolicyType,
-    #[schemars(range(min = 1))]
-    pub value: i32,
-    #[schemars(range(min = 1, max = 1800))]
-    pub period_seconds: i32,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
-pub enum ScalingPolicyType {
-    Pods,
-    Percent,
-}
+/// `spec.scaling`: the autoscaler's own `behavior` types, shaped like
+/// `autoscaling/v2` (one definition for the CRD and the algorithm).
+pub use crate::scaling::{PolicyType, ScalingBehavior, ScalingPolicy, ScalingRules, SelectPolicy};
 
 /// What the operator (and the autoscaler, under its own field manager) observed.
 ///

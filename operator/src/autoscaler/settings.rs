@@ -2,17 +2,14 @@
 
 use jiff::SignedDuration;
 
-use crate::resource::{self, FlashSaleSpec};
-use crate::scaling::{
-    ConsumerScaling, DEFAULT_TOLERANCE, GatewayScaling, PolicyType, SaleWindow, ScalingBehavior,
-    ScalingPolicy, ScalingRules, SelectPolicy,
-};
+use crate::resource::FlashSaleSpec;
+use crate::scaling::{ConsumerScaling, DEFAULT_TOLERANCE, GatewayScaling, SaleWindow};
 
 pub fn gateway(spec: &FlashSaleSpec) -> GatewayScaling {
     let g = &spec.gateway;
     GatewayScaling {
         at_start: g.replicas.at_start,
-        behavior: behavior(&spec.scaling),
+        behavior: spec.scaling.clone(),
         sale: Some(SaleWindow {
             start: spec.sale.start_time,
             end: spec.sale.end_time,
@@ -33,65 +30,14 @@ pub fn consumer(spec: &FlashSaleSpec) -> ConsumerScaling {
         min_replicas: c.replicas.min,
         max_replicas: c.replicas.max,
         target_lag_per_pod: f64::from(c.target_lag_per_pod),
-        behavior: behavior(&spec.scaling),
+        behavior: spec.scaling.clone(),
         tolerance: DEFAULT_TOLERANCE,
-    }
-}
-
-/// The CRD's `spec.scaling` and the algorithm's `behavior` have the same shape;
-/// the algorithm fills in the HPA defaults for what is left out.
-fn behavior(b: &resource::ScalingBehavior) -> ScalingBehavior {
-    ScalingBehavior {
-        scale_up: b.scale_up.as_ref().map(rules),
-        scale_down: b.scale_down.as_ref().map(rules),
-    }
-}
-
-fn rules(r: &resource::ScalingRules) -> ScalingRules {
-    ScalingRules {
-        stabilization_window_seconds: r.stabilization_window_seconds,
-        select_policy: match r.select_policy {
-            resource::SelectPolicy::Max => SelectPolicy::Max,
-            resource::SelectPolicy::Min => SelectPolicy::Min,
-            resource::SelectPolicy::Disabled => SelectPolicy::Disabled,
-        },
-        policies: r
-            .policies
-            .iter()
-            .map(|p| ScalingPolicy {
-                policy_type: match p.type_ {
-                    resource::ScalingPolicyType::Pods => PolicyType::Pods,
-                    resource::ScalingPolicyType::Percent => PolicyType::Percent,
-                },
-                value: p.value,
-                period_seconds: p.period_seconds,
-            })
-            .collect(),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
-
     use super::*;
-
-    // Both types claim the HPA's field names: the converted behavior must
-    // serialize exactly as the CRD's did.
-    #[test]
-    fn behavior_keeps_every_field() -> Result<(), serde_json::Error> {
-        let crd: resource::ScalingBehavior = serde_json::from_value(json!({
-            "scaleUp": {"stabilizationWindowSeconds": 30, "selectPolicy": "Min",
-                        "policies": [{"type": "Pods", "value": 3, "periodSeconds": 20},
-                                     {"type": "Percent", "value": 50, "periodSeconds": 60}]},
-            "scaleDown": {"selectPolicy": "Disabled"}
-        }))?;
-        assert_eq!(
-            serde_json::to_value(behavior(&crd))?,
-            serde_json::to_value(&crd)?
-        );
-        Ok(())
-    }
 
     #[test]
     fn example_sale_settings() {

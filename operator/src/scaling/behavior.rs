@@ -48,6 +48,7 @@ pub struct ScalingRules {
     pub select_policy: SelectPolicy,
     /// Rate limits; an empty or missing list means the direction's default policies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
     pub policies: Vec<ScalingPolicy>,
 }
 
