@@ -500,20 +500,14 @@ async fn stream_rows(
         .arg("+")
         .query_async(conn)
         .await?;
+    // The same rows under other ids, so the raw inserts do not collide.
     Ok(reply
         .ids
         .iter()
-        .filter_map(|e| {
-            Some(OrderRow {
-                order_id: format!("raw-{}", e.get::<String>("id")?),
-                sku: "item".into(),
-                user_id: e.get("user")?,
-                seq: e.get("seq")?,
-                quantity: e.get("qty")?,
-                unit_price: e.get("price")?,
-                accepted_at_ms: e.get("at")?,
-                stream_id: e.id.clone(),
-            })
+        .filter_map(|e| crate::consumer::parse_entry("item", e))
+        .map(|r| OrderRow {
+            order_id: format!("raw-{}", r.order_id),
+            ..r
         })
         .collect())
 }

@@ -673,7 +673,8 @@ async fn finished_ok(task: tokio::task::JoinHandle<redis::RedisResult<()>>) -> b
     }
 }
 
-fn parse_entry(sku: &str, e: &StreamId) -> Option<OrderRow> {
+/// The order row a stream entry (written by purchase.lua) stands for.
+pub fn parse_entry(sku: &str, e: &StreamId) -> Option<OrderRow> {
     Some(OrderRow {
         order_id: e.get("id")?,
         sku: sku.to_string(),
