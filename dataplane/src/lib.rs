@@ -16,6 +16,7 @@ pub mod lag;
 pub mod local;
 pub mod order;
 pub mod payment_timeout;
+pub mod push_bench;
 pub mod ratelimit;
 pub mod scripts;
 pub mod servers;

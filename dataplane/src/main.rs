@@ -59,8 +59,9 @@ enum Command {
 #[derive(Args)]
 struct BenchArgs {
     /// `accept` (purchase vs trivial endpoint vs redis-benchmark EVALSHA -P 16),
-    /// `sold-out` (sold-out answers vs trivial endpoint) or `persist`
-    /// (consumer vs raw batched INSERT).
+    /// `sold-out` (sold-out answers vs trivial endpoint), `persist`
+    /// (consumer vs raw batched INSERT), `ws-memory` (gateway RSS per idle
+    /// WebSocket) or `push-latency` (purchase → pushed event at a steady rate).
     which: String,
     #[arg(long, default_value_t = 100_000)]
     requests: u64,
@@ -76,6 +77,18 @@ struct BenchArgs {
     /// Write the JSON figures to this file too.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// ws-memory: idle WebSocket counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "10000,50000,100000")]
+    ws_connections: Vec<usize>,
+    /// push-latency: purchases per second, steady.
+    #[arg(long, default_value_t = 5000.0)]
+    rate: f64,
+    /// push-latency: how long to keep the rate.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// push-latency: buyers connected by WebSocket (purchases rotate over them).
+    #[arg(long, default_value_t = 2000)]
+    buyers: usize,
 }
 
 #[derive(Args)]
@@ -506,7 +519,16 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
             );
             serde_json::to_string_pretty(&r)?
         }
-        other => bail!("bench takes accept, sold-out or persist, not {other:?}"),
+        "ws-memory" => serde_json::to_string_pretty(
+            &dataplane::push_bench::ws_memory(&a.ws_connections).await?,
+        )?,
+        "push-latency" => serde_json::to_string_pretty(
+            &dataplane::push_bench::push_latency(a.rate, a.seconds.max(1.0), a.buyers.max(1))
+                .await?,
+        )?,
+        other => {
+            bail!("bench takes accept, sold-out, persist, ws-memory or push-latency, not {other:?}")
+        }
     };
     println!("{json}");
     if let Some(path) = a.json {
