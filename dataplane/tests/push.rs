@@ -229,3 +229,45 @@ async fn event_reaches_only_the_pod_holding_the_socket() -> TestResult {
     b.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_answers_pings_is_dropped() -> TestResult {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let servers = Servers::start()?;
+    let doc = sale("heartbeat", &[("item", 10, 1)]);
+    warm(&servers, &doc).await?;
+    let mut settings =
+        dataplane::gateway::GatewaySettings::new(servers.redis.url(), SECRET.to_vec());
+    settings.pod = "gw-a".into();
+    settings.push.ping_interval = Duration::from_millis(200);
+    let gw = RunningGateway::start_with(&doc, &settings).await?;
+
+    // A client that completes the handshake and then goes silent: it never
+    // reads, so it never answers a ping (a dead peer behind a live socket).
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await?;
+    let request = format!(
+        "GET /v1/ws?token={} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token("erin")
+    );
+    tcp.write_all(request.as_bytes()).await?;
+    let mut head = vec![0u8; 1024];
+    let n = tokio::time::timeout(BOUND, tcp.read(&mut head)).await??;
+    let head = String::from_utf8_lossy(&head[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let open = eventually(BOUND, || async {
+        gw.gateway.load.connections.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert!(open, "the session started");
+    let dropped = eventually(BOUND, || async {
+        gw.gateway.load.connections.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    assert!(
+        dropped,
+        "the silent peer is dropped after the missed-pong window"
+    );
+    drop(tcp);
+    gw.stop().await;
+    Ok(())
+}
