@@ -648,10 +648,16 @@ impl Finish {
                 (user, event)
             })
             .collect();
-        // A push that fails is not a reason to re-persist: the client's
-        // resume snapshot shows the order confirmed.
-        if let Err(e) = publisher.publish_many(redis, &events).await {
-            tracing::debug!(error = %e, "order.confirmed not pushed");
+        // Pushes are best effort and off the batch chain: a push that fails
+        // is not a reason to re-persist (the client's resume snapshot shows
+        // the order confirmed), and the next batch need not wait for it.
+        if !events.is_empty() {
+            let (mut redis, publisher) = (redis.clone(), publisher.clone());
+            tokio::spawn(async move {
+                if let Err(e) = publisher.publish_many(&mut redis, &events).await {
+                    tracing::debug!(error = %e, "order.confirmed not pushed");
+                }
+            });
         }
         Ok(())
     }

@@ -125,7 +125,8 @@ impl Publisher {
         Ok(reached > 0)
     }
 
-    /// Routes many events, pipelined; returns how many reached a pod.
+    /// Routes many events, one script call per chunk; returns how many
+    /// reached a pod.
     pub async fn publish_many<C: ConnectionLike + Send>(
         &self,
         conn: &mut C,
@@ -133,21 +134,16 @@ impl Publisher {
     ) -> Result<usize, redis::RedisError> {
         let mut reached = 0;
         for chunk in events.chunks(PUBLISH_CHUNK) {
-            let mut pipe = redis::pipe();
-            pipe.load_script(&scripts::PUSH).ignore();
-            let invocations: Vec<_> = chunk
-                .iter()
-                .map(|(user, event)| self.invocation(user, event))
-                .collect();
-            for inv in &invocations {
-                pipe.invoke_script(inv);
+            let mut inv = scripts::PUSH_MANY.prepare_invoke();
+            inv.arg(&self.prefix);
+            for (user, event) in chunk {
+                inv.key(self.keys.push_user(user)).arg(encode(user, event));
             }
-            let counts: Vec<i64> = pipe.query_async(conn).await?;
-            let routed = counts.iter().filter(|n| **n > 0).count();
+            let routed: usize = inv.invoke_async(conn).await?;
             metrics::counter!("flashsale_push_published_total", "routed" => "yes")
                 .increment(routed as u64);
             metrics::counter!("flashsale_push_published_total", "routed" => "no")
-                .increment((counts.len() - routed) as u64);
+                .increment((chunk.len() - routed) as u64);
             reached += routed;
         }
         Ok(reached)

@@ -21,6 +21,9 @@ pub static WARM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("s
 pub const PURCHASE_SOURCE: &str = include_str!("scripts/purchase.lua");
 /// One push event routed to the pod holding the user's socket (`push.lua`).
 pub static PUSH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/push.lua")));
+/// Many events routed in one call (`push_many.lua`), for a consumer's batch.
+pub static PUSH_MANY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/push_many.lua")));
 /// A push registry entry removed only by the pod it names (`unregister.lua`).
 pub static UNREGISTER: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/unregister.lua")));
