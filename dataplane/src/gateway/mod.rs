@@ -131,6 +131,10 @@ pub struct Gateway {
     pub push: push::PushHub,
     /// Routes order events to the pod holding the user's socket.
     pub events: crate::events::Publisher,
+    /// `order.accepted` events waiting to be routed in batches.
+    pub accepted: tokio::sync::mpsc::Sender<(String, crate::events::OrderEvent)>,
+    accepted_rx:
+        std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<(String, crate::events::OrderEvent)>>>,
     /// Cancelled when the gateway stops (closes open WebSockets).
     pub shutdown: Shutdown,
     /// The payment callback's key and order store, when configured.
@@ -217,6 +221,7 @@ impl Gateway {
                 (p.sku.clone(), runtime)
             })
             .collect();
+        let (accepted, accepted_rx) = tokio::sync::mpsc::channel(ACCEPTED_QUEUE);
         Ok(Arc::new(Self {
             limits: RateLimiters::new(&doc.spec.rate_limits),
             spec: doc.spec.clone(),
@@ -236,6 +241,8 @@ impl Gateway {
                 settings.push.clone(),
             ),
             events: crate::events::Publisher::new(&sale),
+            accepted,
+            accepted_rx: std::sync::Mutex::new(Some(accepted_rx)),
             shutdown: Shutdown::new(),
             payments: settings
                 .payment
@@ -294,6 +301,10 @@ impl Gateway {
             shutdown.clone(),
         ));
         tokio::spawn(push::refresh_registry(Arc::clone(self), shutdown.clone()));
+        let queued = self.accepted_rx.lock().ok().and_then(|mut rx| rx.take());
+        if let Some(rx) = queued {
+            tokio::spawn(route_accepted(Arc::clone(self), rx));
+        }
         tokio::spawn(payment::migrate(Arc::clone(self), shutdown.clone()));
         let own = self.shutdown.clone();
         tokio::spawn(async move {
@@ -306,6 +317,26 @@ impl Gateway {
         self.products
             .get(sku)
             .is_some_and(|p| p.sold_out.load(Ordering::Relaxed))
+    }
+}
+
+/// Queued `order.accepted` events at most; beyond it they are dropped (a
+/// push is best effort: the 202 told the buyer, and a resume shows the order).
+const ACCEPTED_QUEUE: usize = 10_000;
+
+/// Routes `order.accepted` events in batches of up to 500 per script call,
+/// so a burst of winners costs Redis a few calls instead of one each.
+async fn route_accepted(
+    gw: Arc<Gateway>,
+    mut rx: tokio::sync::mpsc::Receiver<(String, crate::events::OrderEvent)>,
+) {
+    let mut batch = Vec::with_capacity(500);
+    while rx.recv_many(&mut batch, 500).await > 0 {
+        let mut conn = gw.redis.clone();
+        if let Err(e) = gw.events.publish_many(&mut conn, &batch).await {
+            tracing::debug!(error = %e, events = batch.len(), "order.accepted not pushed");
+        }
+        batch.clear();
     }
 }
 

@@ -346,20 +346,15 @@ async fn handle(
     }
 }
 
-/// Pushes `order.accepted` to the pod holding the buyer's socket, off the
-/// answer's path: the 202 already tells this client; the push is for its
-/// other tabs and for clients that only listen.
+/// Queues `order.accepted` for the pod holding the buyer's socket, off the
+/// answer's path (routed in batches): the 202 already tells this client; the
+/// push is for its other tabs and for clients that only listen.
 fn publish_accepted(gw: &Gateway, user: &str, order_id: &str, sku: &str) {
     let event =
         crate::events::OrderEvent::new(order_id, sku, crate::order::OrderStatus::Accepted, None);
-    let publisher = gw.events.clone();
-    let mut conn = gw.redis.clone();
-    let user = user.to_string();
-    tokio::spawn(async move {
-        if let Err(e) = publisher.publish(&mut conn, &user, &event).await {
-            tracing::debug!(error = %e, "order.accepted not pushed");
-        }
-    });
+    if gw.accepted.try_send((user.to_string(), event)).is_err() {
+        tracing::debug!("push queue full; order.accepted not pushed");
+    }
 }
 
 /// The parse error with the offending field named ("quantity: invalid type
