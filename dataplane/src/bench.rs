@@ -292,16 +292,7 @@ fn redis_benchmark_purchase(port: u16, doc: &SaleDocument, n: u64) -> Result<f64
         ])
         .args(["-n", &n.to_string(), "-r", "100000000"])
         .args(["EVALSHA", &sha, "8"])
-        .args([
-            k.info(),
-            k.stock(),
-            k.buyers(),
-            k.user_seq(),
-            k.idempotency(),
-            k.orders(),
-            k.user_orders(),
-            k.stream(),
-        ])
+        .args(k.purchase_keys())
         .args(["user:__rand_int__", "1", "item.order:__rand_int__", ""])
         .output()
         .map_err(|e| BenchError::RedisBenchmark(format!("{e} (apt-get install -y redis-tools)")))?;
@@ -405,6 +396,7 @@ pub async fn persist(orders: u64, batch_size: usize) -> Result<PersistReport, Be
     crate::warm::warm_sale(&mut conn, &sale, &doc.spec).await?;
     let k = ProductKeys::new(&sale, "item");
     // Fill the stream through the real purchase script, pipelined.
+    let purchase_keys = k.purchase_keys();
     let mut done = 0u64;
     while done < orders {
         let n = (orders - done).min(1000);
@@ -412,20 +404,13 @@ pub async fn persist(orders: u64, batch_size: usize) -> Result<PersistReport, Be
         pipe.load_script(&crate::scripts::PURCHASE).ignore();
         let invs: Vec<_> = (0..n)
             .map(|i| {
-                let mut inv = crate::scripts::PURCHASE.prepare_invoke();
-                inv.key(k.info())
-                    .key(k.stock())
-                    .key(k.buyers())
-                    .key(k.user_seq())
-                    .key(k.idempotency())
-                    .key(k.orders())
-                    .key(k.user_orders())
-                    .key(k.stream())
-                    .arg(format!("user-{}", done + i))
-                    .arg(1)
-                    .arg(crate::order::new_order_id("item"))
-                    .arg("");
-                inv
+                crate::scripts::purchase(
+                    &purchase_keys,
+                    &format!("user-{}", done + i),
+                    1,
+                    &crate::order::new_order_id("item"),
+                    "",
+                )
             })
             .collect();
         for inv in &invs {

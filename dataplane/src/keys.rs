@@ -61,6 +61,21 @@ impl ProductKeys {
         self.key("dead")
     }
 
+    /// The purchase script's KEYS, in the order `purchase.lua` reads them:
+    /// info, stock, buyers, useq, idem, orders, uorders, stream.
+    pub fn purchase_keys(&self) -> [String; 8] {
+        [
+            self.info(),
+            self.stock(),
+            self.buyers(),
+            self.user_seq(),
+            self.idempotency(),
+            self.orders(),
+            self.user_orders(),
+            self.stream(),
+        ]
+    }
+
     /// Every key of the product, for clearing a deleted sale.
     pub fn all(&self) -> Vec<String> {
         vec![

@@ -27,3 +27,23 @@ pub static PUSH_MANY: LazyLock<Script> =
 /// A push registry entry removed only by the pod it names (`unregister.lua`).
 pub static UNREGISTER: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/unregister.lua")));
+
+/// One call of the purchase script: `keys` from `ProductKeys::purchase_keys`,
+/// an empty `idempotency_field` for a request without a key.
+pub fn purchase<'a>(
+    keys: &[String; 8],
+    user: &str,
+    quantity: i64,
+    order_id: &str,
+    idempotency_field: &str,
+) -> redis::ScriptInvocation<'a> {
+    let mut inv = PURCHASE.prepare_invoke();
+    for k in keys {
+        inv.key(k);
+    }
+    inv.arg(user)
+        .arg(quantity)
+        .arg(order_id)
+        .arg(idempotency_field);
+    inv
+}

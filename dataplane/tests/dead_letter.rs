@@ -21,21 +21,10 @@ async fn refused_entry_is_dead_lettered_and_its_stock_returned_once() -> TestRes
 
     // A real purchase through the script (stock 10 -> 9) ...
     let id = new_order_id("item");
-    let (verdict, _, remaining): (String, String, String) = scripts::PURCHASE
-        .key(keys.info())
-        .key(keys.stock())
-        .key(keys.buyers())
-        .key(keys.user_seq())
-        .key(keys.idempotency())
-        .key(keys.orders())
-        .key(keys.user_orders())
-        .key(keys.stream())
-        .arg("alice")
-        .arg(1)
-        .arg(&id)
-        .arg("")
-        .invoke_async(&mut conn)
-        .await?;
+    let (verdict, _, remaining): (String, String, String) =
+        scripts::purchase(&keys.purchase_keys(), "alice", 1, &id, "")
+            .invoke_async(&mut conn)
+            .await?;
     assert_eq!((verdict.as_str(), remaining.as_str()), ("ok", "9"));
     // ... whose stream entry is then corrupted so PostgreSQL refuses it
     // (quantity -1 breaks the CHECK), plus an entry that cannot even be parsed.

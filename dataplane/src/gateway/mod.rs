@@ -196,16 +196,7 @@ impl Gateway {
                 let runtime = ProductRuntime {
                     sku: p.sku.clone(),
                     limit: p.per_user_limit,
-                    keys: [
-                        k.info(),
-                        k.stock(),
-                        k.buyers(),
-                        k.user_seq(),
-                        k.idempotency(),
-                        k.orders(),
-                        k.user_orders(),
-                        k.stream(),
-                    ],
+                    keys: k.purchase_keys(),
                     layout: k,
                     sold_out: AtomicBool::new(false),
                     replays: ArcSwapOption::empty(),

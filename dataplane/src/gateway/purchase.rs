@@ -251,23 +251,9 @@ async fn handle(
         );
     }
     let order_id = new_order_id(&req.sku);
-    let k = &product.keys;
     let mut conn = gw.redis.clone();
     let redis_started = Instant::now();
-    let mut invocation = scripts::PURCHASE.prepare_invoke();
-    invocation
-        .key(&k[0])
-        .key(&k[1])
-        .key(&k[2])
-        .key(&k[3])
-        .key(&k[4])
-        .key(&k[5])
-        .key(&k[6])
-        .key(&k[7])
-        .arg(&user)
-        .arg(req.quantity)
-        .arg(&order_id)
-        .arg(&idem_field);
+    let invocation = scripts::purchase(&product.keys, &user, req.quantity, &order_id, &idem_field);
     let call = invocation.invoke_async::<(String, String, String)>(&mut conn);
     let answer = tokio::time::timeout(gw.redis_timeout, call).await;
     gw.metrics

@@ -141,21 +141,15 @@ async fn redis_conn(server: &RedisServer) -> anyhow::Result<ConnectionManager> {
 async fn buy(conn: &mut ConnectionManager, sku: &str, n: usize) -> anyhow::Result<()> {
     let keys = ProductKeys::new(&SaleId::new("shop", "singles-day"), sku);
     for i in 0..n {
-        let (outcome, _, _): (String, String, String) = dataplane::scripts::PURCHASE
-            .key(keys.info())
-            .key(keys.stock())
-            .key(keys.buyers())
-            .key(keys.user_seq())
-            .key(keys.idempotency())
-            .key(keys.orders())
-            .key(keys.user_orders())
-            .key(keys.stream())
-            .arg(format!("user-{i}"))
-            .arg(1)
-            .arg(format!("order-{sku}-{i}"))
-            .arg("")
-            .invoke_async(conn)
-            .await?;
+        let (outcome, _, _): (String, String, String) = dataplane::scripts::purchase(
+            &keys.purchase_keys(),
+            &format!("user-{i}"),
+            1,
+            &format!("order-{sku}-{i}"),
+            "",
+        )
+        .invoke_async(conn)
+        .await?;
         assert_eq!(outcome, "ok", "purchase {i} of {sku}");
     }
     Ok(())
