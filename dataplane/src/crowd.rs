@@ -70,6 +70,9 @@ pub struct CrowdResult {
     pub idempotent_replays: u64,
     /// Retries answered with a different order or refused after a 202.
     pub idempotency_violations: u64,
+    /// Retries of a 202 told to try later (rate limited, unavailable, or the
+    /// connection dropped): no answer either way.
+    pub unanswered_retries: u64,
     pub sold_out: u64,
     pub limit_reached: u64,
     pub rate_limited: u64,
@@ -105,6 +108,7 @@ impl CrowdResult {
         self.accepted += o.accepted;
         self.idempotent_replays += o.idempotent_replays;
         self.idempotency_violations += o.idempotency_violations;
+        self.unanswered_retries += o.unanswered_retries;
         self.sold_out += o.sold_out;
         self.limit_reached += o.limit_reached;
         self.rate_limited += o.rate_limited;
@@ -262,6 +266,10 @@ async fn connection(
             out.retries += 1;
             match (&first.order_id, first.status, &again.order_id, again.status) {
                 (Some(a), 202, Some(b), 202) if a == b => out.idempotent_replays += 1,
+                // A retry told "try later" (429, 503, a dropped connection)
+                // was not answered at all; it is neither a replay nor wrong.
+                (_, 202, _, 429 | 503 | 0) => out.unanswered_retries += 1,
+                // A second order, or a refusal of an order that exists.
                 (_, 202, _, _) => out.idempotency_violations += 1,
                 (_, _, Some(_), 202) => {
                     // A refused first attempt may pass on retry (stock came

@@ -49,6 +49,8 @@ pub struct LocalReport {
     pub errors: u64,
     pub duplicates_found: u64,
     pub idempotent_replays: u64,
+    /// Retries of a winning request told to try later (e.g. rate limited).
+    pub unanswered_retries: u64,
     pub oversold: i64,
     pub lost_orders: u64,
     pub failed_orders: u64,
@@ -261,6 +263,7 @@ fn build_report(
         errors: r.server_errors + r.transport_errors + r.other_client_errors,
         duplicates_found: a.duplicates_found,
         idempotent_replays: r.idempotent_replays,
+        unanswered_retries: r.unanswered_retries,
         oversold: a.oversold(),
         lost_orders: a.lost_orders.len() as u64,
         failed_orders: a.failed_orders,
