@@ -114,11 +114,17 @@ pub fn build(sale: &FlashSale, default_image: &str) -> Result<Children, BuildErr
     };
 
     let spec = &sale.spec;
-    let gateway_env = vec![
+    let mut gateway_env = vec![
         secret_env("REDIS_URL", &spec.redis.url_secret_ref),
         secret_env("TOKEN_SECRET", &spec.token_secret_ref),
         pod_name_env(),
     ];
+    // Payment callbacks are verified with the provider's key and decided in
+    // PostgreSQL, so only a sale that names a key gives gateways the database.
+    if let Some(key) = &spec.payment_key_secret_ref {
+        gateway_env.push(secret_env("PAYMENT_PUBLIC_KEY", key));
+        gateway_env.push(secret_env("DATABASE_URL", &spec.database.url_secret_ref));
+    }
     let consumer_env = vec![
         secret_env("REDIS_URL", &spec.redis.url_secret_ref),
         secret_env("DATABASE_URL", &spec.database.url_secret_ref),
@@ -442,6 +448,40 @@ mod tests {
                 serde_json::json!(true)
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_payment_key_gives_gateways_the_key_and_the_database() -> anyhow::Result<()> {
+        let env_names = |sale: &FlashSale| -> anyhow::Result<Vec<String>> {
+            let gateway = build(sale, "img:1")?.gateway;
+            let containers = gateway
+                .spec
+                .and_then(|s| s.template.spec)
+                .map(|p| p.containers)
+                .unwrap_or_default();
+            Ok(containers
+                .iter()
+                .flat_map(|c| c.env.iter().flatten())
+                .map(|e| e.name.clone())
+                .collect())
+        };
+        let mut sale = fixtures::sale();
+        assert_eq!(env_names(&sale)?, ["REDIS_URL", "TOKEN_SECRET", "POD_NAME"]);
+        sale.spec.payment_key_secret_ref = Some(SecretKeyRef {
+            name: "payment-provider".into(),
+            key: "public-key".into(),
+        });
+        assert_eq!(
+            env_names(&sale)?,
+            [
+                "REDIS_URL",
+                "TOKEN_SECRET",
+                "POD_NAME",
+                "PAYMENT_PUBLIC_KEY",
+                "DATABASE_URL"
+            ]
+        );
         Ok(())
     }
 

@@ -361,7 +361,8 @@ fn spec_problems(sale: &FlashSale) -> Vec<SpecProblem> {
     problems
 }
 
-/// Reads the three Secrets a sale needs; returns the Redis URL, or what is missing.
+/// Reads the Secrets a sale needs (three, four with a payment key); returns
+/// the Redis URL, or what is missing.
 async fn read_secrets(
     ctx: &Context,
     ns: &str,
@@ -370,11 +371,16 @@ async fn read_secrets(
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let mut missing = Vec::new();
     let mut redis_url = None;
-    for (what, r) in [
-        ("redis", &spec.redis.url_secret_ref),
-        ("database", &spec.database.url_secret_ref),
-        ("token", &spec.token_secret_ref),
-    ] {
+    let refs = [
+        ("redis", Some(&spec.redis.url_secret_ref)),
+        ("database", Some(&spec.database.url_secret_ref)),
+        ("token", Some(&spec.token_secret_ref)),
+        ("payment key", spec.payment_key_secret_ref.as_ref()),
+    ];
+    for (what, r) in refs
+        .into_iter()
+        .filter_map(|(what, r)| r.map(|r| (what, r)))
+    {
         match secret_value(&secrets, ns, r).await? {
             Ok(value) if what == "redis" => redis_url = Some(value),
             Ok(_) => {}

@@ -49,6 +49,11 @@ pub struct FlashSaleSpec {
     pub database: ConnectionSpec,
     /// The HMAC secret the shop's login signs user tokens with.
     pub token_secret_ref: SecretKeyRef,
+    /// The payment provider's Ed25519 public key (base64 or hex) that signs
+    /// payment callbacks. Without it the gateways answer
+    /// `POST /v1/payments/callback` with 503; unpaid orders still time out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_key_secret_ref: Option<SecretKeyRef>,
     #[serde(default)]
     pub gateway: GatewaySpec,
     #[serde(default)]
