@@ -436,12 +436,21 @@ async fn run(
                 }
                 while let Some(item) = conn.pop() {
                     let result = match item {
-                        Outgoing::Event(json) => {
-                            if !news(&mut sent, &json) {
-                                continue;
+                        Outgoing::Event(json) => match news(&mut sent, &json) {
+                            Admit::Skip => continue,
+                            Admit::Send => {
+                                send(settings, &mut socket, Message::Text(Utf8Bytes::from(&*json))).await
                             }
-                            send(settings, &mut socket, Message::Text(Utf8Bytes::from(&*json))).await
-                        }
+                            Admit::AcceptedFirst(accepted) => {
+                                match send(settings, &mut socket, Message::Text(accepted.into())).await {
+                                    Ok(()) => {
+                                        send(settings, &mut socket, Message::Text(Utf8Bytes::from(&*json)))
+                                            .await
+                                    }
+                                    Err(e) => Err(e),
+                                }
+                            }
+                        },
                         Outgoing::Resync => send_snapshot(gw, user, &mut sent, &mut socket).await,
                     };
                     if let Err(e) = result {
@@ -466,19 +475,35 @@ async fn run(
     }
 }
 
-/// Whether a live event's order/status is news on this socket.
-fn news(sent: &mut Sent, json: &str) -> bool {
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Head<'a> {
-        #[serde(borrow)]
-        order_id: std::borrow::Cow<'a, str>,
-        status: OrderStatus,
+/// What to do with a live event on this socket.
+enum Admit {
+    Skip,
+    Send,
+    /// Send this `order.accepted` first, then the event.
+    AcceptedFirst(String),
+}
+
+/// Whether a live event's order/status is news on this socket. The first
+/// event of an order that is not `accepted` is preceded by its
+/// `order.accepted`: that push may still be on its way (the gateway routes
+/// it in batches, a consumer confirms within milliseconds), and a client sees
+/// every order start at accepted; the late original is then dropped as old.
+fn news(sent: &mut Sent, json: &str) -> Admit {
+    let Ok(event) = serde_json::from_str::<events::OrderEvent>(json) else {
+        return Admit::Skip;
+    };
+    let first_sight = !sent.0.contains_key(&event.order_id);
+    if !sent.admit(&event.order_id, event.status) {
+        return Admit::Skip;
     }
-    match serde_json::from_str::<Head>(json) {
-        Ok(h) => sent.admit(&h.order_id, h.status),
-        Err(_) => false,
+    if first_sight && event.status != OrderStatus::Accepted {
+        let accepted =
+            events::OrderEvent::new(&event.order_id, &event.sku, OrderStatus::Accepted, None);
+        if let Ok(json) = serde_json::to_string(&accepted) {
+            return Admit::AcceptedFirst(json);
+        }
     }
+    Admit::Send
 }
 
 async fn send(settings: &PushSettings, socket: &mut WebSocket, msg: Message) -> Result<(), Ended> {
@@ -681,6 +706,51 @@ pub fn raise_open_files_limit() -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn live(status: OrderStatus) -> String {
+        serde_json::to_string(&events::OrderEvent::new("item.1", "item", status, None))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn every_order_starts_at_accepted_and_never_goes_back() {
+        let mut sent = Sent::default();
+        // Confirmed overtook its accepted push: accepted is sent first.
+        match news(&mut sent, &live(OrderStatus::Confirmed)) {
+            Admit::AcceptedFirst(json) => {
+                let e: events::OrderEvent = serde_json::from_str(&json)
+                    .unwrap_or_else(|_| events::OrderEvent::new("", "", OrderStatus::Failed, None));
+                assert_eq!(
+                    (e.kind.as_str(), e.order_id.as_str()),
+                    ("order.accepted", "item.1")
+                );
+            }
+            _ => panic!("expected accepted first"),
+        }
+        // The late accepted and a repeat are dropped; a later status passes.
+        assert!(matches!(
+            news(&mut sent, &live(OrderStatus::Accepted)),
+            Admit::Skip
+        ));
+        assert!(matches!(
+            news(&mut sent, &live(OrderStatus::Confirmed)),
+            Admit::Skip
+        ));
+        assert!(matches!(
+            news(&mut sent, &live(OrderStatus::Paid)),
+            Admit::Send
+        ));
+        // In order, nothing is added.
+        let mut sent = Sent::default();
+        assert!(matches!(
+            news(&mut sent, &live(OrderStatus::Accepted)),
+            Admit::Send
+        ));
+        assert!(matches!(
+            news(&mut sent, &live(OrderStatus::Confirmed)),
+            Admit::Send
+        ));
+    }
 
     #[test]
     fn seen_list_parses_and_skips_junk() {
