@@ -38,6 +38,15 @@ pub enum BenchError {
     Db(#[from] tokio_postgres::Error),
     #[error("redis-benchmark: {0}")]
     RedisBenchmark(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("websocket client: {0}")]
+    Client(String),
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// One load run's figures.
@@ -66,7 +75,8 @@ impl From<&CrowdResult> for LoadFigures {
     }
 }
 
-fn doc(name: &str, products: &[(&str, i64)]) -> Result<SaleDocument, BenchError> {
+/// A bench sale open from a second ago for an hour, `(sku, stock)` products.
+pub(crate) fn doc(name: &str, products: &[(&str, i64)]) -> Result<SaleDocument, BenchError> {
     let now = jiff::Timestamp::now();
     let start = now - jiff::SignedDuration::from_secs(1);
     let end = now + jiff::SignedDuration::from_secs(3600);
@@ -134,6 +144,26 @@ fn crowd_config(
     }
 }
 
+/// A first, unmeasured run: connections, script cache, allocator.
+async fn warm_up(
+    addr: SocketAddr,
+    sale: &str,
+    requests: u64,
+    connections: usize,
+) -> Result<(), BenchError> {
+    let config = crowd_config(
+        addr,
+        sale,
+        "item",
+        Target::Purchase,
+        requests,
+        connections,
+        None,
+    );
+    crowd::run(config).await?;
+    Ok(())
+}
+
 /// Paired runs, A then B, `rounds` times; medians of each.
 async fn paired(
     rounds: usize,
@@ -185,17 +215,7 @@ pub async fn accept(
     let doc = doc("accept", &[("item", 100_000_000)])?;
     let rig = rig(&doc).await?;
     let addr = rig.addr;
-    // Warm-up: connections, script cache, allocator.
-    crowd::run(crowd_config(
-        addr,
-        "accept",
-        "item",
-        Target::Purchase,
-        requests / 10,
-        connections,
-        None,
-    ))
-    .await?;
+    warm_up(addr, "accept", requests / 10, connections).await?;
     // Rounds of: purchase, trivial endpoint, redis-benchmark on the same
     // script; interleaved so machine noise hits all three alike.
     let mut purchases = Vec::new();
@@ -327,16 +347,7 @@ pub async fn sold_out(
     let doc = doc("soldout", &[("item", 0)])?;
     let rig = rig(&doc).await?;
     let addr = rig.addr;
-    crowd::run(crowd_config(
-        addr,
-        "soldout",
-        "item",
-        Target::Purchase,
-        requests / 10,
-        connections,
-        None,
-    ))
-    .await?;
+    warm_up(addr, "soldout", requests / 10, connections).await?;
     // The replay snapshot loads within 500 ms of the flag flipping.
     tokio::time::sleep(Duration::from_millis(800)).await;
     let (sold_out, trivial, ratios) = paired(

@@ -33,42 +33,14 @@ use crate::spec::SaleDocument;
 
 const SECRET: &[u8] = b"bench-secret";
 
-#[derive(Debug, thiserror::Error)]
-pub enum PushBenchError {
-    #[error(transparent)]
-    Server(#[from] crate::servers::ServerError),
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error(transparent)]
-    Spec(#[from] crate::spec::SpecError),
-    #[error("warming: {0}")]
-    Warm(#[from] crate::warm::WarmError),
-    #[error("gateway: {0}")]
-    Gateway(#[from] gateway::GatewayError),
-    #[error("consumer: {0}")]
-    Consumer(#[from] crate::consumer::ConsumerError),
-    #[error("{what}: {source}")]
-    Io {
-        what: &'static str,
-        source: std::io::Error,
-    },
-    #[error("websocket client: {0}")]
-    Client(String),
-    #[error("{0}")]
-    Setup(String),
-}
+/// The benches share one error type.
+pub use crate::bench::BenchError as PushBenchError;
 /// Source addresses 127.0.0.2 … used for client sockets (ephemeral ports
 /// run out near 28k per source address).
 const SOURCE_IPS: u8 = 16;
 
 fn doc(name: &str, stock: i64) -> Result<SaleDocument, PushBenchError> {
-    let now = jiff::Timestamp::now();
-    let start = now - jiff::SignedDuration::from_secs(1);
-    let end = now + jiff::SignedDuration::from_secs(3600);
-    let yaml = format!(
-        "metadata: {{ name: {name}, namespace: bench }}\nspec:\n  startTime: \"{start}\"\n  endTime: \"{end}\"\n  warmupSeconds: 0\n  products:\n    - {{ sku: item, stock: {stock}, price: \"9.99\", perUserLimit: 1000 }}\n"
-    );
-    Ok(SaleDocument::parse(&yaml, "bench sale")?)
+    crate::bench::doc(name, &[("item", stock)])
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> PushBenchError {
