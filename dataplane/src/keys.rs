@@ -78,17 +78,9 @@ impl ProductKeys {
 
     /// Every key of the product, for clearing a deleted sale.
     pub fn all(&self) -> Vec<String> {
-        vec![
-            self.info(),
-            self.stock(),
-            self.buyers(),
-            self.user_seq(),
-            self.idempotency(),
-            self.orders(),
-            self.user_orders(),
-            self.stream(),
-            self.dead_letter(),
-        ]
+        let mut keys = self.purchase_keys().to_vec();
+        keys.push(self.dead_letter());
+        keys
     }
 }
 

@@ -197,13 +197,7 @@ impl SaleMemory {
                     note,
                 )
                 .await;
-            let (change, scaled) = match result {
-                Ok(applied) => applied,
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                    (None, false)
-                }
-            };
+            let (change, scaled) = settled(result, &mut first_error);
             next_status.gateway = Some(GatewayStatus {
                 available_replicas: None,
                 replicas: Some(scale.replicas),
@@ -270,13 +264,7 @@ impl SaleMemory {
                         note,
                     )
                     .await;
-                let (change, scaled) = match result {
-                    Ok(applied) => applied,
-                    Err(e) => {
-                        first_error.get_or_insert(e);
-                        (None, false)
-                    }
-                };
+                let (change, scaled) = settled(result, &mut first_error);
                 next_status.consumer = Some(ConsumerStatus {
                     available_replicas: None,
                     replicas: Some(scale.replicas),
@@ -397,4 +385,16 @@ impl SaleMemory {
             }
         }
     }
+}
+
+/// What `apply` did, keeping its error (the first of the step's) for the
+/// step's result so the other workload and the status are still handled.
+fn settled(
+    result: Result<(Option<Change>, bool), Error>,
+    first_error: &mut Option<Error>,
+) -> (Option<Change>, bool) {
+    result.unwrap_or_else(|e| {
+        first_error.get_or_insert(e);
+        (None, false)
+    })
 }
