@@ -18,6 +18,7 @@ use crate::clock::ManualClock;
 use crate::metrics::Metrics;
 use crate::reconciler::{Context, Settings};
 use crate::resource::{FlashSale, FlashSaleSpec};
+use crate::served::ServedApis;
 
 /// `examples/singles-day.yaml` with the metadata a stored object has.
 pub fn sale() -> FlashSale {
@@ -99,6 +100,9 @@ pub fn context(clock: Arc<ManualClock>) -> (Arc<Context>, ApiServer) {
         metrics: Arc::new(Metrics::default()),
         redis: Default::default(),
         settings: settings(),
+        // These tests' server serves policy/v1; discovery has its own tests.
+        served: ServedApis::known(true),
+        applied: Default::default(),
     };
     (Arc::new(ctx), ApiServer(handle))
 }
@@ -132,6 +136,11 @@ impl Call {
     pub fn echo(self) {
         let body = self.body.clone();
         self.respond(200, &body);
+    }
+
+    /// Answers with a response built by the test (e.g. a body that is not JSON).
+    pub fn send_raw(self, response: Response<Body>) {
+        self.send.send_response(response);
     }
 }
 
@@ -176,8 +185,8 @@ impl ApiServer {
         call
     }
 
-    /// A published Event: asserts its type, reason and note.
-    pub async fn expect_event(&mut self, type_: &str, reason: &str, note: &str) {
+    /// A published Event: asserts its type, reason and note; returns it.
+    pub async fn expect_event(&mut self, type_: &str, reason: &str, note: &str) -> Value {
         let call = self
             .expect(
                 Method::POST,
@@ -193,6 +202,8 @@ impl ApiServer {
             "{}",
             call.body
         );
+        let body = call.body.clone();
         call.echo();
+        body
     }
 }

@@ -64,16 +64,19 @@ impl ScalerStatus {
         last_write.is_none_or(|at| now.duration_since(at) >= FIGURES_REFRESH)
     }
 
-    /// Everything but the measured figures.
+    /// Everything but the measured figures (and a hold's end, which moves
+    /// with every new recommendation while the hold lasts).
     fn decisions(&self) -> ScalerStatus {
         ScalerStatus {
             gateway: self.gateway.as_ref().map(|g| GatewayStatus {
                 connections: None,
                 requests_per_second: None,
+                held_until: None,
                 ..g.clone()
             }),
             consumer: self.consumer.as_ref().map(|c| ConsumerStatus {
                 lag: None,
+                held_until: None,
                 ..c.clone()
             }),
         }

@@ -439,7 +439,8 @@ async fn gateway_reports_and_stream_lag_drive_scale_patches() -> anyhow::Result<
         Some(Change {
             from: 2,
             to: gateway_to,
-            driver: "requestsPerSecond".into()
+            driver: "requestsPerSecond".into(),
+            hold: None,
         })
     );
     assert!(report.status_written);
@@ -572,7 +573,8 @@ async fn a_pending_sale_is_held_within_its_bounds() -> anyhow::Result<()> {
         Some(Change {
             from: 1,
             to: 2,
-            driver: "replicaBounds".into()
+            driver: "replicaBounds".into(),
+            hold: None,
         })
     );
     assert_eq!(
@@ -580,7 +582,8 @@ async fn a_pending_sale_is_held_within_its_bounds() -> anyhow::Result<()> {
         Some(Change {
             from: 1,
             to: 2,
-            driver: "replicaBounds".into()
+            driver: "replicaBounds".into(),
+            hold: None,
         })
     );
     assert!(report.status_written);
@@ -614,5 +617,46 @@ async fn a_pending_sale_is_held_within_its_bounds() -> anyhow::Result<()> {
     let (_, report) = finish(task).await?;
     assert_eq!(report.gateway.map(|c| (c.from, c.to)), Some((2, 2)));
     assert_eq!(report.consumer.map(|c| (c.from, c.to)), Some((2, 2)));
+    Ok(())
+}
+
+/// A sale whose Service (or another child) the API server refused is not
+/// scaled: no request at all until the reconciler reports it whole again, and
+/// the scaling history is kept meanwhile.
+#[tokio::test]
+async fn a_half_made_sale_is_not_scaled() -> anyhow::Result<()> {
+    let now = Timestamp::now();
+    let mut sale = live_sale(now)?;
+    let refused = k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        type_: crate::conditions::READY.into(),
+        status: "False".into(),
+        reason: crate::conditions::APPLY_FAILED.into(),
+        message: "cannot apply Service shop/singles-day-gateway: exceeded quota".into(),
+        observed_generation: Some(1),
+        last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now),
+    };
+    sale.status = Some(crate::resource::FlashSaleStatus {
+        phase: Some(crate::resource::SalePhase::Active),
+        conditions: vec![refused],
+        ..Default::default()
+    });
+    let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
+    // The step finishes without a single request (an unanswered one would time out).
+    let (scaler, report) = finish(spawn_step(Autoscaler::default(), &ctx, &sale, now)).await?;
+    assert_eq!(report.idle, Some("children not all applied"));
+    assert!(!report.status_written);
+
+    // Whole again: the next step looks at the scale subresource.
+    sale.status = None;
+    let task = spawn_step(scaler, &ctx, &sale, now);
+    let call = server.call().await;
+    assert_eq!(
+        (call.method.clone(), call.uri.clone()),
+        (
+            Method::GET,
+            format!("{DEPLOYMENTS}/singles-day-gateway/scale")
+        )
+    );
+    task.abort();
     Ok(())
 }

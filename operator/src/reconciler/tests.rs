@@ -16,9 +16,12 @@ use serde_json::{Value, json};
 use super::*;
 use crate::clock::ManualClock;
 use crate::fixtures::{self, ApiServer};
+use crate::served::ServedApis;
 
 const SALE: &str = "/apis/flashsale.dev/v1alpha1/namespaces/shop/flashsales/singles-day";
 const APPLY: &str = "?&force=true&fieldManager=flashsale-operator";
+/// The finalizer merge patch, under the operator's field manager.
+const FINALIZERS: &str = "?&fieldManager=flashsale-operator";
 
 /// The six children in apply order: (path, is a Deployment).
 const CHILDREN: [(&str, bool); 6] = [
@@ -35,18 +38,25 @@ const CHILDREN: [(&str, bool); 6] = [
         false,
     ),
     (
-        "/apis/policy/v1/namespaces/shop/poddisruptionbudgets/singles-day-gateway",
-        false,
-    ),
-    (
         "/apis/apps/v1/namespaces/shop/deployments/singles-day-consumer",
         true,
+    ),
+    (
+        "/apis/policy/v1/namespaces/shop/poddisruptionbudgets/singles-day-gateway",
+        false,
     ),
     (
         "/apis/policy/v1/namespaces/shop/poddisruptionbudgets/singles-day-consumer",
         false,
     ),
 ];
+
+/// Which children a reconcile writes (indexes into [`CHILDREN`]).
+const ALL: &[usize] = &[0, 1, 2, 3, 4, 5];
+/// None: everything is as this process last applied it.
+const NONE: &[usize] = &[];
+/// A change of the sale's config: the ConfigMap and the pod templates' checksum.
+const CONFIG: &[usize] = &[0, 1, 3];
 
 fn at(base: Timestamp, secs: i64) -> Timestamp {
     base.checked_add(SignedDuration::from_secs(secs))
@@ -81,25 +91,65 @@ async fn serve_secrets(server: &mut ApiServer, redis_url: &str) {
     }
 }
 
-/// Answers the Secret reads and the six applies of a reconcile that gets that
-/// far; Deployments come back with `available` pods. Returns the applied bodies.
-async fn serve_children(server: &mut ApiServer, redis_url: &str, available: i32) -> Vec<Value> {
+/// Answers the Secret reads and the applies of a reconcile that gets that far:
+/// the children in `written` are applied, the other Deployments read (for
+/// their status); Deployments come back with `available` pods. Returns the
+/// applied bodies.
+async fn serve_children(
+    server: &mut ApiServer,
+    redis_url: &str,
+    available: i32,
+    written: &[usize],
+) -> Vec<Value> {
+    serve_children_refusing(server, redis_url, available, written, None).await
+}
+
+/// [`serve_children`], with the apply of child `refused` answered by an error.
+async fn serve_children_refusing(
+    server: &mut ApiServer,
+    redis_url: &str,
+    available: i32,
+    written: &[usize],
+    refused: Option<(usize, u16, &Value)>,
+) -> Vec<Value> {
     serve_secrets(server, redis_url).await;
     let mut applied = Vec::new();
-    for (path, is_deployment) in CHILDREN {
-        let call = server
-            .expect(Method::PATCH, &format!("{path}{APPLY}"))
-            .await;
-        applied.push(call.body.clone());
-        if is_deployment {
-            let mut body = call.body.clone();
+    for (i, (path, is_deployment)) in CHILDREN.into_iter().enumerate() {
+        let with_status = |mut body: Value| {
             body["status"] = json!({ "availableReplicas": available, "replicas": available });
-            call.respond(200, &body);
-        } else {
-            call.echo();
+            body
+        };
+        if written.contains(&i) {
+            let call = server
+                .expect(Method::PATCH, &format!("{path}{APPLY}"))
+                .await;
+            applied.push(call.body.clone());
+            if let Some((_, code, error)) = refused.filter(|(r, _, _)| *r == i) {
+                call.respond(code, error);
+            } else if is_deployment {
+                let body = with_status(call.body.clone());
+                call.respond(200, &body);
+            } else {
+                call.echo();
+            }
+        } else if is_deployment {
+            let name = path.rsplit('/').next().unwrap_or_default();
+            server
+                .expect(Method::GET, path)
+                .await
+                .respond(200, &with_status(deployment(name)));
         }
     }
     applied
+}
+
+/// A Deployment as the server would have it (only what status reads).
+fn deployment(name: &str) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"selector": {}, "template": {}}
+    })
 }
 
 /// Takes the status patch, checks its envelope, answers with the updated
@@ -171,7 +221,9 @@ async fn first_reconcile_adds_the_finalizer_applies_children_and_reports_status(
     let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
     let task = run(&sale, &ctx);
 
-    let call = server.expect(Method::PATCH, &format!("{SALE}?")).await;
+    let call = server
+        .expect(Method::PATCH, &format!("{SALE}{FINALIZERS}"))
+        .await;
     assert_eq!(
         call.body,
         json!({"metadata": {"finalizers": ["flashsale.dev/cleanup"], "resourceVersion": "100"}})
@@ -179,13 +231,13 @@ async fn first_reconcile_adds_the_finalizer_applies_children_and_reports_status(
     let mut stored = fixtures::sale_with_finalizer();
     call.respond(200, &serde_json::to_value(&stored)?);
 
-    let applied = serve_children(&mut server, "redis://unused:6379", 0).await;
+    let applied = serve_children(&mut server, "redis://unused:6379", 0, ALL).await;
     let [
         config_map,
         gateway,
         service,
-        gateway_pdb,
         consumer,
+        gateway_pdb,
         consumer_pdb,
     ] = &applied[..]
     else {
@@ -278,6 +330,9 @@ async fn first_reconcile_adds_the_finalizer_applies_children_and_reports_status(
                  "observedGeneration": 1, "lastTransitionTime": since},
                 {"type": "ConsumersAvailable", "status": "False", "reason": "NoPodsAvailable",
                  "message": "no consumer pod is available yet",
+                 "observedGeneration": 1, "lastTransitionTime": since},
+                {"type": "PodDisruptionBudgets", "status": "True", "reason": "Applied",
+                 "message": "gateway and consumer PodDisruptionBudgets applied",
                  "observedGeneration": 1, "lastTransitionTime": since}
             ],
             "remaining": 4500,
@@ -303,16 +358,36 @@ async fn a_second_reconcile_changes_nothing() -> anyhow::Result<()> {
     let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
 
     let task = run(&sale, &ctx);
-    let first = serve_children(&mut server, "redis://unused:6379", 0).await;
+    let first = serve_children(&mut server, "redis://unused:6379", 0, ALL).await;
+    assert_eq!(first.len(), 6);
     serve_status(&mut server, &mut sale).await?;
     server.expect_event("Normal", "Pending", "Pending").await;
     let first_action = finish(task).await?;
 
-    // Same object, same clock: the same applies (no-ops on the server), no
-    // status write, no event.
+    // Same object, same clock: no child written (the Deployments are read for
+    // their status), no status write, no event.
     let task = run(&sale, &ctx);
-    let second = serve_children(&mut server, "redis://unused:6379", 0).await;
-    assert_eq!(first, second);
+    let second = serve_children(&mut server, "redis://unused:6379", 0, NONE).await;
+    assert_eq!(second, Vec::<Value>::new());
+    assert_eq!(finish(task).await?, first_action);
+
+    // A Deployment someone deleted is applied again at once.
+    let task = run(&sale, &ctx);
+    serve_secrets(&mut server, "redis://unused:6379").await;
+    let (gateway, _) = CHILDREN[1];
+    server.expect(Method::GET, gateway).await.respond(
+        404,
+        &fixtures::not_found("deployments \"singles-day-gateway\""),
+    );
+    server
+        .expect(Method::PATCH, &format!("{gateway}{APPLY}"))
+        .await
+        .echo();
+    let (consumer, _) = CHILDREN[3];
+    server
+        .expect(Method::GET, consumer)
+        .await
+        .respond(200, &deployment("singles-day-consumer"));
     assert_eq!(finish(task).await?, first_action);
     Ok(())
 }
@@ -339,6 +414,7 @@ async fn an_invalid_spec_is_reported_and_creates_nothing() -> anyhow::Result<()>
             }]
         })
     );
+    server.expect_event("Warning", "Failed", "Failed").await;
     server
         .expect_event("Warning", "EndBeforeStart", message)
         .await;
@@ -376,6 +452,7 @@ async fn a_missing_secret_is_reported_and_creates_nothing() -> anyhow::Result<()
             "observedGeneration": 1, "lastTransitionTime": "2026-11-10T23:00:00Z"
         })
     );
+    server.expect_event("Warning", "Failed", "Failed").await;
     server
         .expect_event("Warning", "SecretMissing", message)
         .await;
@@ -404,7 +481,7 @@ async fn phases_change_at_their_instants_and_requeue_for_the_next() -> anyhow::R
 
     // 1 ms before warmup: Pending, nothing in Redis, back in exactly 1 ms.
     let task = run(&sale, &ctx);
-    serve_children(&mut server, &url, 2).await;
+    serve_children(&mut server, &url, 2, ALL).await;
     let status = serve_status(&mut server, &mut sale).await?;
     assert_eq!(status["phase"], json!("Pending"));
     server.expect_event("Normal", "Pending", "Pending").await;
@@ -418,7 +495,7 @@ async fn phases_change_at_their_instants_and_requeue_for_the_next() -> anyhow::R
     // after the refresh interval (the sale opens in 300 s).
     clock.set(warmup);
     let task = run(&sale, &ctx);
-    serve_children(&mut server, &url, 2).await;
+    serve_children(&mut server, &url, 2, NONE).await;
     let status = serve_status(&mut server, &mut sale).await?;
     assert_eq!(status["phase"], json!("Warming"));
     assert_eq!(status["warmedGeneration"], json!(1));
@@ -447,13 +524,13 @@ async fn phases_change_at_their_instants_and_requeue_for_the_next() -> anyhow::R
     // 5 s before start: nothing changed, back at the opening instant.
     clock.set(at(spec.start_time, -5));
     let task = run(&sale, &ctx);
-    serve_children(&mut server, &url, 2).await;
+    serve_children(&mut server, &url, 2, NONE).await;
     assert_eq!(finish(task).await?, Action::requeue(Duration::from_secs(5)));
 
     // At start: Active; no second warming.
     clock.set(spec.start_time);
     let task = run(&sale, &ctx);
-    serve_children(&mut server, &url, 2).await;
+    serve_children(&mut server, &url, 2, NONE).await;
     let status = serve_status(&mut server, &mut sale).await?;
     assert_eq!(status["phase"], json!("Active"));
     assert_eq!(
@@ -471,7 +548,7 @@ async fn phases_change_at_their_instants_and_requeue_for_the_next() -> anyhow::R
     // At end: Ended, nothing left to wait for.
     clock.set(spec.end_time);
     let task = run(&sale, &ctx);
-    serve_children(&mut server, &url, 2).await;
+    serve_children(&mut server, &url, 2, NONE).await;
     let status = serve_status(&mut server, &mut sale).await?;
     assert_eq!(status["phase"], json!("Ended"));
     assert_eq!(
@@ -492,10 +569,11 @@ async fn rewarm(
     ctx: &Arc<Context>,
     sale: &mut FlashSale,
     url: &str,
+    written: &[usize],
     events: &[(&str, &str, &str)],
 ) -> anyhow::Result<Value> {
     let task = run(sale, ctx);
-    serve_children(server, url, 2).await;
+    serve_children(server, url, 2, written).await;
     let status = serve_status(server, sale).await?;
     for (type_, reason, note) in events {
         server.expect_event(type_, reason, note).await;
@@ -523,6 +601,7 @@ async fn warmed_live_sale(
         &ctx,
         &mut sale,
         &redis_server.url(),
+        ALL,
         &[
             ("Normal", "Active", "Active"),
             (
@@ -545,13 +624,13 @@ async fn warming_twice_leaves_stock_unchanged() -> anyhow::Result<()> {
 
     // An operator restart or a re-reconcile of the same generation: no warming.
     let task = run(&sale, &ctx);
-    serve_children(&mut server, &redis_server.url(), 2).await;
+    serve_children(&mut server, &redis_server.url(), 2, NONE).await;
     finish(task).await?;
 
     // A spec edit that leaves stock alone warms again and changes nothing.
     sale.metadata.generation = Some(2);
     sale.spec.gateway.replicas.max = 60;
-    let status = rewarm(&mut server, &ctx, &mut sale, &redis_server.url(), &[]).await?;
+    let status = rewarm(&mut server, &ctx, &mut sale, &redis_server.url(), NONE, &[]).await?;
     assert_eq!(status["warmedGeneration"], json!(2));
     assert_eq!(remaining(&mut conn, "phone-17").await?, 1000);
     assert_eq!(status["remaining"], json!(4500));
@@ -567,7 +646,7 @@ async fn warming_after_30_sales_keeps_what_was_sold() -> anyhow::Result<()> {
 
     sale.metadata.generation = Some(2);
     sale.spec.gateway.replicas.max = 60;
-    let status = rewarm(&mut server, &ctx, &mut sale, &redis_server.url(), &[]).await?;
+    let status = rewarm(&mut server, &ctx, &mut sale, &redis_server.url(), NONE, &[]).await?;
     assert_eq!(remaining(&mut conn, "phone-17").await?, 970);
     assert_eq!(
         product(&status, "phone-17"),
@@ -591,6 +670,7 @@ async fn a_stock_raise_mid_sale_adds_the_difference() -> anyhow::Result<()> {
         &ctx,
         &mut sale,
         &redis_server.url(),
+        CONFIG,
         &[(
             "Normal",
             "StockChanged",
@@ -622,6 +702,7 @@ async fn a_stock_cut_below_sold_is_refused_with_a_condition() -> anyhow::Result<
         &ctx,
         &mut sale,
         &redis_server.url(),
+        CONFIG,
         &[("Warning", "StockBelowSold", message)],
     )
     .await?;
@@ -739,7 +820,9 @@ async fn deletion_stops_the_data_plane_then_clears_redis_and_releases() -> anyho
         ))
     );
     call.echo();
-    let call = server.expect(Method::PATCH, &format!("{SALE}?")).await;
+    let call = server
+        .expect(Method::PATCH, &format!("{SALE}{FINALIZERS}"))
+        .await;
     assert_eq!(
         call.body,
         json!({"metadata": {"finalizers": [], "resourceVersion": "100"}})
@@ -792,5 +875,239 @@ async fn persist_everything(conn: &mut ConnectionManager, sku: &str) -> anyhow::
                 .await?;
         }
     }
+    Ok(())
+}
+
+const QUOTA: &str = "services \"singles-day-gateway\" is forbidden: exceeded quota: no-services, requested: services=1, used: services=0, limited: services=0";
+
+fn forbidden(message: &str) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": "Forbidden", "code": 403
+    })
+}
+
+#[tokio::test]
+async fn a_refused_child_is_reported_and_the_others_still_applied() -> anyhow::Result<()> {
+    let mut sale = fixtures::sale_with_finalizer();
+    let now = at(sale.spec.sale.start_time, -3600);
+    let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
+    let refused = forbidden(QUOTA);
+    let service = 2;
+
+    // Every child is tried; the Service is refused, the five others applied.
+    let task = run(&sale, &ctx);
+    let applied = serve_children_refusing(
+        &mut server,
+        "unused",
+        0,
+        ALL,
+        Some((service, 403, &refused)),
+    )
+    .await;
+    assert_eq!(applied.len(), 6);
+    let status = serve_status(&mut server, &mut sale).await?;
+    let line = format!("Service shop/singles-day-gateway: {QUOTA}");
+    assert_eq!(
+        condition(&status, "Ready"),
+        json!({
+            "type": "Ready", "status": "False", "reason": "ApplyFailed",
+            "message": format!("cannot apply {line}"),
+            "observedGeneration": 1, "lastTransitionTime": "2026-11-10T23:00:00Z"
+        })
+    );
+    assert_eq!(status["phase"], json!("Pending"));
+    assert_eq!(
+        condition(&status, "PodDisruptionBudgets")["status"],
+        json!("True")
+    );
+    let event = server.expect_event("Warning", "ApplyFailed", &line).await;
+    assert_eq!(event["action"], json!("ApplyService"));
+    server.expect_event("Normal", "Pending", "Pending").await;
+    let error = finish(task).await.err().map(|e| format!("{e:#}"));
+    assert_eq!(
+        error,
+        Some(format!("1 child object(s) not applied, first {line}"))
+    );
+
+    // Still refused: only the Service is tried again; status and Events
+    // already say it, so nothing else is written.
+    let task = run(&sale, &ctx);
+    serve_children_refusing(
+        &mut server,
+        "unused",
+        0,
+        &[service],
+        Some((service, 403, &refused)),
+    )
+    .await;
+    assert!(finish(task).await.is_err());
+
+    // The quota lifted: the Service is applied and the sale is Ready.
+    let task = run(&sale, &ctx);
+    serve_children(&mut server, "unused", 0, &[service]).await;
+    let status = serve_status(&mut server, &mut sale).await?;
+    assert_eq!(condition(&status, "Ready")["reason"], json!("Reconciled"));
+    assert_eq!(
+        finish(task).await?,
+        Action::requeue(Duration::from_secs(55 * 60))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn deployments_wait_for_their_config_map() -> anyhow::Result<()> {
+    let mut sale = fixtures::sale_with_finalizer();
+    let now = at(sale.spec.sale.start_time, -3600);
+    let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
+    let message = "configmaps \"singles-day-dataplane\" is forbidden: exceeded quota: cm";
+
+    let task = run(&sale, &ctx);
+    serve_secrets(&mut server, "unused").await;
+    let (config_map, _) = CHILDREN[0];
+    server
+        .expect(Method::PATCH, &format!("{config_map}{APPLY}"))
+        .await
+        .respond(403, &forbidden(message));
+    // Not applied (their pods would roll onto a config that is not there);
+    // read for their status instead — here, not made yet.
+    let (gateway, _) = CHILDREN[1];
+    server
+        .expect(Method::GET, gateway)
+        .await
+        .respond(404, &fixtures::not_found("deployments"));
+    let (service, _) = CHILDREN[2];
+    server
+        .expect(Method::PATCH, &format!("{service}{APPLY}"))
+        .await
+        .echo();
+    let (consumer, _) = CHILDREN[3];
+    server
+        .expect(Method::GET, consumer)
+        .await
+        .respond(404, &fixtures::not_found("deployments"));
+    for (pdb, _) in &CHILDREN[4..] {
+        server
+            .expect(Method::PATCH, &format!("{pdb}{APPLY}"))
+            .await
+            .echo();
+    }
+    let status = serve_status(&mut server, &mut sale).await?;
+    assert_eq!(
+        condition(&status, "Ready")["message"],
+        json!(format!(
+            "cannot apply ConfigMap shop/singles-day-dataplane: {message}"
+        ))
+    );
+    assert_eq!(
+        condition(&status, "GatewayAvailable")["reason"],
+        json!("NotApplied")
+    );
+    server
+        .expect_event(
+            "Warning",
+            "ApplyFailed",
+            &format!("ConfigMap shop/singles-day-dataplane: {message}"),
+        )
+        .await;
+    server.expect_event("Normal", "Pending", "Pending").await;
+    assert!(finish(task).await.is_err());
+    Ok(())
+}
+
+#[tokio::test]
+async fn pdbs_are_skipped_with_a_condition_where_policy_v1_is_not_served() -> anyhow::Result<()> {
+    let mut sale = fixtures::sale_with_finalizer();
+    let now = at(sale.spec.sale.start_time, -3600);
+    let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
+    let ctx = Arc::new(Context {
+        client: ctx.client.clone(),
+        recorder: ctx.recorder.clone(),
+        clock: ctx.clock.clone(),
+        metrics: ctx.metrics.clone(),
+        redis: Default::default(),
+        settings: ctx.settings.clone(),
+        served: ServedApis::default(),
+        applied: Default::default(),
+    });
+
+    let task = run(&sale, &ctx);
+    let applied = serve_children(&mut server, "unused", 0, &[0, 1, 2, 3]).await;
+    assert_eq!(applied.len(), 4);
+    // Kubernetes 1.20 answers discovery of an unknown group version with a plain 404.
+    let call = server.expect(Method::GET, "/apis/policy/v1").await;
+    let response = http::Response::builder()
+        .status(404)
+        .body(kube::client::Body::from(b"404 page not found\n".to_vec()))?;
+    call.send_raw(response);
+    let status = serve_status(&mut server, &mut sale).await?;
+    let message = "the API server does not serve policy/v1 (Kubernetes 1.21+): no PodDisruptionBudgets are made, so a node drain may evict several gateway or consumer pods at once";
+    assert_eq!(
+        condition(&status, "PodDisruptionBudgets"),
+        json!({
+            "type": "PodDisruptionBudgets", "status": "False", "reason": "APIUnavailable",
+            "message": message, "observedGeneration": 1,
+            "lastTransitionTime": "2026-11-10T23:00:00Z"
+        })
+    );
+    // The sale itself runs.
+    assert_eq!(condition(&status, "Ready")["status"], json!("True"));
+    server
+        .expect_event("Warning", "APIUnavailable", message)
+        .await;
+    server.expect_event("Normal", "Pending", "Pending").await;
+    finish(task).await?;
+
+    // Asked once: the next reconcile neither asks again nor writes anything.
+    let task = run(&sale, &ctx);
+    serve_children(&mut server, "unused", 0, NONE).await;
+    finish(task).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn phase_events_name_the_transition_failed_included() -> anyhow::Result<()> {
+    let redis_server = RedisServer::start()?;
+    let (ctx, mut server, mut sale) = warmed_live_sale(&redis_server).await?;
+
+    // The token Secret goes missing mid-sale: Failed, with a phase Event.
+    let task = run(&sale, &ctx);
+    server
+        .expect(Method::GET, "/api/v1/namespaces/shop/secrets/redis")
+        .await
+        .respond(200, &fixtures::secret("redis", "url", &redis_server.url()));
+    server
+        .expect(Method::GET, "/api/v1/namespaces/shop/secrets/orders-db")
+        .await
+        .respond(200, &fixtures::secret("orders-db", "url", "postgres://db"));
+    server
+        .expect(Method::GET, "/api/v1/namespaces/shop/secrets/shop-login")
+        .await
+        .respond(404, &fixtures::not_found("secrets \"shop-login\""));
+    let status = serve_status(&mut server, &mut sale).await?;
+    assert_eq!(status["phase"], json!("Failed"));
+    let event = server
+        .expect_event("Warning", "Failed", "Active → Failed")
+        .await;
+    assert_eq!(event["action"], json!("ActiveToFailed"));
+    server
+        .expect_event(
+            "Warning",
+            "SecretMissing",
+            "Secret shop/shop-login not found",
+        )
+        .await;
+    finish(task).await?;
+
+    // Back: the Event says where from (not a repeat of "Warming → Active").
+    let task = run(&sale, &ctx);
+    serve_children(&mut server, &redis_server.url(), 2, NONE).await;
+    let status = serve_status(&mut server, &mut sale).await?;
+    assert_eq!(status["phase"], json!("Active"));
+    let event = server
+        .expect_event("Normal", "Active", "Failed → Active")
+        .await;
+    assert_eq!(event["action"], json!("FailedToActive"));
+    finish(task).await?;
     Ok(())
 }
