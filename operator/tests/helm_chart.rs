@@ -7,7 +7,7 @@ mod support;
 use std::collections::BTreeSet;
 
 use serde_json::{Value, json};
-use support::helm::{Rendered, chart_dir, render};
+use support::helm::{Rendered, chart_dir, render, workspace};
 
 /// (API group, resource, verbs) as the README's permission tables list them.
 fn documented_rules() -> anyhow::Result<BTreeSet<(String, String, BTreeSet<String>)>> {

@@ -450,12 +450,19 @@ pub fn owned_by(meta: &kube::api::ObjectMeta, sale: &FlashSale) -> bool {
     })
 }
 
-/// Mutating requests in the audit log by `user` since `since`: (verb, resource/subresource, name).
-pub fn writes_by(
-    audit_log: &Path,
-    user: &str,
-    since: Timestamp,
-) -> anyhow::Result<Vec<(String, String, String)>> {
+/// One mutating request in the audit log.
+#[derive(Clone, Debug)]
+pub struct Write {
+    pub verb: String,
+    /// `resource` or `resource/subresource`.
+    pub resource: String,
+    pub name: String,
+    /// The request's path and query (`fieldManager=…` among them).
+    pub uri: String,
+}
+
+/// Mutating requests in the audit log by `user` since `since`.
+pub fn writes_by(audit_log: &Path, user: &str, since: Timestamp) -> anyhow::Result<Vec<Write>> {
     let text = std::fs::read_to_string(audit_log)?;
     let mut out = Vec::new();
     for line in text.lines() {
@@ -471,15 +478,17 @@ pub fn writes_by(
             continue;
         }
         let r = &entry["objectRef"];
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
         let resource = match r["subresource"].as_str() {
-            Some(sub) => format!("{}/{sub}", r["resource"].as_str().unwrap_or_default()),
-            None => r["resource"].as_str().unwrap_or_default().to_string(),
+            Some(sub) => format!("{}/{sub}", text(&r["resource"])),
+            None => text(&r["resource"]),
         };
-        out.push((
-            entry["verb"].as_str().unwrap_or_default().to_string(),
+        out.push(Write {
+            verb: text(&entry["verb"]),
             resource,
-            r["name"].as_str().unwrap_or_default().to_string(),
-        ));
+            name: text(&r["name"]),
+            uri: text(&entry["requestURI"]),
+        });
     }
     Ok(out)
 }
