@@ -147,10 +147,16 @@ impl Call {
 impl ApiServer {
     /// The next request; fails the test if none comes within five seconds.
     pub async fn call(&mut self) -> Call {
-        let next = tokio::time::timeout(Duration::from_secs(5), self.0.next_request()).await;
-        let Ok(Some((request, send))) = next else {
+        let next = tokio::time::timeout(Duration::from_secs(5), self.next_call()).await;
+        let Ok(Some(call)) = next else {
             panic!("expected another API request, none came");
         };
+        call
+    }
+
+    /// The next request, however long it takes; `None` once the client is gone.
+    pub async fn next_call(&mut self) -> Option<Call> {
+        let (request, send) = self.0.next_request().await?;
         let method = request.method().clone();
         let uri = request.uri().to_string();
         let bytes = match request.into_body().collect_bytes().await {
@@ -165,12 +171,12 @@ impl ApiServer {
                 Err(e) => panic!("request body is JSON: {e}"),
             }
         };
-        Call {
+        Some(Call {
             method,
             uri,
             body,
             send,
-        }
+        })
     }
 
     /// The next request, asserted to be `method uri`.

@@ -238,6 +238,9 @@ async fn patch_finalizers(
         .map_err(kube_err("set finalizers of", sale.name_any()))
 }
 
+/// The longest Event note `events.k8s.io/v1` accepts, in bytes.
+const NOTE_MAX: usize = 1024;
+
 /// Everything one reconcile observed and wants to say.
 struct Report<'a> {
     sale: &'a FlashSale,
@@ -267,7 +270,16 @@ impl<'a> Report<'a> {
         self.observed.push(c);
     }
 
-    fn event(&mut self, type_: EventType, reason: &str, action: &str, note: String) {
+    fn event(&mut self, type_: EventType, reason: &str, action: &str, mut note: String) {
+        // The API refuses a note over 1 kB (a long admission message, say).
+        if note.len() > NOTE_MAX {
+            let mut end = NOTE_MAX - '…'.len_utf8();
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+            note.push('…');
+        }
         self.events.push(Event {
             type_,
             reason: reason.to_string(),

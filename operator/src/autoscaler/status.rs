@@ -9,8 +9,9 @@ use serde_json::{Value, json};
 
 use crate::resource::{API_VERSION, ConsumerStatus, FlashSaleStatus, GatewayStatus, KIND};
 
-/// Metric figures alone (connections, requests/s, lag) are written at most this
-/// often: every status write wakes the reconciler through its watch.
+/// Metric figures alone (connections, requests/s, lag, a moved hold end) are
+/// written at most this often: status is for people, and each write costs the
+/// API server a write and every FlashSale watcher an event.
 pub const FIGURES_REFRESH: SignedDuration = SignedDuration::from_secs(15);
 
 /// The fields the autoscaler owns; `availableReplicas` stays the reconciler's.

@@ -134,7 +134,8 @@ pub async fn children(ctx: &Context, ns: &str, c: &Children) -> Applied {
         }
         Ok(false) => Pdbs::Unsupported,
         Err(e) => {
-            out.fail("APIResourceList", crate::served::PDB_API.to_string(), &e);
+            let object = format!("discovery of {}", crate::served::PDB_API);
+            out.fail("Discovery", object, &e);
             Pdbs::Failed
         }
     };

@@ -1111,3 +1111,18 @@ async fn phase_events_name_the_transition_failed_included() -> anyhow::Result<()
     finish(task).await?;
     Ok(())
 }
+
+#[test]
+fn a_long_event_note_is_cut_to_what_the_api_accepts() {
+    let sale = fixtures::sale();
+    let mut report = Report::new(&sale, Timestamp::UNIX_EPOCH);
+    report.event(
+        EventType::Warning,
+        "ApplyFailed",
+        "ApplyService",
+        "é".repeat(600),
+    );
+    let note = report.events[0].note.clone().unwrap_or_default();
+    assert!(note.len() <= NOTE_MAX, "{}", note.len());
+    assert!(note.starts_with("éé") && note.ends_with('…'), "{note}");
+}
