@@ -338,16 +338,22 @@ async fn scenario_deleting_a_live_sale_drains_and_clears_it(rig: &mut Rig) -> an
             .then_some(())
     })
     .await;
-    let kubelet = rig
-        .kubelet
-        .as_ref()
-        .map(|k| k.stopped())
-        .unwrap_or_default();
+    // Every gateway process got SIGTERM when its Pod went and exited cleanly.
+    let gateway_pod = format!("{name}-gateway-");
+    let stopped = rig
+        .eventually("the gateway processes to exit", 30, || async {
+            let stopped = rig.kubelet.as_ref()?.stopped();
+            let gateways: Vec<(String, Option<i32>)> = stopped
+                .into_iter()
+                .filter(|(pod, _)| pod.starts_with(&gateway_pod))
+                .collect();
+            (gateways.len() == 2 && gateways.iter().all(|(_, code)| code.is_some()))
+                .then_some(gateways)
+        })
+        .await;
     assert!(
-        kubelet
-            .iter()
-            .any(|(pod, _)| pod.starts_with(&format!("{name}-gateway-"))),
-        "no gateway process was stopped: {kubelet:?}"
+        stopped.iter().all(|(_, code)| *code == Some(0)),
+        "gateways: {stopped:?}"
     );
     let client = redis::Client::open(rig.redis.url())?;
     let mut conn = client.get_multiplexed_async_connection().await?;

@@ -98,6 +98,12 @@ struct Process {
     log: PathBuf,
 }
 
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 impl Process {
     fn spawn(name: &'static str, cmd: &mut Command, dir: &Path) -> Result<Self, ControlPlaneError> {
         let log = dir.join(format!("{name}.log"));
@@ -150,7 +156,6 @@ pub struct ControlPlane {
     dir: TempDir,
     _etcd_dir: TempDir,
     port: u16,
-    admin_token: String,
     client: Client,
 }
 
@@ -265,48 +270,31 @@ impl ControlPlane {
             ));
         processes.push(Process::spawn("kube-apiserver", &mut apiserver, d)?);
 
-        let mut plane = Self {
-            processes,
-            dir,
-            _etcd_dir: etcd_dir,
-            port,
-            admin_token: admin_token.clone(),
-            // Replaced once the apiserver has written its serving certificate.
-            client: Client::try_from(kube::Config::new(
-                format!("https://127.0.0.1:{port}").parse().map_err(|e| {
-                    ControlPlaneError::Failed {
-                        what: "parse the API URL".into(),
-                        detail: format!("{e}"),
-                    }
-                })?,
-            ))
-            .map_err(|source| ControlPlaneError::Kube {
-                what: "make a client".into(),
-                source,
-            })?,
-        };
+        let url = format!("https://127.0.0.1:{port}");
         let ca = cert_dir.join("apiserver.crt");
-        plane
-            .wait("kube-apiserver to write its certificate", 30, || {
+        wait(
+            &mut processes,
+            "kube-apiserver to write its certificate",
+            30,
+            || {
                 let ready = ca.is_file();
                 async move { ready }
-            })
-            .await?;
-        let admin = plane.write_kubeconfig("admin", &admin_token)?;
-        plane.client = client_from(&admin).await?;
-        let client = plane.client.clone();
-        plane
-            .wait("kube-apiserver /readyz", 60, || {
-                let client = client.clone();
-                async move {
-                    let request = http::Request::get("/readyz").body(Vec::new());
-                    match request {
-                        Ok(r) => client.request_text(r).await.is_ok_and(|t| t == "ok"),
-                        Err(_) => false,
-                    }
+            },
+        )
+        .await?;
+        let admin = write_kubeconfig(d, &url, ADMIN, &admin_token)?;
+        let client = client_from(&admin).await?;
+        wait(&mut processes, "kube-apiserver /readyz", 60, || {
+            let client = client.clone();
+            async move {
+                let request = http::Request::get("/readyz").body(Vec::new());
+                match request {
+                    Ok(r) => client.request_text(r).await.is_ok_and(|t| t == "ok"),
+                    Err(_) => false,
                 }
-            })
-            .await?;
+            }
+        })
+        .await?;
 
         let mut manager = Command::new(manager_bin);
         manager
@@ -319,52 +307,29 @@ impl ControlPlane {
             .arg(format!("--root-ca-file={}", ca.display()))
             .arg("--controllers=*,-nodeipam,-nodelifecycle,-service,-route,-cloud-node-lifecycle")
             .args(["--leader-elect=false", "--port=0", "--secure-port=0"]);
-        plane.processes.insert(
+        // Stopped first on drop.
+        processes.insert(
             0,
             Process::spawn("kube-controller-manager", &mut manager, d)?,
         );
         let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
-        plane
-            .wait(
-                "kube-controller-manager to create the default ServiceAccount",
-                60,
-                || {
-                    let accounts = accounts.clone();
-                    async move { accounts.get_opt("default").await.is_ok_and(|a| a.is_some()) }
-                },
-            )
-            .await?;
-        Ok(plane)
-    }
-
-    /// Polls `ready` every 100 ms; fails early when a process exits.
-    async fn wait<F, Fut>(
-        &mut self,
-        what: &str,
-        secs: u64,
-        mut ready: F,
-    ) -> Result<(), ControlPlaneError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = bool>,
-    {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if ready().await {
-                return Ok(());
-            }
-            for p in &mut self.processes {
-                p.check_running()?;
-            }
-            if Instant::now() > deadline {
-                return Err(ControlPlaneError::Timeout {
-                    what: what.into(),
-                    secs,
-                    detail: format!("logs:\n{}", self.logs(30)),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait(
+            &mut processes,
+            "kube-controller-manager to create the default ServiceAccount",
+            60,
+            || {
+                let accounts = accounts.clone();
+                async move { accounts.get_opt("default").await.is_ok_and(|a| a.is_some()) }
+            },
+        )
+        .await?;
+        Ok(Self {
+            processes,
+            dir,
+            _etcd_dir: etcd_dir,
+            port,
+            client,
+        })
     }
 
     /// The admin's client (`system:masters`).
@@ -387,21 +352,7 @@ impl ControlPlane {
 
     /// A kubeconfig for `user` with a bearer token, trusting the apiserver's certificate.
     pub fn write_kubeconfig(&self, user: &str, token: &str) -> Result<PathBuf, ControlPlaneError> {
-        let path = self.dir.path().join(format!("{user}.kubeconfig"));
-        let ca = self.dir.path().join("certs/apiserver.crt");
-        let config = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "local", "cluster": {
-                "server": self.url(),
-                "certificate-authority": ca,
-            }}],
-            "users": [{"name": user, "user": {"token": token}}],
-            "contexts": [{"name": "local", "context": {"cluster": "local", "user": user, "namespace": "default"}}],
-            "current-context": "local",
-        });
-        write(&path, &config.to_string())?;
-        Ok(path)
+        write_kubeconfig(self.dir.path(), &self.url(), user, token)
     }
 
     /// A kubeconfig with the token of ServiceAccount `ns/name`: v1.20 fills a
@@ -413,50 +364,111 @@ impl ControlPlane {
     ) -> Result<PathBuf, ControlPlaneError> {
         let accounts: Api<ServiceAccount> = Api::namespaced(self.client.clone(), ns);
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-        let token = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
-        let found = token.clone();
-        self.wait(
-            &format!("a token Secret for ServiceAccount {ns}/{name}"),
-            30,
-            || {
-                let (accounts, secrets, found) = (accounts.clone(), secrets.clone(), found.clone());
-                async move {
-                    let Ok(Some(account)) = accounts.get_opt(name).await else {
-                        return false;
-                    };
-                    for reference in account.secrets.into_iter().flatten() {
-                        let Some(secret_name) = reference.name else {
-                            continue;
-                        };
-                        if let Ok(Some(secret)) = secrets.get_opt(&secret_name).await
-                            && let Some(t) = secret.data.as_ref().and_then(|d| d.get("token"))
-                            && let Ok(mut slot) = found.lock()
-                        {
-                            *slot = Some(String::from_utf8_lossy(&t.0).into_owned());
-                            return true;
-                        }
-                    }
-                    false
-                }
-            },
-        )
-        .await?;
-        let token = token
-            .lock()
-            .ok()
-            .and_then(|t| t.clone())
-            .unwrap_or_default();
-        self.write_kubeconfig(&format!("{ns}.{name}"), &token)
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(token) = account_token(&accounts, &secrets, name).await {
+                return self.write_kubeconfig(&format!("{ns}.{name}"), &token);
+            }
+            for p in &mut self.processes {
+                p.check_running()?;
+            }
+            if Instant::now() > deadline {
+                return Err(ControlPlaneError::Timeout {
+                    what: format!("a token Secret for ServiceAccount {ns}/{name}"),
+                    secs: 30,
+                    detail: format!("logs:\n{}", self.logs(30)),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The tails of the three logs.
     pub fn logs(&self, lines: usize) -> String {
-        let mut out = String::new();
-        for p in self.processes.iter().rev() {
-            let _ = writeln!(out, "--- {} log ---\n{}", p.name, p.tail(lines));
-        }
-        out
+        logs(&self.processes, lines)
     }
+}
+
+/// Polls `ready` every 100 ms; fails early, with the logs, when a process exits.
+async fn wait<F, Fut>(
+    processes: &mut [Process],
+    what: &str,
+    secs: u64,
+    mut ready: F,
+) -> Result<(), ControlPlaneError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if ready().await {
+            return Ok(());
+        }
+        for p in processes.iter_mut() {
+            p.check_running()?;
+        }
+        if Instant::now() > deadline {
+            return Err(ControlPlaneError::Timeout {
+                what: what.into(),
+                secs,
+                detail: format!("logs:\n{}", logs(processes, 30)),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn logs(processes: &[Process], lines: usize) -> String {
+    let mut out = String::new();
+    for p in processes.iter().rev() {
+        let _ = writeln!(out, "--- {} log ---\n{}", p.name, p.tail(lines));
+    }
+    out
+}
+
+/// A kubeconfig in `dir` for `user` with a bearer token, trusting the
+/// apiserver's self-signed certificate.
+fn write_kubeconfig(
+    dir: &Path,
+    url: &str,
+    user: &str,
+    token: &str,
+) -> Result<PathBuf, ControlPlaneError> {
+    let path = dir.join(format!("{user}.kubeconfig"));
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": {
+            "server": url,
+            "certificate-authority": dir.join("certs/apiserver.crt"),
+        }}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "local", "context": {"cluster": "local", "user": user, "namespace": "default"}}],
+        "current-context": "local",
+    });
+    write(&path, &config.to_string())?;
+    Ok(path)
+}
+
+/// The token in the first filled token Secret the ServiceAccount lists.
+async fn account_token(
+    accounts: &Api<ServiceAccount>,
+    secrets: &Api<Secret>,
+    name: &str,
+) -> Option<String> {
+    let account = accounts.get_opt(name).await.ok()??;
+    for reference in account.secrets.into_iter().flatten() {
+        let Some(secret_name) = reference.name else {
+            continue;
+        };
+        if let Ok(Some(secret)) = secrets.get_opt(&secret_name).await
+            && let Some(token) = secret.data.as_ref().and_then(|d| d.get("token"))
+        {
+            return Some(String::from_utf8_lossy(&token.0).into_owned());
+        }
+    }
+    None
 }
 
 /// A client from a kubeconfig file.
@@ -488,9 +500,7 @@ impl Drop for ControlPlane {
                 self.logs(60)
             );
         }
-        for p in &mut self.processes {
-            p.kill();
-        }
+        // The processes are killed as they drop, controller-manager first.
     }
 }
 
