@@ -304,6 +304,9 @@ async fn scenario_a_sale_runs_on_schedule_under_the_charts_rbac(
     let pdb =
         condition(&sold, "PodDisruptionBudgets").map(|c| (c.status.clone(), c.reason.clone()));
     assert_eq!(pdb, Some(("False".into(), "APIUnavailable".into())));
+    // The chart's RBAC was all the operator needed.
+    let log = rig.operators.first().map(|o| o.log()).unwrap_or_default();
+    assert!(!log.contains("forbidden"), "a forbidden request:\n{log}");
     Ok(())
 }
 
@@ -606,8 +609,10 @@ async fn scenario_an_idle_live_sale_costs_few_api_writes(rig: &mut Rig) -> anyho
         others.len(),
         lease.len()
     );
+    // Nothing changes, so nothing needs writing; the bound leaves room for the
+    // autoscaler's figures, written at most every 15 s when they move.
     assert!(
-        others.len() <= 6,
+        others.len() <= 4,
         "{} writes in a minute of an idle sale: {others:?}",
         others.len()
     );
