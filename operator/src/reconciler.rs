@@ -618,6 +618,11 @@ async fn apply(
 
     let children = children::build(sale, &ctx.settings.dataplane_image)?;
     let applied = apply::children(ctx, ns, &children).await;
+    debug!(
+        writes = applied.writes,
+        refused = applied.failures.len(),
+        "children applied"
+    );
     let gateway = applied.gateway.as_ref();
     let consumer = applied.consumer.as_ref();
     report.next.gateway = Some(GatewayStatus {
