@@ -86,6 +86,45 @@ async fn purchase(port: u16, sale: &str, user: &str, sku: &str) -> anyhow::Resul
     Ok((status, body))
 }
 
+/// What a rollout would change: both Deployments' pod templates and the ReplicaSets.
+struct RolloutState {
+    templates: Vec<Option<k8s_openapi::api::core::v1::PodTemplateSpec>>,
+    annotations: Vec<Option<std::collections::BTreeMap<String, String>>>,
+    replica_sets: Vec<String>,
+}
+
+async fn rollout_state(rig: &Rig, sale: &str) -> anyhow::Result<RolloutState> {
+    let mut templates = Vec::new();
+    for component in ["gateway", "consumer"] {
+        let d = rig
+            .api::<Deployment>()
+            .get(&format!("{sale}-{component}"))
+            .await?;
+        templates.push(d.spec.map(|s| s.template));
+    }
+    let annotations = templates
+        .iter()
+        .map(|t| {
+            t.as_ref()
+                .and_then(|t| t.metadata.as_ref()?.annotations.clone())
+        })
+        .collect();
+    let mut replica_sets: Vec<String> = rig
+        .api::<ReplicaSet>()
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .map(|r| r.name_any())
+        .collect();
+    replica_sets.sort();
+    Ok(RolloutState {
+        templates,
+        annotations,
+        replica_sets,
+    })
+}
+
 /// A gateway process's HTTP port, once the stand-in kubelet runs one.
 async fn gateway_port(rig: &Rig) -> u16 {
     rig.eventually("a running gateway process", 30, || async {
@@ -637,27 +676,18 @@ async fn scenario_a_stock_edit_mid_sale_rolls_no_pods(rig: &mut Rig) -> anyhow::
         (s.status?.gateway?.available_replicas? >= 2).then_some(())
     })
     .await;
-    let sets_before: Vec<String> = rig
-        .api::<ReplicaSet>()
-        .list(&ListParams::default())
-        .await?
-        .items
-        .iter()
-        .map(|r| r.name_any())
-        .collect();
-    let template_before = rig
-        .api::<Deployment>()
-        .get(&format!("{name}-gateway"))
-        .await?
-        .spec
-        .map(|s| s.template);
+    let before = rollout_state(rig, name).await?;
 
     // `kubectl patch fs restock --type merge -p '{"spec":{"products":[…]}}'`
     let mut products = rig::sale(name, start, 3, 30)["spec"]["products"].clone();
     products[0]["stock"] = json!(150);
     let patch = json!({"spec": {"products": products}});
+    let kubectl_patch = PatchParams {
+        field_manager: Some("kubectl-patch".into()),
+        ..Default::default()
+    };
     rig.sales()
-        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(name, &kubectl_patch, &Patch::Merge(&patch))
         .await?;
     rig.eventually("the new stock in status", 30, || async {
         let s = get_sale(rig, name).await?;
@@ -668,23 +698,17 @@ async fn scenario_a_stock_edit_mid_sale_rolls_no_pods(rig: &mut Rig) -> anyhow::
     .await;
     // Give the deployment controller time to have rolled, if it were going to.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let sets_after: Vec<String> = rig
-        .api::<ReplicaSet>()
-        .list(&ListParams::default())
-        .await?
-        .items
-        .iter()
-        .map(|r| r.name_any())
-        .collect();
-    let template_after = rig
-        .api::<Deployment>()
-        .get(&format!("{name}-gateway"))
-        .await?
-        .spec
-        .map(|s| s.template);
-    assert_eq!(template_after, template_before, "the pod template changed");
+    let after = rollout_state(rig, name).await?;
     assert_eq!(
-        sets_after, sets_before,
+        after.annotations, before.annotations,
+        "the pod templates' annotations changed: pods roll mid-sale"
+    );
+    assert!(
+        after.templates == before.templates,
+        "the pod templates changed"
+    );
+    assert_eq!(
+        after.replica_sets, before.replica_sets,
         "a new ReplicaSet: pods rolled mid-sale"
     );
     Ok(())
