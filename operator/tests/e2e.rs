@@ -331,6 +331,15 @@ async fn scenario_a_sale_runs_on_schedule_under_the_charts_rbac(
     ] {
         assert!(reasons.contains(&want), "no {want} Event among {events:?}");
     }
+    // Each phase Event names the transition it records.
+    let note = |reason: &str| {
+        events
+            .iter()
+            .find(|(_, r, _)| r == reason)
+            .map(|(_, _, n)| n.as_str())
+    };
+    assert_eq!(note("Warming"), Some("Pending → Warming"));
+    assert_eq!(note("Active"), Some("Warming → Active"));
     // v1.20 serves no policy/v1: the one Warning says so, and a condition too.
     let warnings: Vec<&(String, String, String)> =
         events.iter().filter(|(t, _, _)| t != "Normal").collect();
