@@ -42,6 +42,10 @@ pub struct ProductAudit {
     pub oversold: i64,
     /// `remaining + units == stock`.
     pub consistent: bool,
+    /// `flashsale_inventory.stock` (absent when PostgreSQL has no row).
+    pub database_stock: Option<i64>,
+    /// PostgreSQL's stock equals Redis' at rest (a product never sold may lack a row).
+    pub stores_agree: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -72,7 +76,7 @@ impl AuditReport {
             && self.users_over_limit.is_empty()
             && self.lost_orders.is_empty()
             && self.duplicates_found == 0
-            && self.products.iter().all(|p| p.consistent)
+            && self.products.iter().all(|p| p.consistent && p.stores_agree)
     }
 
     /// One line per broken promise, for people.
@@ -86,6 +90,12 @@ impl AuditReport {
                 out.push(format!(
                     "{}: remaining {} + persisted units {} != stock {}",
                     p.sku, p.remaining, p.units, p.stock
+                ));
+            }
+            if !p.stores_agree {
+                out.push(format!(
+                    "{}: stock is {} in Redis but {:?} in PostgreSQL",
+                    p.sku, p.stock, p.database_stock
                 ));
             }
         }
@@ -171,6 +181,7 @@ pub async fn audit<C: ConnectionLike + Send>(
 ) -> Result<AuditReport, AuditError> {
     let counters = product_counters(conn, sale, spec).await?;
     let units = units_per_sku(store, sale).await?;
+    let inventory = store.inventory(sale).await?;
     let products = spec
         .products
         .iter()
@@ -179,6 +190,10 @@ pub async fn audit<C: ConnectionLike + Send>(
             let remaining = c.as_ref().map(|c| c.remaining).unwrap_or(p.stock);
             let stock = c.as_ref().map(|c| c.stock).unwrap_or(p.stock);
             let (orders, units) = units.get(&p.sku).copied().unwrap_or((0, 0));
+            let database_stock = inventory
+                .iter()
+                .find(|row| row.sku == p.sku)
+                .map(|row| row.stock);
             ProductAudit {
                 sku: p.sku.clone(),
                 stock,
@@ -188,6 +203,9 @@ pub async fn audit<C: ConnectionLike + Send>(
                 units,
                 oversold: (units - stock).max(0),
                 consistent: remaining + units == stock && remaining >= 0,
+                database_stock,
+                stores_agree: database_stock == Some(stock)
+                    || (database_stock.is_none() && stock == remaining),
             }
         })
         .collect();

@@ -266,6 +266,10 @@ struct AuditArgs {
 struct WarmArgs {
     #[command(flatten)]
     sale: SaleConfigArgs,
+    /// PostgreSQL, whose inventory must cover every unit Redis can sell: a
+    /// raise goes there first, a cut after Redis.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
 }
 
 #[derive(Args)]
@@ -406,13 +410,39 @@ async fn run(command: Command) -> Result<ExitCode> {
             let doc = load(&a.sale.config)?;
             let client = redis::Client::open(a.sale.redis_url.as_str())?;
             let mut conn = client.get_connection_manager().await?;
-            for p in dataplane::warm::warm_sale(&mut conn, &doc.id(), &doc.spec).await? {
-                println!(
-                    "{}: {:?}, remaining {}, sold {}",
-                    p.sku, p.outcome, p.remaining, p.sold
-                );
+            let store = dataplane::store::OrderStore::connect(&a.database_url, 2)?;
+            store.migrate().await?;
+            let now = jiff::Timestamp::now();
+            match dataplane::stock::apply(&mut conn, &store, &doc.id(), &doc.spec, now).await {
+                Ok(applied) => {
+                    for (p, s) in applied.products.iter().zip(&applied.stock) {
+                        println!(
+                            "{}: {:?}, remaining {}, sold {}, stock in Redis {}, in PostgreSQL {}",
+                            p.sku,
+                            p.outcome,
+                            p.remaining,
+                            p.sold,
+                            s.redis,
+                            s.database.map_or("-".to_string(), |n| n.to_string())
+                        );
+                    }
+                    if applied.spec_changed {
+                        println!(
+                            "running gateways and consumers take settings version {} within a second",
+                            applied.spec_version
+                        );
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(dataplane::stock::ApplyError::Refused(problems)) => {
+                    for p in problems {
+                        eprintln!("refused ({}): {}", p.reason, p.message);
+                    }
+                    eprintln!("nothing changed; the running sale keeps its settings");
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => Err(e.into()),
             }
-            Ok(ExitCode::SUCCESS)
         }
         Command::Token(a) => {
             println!(

@@ -11,6 +11,8 @@
 //! marked applied. A crash between commit and apply leaves the rows
 //! unapplied; the next sweep of any consumer applies them.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -89,7 +91,8 @@ struct Release {
 pub struct Sweeper {
     sale: SaleId,
     products: Vec<(String, ProductKeys)>,
-    timeout: Duration,
+    /// `payment.timeoutSeconds`, which follows the sale's live spec.
+    timeout_seconds: Arc<AtomicU32>,
     store: OrderStore,
     redis: ConnectionManager,
     publisher: Publisher,
@@ -111,13 +114,19 @@ impl Sweeper {
                 .iter()
                 .map(|p| (p.sku.clone(), ProductKeys::new(&sale, &p.sku)))
                 .collect(),
-            timeout: Duration::from_secs(u64::from(doc.spec.payment.timeout_seconds)),
+            timeout_seconds: Arc::new(AtomicU32::new(doc.spec.payment.timeout_seconds)),
             publisher: Publisher::new(&sale),
             sale,
             store,
             redis,
             settings,
         }
+    }
+
+    /// The payment timeout in force; storing into it applies a new one from
+    /// the next sweep on (a live spec change).
+    pub fn timeout_seconds(&self) -> Arc<AtomicU32> {
+        Arc::clone(&self.timeout_seconds)
     }
 
     /// Sweeps every `settings.every` until shutdown.
@@ -206,7 +215,7 @@ impl Sweeper {
                 &[
                     &self.sale.key(),
                     &sku,
-                    &self.timeout.as_secs_f64(),
+                    &f64::from(self.timeout_seconds.load(Ordering::Relaxed)),
                     &self.settings.batch,
                 ],
             )

@@ -17,6 +17,10 @@ pub static TRANSITION: LazyLock<Script> =
 /// Catalog and stock written once per sale (`warm.lua`).
 pub static WARM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/warm.lua")));
 
+/// A sale's applied spec published for running pods (`publish_spec.lua`).
+pub static PUBLISH_SPEC: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/publish_spec.lua")));
+
 /// The purchase script's source, for `redis-benchmark` comparisons.
 pub const PURCHASE_SOURCE: &str = include_str!("scripts/purchase.lua");
 /// One push event routed to the pod holding the user's socket (`push.lua`).
