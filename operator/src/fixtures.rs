@@ -98,6 +98,7 @@ pub fn context(clock: Arc<ManualClock>) -> (Arc<Context>, ApiServer) {
         clock,
         metrics: Arc::new(Metrics::default()),
         redis: Default::default(),
+        stores: Default::default(),
         settings: settings(),
     };
     (Arc::new(ctx), ApiServer(handle))

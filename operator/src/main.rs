@@ -106,6 +106,7 @@ async fn run(
         clock: Arc::new(SystemClock),
         metrics: metrics.clone(),
         redis: Default::default(),
+        stores: Default::default(),
         settings: Settings {
             dataplane_image: args.dataplane_image.clone(),
             refresh: Duration::from_secs(args.refresh_seconds),

@@ -326,6 +326,11 @@ pub struct ProductStatus {
     pub sku: String,
     /// Stock Redis holds for the product (the spec's, once warmed).
     pub stock: i64,
+    /// Stock of the product's inventory row in PostgreSQL. Raises reach it
+    /// before Redis and cuts after, so it is never below `stock`; at rest the
+    /// two agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_stock: Option<i64>,
     pub remaining: i64,
     /// Units held by accepted, confirmed or paid orders.
     pub sold: i64,

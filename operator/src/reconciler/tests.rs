@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use dataplane::keys::ProductKeys;
-use dataplane::servers::RedisServer;
+use dataplane::servers::{PostgresServer, RedisServer};
 use http::Method;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -64,11 +64,50 @@ async fn finish(task: tokio::task::JoinHandle<Result<Action, Error>>) -> anyhow:
     Ok(joined.context("reconcile panicked")??)
 }
 
+/// Where a test's sale finds Redis and PostgreSQL (its Secrets' values).
+struct Urls {
+    redis: String,
+    database: String,
+}
+
+impl Urls {
+    /// For reconciles that never reach Redis or PostgreSQL.
+    fn unused() -> Self {
+        Self {
+            redis: "redis://unused:6379".into(),
+            database: "postgres://orders@unused/orders".into(),
+        }
+    }
+}
+
+/// A real Redis and PostgreSQL of the test's own: warming applies stock to
+/// PostgreSQL before Redis sells it.
+struct Stores {
+    redis: RedisServer,
+    pg: PostgresServer,
+}
+
+impl Stores {
+    fn start() -> anyhow::Result<Self> {
+        Ok(Self {
+            redis: RedisServer::start()?,
+            pg: PostgresServer::start()?,
+        })
+    }
+
+    fn urls(&self) -> Urls {
+        Urls {
+            redis: self.redis.url(),
+            database: self.pg.url(),
+        }
+    }
+}
+
 /// Answers the three Secret reads.
-async fn serve_secrets(server: &mut ApiServer, redis_url: &str) {
+async fn serve_secrets(server: &mut ApiServer, urls: &Urls) {
     for (name, key, value) in [
-        ("redis", "url", redis_url),
-        ("orders-db", "url", "postgres://orders@db/orders"),
+        ("redis", "url", urls.redis.as_str()),
+        ("orders-db", "url", urls.database.as_str()),
         ("shop-login", "hmac-secret", "s3cret"),
     ] {
         server
@@ -83,8 +122,8 @@ async fn serve_secrets(server: &mut ApiServer, redis_url: &str) {
 
 /// Answers the Secret reads and the six applies of a reconcile that gets that
 /// far; Deployments come back with `available` pods. Returns the applied bodies.
-async fn serve_children(server: &mut ApiServer, redis_url: &str, available: i32) -> Vec<Value> {
-    serve_secrets(server, redis_url).await;
+async fn serve_children(server: &mut ApiServer, urls: &Urls, available: i32) -> Vec<Value> {
+    serve_secrets(server, urls).await;
     let mut applied = Vec::new();
     for (path, is_deployment) in CHILDREN {
         let call = server
@@ -179,7 +218,7 @@ async fn first_reconcile_adds_the_finalizer_applies_children_and_reports_status(
     let mut stored = fixtures::sale_with_finalizer();
     call.respond(200, &serde_json::to_value(&stored)?);
 
-    let applied = serve_children(&mut server, "redis://unused:6379", 0).await;
+    let applied = serve_children(&mut server, &Urls::unused(), 0).await;
     let [
         config_map,
         gateway,
@@ -219,7 +258,7 @@ async fn first_reconcile_adds_the_finalizer_applies_children_and_reports_status(
     ] {
         assert!(deployment["spec"].get("replicas").is_none(), "{deployment}");
         let pod = &deployment["spec"]["template"];
-        assert!(pod["metadata"]["annotations"]["flashsale.dev/config-checksum"].is_string());
+        assert!(pod["metadata"]["annotations"]["flashsale.dev/products-checksum"].is_string());
         let container = &pod["spec"]["containers"][0];
         assert_eq!(
             container["image"],
@@ -303,7 +342,7 @@ async fn a_second_reconcile_changes_nothing() -> anyhow::Result<()> {
     let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
 
     let task = run(&sale, &ctx);
-    let first = serve_children(&mut server, "redis://unused:6379", 0).await;
+    let first = serve_children(&mut server, &Urls::unused(), 0).await;
     serve_status(&mut server, &mut sale).await?;
     server.expect_event("Normal", "Pending", "Pending").await;
     let first_action = finish(task).await?;
@@ -311,7 +350,7 @@ async fn a_second_reconcile_changes_nothing() -> anyhow::Result<()> {
     // Same object, same clock: the same applies (no-ops on the server), no
     // status write, no event.
     let task = run(&sale, &ctx);
-    let second = serve_children(&mut server, "redis://unused:6379", 0).await;
+    let second = serve_children(&mut server, &Urls::unused(), 0).await;
     assert_eq!(first, second);
     assert_eq!(finish(task).await?, first_action);
     Ok(())
@@ -389,9 +428,10 @@ async fn a_missing_secret_is_reported_and_creates_nothing() -> anyhow::Result<()
 
 #[tokio::test]
 async fn phases_change_at_their_instants_and_requeue_for_the_next() -> anyhow::Result<()> {
-    let redis_server = RedisServer::start()?;
-    let url = redis_server.url();
-    let mut conn = redis_conn(&redis_server).await?;
+    let stores = Stores::start()?;
+    let redis_server = &stores.redis;
+    let url = stores.urls();
+    let mut conn = redis_conn(redis_server).await?;
     let mut sale = fixtures::sale_with_finalizer();
     let spec = sale.spec.sale.clone();
     let warmup = spec.warmup_start();
@@ -491,7 +531,7 @@ async fn rewarm(
     server: &mut ApiServer,
     ctx: &Arc<Context>,
     sale: &mut FlashSale,
-    url: &str,
+    url: &Urls,
     events: &[(&str, &str, &str)],
 ) -> anyhow::Result<Value> {
     let task = run(sale, ctx);
@@ -512,9 +552,7 @@ fn product(status: &Value, sku: &str) -> Value {
 }
 
 /// Starts a live sale with Redis warmed at generation 1.
-async fn warmed_live_sale(
-    redis_server: &RedisServer,
-) -> anyhow::Result<(Arc<Context>, ApiServer, FlashSale)> {
+async fn warmed_live_sale(stores: &Stores) -> anyhow::Result<(Arc<Context>, ApiServer, FlashSale)> {
     let now = Timestamp::now();
     let mut sale = live_sale(now);
     let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
@@ -522,7 +560,7 @@ async fn warmed_live_sale(
         &mut server,
         &ctx,
         &mut sale,
-        &redis_server.url(),
+        &stores.urls(),
         &[
             ("Normal", "Active", "Active"),
             (
@@ -539,19 +577,20 @@ async fn warmed_live_sale(
 
 #[tokio::test]
 async fn warming_twice_leaves_stock_unchanged() -> anyhow::Result<()> {
-    let redis_server = RedisServer::start()?;
-    let mut conn = redis_conn(&redis_server).await?;
-    let (ctx, mut server, mut sale) = warmed_live_sale(&redis_server).await?;
+    let stores = Stores::start()?;
+    let redis_server = &stores.redis;
+    let mut conn = redis_conn(redis_server).await?;
+    let (ctx, mut server, mut sale) = warmed_live_sale(&stores).await?;
 
     // An operator restart or a re-reconcile of the same generation: no warming.
     let task = run(&sale, &ctx);
-    serve_children(&mut server, &redis_server.url(), 2).await;
+    serve_children(&mut server, &stores.urls(), 2).await;
     finish(task).await?;
 
     // A spec edit that leaves stock alone warms again and changes nothing.
     sale.metadata.generation = Some(2);
     sale.spec.gateway.replicas.max = 60;
-    let status = rewarm(&mut server, &ctx, &mut sale, &redis_server.url(), &[]).await?;
+    let status = rewarm(&mut server, &ctx, &mut sale, &stores.urls(), &[]).await?;
     assert_eq!(status["warmedGeneration"], json!(2));
     assert_eq!(remaining(&mut conn, "phone-17").await?, 1000);
     assert_eq!(status["remaining"], json!(4500));
@@ -560,18 +599,19 @@ async fn warming_twice_leaves_stock_unchanged() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn warming_after_30_sales_keeps_what_was_sold() -> anyhow::Result<()> {
-    let redis_server = RedisServer::start()?;
-    let mut conn = redis_conn(&redis_server).await?;
-    let (ctx, mut server, mut sale) = warmed_live_sale(&redis_server).await?;
+    let stores = Stores::start()?;
+    let redis_server = &stores.redis;
+    let mut conn = redis_conn(redis_server).await?;
+    let (ctx, mut server, mut sale) = warmed_live_sale(&stores).await?;
     buy(&mut conn, "phone-17", 30).await?;
 
     sale.metadata.generation = Some(2);
     sale.spec.gateway.replicas.max = 60;
-    let status = rewarm(&mut server, &ctx, &mut sale, &redis_server.url(), &[]).await?;
+    let status = rewarm(&mut server, &ctx, &mut sale, &stores.urls(), &[]).await?;
     assert_eq!(remaining(&mut conn, "phone-17").await?, 970);
     assert_eq!(
         product(&status, "phone-17"),
-        json!({"sku": "phone-17", "stock": 1000, "remaining": 970, "sold": 30, "persisted": 0})
+        json!({"sku": "phone-17", "stock": 1000, "databaseStock": 1000, "remaining": 970, "sold": 30, "persisted": 0})
     );
     assert_eq!(status["remaining"], json!(4470));
     Ok(())
@@ -579,9 +619,10 @@ async fn warming_after_30_sales_keeps_what_was_sold() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_stock_raise_mid_sale_adds_the_difference() -> anyhow::Result<()> {
-    let redis_server = RedisServer::start()?;
-    let mut conn = redis_conn(&redis_server).await?;
-    let (ctx, mut server, mut sale) = warmed_live_sale(&redis_server).await?;
+    let stores = Stores::start()?;
+    let redis_server = &stores.redis;
+    let mut conn = redis_conn(redis_server).await?;
+    let (ctx, mut server, mut sale) = warmed_live_sale(&stores).await?;
     buy(&mut conn, "phone-17", 30).await?;
 
     sale.metadata.generation = Some(2);
@@ -590,7 +631,7 @@ async fn a_stock_raise_mid_sale_adds_the_difference() -> anyhow::Result<()> {
         &mut server,
         &ctx,
         &mut sale,
-        &redis_server.url(),
+        &stores.urls(),
         &[(
             "Normal",
             "StockChanged",
@@ -601,27 +642,27 @@ async fn a_stock_raise_mid_sale_adds_the_difference() -> anyhow::Result<()> {
     assert_eq!(remaining(&mut conn, "phone-17").await?, 1470);
     assert_eq!(
         product(&status, "phone-17"),
-        json!({"sku": "phone-17", "stock": 1500, "remaining": 1470, "sold": 30, "persisted": 0})
+        json!({"sku": "phone-17", "stock": 1500, "databaseStock": 1500, "remaining": 1470, "sold": 30, "persisted": 0})
     );
     Ok(())
 }
 
 #[tokio::test]
 async fn a_stock_cut_below_sold_is_refused_with_a_condition() -> anyhow::Result<()> {
-    let redis_server = RedisServer::start()?;
-    let mut conn = redis_conn(&redis_server).await?;
-    let (ctx, mut server, mut sale) = warmed_live_sale(&redis_server).await?;
+    let stores = Stores::start()?;
+    let redis_server = &stores.redis;
+    let mut conn = redis_conn(redis_server).await?;
+    let (ctx, mut server, mut sale) = warmed_live_sale(&stores).await?;
     buy(&mut conn, "phone-17", 30).await?;
 
     sale.metadata.generation = Some(2);
     sale.spec.sale.products[0].stock = 10;
-    let message =
-        "sku phone-17: stock 10 is below the 30 units already sold; Redis keeps the previous stock";
+    let message = "sku phone-17: stock 10 is below the 30 units already sold; nothing changed: the sale keeps running on generation 1's settings";
     let status = rewarm(
         &mut server,
         &ctx,
         &mut sale,
-        &redis_server.url(),
+        &stores.urls(),
         &[("Warning", "StockBelowSold", message)],
     )
     .await?;
@@ -633,9 +674,51 @@ async fn a_stock_cut_below_sold_is_refused_with_a_condition() -> anyhow::Result<
         condition(&status, "RedisWarmed")["reason"],
         json!("StockBelowSold")
     );
-    // Still warmed from generation 1; nothing in Redis moved.
+    // Still warmed from generation 1; nothing in Redis or PostgreSQL moved.
     assert_eq!(status["warmedGeneration"], json!(1));
+    assert_eq!(status["phase"], json!("Active"));
     assert_eq!(remaining(&mut conn, "phone-17").await?, 970);
+    assert_eq!(
+        product(&status, "phone-17"),
+        json!({"sku": "phone-17", "stock": 1000, "databaseStock": 1000, "remaining": 970, "sold": 30, "persisted": 0})
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_edit_a_running_sale_cannot_take_keeps_it_running_as_it_was() -> anyhow::Result<()> {
+    let stores = Stores::start()?;
+    let (ctx, mut server, mut sale) = warmed_live_sale(&stores).await?;
+
+    // An end time already past and an invalid limit, in one edit.
+    sale.metadata.generation = Some(2);
+    let now = ctx.clock.now();
+    sale.spec.sale.end_time = now.checked_sub(SignedDuration::from_secs(5))?;
+    sale.spec.sale.products[1].per_user_limit = 0;
+    let task = run(&sale, &ctx);
+    let applied = serve_children(&mut server, &stores.urls(), 2).await;
+    let status = serve_status(&mut server, &mut sale).await?;
+    server
+        .expect_event(
+            "Warning",
+            "ZeroPerUserLimit",
+            "sku \"earbuds-pro\" has perUserLimit 0; nothing changed: the sale keeps running on generation 1's settings",
+        )
+        .await;
+    finish(task).await?;
+
+    // Not Failed: the sale runs on, and says why the edit did not apply.
+    assert_eq!(status["phase"], json!("Active"));
+    assert_eq!(status["warmedGeneration"], json!(1));
+    assert_eq!(
+        condition(&status, "Ready")["reason"],
+        json!("ZeroPerUserLimit")
+    );
+    // The data plane's ConfigMap still holds the running spec.
+    let config = applied[0]["data"]["sale.yaml"].as_str().unwrap_or_default();
+    let doc = dataplane::spec::SaleDocument::parse(config, "configmap")?;
+    assert!(doc.spec.end_time > now);
+    assert_eq!(doc.spec.products[1].per_user_limit, 2);
     Ok(())
 }
 
