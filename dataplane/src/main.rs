@@ -47,10 +47,12 @@ enum Command {
     /// Print a signed payment callback as a curl command, as the payment
     /// provider would send it (signed with PAYMENT_PRIVATE_KEY).
     SignCallback(SignCallbackArgs),
-    /// Print a fresh Ed25519 key pair for payment callbacks (base64).
+    /// Print a fresh Ed25519 key pair for payment callbacks (base64), as
+    /// `export PAYMENT_PRIVATE_KEY=…` and `export PAYMENT_PUBLIC_KEY=…` lines.
     PaymentKeygen,
-    /// Start a throwaway Redis (AOF on) and PostgreSQL, print their URLs, and
-    /// keep them until Ctrl-C (for the README tour and manual testing).
+    /// Start a throwaway Redis (AOF on) and PostgreSQL, print their URLs as an
+    /// `export` line, and keep them until this process gets Ctrl-C or SIGTERM
+    /// (for the README tour and manual testing).
     Servers,
     /// Measure side by side on this machine and print figures (and JSON).
     Bench(BenchArgs),
@@ -260,6 +262,10 @@ struct AuditArgs {
     sale: SaleConfigArgs,
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
+    /// First wait up to this long for orders in flight to settle (persisted,
+    /// counted), so an audit right after a crowd sees the books at rest.
+    #[arg(long, default_value_t = 10.0)]
+    wait_seconds: f64,
 }
 
 #[derive(Args)]
@@ -393,6 +399,15 @@ async fn run(command: Command) -> Result<ExitCode> {
             let client = redis::Client::open(a.sale.redis_url.as_str())?;
             let mut conn = client.get_connection_manager().await?;
             let store = dataplane::store::OrderStore::connect(&a.database_url, 2)?;
+            let wait = Duration::from_secs_f64(a.wait_seconds.max(0.0));
+            if !dataplane::audit::wait_drained(&mut conn, &store, &doc.id(), &doc.spec, wait)
+                .await?
+            {
+                eprintln!(
+                    "warning: the books did not settle within {:.0} s; auditing anyway",
+                    wait.as_secs_f64()
+                );
+            }
             let report =
                 dataplane::audit::audit(&mut conn, &store, &doc.id(), &doc.spec, &[], 0).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -429,7 +444,10 @@ async fn run(command: Command) -> Result<ExitCode> {
                 })?;
             let pg = dataplane::servers::PostgresServer::start()?;
             println!("export REDIS_URL={} DATABASE_URL={}", redis.url(), pg.url());
-            println!("# Redis and PostgreSQL are up; Ctrl-C stops and removes them.");
+            println!(
+                "# Redis and PostgreSQL are up; stopping this process (Ctrl-C, or kill {}) stops and removes them.",
+                std::process::id()
+            );
             shutdown_on_signal().cancelled().await;
             Ok(ExitCode::SUCCESS)
         }
@@ -449,15 +467,16 @@ async fn run(command: Command) -> Result<ExitCode> {
             }))?;
             let signature = payment::sign(&key, body.as_bytes());
             println!(
-                "curl -sS -X POST {}/v1/payments/callback -H 'content-type: application/json' -H 'X-Signature: {signature}' -d '{body}'",
+                "curl -sS --fail-with-body -X POST {}/v1/payments/callback -H 'content-type: application/json' -H 'X-Signature: {signature}' -d '{body}'",
                 a.gateway.trim_end_matches('/')
             );
             Ok(ExitCode::SUCCESS)
         }
         Command::PaymentKeygen => {
             let (private, public) = dataplane::gateway::payment::keygen();
-            println!("PAYMENT_PRIVATE_KEY={private}");
-            println!("PAYMENT_PUBLIC_KEY={public}");
+            // Shell lines, so `eval "$(flashsale payment-keygen)"` sets both.
+            println!("export PAYMENT_PRIVATE_KEY={private}");
+            println!("export PAYMENT_PUBLIC_KEY={public}");
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -43,7 +43,7 @@ async fn backlog_drains_after_ten_seconds_without_postgres() -> TestResult {
     tokio::time::sleep(Duration::from_secs(10)).await;
     // While PostgreSQL was down the gateway kept accepting into Redis.
     let accepted_in_redis =
-        dataplane::warm::product_counters(&mut conn, &doc.id(), &doc.spec).await?;
+        dataplane::counters::product_counters(&mut conn, &doc.id(), &doc.spec).await?;
     let sold = accepted_in_redis
         .iter()
         .flatten()

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use dataplane::counters::{self, ProductCounters};
 use dataplane::spec::{Phase, SaleId, SpecProblem};
-use dataplane::warm::{self, ProductCounters, ProductWarm, WarmError, WarmOutcome};
+use dataplane::warm::{self, ProductWarm, WarmError, WarmOutcome};
 use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -566,8 +567,7 @@ async fn apply(
                 sku: p.sku.clone(),
                 stock: p.stock,
                 remaining: p.stock,
-                sold: 0,
-                persisted: 0,
+                ..Default::default()
             })
             .collect();
         let (reason, message) = match schedule.phase {
@@ -662,7 +662,7 @@ async fn sync_redis(
             }
         }
     }
-    let counters = match warm::product_counters(&mut conn, &id, spec).await {
+    let counters = match counters::product_counters(&mut conn, &id, spec).await {
         Ok(c) => c,
         Err(e) => {
             redis_unavailable(report, &e);
@@ -678,9 +678,7 @@ async fn sync_redis(
             None => ProductStatus {
                 sku: p.sku.clone(),
                 stock: p.stock,
-                remaining: 0,
-                sold: 0,
-                persisted: 0,
+                ..Default::default()
             },
         })
         .collect();
@@ -750,6 +748,9 @@ fn product_status(c: &ProductCounters) -> ProductStatus {
         remaining: c.remaining,
         sold: c.sold(),
         persisted: c.persisted,
+        paid: c.paid,
+        cancelled: c.cancelled,
+        failed: c.failed,
     }
 }
 
