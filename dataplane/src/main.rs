@@ -47,6 +47,9 @@ enum Command {
     /// Print a signed payment callback as a curl command, as the payment
     /// provider would send it (signed with PAYMENT_PRIVATE_KEY).
     SignCallback(SignCallbackArgs),
+    /// Print a user's order events from a gateway's WebSocket (`/v1/ws`), one
+    /// JSON line each, as the shop's app would receive them.
+    Watch(WatchArgs),
     /// Print a fresh Ed25519 key pair for payment callbacks (base64), as
     /// `export PAYMENT_PRIVATE_KEY=…` and `export PAYMENT_PUBLIC_KEY=…` lines.
     PaymentKeygen,
@@ -211,6 +214,19 @@ struct SignCallbackArgs {
     /// The gateway the curl command posts to.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     gateway: String,
+}
+
+#[derive(Args)]
+struct WatchArgs {
+    /// The user's token (`flashsale token --user …`).
+    #[arg(long)]
+    token: String,
+    /// The gateway's base WebSocket URL.
+    #[arg(long, default_value = "ws://127.0.0.1:8080")]
+    gateway: String,
+    /// Stop after this many seconds (default: when the socket closes, or on Ctrl-C).
+    #[arg(long)]
+    seconds: Option<f64>,
 }
 
 #[derive(Args)]
@@ -467,11 +483,12 @@ async fn run(command: Command) -> Result<ExitCode> {
             }))?;
             let signature = payment::sign(&key, body.as_bytes());
             println!(
-                "curl -sS --fail-with-body -X POST {}/v1/payments/callback -H 'content-type: application/json' -H 'X-Signature: {signature}' -d '{body}'",
+                "curl -sS --fail-with-body -w '\\n' -X POST {}/v1/payments/callback -H 'content-type: application/json' -H 'X-Signature: {signature}' -d '{body}'",
                 a.gateway.trim_end_matches('/')
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Watch(a) => watch(a).await,
         Command::PaymentKeygen => {
             let (private, public) = dataplane::gateway::payment::keygen();
             // Shell lines, so `eval "$(flashsale payment-keygen)"` sets both.
@@ -650,6 +667,53 @@ async fn crowd(a: CrowdArgs) -> Result<ExitCode> {
         Some(report) if !report.passed() => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
     })
+}
+
+/// Prints the text frames of a user's WebSocket until it closes, the
+/// deadline passes or a signal comes.
+async fn watch(a: WatchArgs) -> Result<ExitCode> {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("{}/v1/ws", a.gateway.trim_end_matches('/'));
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .with_context(|| format!("--gateway {url}"))?;
+    request.headers_mut().insert(
+        axum::http::header::AUTHORIZATION,
+        format!("Bearer {}", a.token)
+            .parse()
+            .context("--token is not a header value")?,
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let shutdown = shutdown_on_signal();
+    let deadline = a
+        .seconds
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    loop {
+        let until = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let frame = tokio::select! {
+            f = socket.next() => f,
+            _ = until => break,
+            _ = shutdown.cancelled() => break,
+        };
+        match frame {
+            Some(Ok(Message::Text(text))) => println!("{}", text.as_str()),
+            Some(Ok(Message::Close(_))) | None => break,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => bail!("the socket failed: {e}"),
+        }
+    }
+    let _ = socket.close(None).await;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Waits for the backlog to drain, then audits the sale against the 202s seen.
