@@ -798,3 +798,68 @@ async fn persist_everything(conn: &mut ConnectionManager, sku: &str) -> anyhow::
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn status_counts_what_the_order_scripts_moved() -> anyhow::Result<()> {
+    let redis_server = RedisServer::start()?;
+    let mut conn = redis_conn(&redis_server).await?;
+    let (ctx, mut server, mut sale) = warmed_live_sale(&redis_server).await?;
+    buy(&mut conn, "phone-17", 30).await?;
+    let keys = ProductKeys::new(&SaleId::new("shop", "singles-day"), "phone-17");
+    let ids = |range: std::ops::Range<usize>| -> Vec<String> {
+        range.map(|i| format!("order-phone-17-{i}")).collect()
+    };
+    // As the consumer (25 persisted), the payment callback (10 paid), the
+    // timeout sweeper (5 cancelled) and the dead-letter path (1 failed) move them.
+    let transition = |to: &'static str, from: &'static str, orders: Vec<String>| {
+        let mut inv = dataplane::scripts::TRANSITION.prepare_invoke();
+        inv.key(keys.orders())
+            .key(keys.info())
+            .arg(to)
+            .arg(from)
+            .arg(orders);
+        inv
+    };
+    let _: Vec<String> = transition("confirmed", "accepted", ids(0..25))
+        .invoke_async(&mut conn)
+        .await?;
+    let _: Vec<String> = transition("paid", "accepted,confirmed", ids(0..10))
+        .invoke_async(&mut conn)
+        .await?;
+    let mut released: Vec<(String, &str)> = ids(10..15)
+        .into_iter()
+        .map(|id| (id, "cancelled"))
+        .collect();
+    released.push(("order-phone-17-25".into(), "failed"));
+    for (id, to) in released {
+        let (outcome, _): (String, String) = dataplane::scripts::RELEASE
+            .key(keys.orders())
+            .key(keys.stock())
+            .key(keys.buyers())
+            .key(keys.info())
+            .arg(&id)
+            .arg(to)
+            .arg("test")
+            .invoke_async(&mut conn)
+            .await?;
+        assert_eq!(outcome, "released", "{id}");
+    }
+
+    // A re-reconcile reads them into the status.
+    let status = rewarm(&mut server, &ctx, &mut sale, &redis_server.url(), &[]).await?;
+    let p = product(&status, "phone-17");
+    let field = |f: &str| p[f].as_i64();
+    assert_eq!(field("stock"), Some(1000), "{p}");
+    assert_eq!(field("remaining"), Some(976), "30 sold, 6 returned: {p}");
+    assert_eq!(field("sold"), Some(24), "{p}");
+    assert_eq!(
+        field("persisted"),
+        Some(20),
+        "25 confirmed, 5 of them cancelled: {p}"
+    );
+    assert_eq!(field("paid"), Some(10), "{p}");
+    assert_eq!(field("cancelled"), Some(5), "{p}");
+    assert_eq!(field("failed"), Some(1), "{p}");
+    assert_eq!(status["remaining"], json!(4476));
+    Ok(())
+}
