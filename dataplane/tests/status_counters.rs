@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// Long enough to pay every order meant to be paid, short enough to wait for.
-const TIMEOUT_SECONDS: u32 = 6;
+const TIMEOUT_SECONDS: u32 = 8;
 const BOUND: Duration = Duration::from_secs(40);
 
 /// Buys one order per user; returns (user, order id) for every 202.
