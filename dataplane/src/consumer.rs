@@ -419,7 +419,7 @@ impl Consumer {
             let rows: Vec<OrderRow> = pending.iter().filter_map(|e| e.row.clone()).collect();
             match self.store.persist_batch(&self.sale, &rows).await {
                 Ok(outcome) => {
-                    committed.push(self.finish_pipeline(&pending, &outcome.sold));
+                    committed.push(self.finish_pipeline(&pending));
                     metrics::counter!("flashsale_consumer_orders_persisted_total")
                         .increment(outcome.inserted);
                     metrics::histogram!("flashsale_consumer_batch_duration_seconds")
@@ -527,10 +527,11 @@ impl Consumer {
         }
     }
 
-    /// The Redis half of a committed batch: confirm each order (accepted → confirmed, never over a
-    /// later state), publish persisted counts, then acknowledge; the orders
-    /// that moved are then pushed as `order.confirmed`.
-    fn finish_pipeline(&self, entries: &[Entry], sold: &[(String, i64)]) -> Finish {
+    /// The Redis half of a committed batch: confirm each order (accepted →
+    /// confirmed, never over a later state; the script counts the units as
+    /// persisted), then acknowledge; the orders that moved are then pushed as
+    /// `order.confirmed`.
+    fn finish_pipeline(&self, entries: &[Entry]) -> Finish {
         let mut pipe = redis::pipe();
         let mut confirming: Vec<Vec<(String, String, String)>> = Vec::new();
         pipe.load_script(&scripts::TRANSITION).ignore();
@@ -556,6 +557,7 @@ impl Consumer {
                 );
                 let mut inv = scripts::TRANSITION.prepare_invoke();
                 inv.key(s.keys.orders())
+                    .key(s.keys.info())
                     .arg(OrderStatus::Confirmed.as_str())
                     .arg(OrderStatus::Accepted.as_str())
                     .arg(ids);
@@ -565,15 +567,6 @@ impl Consumer {
         // Not ignored: each answers the statuses its orders had before.
         for inv in &invocations {
             pipe.invoke_script(inv);
-        }
-        for (sku, units) in sold {
-            if let Some(s) = self.streams.iter().find(|s| &s.sku == sku) {
-                pipe.cmd("HSET")
-                    .arg(s.keys.info())
-                    .arg("persisted")
-                    .arg(units)
-                    .ignore();
-            }
         }
         for (i, s) in self.streams.iter().enumerate() {
             let ids: Vec<&str> = entries
@@ -617,6 +610,7 @@ impl Consumer {
             inv.key(s.keys.orders())
                 .key(s.keys.stock())
                 .key(s.keys.buyers())
+                .key(s.keys.info())
                 .arg(id)
                 .arg(OrderStatus::Failed.as_str())
                 .arg(reason);

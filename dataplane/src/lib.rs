@@ -8,6 +8,7 @@ pub mod audit;
 pub mod bench;
 pub mod breaker;
 pub mod consumer;
+pub mod counters;
 pub mod crowd;
 pub mod events;
 pub mod gateway;

@@ -271,7 +271,7 @@ fn build_report(
         lost_orders: a.lost_orders.len() as u64,
         failed_orders: a.failed_orders,
         users_over_limit: a.users_over_limit.len() as u64,
-        consistent: a.products.iter().all(|p| p.consistent),
+        consistent: a.products.iter().all(|p| p.consistent && p.counters_agree),
         drained,
         requests: r.sent + r.retries,
         throughput_rps: r.throughput_rps(),

@@ -299,6 +299,7 @@ impl Sweeper {
                 inv.key(keys.orders())
                     .key(keys.stock())
                     .key(keys.buyers())
+                    .key(keys.info())
                     .arg(&r.order_id)
                     .arg(OrderStatus::Cancelled.as_str())
                     .arg(REASON);

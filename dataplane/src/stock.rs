@@ -14,10 +14,11 @@
 use jiff::Timestamp;
 use redis::aio::ConnectionLike;
 
+use crate::counters::ProductCounters;
 use crate::live::{self, LiveError};
 use crate::spec::{SaleId, SaleSpec, SpecProblem};
 use crate::store::{OrderStore, StoreError};
-use crate::warm::{self, ProductCounters, ProductWarm, WarmError};
+use crate::warm::{self, ProductWarm, WarmError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -104,7 +105,7 @@ pub async fn apply<C: ConnectionLike + Send>(
     now: Timestamp,
 ) -> Result<Applied, ApplyError> {
     let applied = live::read(conn, sale).await?;
-    let counters = warm::product_counters(conn, sale, spec).await?;
+    let counters = crate::counters::product_counters(conn, sale, spec).await?;
     let problems = change_problems(applied.as_ref().map(|l| &l.spec), spec, &counters, now);
     if !problems.is_empty() {
         return Err(ApplyError::Refused(problems));

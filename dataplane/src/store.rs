@@ -167,8 +167,6 @@ pub struct InventoryRow {
 pub struct BatchOutcome {
     /// Rows inserted now (a redelivered row is skipped, not counted).
     pub inserted: u64,
-    /// For each product the batch touched: units now persisted (`sold`).
-    pub sold: Vec<(String, i64)>,
 }
 
 #[derive(Clone)]
@@ -359,9 +357,9 @@ impl OrderStore {
                  ), updated AS (
                     UPDATE flashsale_inventory i SET sold = i.sold + p.units
                     FROM per_sku p WHERE i.sale = $1 AND i.sku = p.sku
-                    RETURNING i.sku, i.sold, p.n
+                    RETURNING p.n
                  )
-                 SELECT sku, sold, n FROM updated",
+                 SELECT n FROM updated",
             )
             .await?;
         let col = |f: fn(&OrderRow) -> &str| rows.iter().map(f).collect::<Vec<&str>>();
@@ -391,9 +389,8 @@ impl OrderStore {
             .await?;
         let mut out = BatchOutcome::default();
         for row in result {
-            let n: i64 = row.get(2);
+            let n: i64 = row.get(0);
             out.inserted += u64::try_from(n).unwrap_or(0);
-            out.sold.push((row.get(0), row.get(1)));
         }
         Ok(out)
     }

@@ -41,7 +41,7 @@ async fn apply(
 /// Units sold of `sku` by Redis' counters.
 async fn sold(servers: &Servers, doc: &SaleDocument, sku: &str) -> Result<i64, BoxError> {
     let mut conn = servers.redis_conn().await?;
-    let counters = dataplane::warm::product_counters(&mut conn, &doc.id(), &doc.spec).await?;
+    let counters = dataplane::counters::product_counters(&mut conn, &doc.id(), &doc.spec).await?;
     Ok(counters
         .iter()
         .flatten()
@@ -340,7 +340,7 @@ async fn a_change_that_cannot_apply_changes_nothing() -> TestResult {
     let row = store.inventory_row(&doc.id(), "phone").await?;
     assert_eq!(row.map(|r| r.stock), Some(100));
     assert_eq!(sold(&servers, &doc, "phone").await?, 10);
-    let counters = dataplane::warm::product_counters(&mut conn, &doc.id(), &doc.spec).await?;
+    let counters = dataplane::counters::product_counters(&mut conn, &doc.id(), &doc.spec).await?;
     assert_eq!(counters[0].as_ref().map(|c| c.stock), Some(100));
     assert_eq!(buy_in(&client, &gw, "after").await?, 202);
 

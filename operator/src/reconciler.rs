@@ -5,9 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use dataplane::counters::{self, ProductCounters};
 use dataplane::spec::{Phase, SaleId, SaleSpec, SpecProblem};
 use dataplane::stock::{self, ApplyError};
-use dataplane::warm::{self, ProductCounters, ProductWarm, WarmError, WarmOutcome};
+use dataplane::warm::{self, ProductWarm, WarmError, WarmOutcome};
 use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -552,10 +553,8 @@ async fn apply(
             .map(|p| ProductStatus {
                 sku: p.sku.clone(),
                 stock: p.stock,
-                database_stock: None,
                 remaining: p.stock,
-                sold: 0,
-                persisted: 0,
+                ..Default::default()
             })
             .collect();
         let (reason, message) = match new_phase {
@@ -747,7 +746,7 @@ async fn sync_stores(
         None => new.clone(),
     };
 
-    let counters = match warm::product_counters(&mut conn, &id, &spec).await {
+    let counters = match counters::product_counters(&mut conn, &id, &spec).await {
         Ok(c) => c,
         Err(e) => {
             redis_unavailable(report, &e);
@@ -776,9 +775,7 @@ async fn sync_stores(
                     sku: p.sku.clone(),
                     stock: p.stock,
                     database_stock,
-                    remaining: 0,
-                    sold: 0,
-                    persisted: 0,
+                    ..Default::default()
                 },
             }
         })
@@ -876,6 +873,9 @@ fn product_status(c: &ProductCounters, database_stock: Option<i64>) -> ProductSt
         remaining: c.remaining,
         sold: c.sold(),
         persisted: c.persisted,
+        paid: c.paid,
+        cancelled: c.cancelled,
+        failed: c.failed,
     }
 }
 

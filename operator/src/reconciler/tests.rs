@@ -299,7 +299,7 @@ async fn first_reconcile_adds_the_finalizer_applies_children_and_reports_status(
 
     let status = serve_status(&mut server, &mut stored).await?;
     let since = "2026-11-10T23:00:00Z";
-    let product = |sku: &str, stock: i64| json!({"sku": sku, "stock": stock, "remaining": stock, "sold": 0, "persisted": 0});
+    let product = |sku: &str, stock: i64| json!({"sku": sku, "stock": stock, "remaining": stock, "sold": 0, "persisted": 0, "paid": 0, "cancelled": 0, "failed": 0});
     assert_eq!(
         status,
         json!({
@@ -508,7 +508,8 @@ async fn phases_change_at_their_instants_and_requeue_for_the_next() -> anyhow::R
         Action::requeue(Duration::from_secs(15))
     );
 
-    // At end: Ended, nothing left to wait for.
+    // At end: Ended; the counters still move while unpaid orders time out
+    // (payment.timeoutSeconds after the end), so it still refreshes.
     clock.set(spec.end_time);
     let task = run(&sale, &ctx);
     serve_children(&mut server, &url, 2).await;
@@ -521,7 +522,10 @@ async fn phases_change_at_their_instants_and_requeue_for_the_next() -> anyhow::R
     server
         .expect_event("Normal", "Ended", "Active → Ended")
         .await;
-    assert_eq!(finish(task).await?, Action::await_change());
+    assert_eq!(
+        finish(task).await?,
+        Action::requeue(Duration::from_secs(15))
+    );
     Ok(())
 }
 
@@ -611,7 +615,7 @@ async fn warming_after_30_sales_keeps_what_was_sold() -> anyhow::Result<()> {
     assert_eq!(remaining(&mut conn, "phone-17").await?, 970);
     assert_eq!(
         product(&status, "phone-17"),
-        json!({"sku": "phone-17", "stock": 1000, "databaseStock": 1000, "remaining": 970, "sold": 30, "persisted": 0})
+        json!({"sku": "phone-17", "stock": 1000, "databaseStock": 1000, "remaining": 970, "sold": 30, "persisted": 0, "paid": 0, "cancelled": 0, "failed": 0})
     );
     assert_eq!(status["remaining"], json!(4470));
     Ok(())
@@ -642,7 +646,7 @@ async fn a_stock_raise_mid_sale_adds_the_difference() -> anyhow::Result<()> {
     assert_eq!(remaining(&mut conn, "phone-17").await?, 1470);
     assert_eq!(
         product(&status, "phone-17"),
-        json!({"sku": "phone-17", "stock": 1500, "databaseStock": 1500, "remaining": 1470, "sold": 30, "persisted": 0})
+        json!({"sku": "phone-17", "stock": 1500, "databaseStock": 1500, "remaining": 1470, "sold": 30, "persisted": 0, "paid": 0, "cancelled": 0, "failed": 0})
     );
     Ok(())
 }
@@ -680,7 +684,7 @@ async fn a_stock_cut_below_sold_is_refused_with_a_condition() -> anyhow::Result<
     assert_eq!(remaining(&mut conn, "phone-17").await?, 970);
     assert_eq!(
         product(&status, "phone-17"),
-        json!({"sku": "phone-17", "stock": 1000, "databaseStock": 1000, "remaining": 970, "sold": 30, "persisted": 0})
+        json!({"sku": "phone-17", "stock": 1000, "databaseStock": 1000, "remaining": 970, "sold": 30, "persisted": 0, "paid": 0, "cancelled": 0, "failed": 0})
     );
     Ok(())
 }
@@ -875,5 +879,70 @@ async fn persist_everything(conn: &mut ConnectionManager, sku: &str) -> anyhow::
                 .await?;
         }
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn status_counts_what_the_order_scripts_moved() -> anyhow::Result<()> {
+    let stores = Stores::start()?;
+    let mut conn = redis_conn(&stores.redis).await?;
+    let (ctx, mut server, mut sale) = warmed_live_sale(&stores).await?;
+    buy(&mut conn, "phone-17", 30).await?;
+    let keys = ProductKeys::new(&SaleId::new("shop", "singles-day"), "phone-17");
+    let ids = |range: std::ops::Range<usize>| -> Vec<String> {
+        range.map(|i| format!("order-phone-17-{i}")).collect()
+    };
+    // As the consumer (25 persisted), the payment callback (10 paid), the
+    // timeout sweeper (5 cancelled) and the dead-letter path (1 failed) move them.
+    let transition = |to: &'static str, from: &'static str, orders: Vec<String>| {
+        let mut inv = dataplane::scripts::TRANSITION.prepare_invoke();
+        inv.key(keys.orders())
+            .key(keys.info())
+            .arg(to)
+            .arg(from)
+            .arg(orders);
+        inv
+    };
+    let _: Vec<String> = transition("confirmed", "accepted", ids(0..25))
+        .invoke_async(&mut conn)
+        .await?;
+    let _: Vec<String> = transition("paid", "accepted,confirmed", ids(0..10))
+        .invoke_async(&mut conn)
+        .await?;
+    let mut released: Vec<(String, &str)> = ids(10..15)
+        .into_iter()
+        .map(|id| (id, "cancelled"))
+        .collect();
+    released.push(("order-phone-17-25".into(), "failed"));
+    for (id, to) in released {
+        let (outcome, _): (String, String) = dataplane::scripts::RELEASE
+            .key(keys.orders())
+            .key(keys.stock())
+            .key(keys.buyers())
+            .key(keys.info())
+            .arg(&id)
+            .arg(to)
+            .arg("test")
+            .invoke_async(&mut conn)
+            .await?;
+        assert_eq!(outcome, "released", "{id}");
+    }
+
+    // A re-reconcile reads them into the status.
+    let status = rewarm(&mut server, &ctx, &mut sale, &stores.urls(), &[]).await?;
+    let p = product(&status, "phone-17");
+    let field = |f: &str| p[f].as_i64();
+    assert_eq!(field("stock"), Some(1000), "{p}");
+    assert_eq!(field("remaining"), Some(976), "30 sold, 6 returned: {p}");
+    assert_eq!(field("sold"), Some(24), "{p}");
+    assert_eq!(
+        field("persisted"),
+        Some(20),
+        "25 confirmed, 5 of them cancelled: {p}"
+    );
+    assert_eq!(field("paid"), Some(10), "{p}");
+    assert_eq!(field("cancelled"), Some(5), "{p}");
+    assert_eq!(field("failed"), Some(1), "{p}");
+    assert_eq!(status["remaining"], json!(4476));
     Ok(())
 }
