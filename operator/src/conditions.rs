@@ -12,8 +12,20 @@ pub const GATEWAY_AVAILABLE: &str = "GatewayAvailable";
 /// At least one consumer pod is available.
 pub const CONSUMERS_AVAILABLE: &str = "ConsumersAvailable";
 
+/// The gateway's and consumers' PodDisruptionBudgets exist (or why not).
+pub const POD_DISRUPTION_BUDGETS: &str = "PodDisruptionBudgets";
+
+/// The `Ready` reason (and Event reason) for a child the API server refused.
+pub const APPLY_FAILED: &str = "ApplyFailed";
+
 /// The condition types the reconciler owns; others (the autoscaler's) are left alone.
-pub const OWNED: [&str; 4] = [READY, REDIS_WARMED, GATEWAY_AVAILABLE, CONSUMERS_AVAILABLE];
+pub const OWNED: [&str; 5] = [
+    READY,
+    REDIS_WARMED,
+    GATEWAY_AVAILABLE,
+    CONSUMERS_AVAILABLE,
+    POD_DISRUPTION_BUDGETS,
+];
 
 /// One condition as the reconciler sees it now.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,7 +1,9 @@
 //! The CustomResourceDefinition generated from [`crate::resource`], as
 //! `crdgen` writes it to `crds/` and the chart's `crds/`.
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+};
 use kube::CustomResourceExt;
 
 use crate::resource::FlashSale;
@@ -13,7 +15,45 @@ pub const CHECKED_IN: [&str; 2] = [
 ];
 
 pub fn definition() -> CustomResourceDefinition {
-    FlashSale::crd()
+    let mut crd = FlashSale::crd();
+    for version in &mut crd.spec.versions {
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            drop_null_from_enums(schema);
+        }
+    }
+    crd
+}
+
+/// schemars lists `null` among the values of an optional enum (`status.phase`);
+/// `nullable: true` already says that, and a `null` enum value makes older API
+/// servers refuse the CRD and kubectl's client-side validation trip.
+fn drop_null_from_enums(node: &mut JSONSchemaProps) {
+    if let Some(values) = node.enum_.as_mut() {
+        values.retain(|v| !v.0.is_null());
+    }
+    let children = node
+        .properties
+        .iter_mut()
+        .flat_map(|p| p.values_mut())
+        .chain(node.items.iter_mut().flat_map(|items| match items {
+            JSONSchemaPropsOrArray::Schema(s) => std::slice::from_mut(s.as_mut()),
+            JSONSchemaPropsOrArray::Schemas(all) => all.as_mut_slice(),
+        }))
+        .chain(
+            node.additional_properties
+                .iter_mut()
+                .filter_map(|a| match a {
+                    JSONSchemaPropsOrBool::Schema(s) => Some(s.as_mut()),
+                    JSONSchemaPropsOrBool::Bool(_) => None,
+                }),
+        );
+    for child in children {
+        drop_null_from_enums(child);
+    }
 }
 
 /// The CRD as YAML, with a header saying where it comes from.
@@ -45,7 +85,8 @@ mod tests {
 
     /// Walks a schema node the way the API server's structural check does:
     /// every node typed (or int-or-string / preserve-unknown-fields), no
-    /// `$ref`, no `anyOf`/`oneOf`/`allOf`/`not` carrying types of their own.
+    /// `$ref`, no `anyOf`/`oneOf`/`allOf`/`not` carrying types of their own,
+    /// no `null` among an enum's values.
     fn assert_structural(node: &Value, path: &str) {
         let Some(obj) = node.as_object() else {
             panic!("{path}: schema node is not an object");
@@ -55,6 +96,13 @@ mod tests {
             assert!(
                 !obj.contains_key(junctor),
                 "{path}: {junctor} without a type"
+            );
+        }
+        if let Some(values) = obj.get("enum") {
+            let values = values.as_array();
+            assert!(
+                values.is_some_and(|v| !v.is_empty() && v.iter().all(|v| !v.is_null())),
+                "{path}: enum must list values and no null: {node}"
             );
         }
         let typed = obj
@@ -102,6 +150,10 @@ mod tests {
         assert_eq!(versions.len(), 1);
         let schema = &versions[0]["schema"]["openAPIV3Schema"];
         assert_structural(schema, "");
+        assert_eq!(
+            schema["properties"]["status"]["properties"]["phase"]["enum"],
+            serde_json::json!(["Pending", "Warming", "Active", "Ended", "Failed"])
+        );
         let spec = &schema["properties"]["spec"];
         assert_eq!(
             spec["x-kubernetes-validations"][0]["rule"],

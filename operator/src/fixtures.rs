@@ -18,6 +18,7 @@ use crate::clock::ManualClock;
 use crate::metrics::Metrics;
 use crate::reconciler::{Context, Settings};
 use crate::resource::{FlashSale, FlashSaleSpec};
+use crate::served::ServedApis;
 
 /// `examples/singles-day.yaml` with the metadata a stored object has.
 pub fn sale() -> FlashSale {
@@ -100,6 +101,9 @@ pub fn context(clock: Arc<ManualClock>) -> (Arc<Context>, ApiServer) {
         redis: Default::default(),
         stores: Default::default(),
         settings: settings(),
+        // These tests' server serves policy/v1; discovery has its own tests.
+        served: ServedApis::known(true),
+        applied: Default::default(),
     };
     (Arc::new(ctx), ApiServer(handle))
 }
@@ -134,15 +138,26 @@ impl Call {
         let body = self.body.clone();
         self.respond(200, &body);
     }
+
+    /// Answers with a response built by the test (e.g. a body that is not JSON).
+    pub fn send_raw(self, response: Response<Body>) {
+        self.send.send_response(response);
+    }
 }
 
 impl ApiServer {
     /// The next request; fails the test if none comes within five seconds.
     pub async fn call(&mut self) -> Call {
-        let next = tokio::time::timeout(Duration::from_secs(5), self.0.next_request()).await;
-        let Ok(Some((request, send))) = next else {
+        let next = tokio::time::timeout(Duration::from_secs(5), self.next_call()).await;
+        let Ok(Some(call)) = next else {
             panic!("expected another API request, none came");
         };
+        call
+    }
+
+    /// The next request, however long it takes; `None` once the client is gone.
+    pub async fn next_call(&mut self) -> Option<Call> {
+        let (request, send) = self.0.next_request().await?;
         let method = request.method().clone();
         let uri = request.uri().to_string();
         let bytes = match request.into_body().collect_bytes().await {
@@ -157,12 +172,12 @@ impl ApiServer {
                 Err(e) => panic!("request body is JSON: {e}"),
             }
         };
-        Call {
+        Some(Call {
             method,
             uri,
             body,
             send,
-        }
+        })
     }
 
     /// The next request, asserted to be `method uri`.
@@ -177,8 +192,8 @@ impl ApiServer {
         call
     }
 
-    /// A published Event: asserts its type, reason and note.
-    pub async fn expect_event(&mut self, type_: &str, reason: &str, note: &str) {
+    /// A published Event: asserts its type, reason and note; returns it.
+    pub async fn expect_event(&mut self, type_: &str, reason: &str, note: &str) -> Value {
         let call = self
             .expect(
                 Method::POST,
@@ -194,6 +209,8 @@ impl ApiServer {
             "{}",
             call.body
         );
+        let body = call.body.clone();
         call.echo();
+        body
     }
 }

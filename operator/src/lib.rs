@@ -15,6 +15,7 @@ pub mod redis_store;
 pub mod resource;
 pub mod scaling;
 pub mod schedule;
+pub mod served;
 pub mod telemetry;
 
 #[cfg(test)]

@@ -113,6 +113,8 @@ async fn run(
             retry: Duration::from_secs(args.retry_seconds),
             drain_timeout: Duration::from_secs(args.drain_timeout_seconds),
         },
+        served: Default::default(),
+        applied: Default::default(),
     });
 
     if args.no_leader_election {

@@ -12,18 +12,16 @@ use dataplane::warm::{self, ProductWarm, WarmError, WarmOutcome};
 use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::watcher;
+use kube::runtime::{PredicateConfig, WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
-use serde::Serialize;
 use serde_json::json;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::children::{self, BuildError, Children, Component, MANAGER};
+use crate::children::{self, BuildError, Component, MANAGER};
 use crate::clock::Clock;
 use crate::conditions::{self, Observed};
 use crate::metrics::Metrics;
@@ -34,6 +32,11 @@ use crate::resource::{
     ProductStatus, SalePhase, SecretKeyRef,
 };
 use crate::schedule::Schedule;
+use crate::served::ServedApis;
+
+mod apply;
+mod triggers;
+pub use apply::{AppliedCache, Failure, Pdbs};
 
 /// Held on every sale until its data plane is stopped and its Redis keys cleared.
 pub const FINALIZER: &str = "flashsale.dev/cleanup";
@@ -81,6 +84,10 @@ pub struct Context {
     pub redis: RedisConnections,
     pub stores: OrderStores,
     pub settings: Settings,
+    /// Which optional APIs the server serves (discovered once).
+    pub served: ServedApis,
+    /// What was last applied per child, so unchanged children are not written.
+    pub applied: AppliedCache,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +101,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Build(#[from] BuildError),
+    #[error("{count} child object(s) not applied, first {first}")]
+    Apply { count: usize, first: Failure },
     #[error("redis of sale {sale}: {source}")]
     Redis {
         sale: String,
@@ -108,6 +117,7 @@ impl Error {
         match self {
             Self::Kube { .. } => "kube",
             Self::Build(_) => "build",
+            Self::Apply { .. } => "apply",
             Self::Redis { .. } => "redis",
         }
     }
@@ -136,10 +146,20 @@ pub async fn run(
             "list",
             "flashsales.flashsale.dev (is the CRD installed?)",
         ))?;
+    // Reconcile for changes that matter only (see `triggers`).
+    let (reader, writer) = reflector::store();
+    let sale_changes = watcher(sales, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(triggers::sale_change, PredicateConfig::default());
     let owned =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
-    Controller::new(sales, watcher::Config::default().any_semantic())
-        .owns(Api::<Deployment>::all(ctx.client.clone()), owned)
+    let deployment_changes = triggers::deployment_changes(
+        watcher(Api::<Deployment>::all(ctx.client.clone()), owned).default_backoff(),
+    );
+    Controller::for_stream(sale_changes, reader)
+        .owns_stream(deployment_changes)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -195,8 +215,9 @@ async fn reconcile_sale(sale: &FlashSale, ctx: &Context) -> Result<Action, Error
     }
 }
 
-/// Sets the finalizer list; the resourceVersion makes a concurrent change fail
-/// (and be retried) instead of being overwritten.
+/// Sets the finalizer list under the operator's field manager; the
+/// resourceVersion makes a concurrent change fail (and be retried) instead of
+/// being overwritten.
 async fn patch_finalizers(
     sales: &Api<FlashSale>,
     sale: &FlashSale,
@@ -211,12 +232,18 @@ async fn patch_finalizers(
     sales
         .patch(
             &sale.name_any(),
-            &PatchParams::default(),
+            &PatchParams {
+                field_manager: Some(MANAGER.to_string()),
+                ..Default::default()
+            },
             &Patch::Merge(&patch),
         )
         .await
         .map_err(kube_err("set finalizers of", sale.name_any()))
 }
+
+/// The longest Event note `events.k8s.io/v1` accepts, in bytes.
+const NOTE_MAX: usize = 1024;
 
 /// Everything one reconcile observed and wants to say.
 struct Report<'a> {
@@ -247,7 +274,16 @@ impl<'a> Report<'a> {
         self.observed.push(c);
     }
 
-    fn event(&mut self, type_: EventType, reason: &str, action: &str, note: String) {
+    fn event(&mut self, type_: EventType, reason: &str, action: &str, mut note: String) {
+        // The API refuses a note over 1 kB (a long admission message, say).
+        if note.len() > NOTE_MAX {
+            let mut end = NOTE_MAX - '…'.len_utf8();
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+            note.push('…');
+        }
         self.events.push(Event {
             type_,
             reason: reason.to_string(),
@@ -255,6 +291,99 @@ impl<'a> Report<'a> {
             action: action.to_string(),
             secondary: None,
         });
+    }
+
+    /// Records the phase; entering a new one says so in an Event whose action
+    /// names the transition (the recorder merges Events of equal type, reason
+    /// and action into one series that keeps the first note).
+    fn enter(&mut self, phase: SalePhase) {
+        self.next.phase = Some(phase);
+        let before = self.previous.phase;
+        if before == Some(phase) {
+            return;
+        }
+        let (note, action) = match before {
+            Some(before) => (format!("{before} → {phase}"), format!("{before}To{phase}")),
+            None => (phase.to_string(), format!("To{phase}")),
+        };
+        info!(%note, "phase changed");
+        let type_ = match phase {
+            SalePhase::Failed => EventType::Warning,
+            _ => EventType::Normal,
+        };
+        self.event(type_, &phase.to_string(), &action, note);
+    }
+
+    /// Ready=False naming every child the server refused, and a Warning Event
+    /// per refusal the Ready condition did not already name.
+    fn apply_failures(&mut self, failures: &[Failure]) {
+        if failures.is_empty() {
+            return;
+        }
+        let said = conditions::find(&self.previous.conditions, conditions::READY)
+            .filter(|c| c.status == "False" && c.reason == conditions::APPLY_FAILED)
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        let lines: Vec<String> = failures.iter().map(Failure::to_string).collect();
+        for (failure, line) in failures.iter().zip(&lines) {
+            if !said.contains(line.as_str()) {
+                let action = format!("Apply{}", failure.kind);
+                self.event(
+                    EventType::Warning,
+                    conditions::APPLY_FAILED,
+                    &action,
+                    line.clone(),
+                );
+            }
+        }
+        self.condition(Observed::new(
+            conditions::READY,
+            false,
+            conditions::APPLY_FAILED,
+            format!("cannot apply {}", lines.join("; cannot apply ")),
+        ));
+    }
+
+    /// The PodDisruptionBudgets condition, and a Warning Event when the server
+    /// turns out not to serve them.
+    fn pdbs(&mut self, pdbs: Pdbs) {
+        let observed = match pdbs {
+            Pdbs::Applied => Observed::new(
+                conditions::POD_DISRUPTION_BUDGETS,
+                true,
+                "Applied",
+                "gateway and consumer PodDisruptionBudgets applied",
+            ),
+            Pdbs::Unsupported => Observed::new(
+                conditions::POD_DISRUPTION_BUDGETS,
+                false,
+                "APIUnavailable",
+                format!(
+                    "the API server does not serve {} (Kubernetes 1.21+): no PodDisruptionBudgets are made, so a node drain may evict several gateway or consumer pods at once",
+                    crate::served::PDB_API
+                ),
+            ),
+            Pdbs::Failed => Observed::new(
+                conditions::POD_DISRUPTION_BUDGETS,
+                false,
+                conditions::APPLY_FAILED,
+                "see the Ready condition",
+            ),
+        };
+        let before = conditions::find(
+            &self.previous.conditions,
+            conditions::POD_DISRUPTION_BUDGETS,
+        );
+        let new = before.is_none_or(|c| c.reason != observed.reason);
+        if new && pdbs == Pdbs::Unsupported {
+            self.event(
+                EventType::Warning,
+                "APIUnavailable",
+                "ApplyPodDisruptionBudget",
+                observed.message.clone(),
+            );
+        }
+        self.condition(observed);
     }
 
     /// Ready=False for something the user must fix; a Warning event when the reason is new.
@@ -429,51 +558,22 @@ pub(crate) async fn secret_value(
     })
 }
 
-async fn apply_one<K>(client: &Client, ns: &str, obj: &K) -> Result<K, Error>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Serialize,
-{
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
-    let name = obj.name_any();
-    api.patch(
-        &name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(obj),
-    )
-    .await
-    .map_err(kube_err("apply", format!("{} {ns}/{name}", K::kind(&()))))
-}
-
-/// Applies every child; returns the gateway and consumer Deployments as the server has them.
-async fn apply_children(
-    ctx: &Context,
-    ns: &str,
-    c: &Children,
-) -> Result<(Deployment, Deployment), Error> {
-    let client = &ctx.client;
-    apply_one::<ConfigMap>(client, ns, &c.config_map).await?;
-    let gateway = apply_one::<Deployment>(client, ns, &c.gateway).await?;
-    apply_one::<Service>(client, ns, &c.gateway_service).await?;
-    apply_one::<PodDisruptionBudget>(client, ns, &c.gateway_pdb).await?;
-    let consumer = apply_one::<Deployment>(client, ns, &c.consumer).await?;
-    apply_one::<PodDisruptionBudget>(client, ns, &c.consumer_pdb).await?;
-    Ok((gateway, consumer))
-}
-
-fn available(d: &Deployment) -> i32 {
-    d.status
-        .as_ref()
+fn available(d: Option<&Deployment>) -> i32 {
+    d.and_then(|d| d.status.as_ref())
         .and_then(|s| s.available_replicas)
         .unwrap_or(0)
 }
 
-fn availability(type_: &'static str, what: &str, d: &Deployment) -> Observed {
+fn availability(type_: &'static str, what: &str, d: Option<&Deployment>) -> Observed {
     let n = available(d);
-    if n > 0 {
+    if d.is_none() {
+        Observed::new(
+            type_,
+            false,
+            "NotApplied",
+            format!("the {what} Deployment is not applied"),
+        )
+    } else if n > 0 {
         Observed::new(
             type_,
             true,
@@ -512,7 +612,7 @@ async fn apply(
             .collect::<Vec<_>>()
             .join("; ");
         info!(reason = first.reason, %message, "spec cannot run");
-        report.next.phase = Some(SalePhase::Failed);
+        report.enter(SalePhase::Failed);
         report.not_ready(first.reason, message);
         report.publish(ctx, sales).await?;
         // A spec edit is the only way out: it triggers a reconcile.
@@ -524,7 +624,7 @@ async fn apply(
         Err(missing) => {
             let message = missing.join("; ");
             info!(%message, "secrets missing");
-            report.next.phase = Some(SalePhase::Failed);
+            report.enter(SalePhase::Failed);
             report.not_ready("SecretMissing", message);
             report.publish(ctx, sales).await?;
             // Secrets are not watched: look again after a while.
@@ -577,47 +677,49 @@ async fn apply(
     };
 
     let children = children::build(sale, &spec, &ctx.settings.dataplane_image)?;
-    let (gateway, consumer) = apply_children(ctx, ns, &children).await?;
+    let applied = apply::children(ctx, ns, &children).await;
+    debug!(
+        writes = applied.writes,
+        refused = applied.failures.len(),
+        "children applied"
+    );
+    let gateway = applied.gateway.as_ref();
+    let consumer = applied.consumer.as_ref();
     report.next.gateway = Some(GatewayStatus {
-        available_replicas: Some(available(&gateway)),
+        available_replicas: Some(available(gateway)),
         ..Default::default()
     });
     report.next.consumer = Some(ConsumerStatus {
-        available_replicas: Some(available(&consumer)),
+        available_replicas: Some(available(consumer)),
         ..Default::default()
     });
+    report.apply_failures(&applied.failures);
+    report.pdbs(applied.pdbs);
     report.condition(availability(
         conditions::GATEWAY_AVAILABLE,
         "gateway",
-        &gateway,
+        gateway,
     ));
     report.condition(availability(
         conditions::CONSUMERS_AVAILABLE,
         "consumer",
-        &consumer,
+        consumer,
     ));
 
     let schedule = Schedule::at(&spec, now);
-    let phase = SalePhase::from(schedule.phase);
-    report.next.phase = Some(phase);
-    if report.previous.phase != Some(phase) {
-        let note = match report.previous.phase {
-            Some(before) => format!("{before} → {phase}"),
-            None => format!("{phase}"),
-        };
-        info!(%note, "phase changed");
-        // The phase is the reason: the recorder merges events of equal reason
-        // into one series, and each phase is entered once. It is told first:
-        // what warming did happens in the phase it opens.
-        report.event(EventType::Normal, &phase.to_string(), "Schedule", note);
+    // Told first: what warming did happens in the phase it opens.
+    let before = report.events.len();
+    report.enter(SalePhase::from(schedule.phase));
+    if report.events.len() > before {
         report.events.rotate_right(1);
     }
+
     let live = matches!(schedule.phase, Phase::Warming | Phase::Active);
     report.next.remaining = Some(report.next.products.iter().map(|p| p.remaining).sum());
 
     let ready_set = report.observed.iter().any(|o| o.type_ == conditions::READY);
     if !ready_set {
-        if live && available(&gateway) == 0 {
+        if live && available(gateway) == 0 {
             report.not_ready(
                 "GatewayUnavailable",
                 "the sale is live and no gateway pod is available".to_string(),
@@ -638,6 +740,13 @@ async fn apply(
         }
     }
     report.publish(ctx, sales).await?;
+    if let Some(first) = applied.failures.first() {
+        // Counted and retried like any failed reconcile; status already says what.
+        return Err(Error::Apply {
+            count: applied.failures.len(),
+            first: first.clone(),
+        });
+    }
 
     let after = schedule.requeue_after(now, ctx.settings.refresh);
     Ok(match (after, redis_trouble) {
@@ -1050,6 +1159,7 @@ async fn cleanup(
         .cloned()
         .collect();
     patch_finalizers(sales, sale, finalizers).await?;
+    ctx.applied.forget_sale(ns, &name);
     Ok(Action::await_change())
 }
 

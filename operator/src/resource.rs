@@ -373,6 +373,14 @@ pub struct GatewayStatus {
     /// The metric that decided the last recommendation (`connections` or `requestsPerSecond`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driving_metric: Option<String>,
+    /// What holds the count short of the driving metric's proposal:
+    /// `scaleUpStabilization`, `scaleDownStabilization`, `scaleUpPolicy` or `scaleDownPolicy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<String>,
+    /// When a stabilization window stops holding the count, if nothing else changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>", extend("format" = "date-time"))]
+    pub held_until: Option<Timestamp>,
 }
 
 /// Consumer figures. `availableReplicas` is the reconciler's; the rest is the autoscaler's.
@@ -391,4 +399,11 @@ pub struct ConsumerStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<String>", extend("format" = "date-time"))]
     pub last_scale_time: Option<Timestamp>,
+    /// What holds the count short of the lag's proposal (as for the gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<String>,
+    /// When a stabilization window stops holding the count, if nothing else changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>", extend("format" = "date-time"))]
+    pub held_until: Option<Timestamp>,
 }

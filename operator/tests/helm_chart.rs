@@ -230,6 +230,32 @@ fn the_crd_ships_with_the_chart() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The chart's `kubeVersion` is what the operator needs of a server, and the
+/// docs say the same floor.
+#[test]
+fn kube_version_is_the_supported_floor() -> anyhow::Result<()> {
+    let (major, minor) = operator::served::MIN_KUBERNETES;
+    let chart: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml"))?)?;
+    assert_eq!(
+        chart["kubeVersion"],
+        json!(format!(">={major}.{minor}.0-0")),
+        "Chart.yaml"
+    );
+    let docs = std::fs::read_to_string(workspace().join("docs/operator.md"))?;
+    assert!(
+        docs.contains(&format!("**{major}.{minor} and newer**")),
+        "docs/operator.md states the supported range"
+    );
+    let readme = std::fs::read_to_string(chart_dir().join("README.md"))?;
+    assert!(readme.contains(&format!("Kubernetes {major}.{minor} or newer")));
+    // The reason for the floor: the CRD carries CEL rules.
+    let crd = serde_json::to_value(operator::crd::definition())?;
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    assert!(spec["x-kubernetes-validations"].is_array());
+    Ok(())
+}
+
 #[test]
 fn rbac_is_exactly_what_the_readme_documents() -> anyhow::Result<()> {
     let r = render(json!({}))?;

@@ -9,8 +9,9 @@ use serde_json::{Value, json};
 
 use crate::resource::{API_VERSION, ConsumerStatus, FlashSaleStatus, GatewayStatus, KIND};
 
-/// Metric figures alone (connections, requests/s, lag) are written at most this
-/// often: every status write wakes the reconciler through its watch.
+/// Metric figures alone (connections, requests/s, lag, a moved hold end) are
+/// written at most this often: status is for people, and each write costs the
+/// API server a write and every FlashSale watcher an event.
 pub const FIGURES_REFRESH: SignedDuration = SignedDuration::from_secs(15);
 
 /// The fields the autoscaler owns; `availableReplicas` stays the reconciler's.
@@ -64,16 +65,19 @@ impl ScalerStatus {
         last_write.is_none_or(|at| now.duration_since(at) >= FIGURES_REFRESH)
     }
 
-    /// Everything but the measured figures.
+    /// Everything but the measured figures (and a hold's end, which moves
+    /// with every new recommendation while the hold lasts).
     fn decisions(&self) -> ScalerStatus {
         ScalerStatus {
             gateway: self.gateway.as_ref().map(|g| GatewayStatus {
                 connections: None,
                 requests_per_second: None,
+                held_until: None,
                 ..g.clone()
             }),
             consumer: self.consumer.as_ref().map(|c| ConsumerStatus {
                 lag: None,
+                held_until: None,
                 ..c.clone()
             }),
         }

@@ -17,9 +17,12 @@ use tracing::{debug, info, warn};
 use super::status::ScalerStatus;
 use super::{Error, FIELD_MANAGER, actuate, observe, settings};
 use crate::children::Component;
+use crate::conditions;
 use crate::reconciler::{self, Context};
 use crate::resource::{ConsumerStatus, FlashSale, GatewayStatus, SalePhase};
-use crate::scaling::{Decision, GatewayObservation, ScalingState, decide_consumer, decide_gateway};
+use crate::scaling::{
+    Decision, GatewayObservation, Hold, ScalingState, decide_consumer, decide_gateway,
+};
 
 /// How long a Redis URL read from the sale's Secret is reused before it is read again.
 const REDIS_URL_REFRESH: SignedDuration = SignedDuration::from_secs(60);
@@ -57,6 +60,8 @@ pub struct Change {
     pub from: i32,
     pub to: i32,
     pub driver: String,
+    /// What holds the count short of the driver's proposal.
+    pub hold: Option<Hold>,
 }
 
 impl Autoscaler {
@@ -93,6 +98,13 @@ impl Autoscaler {
             self.sales.remove(&key);
             return Ok(StepReport {
                 idle: Some(why),
+                ..Default::default()
+            });
+        }
+        if half_made(sale) {
+            // Hold the counts (and the history) until every child is applied.
+            return Ok(StepReport {
+                idle: Some("children not all applied"),
                 ..Default::default()
             });
         }
@@ -213,6 +225,8 @@ impl SaleMemory {
                     .as_ref()
                     .map(|c| c.driver.clone())
                     .or(previous.driving_metric),
+                held_by: held_by(change.as_ref(), previous.held_by),
+                held_until: held_until(change.as_ref(), previous.held_until),
             });
             report.gateway = change;
         }
@@ -275,6 +289,8 @@ impl SaleMemory {
                     } else {
                         previous.last_scale_time
                     },
+                    held_by: held_by(change.as_ref(), previous.held_by),
+                    held_until: held_until(change.as_ref(), previous.held_until),
                 });
                 report.consumer = change;
             }
@@ -324,6 +340,7 @@ impl SaleMemory {
             from: current,
             to: decision.desired_replicas,
             driver: decision.driver.to_string(),
+            hold: decision.hold,
         };
         let scaled = change.to != current;
         if scaled {
@@ -385,6 +402,31 @@ impl SaleMemory {
             }
         }
     }
+}
+
+/// The status' `heldBy`: this step's hold, or the previous one when the step
+/// decided nothing (a failed scale write).
+fn held_by(change: Option<&Change>, previous: Option<String>) -> Option<String> {
+    match change {
+        Some(c) => c.hold.map(|h| h.by.to_string()),
+        None => previous,
+    }
+}
+
+fn held_until(change: Option<&Change>, previous: Option<Timestamp>) -> Option<Timestamp> {
+    match change {
+        Some(c) => c.hold.and_then(|h| h.until),
+        None => previous,
+    }
+}
+
+/// Whether the reconciler reports a child the API server refused: a sale
+/// missing its Service or a Deployment is not scaled until it is whole.
+fn half_made(sale: &FlashSale) -> bool {
+    sale.status.as_ref().is_some_and(|s| {
+        conditions::find(&s.conditions, conditions::READY)
+            .is_some_and(|c| c.status == "False" && c.reason == conditions::APPLY_FAILED)
+    })
 }
 
 /// What `apply` did, keeping its error (the first of the step's) for the

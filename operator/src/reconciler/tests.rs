@@ -16,9 +16,12 @@ use serde_json::{Value, json};
 use super::*;
 use crate::clock::ManualClock;
 use crate::fixtures::{self, ApiServer};
+use crate::served::ServedApis;
 
 const SALE: &str = "/apis/flashsale.dev/v1alpha1/namespaces/shop/flashsales/singles-day";
 const APPLY: &str = "?&force=true&fieldManager=flashsale-operator";
+/// The finalizer merge patch, under the operator's field manager.
+const FINALIZERS: &str = "?&fieldManager=flashsale-operator";
 
 /// The six children in apply order: (path, is a Deployment).
 const CHILDREN: [(&str, bool); 6] = [
@@ -35,18 +38,25 @@ const CHILDREN: [(&str, bool); 6] = [
         false,
     ),
     (
-        "/apis/policy/v1/namespaces/shop/poddisruptionbudgets/singles-day-gateway",
-        false,
-    ),
-    (
         "/apis/apps/v1/namespaces/shop/deployments/singles-day-consumer",
         true,
+    ),
+    (
+        "/apis/policy/v1/namespaces/shop/poddisruptionbudgets/singles-day-gateway",
+        false,
     ),
     (
         "/apis/policy/v1/namespaces/shop/poddisruptionbudgets/singles-day-consumer",
         false,
     ),
 ];
+
+/// Which children a reconcile writes (indexes into [`CHILDREN`]).
+const ALL: &[usize] = &[0, 1, 2, 3, 4, 5];
+/// None: everything is as this process last applied it.
+const NONE: &[usize] = &[];
+/// A change of the sale's config: the ConfigMap and the pod templates' checksum.
+const CONFIG: &[usize] = &[0, 1, 3];
 
 fn at(base: Timestamp, secs: i64) -> Timestamp {
     base.checked_add(SignedDuration::from_secs(secs))
@@ -120,25 +130,65 @@ async fn serve_secrets(server: &mut ApiServer, urls: &Urls) {
     }
 }
 
-/// Answers the Secret reads and the six applies of a reconcile that gets that
-/// far; Deployments come back with `available` pods. Returns the applied bodies.
-async fn serve_children(server: &mut ApiServer, urls: &Urls, available: i32) -> Vec<Value> {
+/// Answers the Secret reads and the applies of a reconcile that gets that far:
+/// the children in `written` are applied, the other Deployments read (for
+/// their status); Deployments come back with `available` pods. Returns the
+/// applied bodies.
+async fn serve_children(
+    server: &mut ApiServer,
+    urls: &Urls,
+    available: i32,
+    written: &[usize],
+) -> Vec<Value> {
+    serve_children_refusing(server, urls, available, written, None).await
+}
+
+/// [`serve_children`], with the apply of child `refused` answered by an error.
+async fn serve_children_refusing(
+    server: &mut ApiServer,
+    urls: &Urls,
+    available: i32,
+    written: &[usize],
+    refused: Option<(usize, u16, &Value)>,
+) -> Vec<Value> {
     serve_secrets(server, urls).await;
     let mut applied = Vec::new();
-    for (path, is_deployment) in CHILDREN {
-        let call = server
-            .expect(Method::PATCH, &format!("{path}{APPLY}"))
-            .await;
-        applied.push(call.body.clone());
-        if is_deployment {
-            let mut body = call.body.clone();
+    for (i, (path, is_deployment)) in CHILDREN.into_iter().enumerate() {
+        let with_status = |mut body: Value| {
             body["status"] = json!({ "availableReplicas": available, "replicas": available });
-            call.respond(200, &body);
-        } else {
-            call.echo();
+            body
+        };
+        if written.contains(&i) {
+            let call = server
+                .expect(Method::PATCH, &format!("{path}{APPLY}"))
+                .await;
+            applied.push(call.body.clone());
+            if let Some((_, code, error)) = refused.filter(|(r, _, _)| *r == i) {
+                call.respond(code, error);
+            } else if is_deployment {
+                let body = with_status(call.body.clone());
+                call.respond(200, &body);
+            } else {
+                call.echo();
+            }
+        } else if is_deployment {
+            let name = path.rsplit('/').next().unwrap_or_default();
+            server
+                .expect(Method::GET, path)
+                .await
+                .respond(200, &with_status(deployment(name)));
         }
     }
     applied
+}
+
+/// A Deployment as the server would have it (only what status reads).
+fn deployment(name: &str) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"selector": {}, "template": {}}
+    })
 }
 
 /// Takes the status patch, checks its envelope, answers with the updated
@@ -210,7 +260,9 @@ async fn first_reconcile_adds_the_finalizer_applies_children_and_reports_status(
     let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
     let task = run(&sale, &ctx);
 
-    let call = server.expect(Method::PATCH, &format!("{SALE}?")).await;
+    let call = server
+        .expect(Method::PATCH, &format!("{SALE}{FINALIZERS}"))
+        .await;
     assert_eq!(
         call.body,
         json!({"metadata": {"finalizers": ["flashsale.dev/cleanup"], "resourceVersion": "100"}})
@@ -218,13 +270,13 @@ async fn first_reconcile_adds_the_finalizer_applies_children_and_reports_status(
     let mut stored = fixtures::sale_with_finalizer();
     call.respond(200, &serde_json::to_value(&stored)?);
 
-    let applied = serve_children(&mut server, &Urls::unused(), 0).await;
+    let applied = serve_children(&mut server, &Urls::unused(), 0, ALL).await;
     let [
         config_map,
         gateway,
         service,
-        gateway_pdb,
         consumer,
+        gateway_pdb,
         consumer_pdb,
     ] = &applied[..]
     else {
@@ -317,6 +369,9 @@ async fn first_reconcile_adds_the_finalizer_applies_children_and_reports_status(
                  "observedGeneration": 1, "lastTransitionTime": since},
                 {"type": "ConsumersAvailable", "status": "False", "reason": "NoPodsAvailable",
                  "message": "no consumer pod is available yet",
+                 "observedGeneration": 1, "lastTransitionTime": since},
+                {"type": "PodDisruptionBudgets", "status": "True", "reason": "Applied",
+                 "message": "gateway and consumer PodDisruptionBudgets applied",
                  "observedGeneration": 1, "lastTransitionTime": since}
             ],
             "remaining": 4500,
@@ -342,16 +397,36 @@ async fn a_second_reconcile_changes_nothing() -> anyhow::Result<()> {
     let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
 
     let task = run(&sale, &ctx);
-    let first = serve_children(&mut server, &Urls::unused(), 0).await;
+    let first = serve_children(&mut server, &Urls::unused(), 0, ALL).await;
+    assert_eq!(first.len(), 6);
     serve_status(&mut server, &mut sale).await?;
     server.expect_event("Normal", "Pending", "Pending").await;
     let first_action = finish(task).await?;
 
-    // Same object, same clock: the same applies (no-ops on the server), no
-    // status write, no event.
+    // Same object, same clock: no child written (the Deployments are read for
+    // their status), no status write, no event.
     let task = run(&sale, &ctx);
-    let second = serve_children(&mut server, &Urls::unused(), 0).await;
-    assert_eq!(first, second);
+    let second = serve_children(&mut server, &Urls::unused(), 0, NONE).await;
+    assert_eq!(second, Vec::<Value>::new());
+    assert_eq!(finish(task).await?, first_action);
+
+    // A Deployment someone deleted is applied again at once.
+    let task = run(&sale, &ctx);
+    serve_secrets(&mut server, &Urls::unused()).await;
+    let (gateway, _) = CHILDREN[1];
+    server.expect(Method::GET, gateway).await.respond(
+        404,
+        &fixtures::not_found("deployments \"singles-day-gateway\""),
+    );
+    server
+        .expect(Method::PATCH, &format!("{gateway}{APPLY}"))
+        .await
+        .echo();
+    let (consumer, _) = CHILDREN[3];
+    server
+        .expect(Method::GET, consumer)
+        .await
+        .respond(200, &deployment("singles-day-consumer"));
     assert_eq!(finish(task).await?, first_action);
     Ok(())
 }
@@ -378,6 +453,7 @@ async fn an_invalid_spec_is_reported_and_creates_nothing() -> anyhow::Result<()>
             }]
         })
     );
+    server.expect_event("Warning", "Failed", "Failed").await;
     server
         .expect_event("Warning", "EndBeforeStart", message)
         .await;
@@ -415,6 +491,7 @@ async fn a_missing_secret_is_reported_and_creates_nothing() -> anyhow::Result<()
             "observedGeneration": 1, "lastTransitionTime": "2026-11-10T23:00:00Z"
         })
     );
+    server.expect_event("Warning", "Failed", "Failed").await;
     server
         .expect_event("Warning", "SecretMissing", message)
         .await;
@@ -444,7 +521,7 @@ async fn phases_change_at_their_instants_and_requeue_for_the_next() -> anyhow::R
 
     // 1 ms before warmup: Pending, nothing in Redis, back in exactly 1 ms.
     let task = run(&sale, &ctx);
-    serve_children(&mut server, &url, 2).await;
+    serve_children(&mut server, &url, 2, ALL).await;
     let status = serve_status(&mut server, &mut sale).await?;
     assert_eq!(status["phase"], json!("Pending"));
     server.expect_event("Normal", "Pending", "Pending").await;
@@ -458,7 +535,7 @@ async fn phases_change_at_their_instants_and_requeue_for_the_next() -> anyhow::R
     // after the refresh interval (the sale opens in 300 s).
     clock.set(warmup);
     let task = run(&sale, &ctx);
-    serve_children(&mut server, &url, 2).await;
+    serve_children(&mut server, &url, 2, NONE).await;
     let status = serve_status(&mut server, &mut sale).await?;
     assert_eq!(status["phase"], json!("Warming"));
     assert_eq!(status["warmedGeneration"], json!(1));
@@ -487,13 +564,13 @@ async fn phases_change_at_their_instants_and_requeue_for_the_next() -> anyhow::R
     // 5 s before start: nothing changed, back at the opening instant.
     clock.set(at(spec.start_time, -5));
     let task = run(&sale, &ctx);
-    serve_children(&mut server, &url, 2).await;
+    serve_children(&mut server, &url, 2, NONE).await;
     assert_eq!(finish(task).await?, Action::requeue(Duration::from_secs(5)));
 
     // At start: Active; no second warming.
     clock.set(spec.start_time);
     let task = run(&sale, &ctx);
-    serve_children(&mut server, &url, 2).await;
+    serve_children(&mut server, &url, 2, NONE).await;
     let status = serve_status(&mut server, &mut sale).await?;
     assert_eq!(status["phase"], json!("Active"));
     assert_eq!(
@@ -512,7 +589,7 @@ async fn phases_change_at_their_instants_and_requeue_for_the_next() -> anyhow::R
     // (payment.timeoutSeconds after the end), so it still refreshes.
     clock.set(spec.end_time);
     let task = run(&sale, &ctx);
-    serve_children(&mut server, &url, 2).await;
+    serve_children(&mut server, &url, 2, NONE).await;
     let status = serve_status(&mut server, &mut sale).await?;
     assert_eq!(status["phase"], json!("Ended"));
     assert_eq!(
@@ -536,10 +613,11 @@ async fn rewarm(
     ctx: &Arc<Context>,
     sale: &mut FlashSale,
     url: &Urls,
+    written: &[usize],
     events: &[(&str, &str, &str)],
 ) -> anyhow::Result<Value> {
     let task = run(sale, ctx);
-    serve_children(server, url, 2).await;
+    serve_children(server, url, 2, written).await;
     let status = serve_status(server, sale).await?;
     for (type_, reason, note) in events {
         server.expect_event(type_, reason, note).await;
@@ -565,6 +643,7 @@ async fn warmed_live_sale(stores: &Stores) -> anyhow::Result<(Arc<Context>, ApiS
         &ctx,
         &mut sale,
         &stores.urls(),
+        ALL,
         &[
             ("Normal", "Active", "Active"),
             (
@@ -588,13 +667,13 @@ async fn warming_twice_leaves_stock_unchanged() -> anyhow::Result<()> {
 
     // An operator restart or a re-reconcile of the same generation: no warming.
     let task = run(&sale, &ctx);
-    serve_children(&mut server, &stores.urls(), 2).await;
+    serve_children(&mut server, &stores.urls(), 2, NONE).await;
     finish(task).await?;
 
     // A spec edit that leaves stock alone warms again and changes nothing.
     sale.metadata.generation = Some(2);
     sale.spec.gateway.replicas.max = 60;
-    let status = rewarm(&mut server, &ctx, &mut sale, &stores.urls(), &[]).await?;
+    let status = rewarm(&mut server, &ctx, &mut sale, &stores.urls(), NONE, &[]).await?;
     assert_eq!(status["warmedGeneration"], json!(2));
     assert_eq!(remaining(&mut conn, "phone-17").await?, 1000);
     assert_eq!(status["remaining"], json!(4500));
@@ -611,7 +690,7 @@ async fn warming_after_30_sales_keeps_what_was_sold() -> anyhow::Result<()> {
 
     sale.metadata.generation = Some(2);
     sale.spec.gateway.replicas.max = 60;
-    let status = rewarm(&mut server, &ctx, &mut sale, &stores.urls(), &[]).await?;
+    let status = rewarm(&mut server, &ctx, &mut sale, &stores.urls(), NONE, &[]).await?;
     assert_eq!(remaining(&mut conn, "phone-17").await?, 970);
     assert_eq!(
         product(&status, "phone-17"),
@@ -636,6 +715,7 @@ async fn a_stock_raise_mid_sale_adds_the_difference() -> anyhow::Result<()> {
         &ctx,
         &mut sale,
         &stores.urls(),
+        CONFIG,
         &[(
             "Normal",
             "StockChanged",
@@ -667,6 +747,7 @@ async fn a_stock_cut_below_sold_is_refused_with_a_condition() -> anyhow::Result<
         &ctx,
         &mut sale,
         &stores.urls(),
+        CONFIG,
         &[("Warning", "StockBelowSold", message)],
     )
     .await?;
@@ -700,7 +781,7 @@ async fn an_edit_a_running_sale_cannot_take_keeps_it_running_as_it_was() -> anyh
     sale.spec.sale.end_time = now.checked_sub(SignedDuration::from_secs(5))?;
     sale.spec.sale.products[1].per_user_limit = 0;
     let task = run(&sale, &ctx);
-    let applied = serve_children(&mut server, &stores.urls(), 2).await;
+    let applied = serve_children(&mut server, &stores.urls(), 2, ALL).await;
     let status = serve_status(&mut server, &mut sale).await?;
     server
         .expect_event(
@@ -826,7 +907,9 @@ async fn deletion_stops_the_data_plane_then_clears_redis_and_releases() -> anyho
         ))
     );
     call.echo();
-    let call = server.expect(Method::PATCH, &format!("{SALE}?")).await;
+    let call = server
+        .expect(Method::PATCH, &format!("{SALE}{FINALIZERS}"))
+        .await;
     assert_eq!(
         call.body,
         json!({"metadata": {"finalizers": [], "resourceVersion": "100"}})
@@ -882,67 +965,252 @@ async fn persist_everything(conn: &mut ConnectionManager, sku: &str) -> anyhow::
     Ok(())
 }
 
-#[tokio::test]
-async fn status_counts_what_the_order_scripts_moved() -> anyhow::Result<()> {
-    let stores = Stores::start()?;
-    let mut conn = redis_conn(&stores.redis).await?;
-    let (ctx, mut server, mut sale) = warmed_live_sale(&stores).await?;
-    buy(&mut conn, "phone-17", 30).await?;
-    let keys = ProductKeys::new(&SaleId::new("shop", "singles-day"), "phone-17");
-    let ids = |range: std::ops::Range<usize>| -> Vec<String> {
-        range.map(|i| format!("order-phone-17-{i}")).collect()
-    };
-    // As the consumer (25 persisted), the payment callback (10 paid), the
-    // timeout sweeper (5 cancelled) and the dead-letter path (1 failed) move them.
-    let transition = |to: &'static str, from: &'static str, orders: Vec<String>| {
-        let mut inv = dataplane::scripts::TRANSITION.prepare_invoke();
-        inv.key(keys.orders())
-            .key(keys.info())
-            .arg(to)
-            .arg(from)
-            .arg(orders);
-        inv
-    };
-    let _: Vec<String> = transition("confirmed", "accepted", ids(0..25))
-        .invoke_async(&mut conn)
-        .await?;
-    let _: Vec<String> = transition("paid", "accepted,confirmed", ids(0..10))
-        .invoke_async(&mut conn)
-        .await?;
-    let mut released: Vec<(String, &str)> = ids(10..15)
-        .into_iter()
-        .map(|id| (id, "cancelled"))
-        .collect();
-    released.push(("order-phone-17-25".into(), "failed"));
-    for (id, to) in released {
-        let (outcome, _): (String, String) = dataplane::scripts::RELEASE
-            .key(keys.orders())
-            .key(keys.stock())
-            .key(keys.buyers())
-            .key(keys.info())
-            .arg(&id)
-            .arg(to)
-            .arg("test")
-            .invoke_async(&mut conn)
-            .await?;
-        assert_eq!(outcome, "released", "{id}");
-    }
+const QUOTA: &str = "services \"singles-day-gateway\" is forbidden: exceeded quota: no-services, requested: services=1, used: services=0, limited: services=0";
 
-    // A re-reconcile reads them into the status.
-    let status = rewarm(&mut server, &ctx, &mut sale, &stores.urls(), &[]).await?;
-    let p = product(&status, "phone-17");
-    let field = |f: &str| p[f].as_i64();
-    assert_eq!(field("stock"), Some(1000), "{p}");
-    assert_eq!(field("remaining"), Some(976), "30 sold, 6 returned: {p}");
-    assert_eq!(field("sold"), Some(24), "{p}");
+fn forbidden(message: &str) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": "Forbidden", "code": 403
+    })
+}
+
+#[tokio::test]
+async fn a_refused_child_is_reported_and_the_others_still_applied() -> anyhow::Result<()> {
+    let mut sale = fixtures::sale_with_finalizer();
+    let now = at(sale.spec.sale.start_time, -3600);
+    let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
+    let refused = forbidden(QUOTA);
+    let service = 2;
+
+    // Every child is tried; the Service is refused, the five others applied.
+    let task = run(&sale, &ctx);
+    let applied = serve_children_refusing(
+        &mut server,
+        &Urls::unused(),
+        0,
+        ALL,
+        Some((service, 403, &refused)),
+    )
+    .await;
+    assert_eq!(applied.len(), 6);
+    let status = serve_status(&mut server, &mut sale).await?;
+    let line = format!("Service shop/singles-day-gateway: {QUOTA}");
     assert_eq!(
-        field("persisted"),
-        Some(20),
-        "25 confirmed, 5 of them cancelled: {p}"
+        condition(&status, "Ready"),
+        json!({
+            "type": "Ready", "status": "False", "reason": "ApplyFailed",
+            "message": format!("cannot apply {line}"),
+            "observedGeneration": 1, "lastTransitionTime": "2026-11-10T23:00:00Z"
+        })
     );
-    assert_eq!(field("paid"), Some(10), "{p}");
-    assert_eq!(field("cancelled"), Some(5), "{p}");
-    assert_eq!(field("failed"), Some(1), "{p}");
-    assert_eq!(status["remaining"], json!(4476));
+    assert_eq!(status["phase"], json!("Pending"));
+    assert_eq!(
+        condition(&status, "PodDisruptionBudgets")["status"],
+        json!("True")
+    );
+    let event = server.expect_event("Warning", "ApplyFailed", &line).await;
+    assert_eq!(event["action"], json!("ApplyService"));
+    server.expect_event("Normal", "Pending", "Pending").await;
+    let error = finish(task).await.err().map(|e| format!("{e:#}"));
+    assert_eq!(
+        error,
+        Some(format!("1 child object(s) not applied, first {line}"))
+    );
+
+    // Still refused: only the Service is tried again; status and Events
+    // already say it, so nothing else is written.
+    let task = run(&sale, &ctx);
+    serve_children_refusing(
+        &mut server,
+        &Urls::unused(),
+        0,
+        &[service],
+        Some((service, 403, &refused)),
+    )
+    .await;
+    assert!(finish(task).await.is_err());
+
+    // The quota lifted: the Service is applied and the sale is Ready.
+    let task = run(&sale, &ctx);
+    serve_children(&mut server, &Urls::unused(), 0, &[service]).await;
+    let status = serve_status(&mut server, &mut sale).await?;
+    assert_eq!(condition(&status, "Ready")["reason"], json!("Reconciled"));
+    assert_eq!(
+        finish(task).await?,
+        Action::requeue(Duration::from_secs(55 * 60))
+    );
     Ok(())
+}
+
+#[tokio::test]
+async fn deployments_wait_for_their_config_map() -> anyhow::Result<()> {
+    let mut sale = fixtures::sale_with_finalizer();
+    let now = at(sale.spec.sale.start_time, -3600);
+    let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
+    let message = "configmaps \"singles-day-dataplane\" is forbidden: exceeded quota: cm";
+
+    let task = run(&sale, &ctx);
+    serve_secrets(&mut server, &Urls::unused()).await;
+    let (config_map, _) = CHILDREN[0];
+    server
+        .expect(Method::PATCH, &format!("{config_map}{APPLY}"))
+        .await
+        .respond(403, &forbidden(message));
+    // Not applied (their pods would roll onto a config that is not there);
+    // read for their status instead — here, not made yet.
+    let (gateway, _) = CHILDREN[1];
+    server
+        .expect(Method::GET, gateway)
+        .await
+        .respond(404, &fixtures::not_found("deployments"));
+    let (service, _) = CHILDREN[2];
+    server
+        .expect(Method::PATCH, &format!("{service}{APPLY}"))
+        .await
+        .echo();
+    let (consumer, _) = CHILDREN[3];
+    server
+        .expect(Method::GET, consumer)
+        .await
+        .respond(404, &fixtures::not_found("deployments"));
+    for (pdb, _) in &CHILDREN[4..] {
+        server
+            .expect(Method::PATCH, &format!("{pdb}{APPLY}"))
+            .await
+            .echo();
+    }
+    let status = serve_status(&mut server, &mut sale).await?;
+    assert_eq!(
+        condition(&status, "Ready")["message"],
+        json!(format!(
+            "cannot apply ConfigMap shop/singles-day-dataplane: {message}"
+        ))
+    );
+    assert_eq!(
+        condition(&status, "GatewayAvailable")["reason"],
+        json!("NotApplied")
+    );
+    server
+        .expect_event(
+            "Warning",
+            "ApplyFailed",
+            &format!("ConfigMap shop/singles-day-dataplane: {message}"),
+        )
+        .await;
+    server.expect_event("Normal", "Pending", "Pending").await;
+    assert!(finish(task).await.is_err());
+    Ok(())
+}
+
+#[tokio::test]
+async fn pdbs_are_skipped_with_a_condition_where_policy_v1_is_not_served() -> anyhow::Result<()> {
+    let mut sale = fixtures::sale_with_finalizer();
+    let now = at(sale.spec.sale.start_time, -3600);
+    let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
+    let ctx = Arc::new(Context {
+        client: ctx.client.clone(),
+        recorder: ctx.recorder.clone(),
+        clock: ctx.clock.clone(),
+        metrics: ctx.metrics.clone(),
+        redis: Default::default(),
+        stores: Default::default(),
+        settings: ctx.settings.clone(),
+        served: ServedApis::default(),
+        applied: Default::default(),
+    });
+
+    let task = run(&sale, &ctx);
+    let applied = serve_children(&mut server, &Urls::unused(), 0, &[0, 1, 2, 3]).await;
+    assert_eq!(applied.len(), 4);
+    // Kubernetes 1.20 answers discovery of an unknown group version with a plain 404.
+    let call = server.expect(Method::GET, "/apis/policy/v1").await;
+    let response = http::Response::builder()
+        .status(404)
+        .body(kube::client::Body::from(b"404 page not found\n".to_vec()))?;
+    call.send_raw(response);
+    let status = serve_status(&mut server, &mut sale).await?;
+    let message = "the API server does not serve policy/v1 (Kubernetes 1.21+): no PodDisruptionBudgets are made, so a node drain may evict several gateway or consumer pods at once";
+    assert_eq!(
+        condition(&status, "PodDisruptionBudgets"),
+        json!({
+            "type": "PodDisruptionBudgets", "status": "False", "reason": "APIUnavailable",
+            "message": message, "observedGeneration": 1,
+            "lastTransitionTime": "2026-11-10T23:00:00Z"
+        })
+    );
+    // The sale itself runs.
+    assert_eq!(condition(&status, "Ready")["status"], json!("True"));
+    server
+        .expect_event("Warning", "APIUnavailable", message)
+        .await;
+    server.expect_event("Normal", "Pending", "Pending").await;
+    finish(task).await?;
+
+    // Asked once: the next reconcile neither asks again nor writes anything.
+    let task = run(&sale, &ctx);
+    serve_children(&mut server, &Urls::unused(), 0, NONE).await;
+    finish(task).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn phase_events_name_the_transition_failed_included() -> anyhow::Result<()> {
+    let stores = Stores::start()?;
+    let (ctx, mut server, mut sale) = warmed_live_sale(&stores).await?;
+
+    // The token Secret goes missing mid-sale: Failed, with a phase Event.
+    let task = run(&sale, &ctx);
+    server
+        .expect(Method::GET, "/api/v1/namespaces/shop/secrets/redis")
+        .await
+        .respond(200, &fixtures::secret("redis", "url", &stores.redis.url()));
+    server
+        .expect(Method::GET, "/api/v1/namespaces/shop/secrets/orders-db")
+        .await
+        .respond(200, &fixtures::secret("orders-db", "url", "postgres://db"));
+    server
+        .expect(Method::GET, "/api/v1/namespaces/shop/secrets/shop-login")
+        .await
+        .respond(404, &fixtures::not_found("secrets \"shop-login\""));
+    let status = serve_status(&mut server, &mut sale).await?;
+    assert_eq!(status["phase"], json!("Failed"));
+    let event = server
+        .expect_event("Warning", "Failed", "Active → Failed")
+        .await;
+    assert_eq!(event["action"], json!("ActiveToFailed"));
+    server
+        .expect_event(
+            "Warning",
+            "SecretMissing",
+            "Secret shop/shop-login not found",
+        )
+        .await;
+    finish(task).await?;
+
+    // Back: the Event says where from (not a repeat of "Warming → Active").
+    let task = run(&sale, &ctx);
+    serve_children(&mut server, &stores.urls(), 2, NONE).await;
+    let status = serve_status(&mut server, &mut sale).await?;
+    assert_eq!(status["phase"], json!("Active"));
+    let event = server
+        .expect_event("Normal", "Active", "Failed → Active")
+        .await;
+    assert_eq!(event["action"], json!("FailedToActive"));
+    finish(task).await?;
+    Ok(())
+}
+
+#[test]
+fn a_long_event_note_is_cut_to_what_the_api_accepts() {
+    let sale = fixtures::sale();
+    let mut report = Report::new(&sale, Timestamp::UNIX_EPOCH);
+    report.event(
+        EventType::Warning,
+        "ApplyFailed",
+        "ApplyService",
+        "é".repeat(600),
+    );
+    let note = report.events[0].note.clone().unwrap_or_default();
+    assert!(note.len() <= NOTE_MAX, "{}", note.len());
+    assert!(note.starts_with("éé") && note.ends_with('…'), "{note}");
 }

@@ -11,10 +11,12 @@ use jiff::{SignedDuration, Timestamp};
 use super::behavior::ScalingBehavior;
 use super::history::ScalingState;
 use super::hpa::{self, HpaSpec, Outcome, Proposal, ScalingMetric};
+use super::rate_limit::Limit;
 use super::replica_calc::{
     DEFAULT_TOLERANCE, MetricError, PodSample, external_per_pod_replicas, pod_average_replicas,
 };
 use super::schedule::SaleWindow;
+use super::stabilization::Stabilized;
 
 /// Reports older than this count as missing: pods publish about once a second, so
 /// five silent seconds mean the pod is stuck or gone.
@@ -94,11 +96,46 @@ impl fmt::Display for Driver {
     }
 }
 
+/// What keeps the count from where the driving metric would take it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeldBy {
+    /// Lower recent recommendations hold a rise back (`scaleUp.stabilizationWindowSeconds`).
+    ScaleUpStabilization,
+    /// Higher recent recommendations hold a fall back (`scaleDown.stabilizationWindowSeconds`).
+    ScaleDownStabilization,
+    /// `scaleUp.policies` cut the rise.
+    ScaleUpPolicy,
+    /// `scaleDown.policies` cut the fall.
+    ScaleDownPolicy,
+}
+
+impl fmt::Display for HeldBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HeldBy::ScaleUpStabilization => "scaleUpStabilization",
+            HeldBy::ScaleDownStabilization => "scaleDownStabilization",
+            HeldBy::ScaleUpPolicy => "scaleUpPolicy",
+            HeldBy::ScaleDownPolicy => "scaleDownPolicy",
+        })
+    }
+}
+
+/// A hold on the count, and until when it lasts if nothing else changes
+/// (known for stabilization windows; policies free the count step by step).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hold {
+    pub by: HeldBy,
+    pub until: Option<Timestamp>,
+}
+
 /// The outcome of one tick.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision {
     pub desired_replicas: i32,
     pub driver: Driver,
+    /// Why the count is not where the driving metric proposes (`None`: it is,
+    /// or the schedule or the bounds decided).
+    pub hold: Option<Hold>,
     /// One line for the Event and status message.
     pub reason: String,
     /// History to pass to the next tick. It already records the change to
@@ -232,22 +269,29 @@ fn decide(
     let mut state = state.clone();
     let evaluation = hpa::evaluate(current, proposals, spec, &mut state, now);
     let reactive = evaluation.replicas;
-    let (desired, driver, reason) = match floor {
+    let (desired, driver, hold, reason) = match floor {
         Some(floor) if floor > reactive => (
             floor,
             Driver::Schedule,
+            None,
             format!(
                 "sale floor atStart {floor} (reactive {reactive}: {})",
                 evaluation.reason
             ),
         ),
         _ => {
-            let driver = match evaluation.outcome {
-                Outcome::Metric { metric, .. } => Driver::Metric(metric),
-                Outcome::OutOfRange => Driver::ReplicaBounds,
-                Outcome::MetricsInvalid => Driver::None,
+            let (driver, hold) = match evaluation.outcome {
+                Outcome::Metric {
+                    metric,
+                    stabilized,
+                    held_until,
+                    limit,
+                    ..
+                } => (Driver::Metric(metric), hold(stabilized, held_until, limit)),
+                Outcome::OutOfRange => (Driver::ReplicaBounds, None),
+                Outcome::MetricsInvalid => (Driver::None, None),
             };
-            (reactive, driver, evaluation.reason)
+            (reactive, driver, hold, evaluation.reason)
         }
     };
     // Only reactive steps count against the rate limits: the floor is a baseline, so
@@ -261,9 +305,27 @@ fn decide(
     Decision {
         desired_replicas: desired,
         driver,
+        hold,
         reason,
         state,
     }
+}
+
+/// What held the metric's proposal back: a policy that cut the last step, else
+/// a stabilization window.
+fn hold(stabilized: Stabilized, until: Option<Timestamp>, limit: Limit) -> Option<Hold> {
+    let by = match (limit, stabilized) {
+        (Limit::ScaleUpLimit, _) => HeldBy::ScaleUpPolicy,
+        (Limit::ScaleDownLimit, _) => HeldBy::ScaleDownPolicy,
+        (_, Stabilized::ScaleUp) => HeldBy::ScaleUpStabilization,
+        (_, Stabilized::ScaleDown) => HeldBy::ScaleDownStabilization,
+        (_, Stabilized::No) => return None,
+    };
+    let until = match by {
+        HeldBy::ScaleUpStabilization | HeldBy::ScaleDownStabilization => until,
+        HeldBy::ScaleUpPolicy | HeldBy::ScaleDownPolicy => None,
+    };
+    Some(Hold { by, until })
 }
 
 /// The newest report per pod, if it is recent enough.
@@ -349,6 +411,28 @@ mod tests {
         assert_eq!(d.driver.to_string(), "connections");
         assert_eq!(d.state.scale_up_events.len(), 1);
         assert_eq!(d.state.scale_up_events[0].change, 2);
+    }
+
+    #[test]
+    fn a_policy_cut_is_named_as_the_hold() {
+        let pods = pods(4, 4);
+        let reports: Vec<_> = (0..4).map(|i| report(i, 200_000.0, 0.0, 99)).collect();
+        let observed = GatewayObservation {
+            current_replicas: 4,
+            pods: &pods,
+            reports: &reports,
+        };
+        // 40 proposed; the default scale-up policies allow doubling per 15 s.
+        let d = decide_gateway(&settings(), &observed, &known(), at(100));
+        assert_eq!(d.desired_replicas, 8);
+        assert_eq!(d.driver, Driver::Metric(ScalingMetric::Connections));
+        assert_eq!(
+            d.hold,
+            Some(Hold {
+                by: HeldBy::ScaleUpPolicy,
+                until: None
+            })
+        );
     }
 
     #[test]
@@ -455,6 +539,21 @@ mod tests {
         );
         assert_eq!(held.desired_replicas, 15);
         assert!(held.reason.contains("scale-down window"), "{}", held.reason);
+        // The metric still drives; the window holds the count until the
+        // recommendation of 15 at 2200 s leaves it.
+        assert_eq!(held.driver, Driver::Metric(ScalingMetric::Connections));
+        assert_eq!(
+            held.hold,
+            Some(Hold {
+                by: HeldBy::ScaleDownStabilization,
+                until: Some(at(2500)),
+            })
+        );
+        assert_eq!(
+            held.hold.map(|h| h.by.to_string()),
+            Some("scaleDownStabilization".to_string())
+        );
+        assert_eq!(d.hold, None);
 
         let reports = quiet(2501);
         let ended = decide_gateway(
@@ -475,6 +574,7 @@ mod tests {
             ended.state.scale_down_events.last().map(|e| e.change),
             Some(13)
         );
+        assert_eq!(ended.hold, None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use super::behavior::ScalingBehavior;
 use super::history::{Recommendation, ScalingState};
 use super::rate_limit::{Limit, limit_rate};
 use super::replica_calc::MetricError;
-use super::stabilization::{Stabilized, stabilize};
+use super::stabilization::{Stabilized, held_until, stabilize};
 
 /// The metrics flashsale scales on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -58,6 +58,8 @@ pub enum Outcome {
         metric: ScalingMetric,
         proposed: i32,
         stabilized: Stabilized,
+        /// When the stabilization window stops holding the count (with `stabilized`).
+        held_until: Option<Timestamp>,
         limit: Limit,
     },
     /// The current count was outside min/max and is brought back without looking at metrics.
@@ -165,6 +167,14 @@ pub fn evaluate(
         state,
         now,
     );
+    let held_until = held_until(
+        stabilized_count,
+        stabilized,
+        up.stabilization_window_seconds,
+        down.stabilization_window_seconds,
+        state,
+        now,
+    );
     let (replicas, limit) = limit_rate(current, stabilized_count, min, max, &up, &down, state, now);
 
     let mut reason = match proposed.cmp(&current) {
@@ -192,6 +202,7 @@ pub fn evaluate(
             metric,
             proposed,
             stabilized,
+            held_until,
             limit,
         },
         reason,

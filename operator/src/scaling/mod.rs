@@ -23,7 +23,7 @@ pub mod stabilization;
 pub use behavior::{PolicyType, ScalingBehavior, ScalingPolicy, ScalingRules, SelectPolicy};
 pub use decision::{
     ConsumerScaling, DEFAULT_REPORT_MAX_AGE, Decision, Driver, GatewayObservation, GatewayScaling,
-    LoadReport, PodReadiness, decide_consumer, decide_gateway,
+    HeldBy, Hold, LoadReport, PodReadiness, decide_consumer, decide_gateway,
 };
 pub use history::ScalingState;
 pub use hpa::ScalingMetric;

@@ -56,6 +56,32 @@ pub fn stabilize(
     (stabilized, how)
 }
 
+/// When the window stops holding the count at `held_at`: the instant the last
+/// recommendation that holds it (at least `held_at` for a scale-down, at most
+/// for a scale-up) leaves its window. `None` when nothing holds it.
+pub fn held_until(
+    held_at: i32,
+    how: Stabilized,
+    up_window_seconds: u32,
+    down_window_seconds: u32,
+    state: &ScalingState,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    let (window, holds): (u32, fn(i32, i32) -> bool) = match how {
+        Stabilized::No => return None,
+        Stabilized::ScaleUp => (up_window_seconds, |rec, held| rec <= held),
+        Stabilized::ScaleDown => (down_window_seconds, |rec, held| rec >= held),
+    };
+    let since = cutoff(now, window);
+    let span = jiff::SignedDuration::from_secs(i64::from(window));
+    state
+        .recommendations
+        .iter()
+        .filter(|rec| rec.at > since && holds(rec.replicas, held_at))
+        .map(|rec| rec.at + span)
+        .max()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,5 +251,76 @@ mod tests {
             stabilize(10, 3, 0, 300, &mut state, now),
             (5, Stabilized::ScaleDown)
         );
+        // Held at 5 by the recommendation of 120 s ago: 180 s more.
+        assert_eq!(
+            held_until(5, Stabilized::ScaleDown, 0, 300, &state, now),
+            Some(now + SignedDuration::from_secs(180))
+        );
+    }
+
+    #[test]
+    fn a_hold_lasts_until_its_last_holding_recommendation_leaves_the_window() {
+        let now = Timestamp::UNIX_EPOCH + SignedDuration::from_hours(24);
+        let rec = |replicas, age| Recommendation {
+            replicas,
+            at: ago(now, age),
+        };
+        struct Case {
+            name: &'static str,
+            recs: Vec<Recommendation>,
+            held_at: i32,
+            how: Stabilized,
+            until: Option<i64>,
+        }
+        let cases = [
+            Case {
+                name: "not held",
+                recs: vec![rec(8, 10)],
+                held_at: 8,
+                how: Stabilized::No,
+                until: None,
+            },
+            Case {
+                name: "scale-down: the newest of the high ones",
+                recs: vec![rec(8, 200), rec(8, 100), rec(2, 50), rec(2, 0)],
+                held_at: 8,
+                how: Stabilized::ScaleDown,
+                until: Some(200),
+            },
+            Case {
+                name: "scale-down: a lower one does not hold",
+                recs: vec![rec(8, 200), rec(6, 100), rec(2, 0)],
+                held_at: 8,
+                how: Stabilized::ScaleDown,
+                until: Some(100),
+            },
+            Case {
+                name: "scale-down: outside the window does not hold",
+                recs: vec![rec(9, 400), rec(8, 290), rec(2, 0)],
+                held_at: 8,
+                how: Stabilized::ScaleDown,
+                until: Some(10),
+            },
+            Case {
+                name: "scale-up: the newest of the low ones",
+                recs: vec![rec(3, 120), rec(4, 60), rec(10, 0)],
+                held_at: 4,
+                how: Stabilized::ScaleUp,
+                until: Some(240),
+            },
+        ];
+        for case in cases {
+            let state = ScalingState {
+                recommendations: case.recs,
+                ..ScalingState::default()
+            };
+            let until = case.until.map(|secs| now + SignedDuration::from_secs(secs));
+            assert_eq!(
+                held_until(case.held_at, case.how, 300, 300, &state, now),
+                until,
+                "{}",
+                case.name
+            );
+        }
     }
 }
