@@ -641,8 +641,11 @@ async fn apply(
     let apply_now =
         report.previous.warmed_generation != generation && (warmed_before || live_by_new);
     let mut redis_trouble = false;
+    let mut sync_events = 0..0;
     let spec = if warmed_before || apply_now {
+        let before = report.events.len();
         let synced = sync_stores(sale, ctx, &urls, apply_now, problems, &mut report).await;
+        sync_events = before..report.events.len();
         redis_trouble = synced.trouble;
         synced.spec
     } else {
@@ -707,12 +710,10 @@ async fn apply(
     ));
 
     let schedule = Schedule::at(&spec, now);
-    // Told first: what warming did happens in the phase it opens.
-    let before = report.events.len();
     report.enter(SalePhase::from(schedule.phase));
-    if report.events.len() > before {
-        report.events.rotate_right(1);
-    }
+    // What warming did is told after the phase it happens in.
+    let warmed: Vec<Event> = report.events.drain(sync_events).collect();
+    report.events.extend(warmed);
 
     let live = matches!(schedule.phase, Phase::Warming | Phase::Active);
     report.next.remaining = Some(report.next.products.iter().map(|p| p.remaining).sum());
