@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod keys;
 pub mod lag;
 pub mod local;
+pub mod metric_catalog;
 pub mod order;
 pub mod payment_timeout;
 pub mod push_bench;
