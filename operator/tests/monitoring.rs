@@ -12,6 +12,8 @@
 //! consumer lag, load reports, the scaling algorithm), recorded through the
 //! same `observe_*` calls.
 
+#[path = "monitoring/picture.rs"]
+mod picture;
 #[path = "monitoring/prometheus.rs"]
 mod prometheus;
 
@@ -129,8 +131,8 @@ spec:
   endTime: "{end}"
   warmupSeconds: 0
   products:
-    - {{ sku: tee, stock: 300, price: "19.99", perUserLimit: 1 }}
-    - {{ sku: mug, stock: 100, price: "9.99", perUserLimit: 2 }}
+    - {{ sku: tee, stock: 2500, price: "19.99", perUserLimit: 1 }}
+    - {{ sku: mug, stock: 1500, price: "9.99", perUserLimit: 2 }}
   rateLimits:
     global: {{ requestsPerSecond: 50000, burst: 10000 }}
     perUser: {{ requestsPerSecond: 2, burst: 3 }}
@@ -310,28 +312,23 @@ scrape_configs:
 
 impl Rig {
     /// `flashsale crowd` against the gateway: accepted, sold out, limit
-    /// reached and rate-limited answers.
-    fn crowd(&self) -> anyhow::Result<()> {
-        let mut crowd = Process::spawn(
-            "crowd",
-            Command::new(&self.bin)
-                .arg("crowd")
-                .args(["--gateways", &self.gateway_http.to_string()])
-                .args(["--sale", SALE, "--skus", "tee,mug"])
-                .args(["--users", "300", "--requests", "3000", "--connections", "8"])
-                .args(["--max-seconds", "20", "--retry-fraction", "0.1"])
-                .env("TOKEN_SECRET", SECRET),
-            self.dir.path(),
-        )?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = crowd.child.try_wait()? {
-                ensure!(status.success(), "crowd failed:\n{}", crowd.log());
-                return Ok(());
-            }
-            ensure!(Instant::now() < deadline, "crowd did not finish in 60 s");
-            std::thread::sleep(Duration::from_millis(100));
+    /// reached and rate-limited answers. `paced`: about a minute at a steady
+    /// rate (for the picture), else as fast as answered.
+    fn crowd(&self, paced: bool) -> anyhow::Result<Process> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("crowd")
+            .args(["--gateways", &self.gateway_http.to_string()])
+            .args(["--sale", SALE, "--skus", "tee,mug"])
+            .args(["--connections", "8", "--retry-fraction", "0.1"])
+            .env("TOKEN_SECRET", SECRET);
+        if paced {
+            cmd.args(["--users", "2000", "--requests", "6000", "--rate", "100"])
+                .args(["--max-seconds", "70"]);
+        } else {
+            cmd.args(["--users", "300", "--requests", "3000"])
+                .args(["--max-seconds", "20"]);
         }
+        Process::spawn("crowd", &mut cmd, self.dir.path())
     }
 
     /// One round of what the operator does for the sale: the reconciler's
@@ -649,13 +646,21 @@ async fn exercise_and_check(rig: &Rig) -> anyhow::Result<()> {
         gateway: ScalingState::default(),
         consumer: ScalingState::default(),
     };
+    let picture = std::env::var_os("FLASHSALE_DASHBOARD_SVG").map(|p| workspace().join(p));
     rig.operator_round(&mut conn, &mut scaler).await?;
-    tokio::task::block_in_place(|| rig.crowd())?;
-    // A few scrapes after the crowd, with the operator following along, so
-    // rate() over 1m has points on both sides.
-    for _ in 0..4 {
+    // The operator follows along every second while the crowd buys, and for
+    // a few scrapes after it, so rate() over 1m has points on both sides.
+    let mut crowd = rig.crowd(picture.is_some())?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut after = 0;
+    while after < 4 {
         rig.operator_round(&mut conn, &mut scaler).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(status) = crowd.child.try_wait()? {
+            ensure!(status.success(), "crowd failed:\n{}", crowd.log());
+            after += 1;
+        }
+        ensure!(Instant::now() < deadline, "crowd did not finish in 90 s");
     }
 
     // What the binaries export, from their own endpoints.
@@ -802,6 +807,13 @@ async fn exercise_and_check(rig: &Rig) -> anyhow::Result<()> {
         undocumented.is_empty(),
         "not in docs/operations.md: {undocumented:?}"
     );
+
+    if let Some(path) = picture {
+        let board: Value = serde_json::from_str(&chart_file("dashboards/sale.json")?)?;
+        let substitute = |e: &str| substitute(e).replace("[1m]", "[10s]");
+        picture::draw(&rig.prometheus, &board, substitute, 90, 2, &path).await?;
+        eprintln!("sale dashboard drawn to {}", path.display());
+    }
     Ok(())
 }
 

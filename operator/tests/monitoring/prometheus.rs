@@ -110,6 +110,29 @@ impl Prometheus {
     pub async fn query(&self, promql: &str) -> anyhow::Result<Value> {
         self.api("query", &[("query", promql)]).await
     }
+
+    /// A range query over the last `seconds`, one point per `step` seconds.
+    pub async fn query_range(
+        &self,
+        promql: &str,
+        seconds: i64,
+        step: u32,
+    ) -> anyhow::Result<Value> {
+        let end = jiff::Timestamp::now().as_second();
+        let start = (end - seconds).to_string();
+        let end = end.to_string();
+        let step = step.to_string();
+        self.api(
+            "query_range",
+            &[
+                ("query", promql),
+                ("start", &start),
+                ("end", &end),
+                ("step", &step),
+            ],
+        )
+        .await
+    }
 }
 
 impl Drop for Prometheus {
