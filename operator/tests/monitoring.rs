@@ -52,35 +52,62 @@ fn chart_file(path: &str) -> anyhow::Result<String> {
 }
 
 /// The data plane's binary belongs to another package, so Cargo gives this
-/// test no `CARGO_BIN_EXE_flashsale`: build it (up to date already after
-/// `cargo test --workspace`) and take the path Cargo reports.
+/// test no `CARGO_BIN_EXE_flashsale`. Ask Cargo for it the way `cargo test
+/// --workspace` builds it (same feature unification, so under that command
+/// this is a no-op check) and take the path it reports.
 fn flashsale_binary() -> anyhow::Result<PathBuf> {
-    let out = Command::new(env!("CARGO"))
+    let mut cargo = Command::new(env!("CARGO"));
+    // Cargo gives this test process the package's CARGO_PKG_*, CARGO_MANIFEST_*
+    // and the like; build scripts that track those (ring's) would see them
+    // change and rebuild. Keep only the user's own Cargo settings.
+    const USER: [&str; 10] = [
+        "CARGO_HOME",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_",
+        "CARGO_PROFILE_",
+        "CARGO_INCREMENTAL",
+        "CARGO_NET_",
+        "CARGO_TERM_",
+        "CARGO_HTTP_",
+        "CARGO_REGISTRIES_",
+        "CARGO_REGISTRY_",
+    ];
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_") && !USER.iter().any(|u| key.starts_with(u)) {
+            cargo.env_remove(key.as_ref());
+        }
+    }
+    let out = cargo
         .current_dir(workspace())
         .args([
-            "build",
-            "-p",
-            "flashsale-dataplane",
-            "--bin",
-            "flashsale",
+            "test",
+            "--workspace",
+            "--no-run",
             "--message-format=json-render-diagnostics",
         ])
         .stderr(Stdio::inherit())
         .output()
-        .context("run cargo build for the flashsale binary")?;
-    ensure!(out.status.success(), "cargo build of flashsale failed");
+        .context("run cargo for the flashsale binary")?;
+    ensure!(out.status.success(), "cargo test --no-run failed");
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<Value>(line) else {
             continue;
         };
+        let is_bin = msg["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "bin"));
+        // Not the bin's own unit-test harness, which shares its name.
         if msg["reason"] == "compiler-artifact"
+            && is_bin
+            && msg["profile"]["test"] == false
             && msg["target"]["name"] == "flashsale"
             && let Some(exe) = msg["executable"].as_str()
         {
             return Ok(PathBuf::from(exe));
         }
     }
-    bail!("cargo build reported no flashsale executable")
+    bail!("cargo reported no flashsale executable")
 }
 
 /// A child process killed on drop; its output goes to a log file.
