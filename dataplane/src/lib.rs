@@ -16,6 +16,7 @@ pub mod keys;
 pub mod lag;
 pub mod live;
 pub mod local;
+pub mod metric_catalog;
 pub mod order;
 pub mod payment_timeout;
 pub mod push_bench;

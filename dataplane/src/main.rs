@@ -792,7 +792,7 @@ async fn consumer_admin(
 ) {
     use axum::http::StatusCode;
     use axum::routing::get;
-    dataplane::telemetry::prometheus();
+    dataplane::metric_catalog::register(dataplane::metric_catalog::CONSUMER);
     let app = axum::Router::new()
         .route("/metrics", get(dataplane::telemetry::metrics_response))
         .route("/healthz", get(|| async { "ok" }))

@@ -148,10 +148,32 @@ impl Sweeper {
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "payment timeout sweep failed; retrying next tick"),
                 }
+                if let Err(e) = self.observe_outbox().await {
+                    tracing::debug!(error = %e, "outbox rows not counted");
+                }
             }
         }
         .instrument(span)
         .await;
+    }
+
+    /// Exports how many outbox rows wait to be applied and the oldest one's
+    /// age: rows that stay are stock that never comes back on sale.
+    async fn observe_outbox(&self) -> Result<(), SweepError> {
+        let client = self.store.pool().get().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*),
+                        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
+                 FROM flashsale_outbox WHERE sale = $1 AND applied_at IS NULL",
+                &[&self.sale.key()],
+            )
+            .await?;
+        let unapplied: i64 = row.try_get(0)?;
+        let oldest: f64 = row.try_get(1)?;
+        metrics::gauge!("flashsale_payment_outbox_unapplied").set(unapplied as f64);
+        metrics::gauge!("flashsale_payment_outbox_oldest_unapplied_seconds").set(oldest);
+        Ok(())
     }
 
     /// Applies abandoned outbox rows, then cancels every due order, a batch

@@ -118,6 +118,8 @@ async fn run(
     });
 
     if args.no_leader_election {
+        // The only replica leads: the no-leader alert must not fire.
+        metrics.leader.set(1);
         return lead(ctx, stop).await;
     }
     let lease = LeaseSettings {

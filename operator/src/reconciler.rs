@@ -189,6 +189,12 @@ pub async fn reconcile(sale: Arc<FlashSale>, ctx: Arc<Context>) -> Result<Action
     let result = reconcile_sale(&sale, &ctx).instrument(span.clone()).await;
     ctx.metrics
         .observe(started.elapsed(), result.as_ref().err().map(Error::kind));
+    if sale.metadata.deletion_timestamp.is_some() {
+        // A sale being deleted is not live: its gauges would only go stale.
+        ctx.metrics
+            .sales
+            .forget_sale(&sale.namespace().unwrap_or_default(), &sale.name_any());
+    }
     if let Err(e) = &result {
         span.in_scope(|| warn!(error = %e, "reconcile failed"));
     }
@@ -420,6 +426,8 @@ impl<'a> Report<'a> {
                 .await
                 .map_err(kube_err("patch status of", name.clone()))?;
         }
+        let ns = self.sale.namespace().unwrap_or_default();
+        ctx.metrics.sales.observe_status(&ns, &name, &self.next);
         let reference = self.sale.object_ref(&());
         for event in &self.events {
             // An event that cannot be published is not worth failing the reconcile.

@@ -501,6 +501,14 @@ async fn a_missing_secret_is_reported_and_creates_nothing() -> anyhow::Result<()
         finish(task).await?,
         Action::requeue(Duration::from_secs(30))
     );
+    // What the FlashSaleNotReady alert and the sale dashboard read.
+    let metrics = ctx.metrics.render()?;
+    for line in [
+        r#"flashsale_operator_sale_ready{namespace="shop",sale="singles-day"} 0"#,
+        r#"flashsale_operator_sale_phase{namespace="shop",sale="singles-day",phase="Failed"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
     Ok(())
 }
 
@@ -825,6 +833,14 @@ async fn deletion_stops_the_data_plane_then_clears_redis_and_releases() -> anyho
     });
     sale.metadata.deletion_timestamp = Some(Time(now));
     let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
+    ctx.metrics.sales.observe_status(
+        "shop",
+        "singles-day",
+        &FlashSaleStatus {
+            phase: Some(SalePhase::Active),
+            ..Default::default()
+        },
+    );
     let deployments = "/apis/apps/v1/namespaces/shop/deployments";
     let foreground = json!({"propagationPolicy": "Foreground"});
 
@@ -917,6 +933,9 @@ async fn deletion_stops_the_data_plane_then_clears_redis_and_releases() -> anyho
 
     let left: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await?;
     assert_eq!(left, Vec::<String>::new());
+    // A deleted sale leaves no series behind.
+    let metrics = ctx.metrics.render()?;
+    assert!(!metrics.contains(r#"sale="singles-day""#), "{metrics}");
     Ok(())
 }
 
