@@ -126,6 +126,12 @@ pub const GATEWAY: &[Metric] = &[
             ("repeat", &["no", "yes"]),
         ],
     ),
+    metric(
+        "flashsale_spec_version",
+        Gauge,
+        "Version of the sale's applied spec this process runs on (live settings; 0 until the first is read)",
+        &[],
+    ),
 ];
 
 /// What a consumer exports (its payment timeout sweeper included).
@@ -176,6 +182,24 @@ pub const CONSUMER: &[Metric] = &[
         "flashsale_payment_outbox_oldest_unapplied_seconds",
         Gauge,
         "Age of the oldest unapplied outbox row (0: none)",
+        &[],
+    ),
+    metric(
+        "flashsale_consumer_stock_behind_total",
+        Counter,
+        "Orders the inventory refused while PostgreSQL's stock was below Redis' (a stock raise still on its way); they wait, never fail",
+        &[],
+    ),
+    metric(
+        "flashsale_consumer_oversell_refusals_total",
+        Counter,
+        "Orders the inventory refused with no newer stock covering them: an oversell alarm",
+        &[],
+    ),
+    metric(
+        "flashsale_spec_version",
+        Gauge,
+        "Version of the sale's applied spec this process runs on (live settings; 0 until the first is read)",
         &[],
     ),
     PUBLISHED,
