@@ -1,6 +1,7 @@
 //! The audit: after a run, read Redis and PostgreSQL directly and check the
 //! three promises — nothing oversold, nobody over their limit, every 202 an
-//! order row (or an explicit failure), Redis and the database in agreement.
+//! order row (or an explicit failure), Redis and the database in agreement,
+//! down to the status counters.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -8,12 +9,12 @@ use std::time::{Duration, Instant};
 use redis::aio::ConnectionLike;
 use serde::Serialize;
 
+use crate::counters::{ProductCounters, product_counters};
 use crate::crowd::AcceptedOrder;
 use crate::keys::ProductKeys;
 use crate::order::{OrderRecord, OrderStatus};
 use crate::spec::{SaleId, SaleSpec};
 use crate::store::{OrderStore, StoreError};
-use crate::warm::product_counters;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -32,7 +33,7 @@ pub struct ProductAudit {
     pub stock: i64,
     /// Units still for sale in Redis.
     pub remaining: i64,
-    /// Units held by accepted orders, by Redis (`stock - remaining`).
+    /// Units held by live orders, by Redis (`stock - remaining`).
     pub sold_in_redis: i64,
     /// Order rows in PostgreSQL that count (confirmed or paid).
     pub orders: i64,
@@ -42,6 +43,22 @@ pub struct ProductAudit {
     pub oversold: i64,
     /// `remaining + units == stock`.
     pub consistent: bool,
+    /// The Redis status counters (see `counters`): units persisted
+    /// (confirmed or paid), paid, cancelled and failed.
+    pub persisted: i64,
+    pub paid: i64,
+    pub cancelled: i64,
+    pub failed: i64,
+    /// Units of paid and of cancelled rows in PostgreSQL.
+    pub paid_units: i64,
+    pub cancelled_units: i64,
+    /// The counters match PostgreSQL: `persisted == units`,
+    /// `paid == paid_units`, `cancelled == cancelled_units`.
+    pub counters_agree: bool,
+    /// `flashsale_inventory.stock` (absent when PostgreSQL has no row).
+    pub database_stock: Option<i64>,
+    /// PostgreSQL's stock equals Redis' at rest (a product never sold may lack a row).
+    pub stores_agree: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -72,7 +89,10 @@ impl AuditReport {
             && self.users_over_limit.is_empty()
             && self.lost_orders.is_empty()
             && self.duplicates_found == 0
-            && self.products.iter().all(|p| p.consistent)
+            && self
+                .products
+                .iter()
+                .all(|p| p.consistent && p.counters_agree && p.stores_agree)
     }
 
     /// One line per broken promise, for people.
@@ -86,6 +106,24 @@ impl AuditReport {
                 out.push(format!(
                     "{}: remaining {} + persisted units {} != stock {}",
                     p.sku, p.remaining, p.units, p.stock
+                ));
+            }
+            if !p.stores_agree {
+                out.push(format!(
+                    "{}: stock is {} in Redis but {:?} in PostgreSQL",
+                    p.sku, p.stock, p.database_stock
+                ));
+            }
+            if !p.counters_agree {
+                out.push(format!(
+                    "{}: counters persisted {} / paid {} / cancelled {} != PostgreSQL's {} / {} / {}",
+                    p.sku,
+                    p.persisted,
+                    p.paid,
+                    p.cancelled,
+                    p.units,
+                    p.paid_units,
+                    p.cancelled_units
                 ));
             }
         }
@@ -108,8 +146,9 @@ impl AuditReport {
     }
 }
 
-/// Waits until every accepted order has been persisted or failed: Redis'
-/// sold units equal the database's units for every product. False on timeout.
+/// Waits until every accepted order has been persisted or failed and the
+/// books agree: Redis' sold units and counters equal the database's for
+/// every product. False on timeout.
 pub async fn wait_drained<C: ConnectionLike + Send>(
     conn: &mut C,
     store: &OrderStore,
@@ -119,12 +158,12 @@ pub async fn wait_drained<C: ConnectionLike + Send>(
 ) -> Result<bool, AuditError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let counters = product_counters(conn, sale, spec).await?;
-        let units = units_per_sku(store, sale).await.unwrap_or_default();
-        let drained = counters.iter().flatten().all(|c| {
-            let (_, u) = units.get(&c.sku).copied().unwrap_or((0, 0));
-            c.sold() == u
-        });
+        let drained = match products(conn, store, sale, spec).await {
+            Ok(books) => books.iter().all(|p| p.consistent && p.counters_agree),
+            Err(AuditError::Redis(e)) => return Err(AuditError::Redis(e)),
+            // The database may be restarting; keep waiting.
+            Err(_) => false,
+        };
         if drained {
             return Ok(true);
         }
@@ -135,26 +174,100 @@ pub async fn wait_drained<C: ConnectionLike + Send>(
     }
 }
 
-/// (orders, units) per SKU that count: confirmed or paid.
-async fn units_per_sku(
+/// Units per SKU in PostgreSQL, by order status.
+#[derive(Clone, Copy, Debug, Default)]
+struct Rows {
+    /// Confirmed or paid: the orders that count.
+    orders: i64,
+    units: i64,
+    paid_units: i64,
+    cancelled_units: i64,
+}
+
+async fn rows_per_sku(
     store: &OrderStore,
     sale: &SaleId,
-) -> Result<HashMap<String, (i64, i64)>, AuditError> {
+) -> Result<HashMap<String, Rows>, AuditError> {
     let client = store.pool().get().await.map_err(StoreError::from)?;
     let rows = client
         .query(
-            "SELECT sku, count(*), coalesce(sum(quantity), 0)::bigint FROM flashsale_orders
-             WHERE sale = $1 AND status IN ('confirmed', 'paid') GROUP BY sku",
+            "SELECT sku, status, count(*), coalesce(sum(quantity), 0)::bigint FROM flashsale_orders
+             WHERE sale = $1 GROUP BY sku, status",
             &[&sale.key()],
         )
         .await?;
-    Ok(rows
+    let mut out: HashMap<String, Rows> = HashMap::new();
+    for r in &rows {
+        let e = out.entry(r.get::<_, String>(0)).or_default();
+        let (n, units): (i64, i64) = (r.get(2), r.get(3));
+        match r.get::<_, &str>(1) {
+            "confirmed" => {
+                e.orders += n;
+                e.units += units;
+            }
+            "paid" => {
+                e.orders += n;
+                e.units += units;
+                e.paid_units += units;
+            }
+            "cancelled" => e.cancelled_units += units,
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Each product's books: Redis' stock and counters beside PostgreSQL's rows.
+async fn products<C: ConnectionLike + Send>(
+    conn: &mut C,
+    store: &OrderStore,
+    sale: &SaleId,
+    spec: &SaleSpec,
+) -> Result<Vec<ProductAudit>, AuditError> {
+    let counters = product_counters(conn, sale, spec).await?;
+    let rows = rows_per_sku(store, sale).await?;
+    let inventory = store.inventory(sale).await?;
+    Ok(spec
+        .products
         .iter()
-        .map(|r| {
-            (
-                r.get::<_, String>(0),
-                (r.get::<_, i64>(1), r.get::<_, i64>(2)),
-            )
+        .zip(counters)
+        .map(|(p, c)| {
+            let remaining = c.as_ref().map(|c| c.remaining).unwrap_or(p.stock);
+            let stock = c.as_ref().map(|c| c.stock).unwrap_or(p.stock);
+            let r = rows.get(&p.sku).copied().unwrap_or_default();
+            let count = |f: fn(&ProductCounters) -> i64| c.as_ref().map(f).unwrap_or(0);
+            let (persisted, paid, cancelled) = (
+                count(|c| c.persisted),
+                count(|c| c.paid),
+                count(|c| c.cancelled),
+            );
+            ProductAudit {
+                sku: p.sku.clone(),
+                stock,
+                remaining,
+                sold_in_redis: stock - remaining,
+                orders: r.orders,
+                units: r.units,
+                oversold: (r.units - stock).max(0),
+                consistent: remaining + r.units == stock && remaining >= 0,
+                persisted,
+                paid,
+                cancelled,
+                failed: count(|c| c.failed),
+                paid_units: r.paid_units,
+                cancelled_units: r.cancelled_units,
+                counters_agree: persisted == r.units
+                    && paid == r.paid_units
+                    && cancelled == r.cancelled_units,
+                database_stock: inventory
+                    .iter()
+                    .find(|row| row.sku == p.sku)
+                    .map(|row| row.stock),
+                stores_agree: inventory
+                    .iter()
+                    .find(|row| row.sku == p.sku)
+                    .map_or(stock == remaining, |row| row.stock == stock),
+            }
         })
         .collect())
 }
@@ -169,28 +282,7 @@ pub async fn audit<C: ConnectionLike + Send>(
     answered: &[AcceptedOrder],
     idempotency_violations: u64,
 ) -> Result<AuditReport, AuditError> {
-    let counters = product_counters(conn, sale, spec).await?;
-    let units = units_per_sku(store, sale).await?;
-    let products = spec
-        .products
-        .iter()
-        .zip(counters)
-        .map(|(p, c)| {
-            let remaining = c.as_ref().map(|c| c.remaining).unwrap_or(p.stock);
-            let stock = c.as_ref().map(|c| c.stock).unwrap_or(p.stock);
-            let (orders, units) = units.get(&p.sku).copied().unwrap_or((0, 0));
-            ProductAudit {
-                sku: p.sku.clone(),
-                stock,
-                remaining,
-                sold_in_redis: stock - remaining,
-                orders,
-                units,
-                oversold: (units - stock).max(0),
-                consistent: remaining + units == stock && remaining >= 0,
-            }
-        })
-        .collect();
+    let products = products(conn, store, sale, spec).await?;
 
     let client = store.pool().get().await.map_err(StoreError::from)?;
     let limits: HashMap<&str, i64> = spec

@@ -437,7 +437,7 @@ pub async fn persist(orders: u64, batch_size: usize) -> Result<PersistReport, Be
     let store = OrderStore::connect(&pg.url(), 2)?;
     store.migrate().await?;
     let raw_sale = crate::spec::SaleId::new("bench", "raw");
-    store.sync_inventory(&raw_sale, &doc.spec).await?;
+    store.ensure_inventory(&raw_sale, &doc.spec).await?;
     let client = store
         .pool()
         .get()

@@ -223,7 +223,7 @@ impl Consumer {
 
     async fn prepare(&mut self, doc: &SaleDocument) -> Result<(), ConsumerError> {
         self.store.migrate().await?;
-        self.store.sync_inventory(&self.sale, &doc.spec).await?;
+        self.store.ensure_inventory(&self.sale, &doc.spec).await?;
         for s in &self.streams {
             let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
                 .arg("CREATE")
@@ -252,11 +252,35 @@ impl Consumer {
         use tracing::Instrument;
         let span =
             tracing::info_span!("consumer", sale = %self.sale, consumer = %self.settings.name);
+        // Live settings: the payment timeout follows the sale's applied spec.
+        let timeout = self.sweeper.as_ref().map(|s| s.timeout_seconds());
+        let known: Vec<String> = self.streams.iter().map(|s| s.sku.clone()).collect();
+        let follower = tokio::spawn(
+            crate::live::follow(
+                self.redis.clone(),
+                self.sale.clone(),
+                shutdown.clone(),
+                move |live| {
+                    if let Some(t) = &timeout {
+                        t.store(
+                            live.spec.payment.timeout_seconds,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                    }
+                    let added = crate::live::unknown_products(&known, &live.spec);
+                    if !added.is_empty() {
+                        tracing::warn!(?added, "products added to the sale; new consumer pods read their streams (the operator rolls them)");
+                    }
+                },
+            )
+            .instrument(span.clone()),
+        );
         let sweeper = self
             .sweeper
             .take()
             .map(|s| tokio::spawn(s.run(shutdown.clone()).instrument(span.clone())));
         self.run_loop(shutdown).instrument(span).await;
+        follower.abort();
         if let Some(task) = sweeper {
             let _ = task.await;
         }
@@ -395,7 +419,7 @@ impl Consumer {
             let rows: Vec<OrderRow> = pending.iter().filter_map(|e| e.row.clone()).collect();
             match self.store.persist_batch(&self.sale, &rows).await {
                 Ok(outcome) => {
-                    committed.push(self.finish_pipeline(&pending, &outcome.sold));
+                    committed.push(self.finish_pipeline(&pending));
                     metrics::counter!("flashsale_consumer_orders_persisted_total")
                         .increment(outcome.inserted);
                     metrics::histogram!("flashsale_consumer_batch_duration_seconds")
@@ -423,6 +447,15 @@ impl Consumer {
                     }
                 }
                 Err(e) => {
+                    if e.is_stock_refusal() && self.stock_covers_after_all(&pending[0]).await {
+                        // A newer stock covers this order (or is on its way
+                        // to PostgreSQL): never the order's fault, so never
+                        // counted towards dead-lettering.
+                        if !backoff.wait(shutdown).await {
+                            return Err(e.into());
+                        }
+                        continue;
+                    }
                     let id = pending[0].id.clone();
                     let n = self.data_failures.entry(id.clone()).or_insert(0);
                     *n += 1;
@@ -440,10 +473,65 @@ impl Consumer {
         Ok(())
     }
 
-    /// The Redis half of a committed batch: confirm each order (accepted → confirmed, never over a
-    /// later state), publish persisted counts, then acknowledge; the orders
-    /// that moved are then pushed as `order.confirmed`.
-    fn finish_pipeline(&self, entries: &[Entry], sold: &[(String, i64)]) -> Finish {
+    /// Re-checks the current stock after the database refused one order.
+    /// Redis only sells what PostgreSQL already covers (`stock::apply`), so a
+    /// refusal is an oversell alarm; but if PostgreSQL's stock now has room
+    /// for the order, or Redis' stock is above PostgreSQL's (a stock raise
+    /// applied out of order, still to reach PostgreSQL), a newer stock covers
+    /// it and the order must wait, not fail.
+    async fn stock_covers_after_all(&mut self, entry: &Entry) -> bool {
+        let Some(row) = &entry.row else {
+            return false;
+        };
+        let s = &self.streams[entry.stream];
+        let redis_stock: Result<Option<i64>, _> = redis::cmd("HGET")
+            .arg(s.keys.info())
+            .arg("stock")
+            .query_async(&mut self.redis)
+            .await;
+        let db = self.store.inventory_row(&self.sale, &row.sku).await;
+        match (redis_stock, db) {
+            (Ok(redis_stock), Ok(Some(db))) => {
+                let room = db.stock - db.sold >= i64::from(row.quantity);
+                let behind = redis_stock.is_some_and(|r| r > db.stock);
+                if behind {
+                    metrics::counter!("flashsale_consumer_stock_behind_total").increment(1);
+                    tracing::error!(
+                        sku = %row.sku,
+                        redis_stock = ?redis_stock,
+                        database_stock = db.stock,
+                        "PostgreSQL's stock is below Redis'; the order waits for the stock change to reach PostgreSQL"
+                    );
+                } else if !room {
+                    metrics::counter!("flashsale_consumer_oversell_refusals_total").increment(1);
+                    tracing::error!(
+                        sku = %row.sku,
+                        order = %row.order_id,
+                        database_stock = db.stock,
+                        database_sold = db.sold,
+                        "oversell alarm: the database refused an order Redis accepted, and no newer stock covers it"
+                    );
+                }
+                room || behind
+            }
+            // Cannot tell now: treat as transient, look again after the backoff.
+            (Err(e), _) => {
+                tracing::warn!(error = %e, "cannot re-check the stock in Redis");
+                true
+            }
+            (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot re-check the stock in PostgreSQL");
+                true
+            }
+            (Ok(_), Ok(None)) => false,
+        }
+    }
+
+    /// The Redis half of a committed batch: confirm each order (accepted →
+    /// confirmed, never over a later state; the script counts the units as
+    /// persisted), then acknowledge; the orders that moved are then pushed as
+    /// `order.confirmed`.
+    fn finish_pipeline(&self, entries: &[Entry]) -> Finish {
         let mut pipe = redis::pipe();
         let mut confirming: Vec<Vec<(String, String, String)>> = Vec::new();
         pipe.load_script(&scripts::TRANSITION).ignore();
@@ -469,6 +557,7 @@ impl Consumer {
                 );
                 let mut inv = scripts::TRANSITION.prepare_invoke();
                 inv.key(s.keys.orders())
+                    .key(s.keys.info())
                     .arg(OrderStatus::Confirmed.as_str())
                     .arg(OrderStatus::Accepted.as_str())
                     .arg(ids);
@@ -478,15 +567,6 @@ impl Consumer {
         // Not ignored: each answers the statuses its orders had before.
         for inv in &invocations {
             pipe.invoke_script(inv);
-        }
-        for (sku, units) in sold {
-            if let Some(s) = self.streams.iter().find(|s| &s.sku == sku) {
-                pipe.cmd("HSET")
-                    .arg(s.keys.info())
-                    .arg("persisted")
-                    .arg(units)
-                    .ignore();
-            }
         }
         for (i, s) in self.streams.iter().enumerate() {
             let ids: Vec<&str> = entries
@@ -530,6 +610,7 @@ impl Consumer {
             inv.key(s.keys.orders())
                 .key(s.keys.stock())
                 .key(s.keys.buyers())
+                .key(s.keys.info())
                 .arg(id)
                 .arg(OrderStatus::Failed.as_str())
                 .arg(reason);

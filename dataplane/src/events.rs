@@ -29,7 +29,9 @@ pub struct OrderEvent {
     pub status: OrderStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// Unix milliseconds when the event was produced.
+    /// When the order entered this status, Unix milliseconds: live events
+    /// are stamped by their publisher right after the change; snapshot events
+    /// carry the time stored with the order (Redis clock).
     pub at: i64,
     /// True when the event comes from the snapshot sent on (re)connect
     /// rather than live.

@@ -23,7 +23,9 @@ impl ProductKeys {
         format!("{}:{suffix}", self.base)
     }
 
-    /// Hash: `stock` (total), `price`, `limit`, `start_ms`, `end_ms`.
+    /// Hash: `stock` (total), `price`, `limit`, `start_ms`, `end_ms`, and the
+    /// status counters `persisted`, `paid`, `cancelled`, `failed` (units,
+    /// moved by `counters.lua`; see `counters`).
     pub fn info(&self) -> String {
         self.key("info")
     }
@@ -101,7 +103,7 @@ impl SaleKeys {
         format!("{}:{suffix}", self.base)
     }
 
-    /// Hash: `skus` (comma-separated), `warmed_at`.
+    /// Hash: `skus` (comma-separated), `warmed_at_ms`.
     pub fn meta(&self) -> String {
         self.key("meta")
     }

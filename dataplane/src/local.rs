@@ -96,6 +96,8 @@ pub enum LocalError {
     Audit(#[from] crate::audit::AuditError),
     #[error("order store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("warming the sale: {0}")]
+    Apply(#[from] crate::stock::ApplyError),
     #[error("the sale window moved to now is invalid: {0}")]
     Window(String),
 }
@@ -145,10 +147,11 @@ pub async fn run(opts: LocalOptions) -> Result<LocalReport, LocalError> {
     let store = OrderStore::connect(&database_url, 4)?;
     store.migrate().await?;
     clear_orders(&store, &sale).await?;
-    let warmed = crate::warm::warm_sale(&mut conn, &sale, &doc.spec).await?;
+    let warmed =
+        crate::stock::apply(&mut conn, &store, &sale, &doc.spec, jiff::Timestamp::now()).await?;
     eprintln!(
-        "warmed {} products into Redis for sale {sale}",
-        warmed.len()
+        "warmed {} products into PostgreSQL and Redis for sale {sale}",
+        warmed.products.len()
     );
 
     let secret: Vec<u8> = b"local-sale-secret".to_vec();
@@ -268,7 +271,7 @@ fn build_report(
         lost_orders: a.lost_orders.len() as u64,
         failed_orders: a.failed_orders,
         users_over_limit: a.users_over_limit.len() as u64,
-        consistent: a.products.iter().all(|p| p.consistent),
+        consistent: a.products.iter().all(|p| p.consistent && p.counters_agree),
         drained,
         requests: r.sent + r.retries,
         throughput_rps: r.throughput_rps(),

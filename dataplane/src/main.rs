@@ -47,10 +47,15 @@ enum Command {
     /// Print a signed payment callback as a curl command, as the payment
     /// provider would send it (signed with PAYMENT_PRIVATE_KEY).
     SignCallback(SignCallbackArgs),
-    /// Print a fresh Ed25519 key pair for payment callbacks (base64).
+    /// Print a user's order events from a gateway's WebSocket (`/v1/ws`), one
+    /// JSON line each, as the shop's app would receive them.
+    Watch(WatchArgs),
+    /// Print a fresh Ed25519 key pair for payment callbacks (base64), as
+    /// `export PAYMENT_PRIVATE_KEY=…` and `export PAYMENT_PUBLIC_KEY=…` lines.
     PaymentKeygen,
-    /// Start a throwaway Redis (AOF on) and PostgreSQL, print their URLs, and
-    /// keep them until Ctrl-C (for the README tour and manual testing).
+    /// Start a throwaway Redis (AOF on) and PostgreSQL, print their URLs as an
+    /// `export` line, and keep them until this process gets Ctrl-C or SIGTERM
+    /// (for the README tour and manual testing).
     Servers,
     /// Measure side by side on this machine and print figures (and JSON).
     Bench(BenchArgs),
@@ -212,6 +217,19 @@ struct SignCallbackArgs {
 }
 
 #[derive(Args)]
+struct WatchArgs {
+    /// The user's token (`flashsale token --user …`).
+    #[arg(long)]
+    token: String,
+    /// The gateway's base WebSocket URL.
+    #[arg(long, default_value = "ws://127.0.0.1:8080")]
+    gateway: String,
+    /// Stop after this many seconds (default: when the socket closes, or on Ctrl-C).
+    #[arg(long)]
+    seconds: Option<f64>,
+}
+
+#[derive(Args)]
 struct CrowdArgs {
     /// Gateway addresses, comma-separated (host:port).
     #[arg(long, value_delimiter = ',', required = true)]
@@ -260,12 +278,20 @@ struct AuditArgs {
     sale: SaleConfigArgs,
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
+    /// First wait up to this long for orders in flight to settle (persisted,
+    /// counted), so an audit right after a crowd sees the books at rest.
+    #[arg(long, default_value_t = 10.0)]
+    wait_seconds: f64,
 }
 
 #[derive(Args)]
 struct WarmArgs {
     #[command(flatten)]
     sale: SaleConfigArgs,
+    /// PostgreSQL, whose inventory must cover every unit Redis can sell: a
+    /// raise goes there first, a cut after Redis.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
 }
 
 #[derive(Args)]
@@ -393,6 +419,15 @@ async fn run(command: Command) -> Result<ExitCode> {
             let client = redis::Client::open(a.sale.redis_url.as_str())?;
             let mut conn = client.get_connection_manager().await?;
             let store = dataplane::store::OrderStore::connect(&a.database_url, 2)?;
+            let wait = Duration::from_secs_f64(a.wait_seconds.max(0.0));
+            if !dataplane::audit::wait_drained(&mut conn, &store, &doc.id(), &doc.spec, wait)
+                .await?
+            {
+                eprintln!(
+                    "warning: the books did not settle within {:.0} s; auditing anyway",
+                    wait.as_secs_f64()
+                );
+            }
             let report =
                 dataplane::audit::audit(&mut conn, &store, &doc.id(), &doc.spec, &[], 0).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -406,13 +441,39 @@ async fn run(command: Command) -> Result<ExitCode> {
             let doc = load(&a.sale.config)?;
             let client = redis::Client::open(a.sale.redis_url.as_str())?;
             let mut conn = client.get_connection_manager().await?;
-            for p in dataplane::warm::warm_sale(&mut conn, &doc.id(), &doc.spec).await? {
-                println!(
-                    "{}: {:?}, remaining {}, sold {}",
-                    p.sku, p.outcome, p.remaining, p.sold
-                );
+            let store = dataplane::store::OrderStore::connect(&a.database_url, 2)?;
+            store.migrate().await?;
+            let now = jiff::Timestamp::now();
+            match dataplane::stock::apply(&mut conn, &store, &doc.id(), &doc.spec, now).await {
+                Ok(applied) => {
+                    for (p, s) in applied.products.iter().zip(&applied.stock) {
+                        println!(
+                            "{}: {:?}, remaining {}, sold {}, stock in Redis {}, in PostgreSQL {}",
+                            p.sku,
+                            p.outcome,
+                            p.remaining,
+                            p.sold,
+                            s.redis,
+                            s.database.map_or("-".to_string(), |n| n.to_string())
+                        );
+                    }
+                    if applied.spec_changed {
+                        println!(
+                            "running gateways and consumers take settings version {} within a second",
+                            applied.spec_version
+                        );
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(dataplane::stock::ApplyError::Refused(problems)) => {
+                    for p in problems {
+                        eprintln!("refused ({}): {}", p.reason, p.message);
+                    }
+                    eprintln!("nothing changed; the running sale keeps its settings");
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => Err(e.into()),
             }
-            Ok(ExitCode::SUCCESS)
         }
         Command::Token(a) => {
             println!(
@@ -429,7 +490,10 @@ async fn run(command: Command) -> Result<ExitCode> {
                 })?;
             let pg = dataplane::servers::PostgresServer::start()?;
             println!("export REDIS_URL={} DATABASE_URL={}", redis.url(), pg.url());
-            println!("# Redis and PostgreSQL are up; Ctrl-C stops and removes them.");
+            println!(
+                "# Redis and PostgreSQL are up; stopping this process (Ctrl-C, or kill {}) stops and removes them.",
+                std::process::id()
+            );
             shutdown_on_signal().cancelled().await;
             Ok(ExitCode::SUCCESS)
         }
@@ -449,15 +513,17 @@ async fn run(command: Command) -> Result<ExitCode> {
             }))?;
             let signature = payment::sign(&key, body.as_bytes());
             println!(
-                "curl -sS -X POST {}/v1/payments/callback -H 'content-type: application/json' -H 'X-Signature: {signature}' -d '{body}'",
+                "curl -sS --fail-with-body -w '\\n' -X POST {}/v1/payments/callback -H 'content-type: application/json' -H 'X-Signature: {signature}' -d '{body}'",
                 a.gateway.trim_end_matches('/')
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Watch(a) => watch(a).await,
         Command::PaymentKeygen => {
             let (private, public) = dataplane::gateway::payment::keygen();
-            println!("PAYMENT_PRIVATE_KEY={private}");
-            println!("PAYMENT_PUBLIC_KEY={public}");
+            // Shell lines, so `eval "$(flashsale payment-keygen)"` sets both.
+            println!("export PAYMENT_PRIVATE_KEY={private}");
+            println!("export PAYMENT_PUBLIC_KEY={public}");
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -633,6 +699,53 @@ async fn crowd(a: CrowdArgs) -> Result<ExitCode> {
     })
 }
 
+/// Prints the text frames of a user's WebSocket until it closes, the
+/// deadline passes or a signal comes.
+async fn watch(a: WatchArgs) -> Result<ExitCode> {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("{}/v1/ws", a.gateway.trim_end_matches('/'));
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .with_context(|| format!("--gateway {url}"))?;
+    request.headers_mut().insert(
+        axum::http::header::AUTHORIZATION,
+        format!("Bearer {}", a.token)
+            .parse()
+            .context("--token is not a header value")?,
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let shutdown = shutdown_on_signal();
+    let deadline = a
+        .seconds
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    loop {
+        let until = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let frame = tokio::select! {
+            f = socket.next() => f,
+            _ = until => break,
+            _ = shutdown.cancelled() => break,
+        };
+        match frame {
+            Some(Ok(Message::Text(text))) => println!("{}", text.as_str()),
+            Some(Ok(Message::Close(_))) | None => break,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => bail!("the socket failed: {e}"),
+        }
+    }
+    let _ = socket.close(None).await;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Waits for the backlog to drain, then audits the sale against the 202s seen.
 async fn audit_crowd(
     path: &std::path::Path,
@@ -679,7 +792,7 @@ async fn consumer_admin(
 ) {
     use axum::http::StatusCode;
     use axum::routing::get;
-    dataplane::telemetry::prometheus();
+    dataplane::metric_catalog::register(dataplane::metric_catalog::CONSUMER);
     let app = axum::Router::new()
         .route("/metrics", get(dataplane::telemetry::metrics_response))
         .route("/healthz", get(|| async { "ok" }))

@@ -39,6 +39,18 @@ pub struct OrderRecord {
     pub status: OrderStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// When the order entered its current status, Unix milliseconds (Redis
+    /// clock), stamped by the script that moved it; absent while `accepted`
+    /// (then it is `at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_at: Option<i64>,
+}
+
+impl OrderRecord {
+    /// When the order entered its current status.
+    pub fn status_since(&self) -> i64 {
+        self.status_at.unwrap_or(self.at)
+    }
 }
 
 /// Order ids are `<sku>.<ulid>`: unique without coordination, sortable by time,

@@ -11,6 +11,8 @@
 //! marked applied. A crash between commit and apply leaves the rows
 //! unapplied; the next sweep of any consumer applies them.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -89,7 +91,8 @@ struct Release {
 pub struct Sweeper {
     sale: SaleId,
     products: Vec<(String, ProductKeys)>,
-    timeout: Duration,
+    /// `payment.timeoutSeconds`, which follows the sale's live spec.
+    timeout_seconds: Arc<AtomicU32>,
     store: OrderStore,
     redis: ConnectionManager,
     publisher: Publisher,
@@ -111,13 +114,19 @@ impl Sweeper {
                 .iter()
                 .map(|p| (p.sku.clone(), ProductKeys::new(&sale, &p.sku)))
                 .collect(),
-            timeout: Duration::from_secs(u64::from(doc.spec.payment.timeout_seconds)),
+            timeout_seconds: Arc::new(AtomicU32::new(doc.spec.payment.timeout_seconds)),
             publisher: Publisher::new(&sale),
             sale,
             store,
             redis,
             settings,
         }
+    }
+
+    /// The payment timeout in force; storing into it applies a new one from
+    /// the next sweep on (a live spec change).
+    pub fn timeout_seconds(&self) -> Arc<AtomicU32> {
+        Arc::clone(&self.timeout_seconds)
     }
 
     /// Sweeps every `settings.every` until shutdown.
@@ -139,10 +148,32 @@ impl Sweeper {
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "payment timeout sweep failed; retrying next tick"),
                 }
+                if let Err(e) = self.observe_outbox().await {
+                    tracing::debug!(error = %e, "outbox rows not counted");
+                }
             }
         }
         .instrument(span)
         .await;
+    }
+
+    /// Exports how many outbox rows wait to be applied and the oldest one's
+    /// age: rows that stay are stock that never comes back on sale.
+    async fn observe_outbox(&self) -> Result<(), SweepError> {
+        let client = self.store.pool().get().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*),
+                        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
+                 FROM flashsale_outbox WHERE sale = $1 AND applied_at IS NULL",
+                &[&self.sale.key()],
+            )
+            .await?;
+        let unapplied: i64 = row.try_get(0)?;
+        let oldest: f64 = row.try_get(1)?;
+        metrics::gauge!("flashsale_payment_outbox_unapplied").set(unapplied as f64);
+        metrics::gauge!("flashsale_payment_outbox_oldest_unapplied_seconds").set(oldest);
+        Ok(())
     }
 
     /// Applies abandoned outbox rows, then cancels every due order, a batch
@@ -206,7 +237,7 @@ impl Sweeper {
                 &[
                     &self.sale.key(),
                     &sku,
-                    &self.timeout.as_secs_f64(),
+                    &f64::from(self.timeout_seconds.load(Ordering::Relaxed)),
                     &self.settings.batch,
                 ],
             )
@@ -290,6 +321,7 @@ impl Sweeper {
                 inv.key(keys.orders())
                     .key(keys.stock())
                     .key(keys.buyers())
+                    .key(keys.info())
                     .arg(&r.order_id)
                     .arg(OrderStatus::Cancelled.as_str())
                     .arg(REASON);

@@ -44,36 +44,78 @@ fn quota(limit: RateLimit, share: u32) -> Option<Quota> {
     Some(Quota::per_second(rate).allow_burst(burst))
 }
 
+/// The buckets of one set of limits. Each is shared, so a change of one
+/// limit (or of the gateway count) rebuilds that bucket alone.
+#[derive(Clone)]
+struct Buckets {
+    limits: RateLimits,
+    global: Option<Arc<DefaultDirectRateLimiter>>,
+    user: Option<Arc<DefaultKeyedRateLimiter<String>>>,
+    ip: Option<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
+}
+
+fn global_bucket(limits: &RateLimits, gateways: u32) -> Option<Arc<DefaultDirectRateLimiter>> {
+    limits
+        .global
+        .and_then(|l| quota(l, gateways))
+        .map(|q| Arc::new(RateLimiter::direct(q)))
+}
+
+fn keyed_bucket<K: Clone + Eq + std::hash::Hash>(
+    limit: Option<RateLimit>,
+) -> Option<Arc<DefaultKeyedRateLimiter<K>>> {
+    limit
+        .and_then(|l| quota(l, 1))
+        .map(|q| Arc::new(RateLimiter::keyed(q)))
+}
+
 pub struct RateLimiters {
-    global_limit: Option<RateLimit>,
-    global: ArcSwap<Option<DefaultDirectRateLimiter>>,
+    buckets: ArcSwap<Buckets>,
     gateways: std::sync::atomic::AtomicU32,
-    user: Option<DefaultKeyedRateLimiter<String>>,
-    ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
     clock: DefaultClock,
 }
 
 impl RateLimiters {
     pub fn new(limits: &RateLimits) -> Self {
         Self {
-            global_limit: limits.global,
-            global: ArcSwap::from_pointee(
-                limits
-                    .global
-                    .and_then(|l| quota(l, 1))
-                    .map(RateLimiter::direct),
-            ),
+            buckets: ArcSwap::from_pointee(Buckets {
+                limits: limits.clone(),
+                global: global_bucket(limits, 1),
+                user: keyed_bucket(limits.per_user),
+                ip: keyed_bucket(limits.per_ip),
+            }),
             gateways: std::sync::atomic::AtomicU32::new(1),
-            user: limits
-                .per_user
-                .and_then(|l| quota(l, 1))
-                .map(RateLimiter::keyed),
-            ip: limits
-                .per_ip
-                .and_then(|l| quota(l, 1))
-                .map(RateLimiter::keyed),
             clock: DefaultClock::default(),
         }
+    }
+
+    /// Takes the sale's new limits (a live spec change): a changed limit gets
+    /// a fresh bucket, an unchanged one keeps its state. Returns whether
+    /// anything changed.
+    pub fn reconfigure(&self, limits: &RateLimits) -> bool {
+        let gateways = self.gateway_count();
+        let mut changed = false;
+        self.buckets.rcu(|b| {
+            let mut next = Buckets::clone(b);
+            if b.limits.global != limits.global {
+                next.global = global_bucket(limits, gateways);
+            }
+            if b.limits.per_user != limits.per_user {
+                next.user = keyed_bucket(limits.per_user);
+            }
+            if b.limits.per_ip != limits.per_ip {
+                next.ip = keyed_bucket(limits.per_ip);
+            }
+            changed = b.limits != *limits;
+            next.limits = limits.clone();
+            next
+        });
+        changed
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> RateLimits {
+        self.buckets.load().limits.clone()
     }
 
     /// Re-splits the global budget when the number of live gateways changes.
@@ -83,11 +125,11 @@ impl RateLimiters {
             .gateways
             .swap(gateways, std::sync::atomic::Ordering::Relaxed);
         if previous != gateways {
-            let limiter = self
-                .global_limit
-                .and_then(|l| quota(l, gateways))
-                .map(RateLimiter::direct);
-            self.global.store(Arc::new(limiter));
+            self.buckets.rcu(|b| {
+                let mut next = Buckets::clone(b);
+                next.global = global_bucket(&b.limits, gateways);
+                next
+            });
         }
     }
 
@@ -103,17 +145,18 @@ impl RateLimiters {
             scope,
             retry_after: wait,
         };
-        if let Some(l) = &self.ip {
+        let b = self.buckets.load();
+        if let Some(l) = &b.ip {
             l.check_key(&ip)
                 .map_err(|n| limited(Scope::Ip, n.wait_time_from(now)))?;
         }
-        if let Some(l) = &self.user {
+        if let Some(l) = &b.user {
             // Keyed by an owned String: a lookup allocates, which is cheaper
             // than the Redis round trip it may save.
             l.check_key(&user.to_string())
                 .map_err(|n| limited(Scope::User, n.wait_time_from(now)))?;
         }
-        if let Some(l) = self.global.load().as_ref() {
+        if let Some(l) = &b.global {
             l.check()
                 .map_err(|n| limited(Scope::Global, n.wait_time_from(now)))?;
         }
@@ -122,11 +165,12 @@ impl RateLimiters {
 
     /// Forgets idle keys so the per-user and per-IP maps do not grow forever.
     pub fn housekeeping(&self) {
-        if let Some(l) = &self.user {
+        let b = self.buckets.load();
+        if let Some(l) = &b.user {
             l.retain_recent();
             l.shrink_to_fit();
         }
-        if let Some(l) = &self.ip {
+        if let Some(l) = &b.ip {
             l.retain_recent();
             l.shrink_to_fit();
         }
@@ -160,6 +204,29 @@ mod tests {
         let err = r.check("u", ip).err().map(|l| l.scope);
         assert_eq!(err, Some(Scope::User));
         assert!(r.check("v", ip).is_ok());
+    }
+
+    #[test]
+    fn new_limits_apply_at_once_and_unchanged_buckets_keep_their_state() {
+        let r = RateLimiters::new(&limits());
+        let ip: IpAddr = [127, 0, 0, 1].into();
+        assert!(r.check("u", ip).is_ok());
+        assert!(r.check("u", ip).is_ok());
+        assert!(r.check("u", ip).is_err());
+        // Same limits: nothing rebuilt, "u" is still out of burst.
+        assert!(!r.reconfigure(&limits()));
+        assert!(r.check("u", ip).is_err());
+        // A raised per-user limit takes effect on the next request.
+        let mut raised = limits();
+        raised.per_user = Some(RateLimit {
+            requests_per_second: 100,
+            burst: 50,
+        });
+        raised.global = None;
+        assert!(r.reconfigure(&raised));
+        let passed = (0..50).filter(|_| r.check("u", ip).is_ok()).count();
+        assert_eq!(passed, 50);
+        assert_eq!(r.limits(), raised);
     }
 
     #[test]

@@ -8,14 +8,28 @@ use redis::Script;
 /// The purchase decision (`purchase.lua`).
 pub static PURCHASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/purchase.lua")));
-/// Stock and limit returned for an order that will not be fulfilled (`release.lua`).
-pub static RELEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
-/// Guarded order status change (`transition.lua`).
-pub static TRANSITION: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/transition.lua")));
+/// Stock and limit returned for an order that will not be fulfilled
+/// (`release.lua`, after the status counters of `counters.lua`).
+pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("scripts/counters.lua"),
+        include_str!("scripts/release.lua")
+    ))
+});
+/// Guarded order status change (`transition.lua`, after the status counters
+/// of `counters.lua`).
+pub static TRANSITION: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("scripts/counters.lua"),
+        include_str!("scripts/transition.lua")
+    ))
+});
 /// Catalog and stock written once per sale (`warm.lua`).
 pub static WARM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/warm.lua")));
+
+/// A sale's applied spec published for running pods (`publish_spec.lua`).
+pub static PUBLISH_SPEC: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/publish_spec.lua")));
 
 /// The purchase script's source, for `redis-benchmark` comparisons.
 pub const PURCHASE_SOURCE: &str = include_str!("scripts/purchase.lua");

@@ -124,6 +124,20 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether the inventory's `sold_within_stock` CHECK refused the write
+    /// (more units than PostgreSQL's stock covers).
+    pub fn is_stock_refusal(&self) -> bool {
+        match self {
+            Self::Db(e) => e
+                .as_db_error()
+                .and_then(|d| d.constraint())
+                .is_some_and(|c| c == "sold_within_stock"),
+            _ => false,
+        }
+    }
+}
+
 /// One accepted order on its way into `flashsale_orders`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OrderRow {
@@ -138,13 +152,21 @@ pub struct OrderRow {
     pub stream_id: String,
 }
 
+/// One product's inventory row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InventoryRow {
+    pub sku: String,
+    /// Units PostgreSQL lets the orders of this product add up to.
+    pub stock: i64,
+    /// Units held by confirmed and paid orders.
+    pub sold: i64,
+}
+
 /// What one batch did.
 #[derive(Debug, Default, PartialEq)]
 pub struct BatchOutcome {
     /// Rows inserted now (a redelivered row is skipped, not counted).
     pub inserted: u64,
-    /// For each product the batch touched: units now persisted (`sold`).
-    pub sold: Vec<(String, i64)>,
 }
 
 #[derive(Clone)]
@@ -221,12 +243,37 @@ impl OrderStore {
         Ok(())
     }
 
-    /// Creates or resizes the sale's inventory rows from the spec. A stock
-    /// below what is persisted fails on the CHECK, as it must.
-    pub async fn sync_inventory(&self, sale: &SaleId, spec: &SaleSpec) -> Result<(), StoreError> {
+    /// Creates the inventory rows a sale lacks, with the spec's stock; never
+    /// changes an existing row (stock changes follow `stock::apply`'s order,
+    /// and a pod booting with an older spec must not undo them).
+    pub async fn ensure_inventory(&self, sale: &SaleId, spec: &SaleSpec) -> Result<(), StoreError> {
         let client = self.pool.get().await?;
         let skus: Vec<&str> = spec.products.iter().map(|p| p.sku.as_str()).collect();
         let stocks: Vec<i64> = spec.products.iter().map(|p| p.stock).collect();
+        client
+            .execute(
+                "INSERT INTO flashsale_inventory (sale, sku, stock)
+                 SELECT $1, sku, stock FROM unnest($2::text[], $3::bigint[]) AS t(sku, stock)
+                 ON CONFLICT (sale, sku) DO NOTHING",
+                &[&sale.key(), &skus, &stocks],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Sets products' stock, creating rows that are missing. A stock below
+    /// what is persisted fails on the CHECK, as it must.
+    pub async fn set_stock(
+        &self,
+        sale: &SaleId,
+        stock: &[(String, i64)],
+    ) -> Result<(), StoreError> {
+        if stock.is_empty() {
+            return Ok(());
+        }
+        let client = self.pool.get().await?;
+        let skus: Vec<&str> = stock.iter().map(|(s, _)| s.as_str()).collect();
+        let stocks: Vec<i64> = stock.iter().map(|(_, n)| *n).collect();
         client
             .execute(
                 "INSERT INTO flashsale_inventory (sale, sku, stock)
@@ -237,6 +284,45 @@ impl OrderStore {
             )
             .await?;
         Ok(())
+    }
+
+    /// One product's inventory row.
+    pub async fn inventory_row(
+        &self,
+        sale: &SaleId,
+        sku: &str,
+    ) -> Result<Option<InventoryRow>, StoreError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT sku, stock, sold FROM flashsale_inventory WHERE sale = $1 AND sku = $2",
+                &[&sale.key(), &sku],
+            )
+            .await?;
+        Ok(row.map(|r| InventoryRow {
+            sku: r.get(0),
+            stock: r.get(1),
+            sold: r.get(2),
+        }))
+    }
+
+    /// The sale's inventory rows.
+    pub async fn inventory(&self, sale: &SaleId) -> Result<Vec<InventoryRow>, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT sku, stock, sold FROM flashsale_inventory WHERE sale = $1 ORDER BY sku",
+                &[&sale.key()],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| InventoryRow {
+                sku: r.get(0),
+                stock: r.get(1),
+                sold: r.get(2),
+            })
+            .collect())
     }
 
     /// Inserts a batch in one statement (so one transaction): rows already
@@ -271,9 +357,9 @@ impl OrderStore {
                  ), updated AS (
                     UPDATE flashsale_inventory i SET sold = i.sold + p.units
                     FROM per_sku p WHERE i.sale = $1 AND i.sku = p.sku
-                    RETURNING i.sku, i.sold, p.n
+                    RETURNING p.n
                  )
-                 SELECT sku, sold, n FROM updated",
+                 SELECT n FROM updated",
             )
             .await?;
         let col = |f: fn(&OrderRow) -> &str| rows.iter().map(f).collect::<Vec<&str>>();
@@ -303,9 +389,8 @@ impl OrderStore {
             .await?;
         let mut out = BatchOutcome::default();
         for row in result {
-            let n: i64 = row.get(2);
+            let n: i64 = row.get(0);
             out.inserted += u64::try_from(n).unwrap_or(0);
-            out.sold.push((row.get(0), row.get(1)));
         }
         Ok(out)
     }

@@ -1,8 +1,9 @@
 //! Warming: writing a sale's catalog and stock into Redis exactly once, and the
-//! other sale-wide operations the operator needs (counters, clearing).
+//! other sale-wide operations the operator needs (clearing).
 
 use redis::aio::ConnectionLike;
 
+use crate::counters::product_counters;
 use crate::keys::{ProductKeys, SaleKeys};
 use crate::scripts;
 use crate::spec::{SaleId, SaleSpec};
@@ -105,54 +106,6 @@ pub async fn warm_sale<C: ConnectionLike + Send>(
         .arg(jiff::Timestamp::now().as_millisecond())
         .exec_async(conn)
         .await?;
-    Ok(out)
-}
-
-/// One product's figures as Redis holds them.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct ProductCounters {
-    pub sku: String,
-    /// The stock Redis was warmed with.
-    pub stock: i64,
-    /// Units still for sale.
-    pub remaining: i64,
-    /// Units persisted to PostgreSQL, as the consumers last reported.
-    pub persisted: i64,
-}
-
-impl ProductCounters {
-    /// Units held by accepted, confirmed or paid orders.
-    pub fn sold(&self) -> i64 {
-        self.stock - self.remaining
-    }
-}
-
-/// Counters per product, in spec order; `None` for a product not warmed yet.
-pub async fn product_counters<C: ConnectionLike + Send>(
-    conn: &mut C,
-    sale: &SaleId,
-    spec: &SaleSpec,
-) -> Result<Vec<Option<ProductCounters>>, redis::RedisError> {
-    let mut out = Vec::with_capacity(spec.products.len());
-    for p in &spec.products {
-        let keys = ProductKeys::new(sale, &p.sku);
-        let ((stock, persisted), remaining): ((Option<i64>, Option<i64>), Option<i64>) =
-            redis::pipe()
-                .cmd("HMGET")
-                .arg(keys.info())
-                .arg("stock")
-                .arg("persisted")
-                .cmd("GET")
-                .arg(keys.stock())
-                .query_async(conn)
-                .await?;
-        out.push(stock.map(|stock| ProductCounters {
-            sku: p.sku.clone(),
-            stock,
-            remaining: remaining.unwrap_or(0),
-            persisted: persisted.unwrap_or(0),
-        }));
-    }
     Ok(out)
 }
 

@@ -112,6 +112,7 @@ async fn refused_entry_is_dead_lettered_and_its_stock_returned_once() -> TestRes
         .key(keys.orders())
         .key(keys.stock())
         .key(keys.buyers())
+        .key(keys.info())
         .arg(&id)
         .arg("failed")
         .arg("again")
@@ -123,6 +124,13 @@ async fn refused_entry_is_dead_lettered_and_its_stock_returned_once() -> TestRes
         .query_async(&mut conn)
         .await?;
     assert_eq!(stock, 10);
+    // The status counters saw one failed unit, once, and nothing persisted.
+    let counters = dataplane::counters::product_counters(&mut conn, &doc.id(), &doc.spec).await?;
+    let c = counters
+        .first()
+        .and_then(Option::as_ref)
+        .ok_or("item not warmed")?;
+    assert_eq!((c.failed, c.persisted, c.cancelled, c.sold()), (1, 0, 0, 0));
     let store = servers.store().await?;
     assert_eq!(order_rows(&store, "test/dlq").await?, (0, 0));
     Ok(())

@@ -225,6 +225,16 @@ async fn thousand_unpaid_orders_time_out_once_across_three_sweepers_one_killed()
         0,
         "one outbox row per cancelled order"
     );
+    // The status counters followed every move, across the killed sweeper.
+    let counters = dataplane::counters::product_counters(&mut conn, &doc.id(), &doc.spec).await?;
+    let c = counters
+        .first()
+        .and_then(Option::as_ref)
+        .ok_or("item not warmed")?;
+    assert_eq!(
+        (c.persisted, c.paid, c.cancelled, c.failed, c.sold()),
+        (PAID as i64, PAID as i64, UNPAID as i64, 0, PAID as i64)
+    );
 
     // Buyers whose orders timed out may buy again (the gateway's sold-out
     // flag clears once stock is back).

@@ -36,14 +36,20 @@ async fn backlog_drains_after_ten_seconds_without_postgres() -> TestResult {
         source_ips: 4,
     }));
 
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The crowd signs its 50,000 tokens first: wait for its orders to land.
+    let flowing = eventually(Duration::from_secs(20), || async {
+        order_rows(&store, "test/outage")
+            .await
+            .is_ok_and(|(rows, _)| rows > 0)
+    })
+    .await;
+    assert!(flowing, "orders were being persisted before the outage");
     let (before, _) = order_rows(&store, "test/outage").await?;
-    assert!(before > 0, "orders were being persisted before the outage");
     tokio::task::block_in_place(|| servers.pg.stop());
     tokio::time::sleep(Duration::from_secs(10)).await;
     // While PostgreSQL was down the gateway kept accepting into Redis.
     let accepted_in_redis =
-        dataplane::warm::product_counters(&mut conn, &doc.id(), &doc.spec).await?;
+        dataplane::counters::product_counters(&mut conn, &doc.id(), &doc.spec).await?;
     let sold = accepted_in_redis
         .iter()
         .flatten()

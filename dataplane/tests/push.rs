@@ -147,9 +147,20 @@ async fn reconnect_with_what_was_seen_brings_what_was_missed() -> TestResult {
     })
     .await;
     assert!(confirmed, "the consumer confirmed the order");
+    let raw: String = redis::cmd("HGET")
+        .arg(&orders_key)
+        .arg(&order)
+        .query_async(&mut conn.clone())
+        .await?;
+    let changed_at = serde_json::from_str::<OrderRecord>(&raw)?
+        .status_at
+        .ok_or("the confirmation is stamped on the record")?;
+    // Later than the change, so a snapshot stamped with its own time would differ.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
 
     // Reconnect (token by query, as a browser would) saying what was seen:
-    // the update arrives, marked as resumed, then the end of the snapshot.
+    // the update arrives, marked as resumed, with the time of the change
+    // (not of the snapshot), then the end of the snapshot.
     let url = format!(
         "ws://{}/v1/ws?token={}&seen={order}:accepted",
         gw.addr,
@@ -160,6 +171,7 @@ async fn reconnect_with_what_was_seen_brings_what_was_missed() -> TestResult {
     assert_eq!(update["type"], "order.confirmed", "{update}");
     assert_eq!(update["orderId"], order.as_str());
     assert_eq!(update["resumed"], true);
+    assert_eq!(update["at"].as_i64(), Some(changed_at), "{update}");
     assert_eq!(
         next_json(&mut socket).await?,
         serde_json::json!({"type": "synced", "orders": 1})

@@ -99,6 +99,7 @@ pub fn context(clock: Arc<ManualClock>) -> (Arc<Context>, ApiServer) {
         clock,
         metrics: Arc::new(Metrics::default()),
         redis: Default::default(),
+        stores: Default::default(),
         settings: settings(),
         // These tests' server serves policy/v1; discovery has its own tests.
         served: ServedApis::known(true),

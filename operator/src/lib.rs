@@ -9,6 +9,7 @@ pub mod conditions;
 pub mod crd;
 pub mod leader;
 pub mod metrics;
+pub mod order_stores;
 pub mod reconciler;
 pub mod redis_store;
 pub mod resource;

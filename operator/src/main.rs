@@ -106,6 +106,7 @@ async fn run(
         clock: Arc::new(SystemClock),
         metrics: metrics.clone(),
         redis: Default::default(),
+        stores: Default::default(),
         settings: Settings {
             dataplane_image: args.dataplane_image.clone(),
             refresh: Duration::from_secs(args.refresh_seconds),
@@ -117,6 +118,8 @@ async fn run(
     });
 
     if args.no_leader_election {
+        // The only replica leads: the no-leader alert must not fire.
+        metrics.leader.set(1);
         return lead(ctx, stop).await;
     }
     let lease = LeaseSettings {

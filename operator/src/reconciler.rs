@@ -5,8 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dataplane::spec::{Phase, SaleId, SpecProblem};
-use dataplane::warm::{self, ProductCounters, ProductWarm, WarmError, WarmOutcome};
+use dataplane::counters::{self, ProductCounters};
+use dataplane::spec::{Phase, SaleId, SaleSpec, SpecProblem};
+use dataplane::stock::{self, ApplyError};
+use dataplane::warm::{self, ProductWarm, WarmError, WarmOutcome};
 use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -23,6 +25,7 @@ use crate::children::{self, BuildError, Component, MANAGER};
 use crate::clock::Clock;
 use crate::conditions::{self, Observed};
 use crate::metrics::Metrics;
+use crate::order_stores::OrderStores;
 use crate::redis_store::{self, RedisConnections};
 use crate::resource::{
     API_VERSION, ConsumerStatus, FlashSale, FlashSaleSpec, FlashSaleStatus, GatewayStatus, KIND,
@@ -79,6 +82,7 @@ pub struct Context {
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     pub redis: RedisConnections,
+    pub stores: OrderStores,
     pub settings: Settings,
     /// Which optional APIs the server serves (discovered once).
     pub served: ServedApis,
@@ -185,6 +189,12 @@ pub async fn reconcile(sale: Arc<FlashSale>, ctx: Arc<Context>) -> Result<Action
     let result = reconcile_sale(&sale, &ctx).instrument(span.clone()).await;
     ctx.metrics
         .observe(started.elapsed(), result.as_ref().err().map(Error::kind));
+    if sale.metadata.deletion_timestamp.is_some() {
+        // A sale being deleted is not live: its gauges would only go stale.
+        ctx.metrics
+            .sales
+            .forget_sale(&sale.namespace().unwrap_or_default(), &sale.name_any());
+    }
     if let Err(e) = &result {
         span.in_scope(|| warn!(error = %e, "reconcile failed"));
     }
@@ -416,6 +426,8 @@ impl<'a> Report<'a> {
                 .await
                 .map_err(kube_err("patch status of", name.clone()))?;
         }
+        let ns = self.sale.namespace().unwrap_or_default();
+        ctx.metrics.sales.observe_status(&ns, &name, &self.next);
         let reference = self.sale.object_ref(&());
         for event in &self.events {
             // An event that cannot be published is not worth failing the reconcile.
@@ -490,16 +502,23 @@ fn spec_problems(sale: &FlashSale) -> Vec<SpecProblem> {
     problems
 }
 
+/// Where a sale's Redis and order database are.
+struct SaleUrls {
+    redis: String,
+    database: String,
+}
+
 /// Reads the Secrets a sale needs (three, four with a payment key); returns
-/// the Redis URL, or what is missing.
+/// the Redis and database URLs, or what is missing.
 async fn read_secrets(
     ctx: &Context,
     ns: &str,
     spec: &FlashSaleSpec,
-) -> Result<Result<String, Vec<String>>, Error> {
+) -> Result<Result<SaleUrls, Vec<String>>, Error> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let mut missing = Vec::new();
     let mut redis_url = None;
+    let mut database_url = None;
     let refs = [
         ("redis", Some(&spec.redis.url_secret_ref)),
         ("database", Some(&spec.database.url_secret_ref)),
@@ -512,12 +531,13 @@ async fn read_secrets(
     {
         match secret_value(&secrets, ns, r).await? {
             Ok(value) if what == "redis" => redis_url = Some(value),
+            Ok(value) if what == "database" => database_url = Some(value),
             Ok(_) => {}
             Err(problem) => missing.push(problem),
         }
     }
-    Ok(match redis_url {
-        Some(url) if missing.is_empty() => Ok(url),
+    Ok(match (redis_url, database_url) {
+        (Some(redis), Some(database)) if missing.is_empty() => Ok(SaleUrls { redis, database }),
         _ => Err(missing),
     })
 }
@@ -588,8 +608,12 @@ async fn apply(
     let now = ctx.clock.now();
     let mut report = Report::new(sale, now);
 
+    // A warmed sale is running: a spec it cannot take leaves it as it was.
+    let warmed_before = report.previous.warmed_generation.is_some();
     let problems = spec_problems(sale);
-    if let Some(first) = problems.first() {
+    if let Some(first) = problems.first()
+        && !warmed_before
+    {
         let message = problems
             .iter()
             .map(|p| p.message.as_str())
@@ -603,8 +627,8 @@ async fn apply(
         return Ok(Action::await_change());
     }
 
-    let redis_url = match read_secrets(ctx, ns, &sale.spec).await? {
-        Ok(url) => url,
+    let urls = match read_secrets(ctx, ns, &sale.spec).await? {
+        Ok(urls) => urls,
         Err(missing) => {
             let message = missing.join("; ");
             info!(%message, "secrets missing");
@@ -616,7 +640,54 @@ async fn apply(
         }
     };
 
-    let children = children::build(sale, &ctx.settings.dataplane_image)?;
+    // The first warm waits for the warmup window; later generations apply
+    // whenever they come (an edit of an ended sale too, so its refusal or
+    // its reopening is decided by the same rules).
+    let new_phase = Schedule::at(&sale.spec.sale, now).phase;
+    let live_by_new = matches!(new_phase, Phase::Warming | Phase::Active);
+    let generation = sale.metadata.generation;
+    let apply_now =
+        report.previous.warmed_generation != generation && (warmed_before || live_by_new);
+    let mut redis_trouble = false;
+    let mut sync_events = 0..0;
+    let spec = if warmed_before || apply_now {
+        let before = report.events.len();
+        let synced = sync_stores(sale, ctx, &urls, apply_now, problems, &mut report).await;
+        sync_events = before..report.events.len();
+        redis_trouble = synced.trouble;
+        synced.spec
+    } else {
+        let spec = &sale.spec.sale;
+        report.next.products = spec
+            .products
+            .iter()
+            .map(|p| ProductStatus {
+                sku: p.sku.clone(),
+                stock: p.stock,
+                remaining: p.stock,
+                ..Default::default()
+            })
+            .collect();
+        let (reason, message) = match new_phase {
+            Phase::Ended => (
+                "SaleEnded",
+                "the sale ended before Redis was warmed".to_string(),
+            ),
+            _ => (
+                "NotYetWarming",
+                format!("warming starts at {}", spec.warmup_start()),
+            ),
+        };
+        report.condition(Observed::new(
+            conditions::REDIS_WARMED,
+            false,
+            reason,
+            message,
+        ));
+        spec.clone()
+    };
+
+    let children = children::build(sale, &spec, &ctx.settings.dataplane_image)?;
     let applied = apply::children(ctx, ns, &children).await;
     debug!(
         writes = applied.writes,
@@ -646,45 +717,13 @@ async fn apply(
         consumer,
     ));
 
-    let spec = &sale.spec.sale;
-    let schedule = Schedule::at(spec, now);
+    let schedule = Schedule::at(&spec, now);
     report.enter(SalePhase::from(schedule.phase));
+    // What warming did is told after the phase it happens in.
+    let warmed: Vec<Event> = report.events.drain(sync_events).collect();
+    report.events.extend(warmed);
 
     let live = matches!(schedule.phase, Phase::Warming | Phase::Active);
-    let generation = sale.metadata.generation;
-    let warm_now = live && report.previous.warmed_generation != generation;
-    let mut redis_trouble = false;
-    if warm_now || report.previous.warmed_generation.is_some() {
-        redis_trouble = sync_redis(sale, ctx, &redis_url, warm_now, &mut report).await;
-    } else {
-        report.next.products = spec
-            .products
-            .iter()
-            .map(|p| ProductStatus {
-                sku: p.sku.clone(),
-                stock: p.stock,
-                remaining: p.stock,
-                sold: 0,
-                persisted: 0,
-            })
-            .collect();
-        let (reason, message) = match schedule.phase {
-            Phase::Ended => (
-                "SaleEnded",
-                "the sale ended before Redis was warmed".to_string(),
-            ),
-            _ => (
-                "NotYetWarming",
-                format!("warming starts at {}", spec.warmup_start()),
-            ),
-        };
-        report.condition(Observed::new(
-            conditions::REDIS_WARMED,
-            false,
-            reason,
-            message,
-        ));
-    }
     report.next.remaining = Some(report.next.products.iter().map(|p| p.remaining).sum());
 
     let ready_set = report.observed.iter().any(|o| o.type_ == conditions::READY);
@@ -727,77 +766,161 @@ async fn apply(
     })
 }
 
-/// Warms Redis (when `warm`) and reads the counters into the report; returns
-/// whether Redis needs another look soon.
-async fn sync_redis(
+/// What `sync_stores` decided.
+struct Synced {
+    /// The spec the sale runs on: the new one, or the one applied before
+    /// when the new one cannot apply to the running sale.
+    spec: SaleSpec,
+    /// Redis or PostgreSQL needs another look soon.
+    trouble: bool,
+}
+
+/// Applies the spec to PostgreSQL and Redis (when `apply_now`) through
+/// `dataplane::stock` — raises to PostgreSQL first, cuts to Redis first, the
+/// settings published for running pods — and reads the counters into the
+/// report. `problems` are the new spec's own; with any, or when the running
+/// sale refuses the change, nothing changes and the sale keeps running on the
+/// spec it had, which is said in `Ready=False` and a Warning event.
+async fn sync_stores(
     sale: &FlashSale,
     ctx: &Context,
-    url: &str,
-    warm: bool,
+    urls: &SaleUrls,
+    apply_now: bool,
+    problems: Vec<SpecProblem>,
     report: &mut Report<'_>,
-) -> bool {
+) -> Synced {
     let id = SaleId::new(sale.namespace().unwrap_or_default(), sale.name_any());
-    let spec = &sale.spec.sale;
-    let mut conn = match ctx.redis.get(url).await {
+    let new = &sale.spec.sale;
+    let trouble = |spec: &SaleSpec| Synced {
+        spec: spec.clone(),
+        trouble: true,
+    };
+    let mut conn = match ctx.redis.get(&urls.redis).await {
         Ok(c) => c,
         Err(e) => {
             redis_unavailable(report, &e);
-            return true;
+            return trouble(new);
+        }
+    };
+    let running = match dataplane::live::read(&mut conn, &id).await {
+        Ok(live) => live.map(|l| l.spec),
+        Err(dataplane::live::LiveError::Redis(e)) => {
+            redis_unavailable(report, &e);
+            return trouble(new);
+        }
+        // Unreadable: the next apply publishes a fresh one.
+        Err(e) => {
+            warn!(error = %e, "published spec unreadable");
+            None
+        }
+    };
+    let store = match ctx.stores.get(&urls.database).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            database_unavailable(report, &e);
+            None
         }
     };
     let generation = sale.metadata.generation;
-    let mut warm_problem = None;
-    if warm {
-        match warm::warm_sale(&mut conn, &id, spec).await {
-            Ok(products) => {
+    let mut refused = (!problems.is_empty()).then_some(problems);
+    if refused.is_none() && apply_now {
+        let Some(store) = &store else {
+            return trouble(running.as_ref().unwrap_or(new));
+        };
+        match stock::apply(&mut conn, store, &id, new, report.now).await {
+            Ok(applied) => {
                 report.next.warmed_generation = generation;
-                warm_events(report, &products, generation);
+                warm_events(report, &applied.products, generation);
             }
-            Err(WarmError::BelowSold { sku, stock, sold }) => {
-                warm_problem = Some(format!(
-                    "sku {sku}: stock {stock} is below the {sold} units already sold; Redis keeps the previous stock"
-                ));
-            }
-            Err(WarmError::Redis(e)) => {
+            Err(ApplyError::Refused(p)) => refused = Some(p),
+            Err(ApplyError::Redis(e) | ApplyError::Warm(WarmError::Redis(e))) => {
                 redis_unavailable(report, &e);
-                return true;
+                return trouble(running.as_ref().unwrap_or(new));
             }
-            Err(e @ WarmError::Protocol { .. }) => {
-                warm_problem = Some(e.to_string());
+            Err(ApplyError::Live(dataplane::live::LiveError::Redis(e))) => {
+                redis_unavailable(report, &e);
+                return trouble(running.as_ref().unwrap_or(new));
+            }
+            Err(ApplyError::Store(e)) => {
+                database_unavailable(report, &e);
+                return trouble(running.as_ref().unwrap_or(new));
+            }
+            Err(e) => {
+                let message = e.to_string();
+                warn!(%message, "applying the spec failed");
+                report.condition(Observed::new(
+                    conditions::REDIS_WARMED,
+                    false,
+                    "ApplyFailed",
+                    message.clone(),
+                ));
+                report.not_ready("ApplyFailed", message);
+                return trouble(running.as_ref().unwrap_or(new));
             }
         }
     }
-    let counters = match warm::product_counters(&mut conn, &id, spec).await {
+    let spec = match &refused {
+        Some(_) => running.clone().unwrap_or_else(|| new.clone()),
+        None => new.clone(),
+    };
+
+    let counters = match counters::product_counters(&mut conn, &id, &spec).await {
         Ok(c) => c,
         Err(e) => {
             redis_unavailable(report, &e);
-            return true;
+            return trouble(&spec);
         }
+    };
+    let inventory = match &store {
+        Some(store) => store.inventory(&id).await.unwrap_or_else(|e| {
+            warn!(error = %e, "inventory not read");
+            Vec::new()
+        }),
+        None => Vec::new(),
     };
     report.next.products = spec
         .products
         .iter()
         .zip(&counters)
-        .map(|(p, c)| match c {
-            Some(c) => product_status(c),
-            None => ProductStatus {
-                sku: p.sku.clone(),
-                stock: p.stock,
-                remaining: 0,
-                sold: 0,
-                persisted: 0,
-            },
+        .map(|(p, c)| {
+            let database_stock = inventory
+                .iter()
+                .find(|row| row.sku == p.sku)
+                .map(|row| row.stock);
+            match c {
+                Some(c) => product_status(c, database_stock),
+                None => ProductStatus {
+                    sku: p.sku.clone(),
+                    stock: p.stock,
+                    database_stock,
+                    ..Default::default()
+                },
+            }
         })
         .collect();
-    if let Some(message) = warm_problem {
+    if let Some(problems) = refused {
+        let reason = problems.first().map_or("SpecRefused", |p| p.reason);
+        let running_from = report.previous.warmed_generation.unwrap_or_default();
+        let message = format!(
+            "{}; nothing changed: the sale keeps running on generation {running_from}'s settings",
+            problems
+                .iter()
+                .map(|p| p.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        info!(reason, %message, "spec change refused");
         report.condition(Observed::new(
             conditions::REDIS_WARMED,
             false,
-            "StockBelowSold",
+            reason,
             message.clone(),
         ));
-        report.not_ready("StockBelowSold", message);
-        return false;
+        report.not_ready(reason, message);
+        return Synced {
+            spec,
+            trouble: false,
+        };
     }
     let missing: Vec<&str> = spec
         .products
@@ -817,7 +940,10 @@ async fn sync_redis(
                 spec.products.len()
             ),
         ));
-        false
+        Synced {
+            spec,
+            trouble: store.is_none(),
+        }
     } else {
         // Redis lost keys it had (a restart without AOF?): re-warming would
         // sell stock twice, so a person decides.
@@ -832,8 +958,17 @@ async fn sync_redis(
             message.clone(),
         ));
         report.not_ready("StockMissing", message);
-        true
+        Synced {
+            spec,
+            trouble: true,
+        }
     }
+}
+
+fn database_unavailable(report: &mut Report<'_>, e: &dataplane::store::StoreError) {
+    let message = format!("cannot reach the order database: {e}");
+    warn!(error = %e, "database unavailable");
+    report.not_ready("DatabaseUnavailable", message);
 }
 
 fn redis_unavailable(report: &mut Report<'_>, e: &redis::RedisError) {
@@ -848,13 +983,17 @@ fn redis_unavailable(report: &mut Report<'_>, e: &redis::RedisError) {
     report.not_ready("RedisUnavailable", message);
 }
 
-fn product_status(c: &ProductCounters) -> ProductStatus {
+fn product_status(c: &ProductCounters, database_stock: Option<i64>) -> ProductStatus {
     ProductStatus {
         sku: c.sku.clone(),
         stock: c.stock,
+        database_stock,
         remaining: c.remaining,
         sold: c.sold(),
         persisted: c.persisted,
+        paid: c.paid,
+        cancelled: c.cancelled,
+        failed: c.failed,
     }
 }
 

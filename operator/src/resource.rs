@@ -319,18 +319,35 @@ impl std::fmt::Display for SalePhase {
     }
 }
 
-/// One product's counters, read from Redis.
-#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+/// One product's counters in units, read from Redis in one atomic step
+/// (docs/operator.md says where each comes from).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ProductStatus {
     pub sku: String,
     /// Stock Redis holds for the product (the spec's, once warmed).
     pub stock: i64,
+    /// Stock of the product's inventory row in PostgreSQL. Raises reach it
+    /// before Redis and cuts after, so it is never below `stock`; at rest the
+    /// two agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_stock: Option<i64>,
+    /// Units still for sale.
     pub remaining: i64,
-    /// Units held by accepted, confirmed or paid orders.
+    /// Units held by live orders: accepted (not yet persisted), confirmed or
+    /// paid; `stock - remaining`.
     pub sold: i64,
-    /// Units the consumers have written to the database.
+    /// Units of orders in PostgreSQL that count: confirmed or paid.
     pub persisted: i64,
+    /// Units of paid orders.
+    #[serde(default)]
+    pub paid: i64,
+    /// Units of orders cancelled for want of payment; their stock went back on sale.
+    #[serde(default)]
+    pub cancelled: i64,
+    /// Units of orders that failed to persist (dead-lettered); their stock went back on sale.
+    #[serde(default)]
+    pub failed: i64,
 }
 
 /// Gateway figures. `availableReplicas` is the reconciler's (from the

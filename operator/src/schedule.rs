@@ -11,6 +11,9 @@ use jiff::Timestamp;
 pub struct Schedule {
     pub phase: Phase,
     pub next: Option<(Phase, Timestamp)>,
+    /// The end plus the payment timeout: until then orders accepted before
+    /// the end are still paid or cancelled, and the status counters move.
+    pub settled: Timestamp,
 }
 
 impl Schedule {
@@ -22,27 +25,40 @@ impl Schedule {
             Phase::Active => Some((Phase::Ended, spec.end_time)),
             Phase::Ended => None,
         };
-        Self { phase, next }
+        let settle = jiff::SignedDuration::from_secs(i64::from(spec.payment.timeout_seconds));
+        let settled = spec.end_time.checked_add(settle).unwrap_or(Timestamp::MAX);
+        Self {
+            phase,
+            next,
+            settled,
+        }
     }
 
     /// Time until the next boundary, rounded up to the millisecond so the
     /// requeued reconcile never lands just before it.
     pub fn until_next(&self, now: Timestamp) -> Option<Duration> {
         let (_, at) = self.next?;
-        let nanos = at.as_nanosecond() - now.as_nanosecond();
-        let millis = (nanos + 999_999).div_euclid(1_000_000);
-        Some(Duration::from_millis(u64::try_from(millis).unwrap_or(0)))
+        Some(until(now, at))
     }
 
     /// When to reconcile again: at the next boundary, and no later than
-    /// `refresh` while the sale is live (status counters move then).
+    /// `refresh` while the status counters move: while the sale is live, and
+    /// after the end until the last unpaid order has timed out.
     pub fn requeue_after(&self, now: Timestamp, refresh: Duration) -> Option<Duration> {
-        let boundary = self.until_next(now)?;
-        Some(match self.phase {
-            Phase::Warming | Phase::Active => boundary.min(refresh),
-            Phase::Pending | Phase::Ended => boundary,
-        })
+        match self.phase {
+            Phase::Warming | Phase::Active => Some(self.until_next(now)?.min(refresh)),
+            Phase::Pending => self.until_next(now),
+            Phase::Ended if now < self.settled => Some(until(now, self.settled).min(refresh)),
+            Phase::Ended => None,
+        }
     }
+}
+
+/// From `now` to `at`, rounded up to the millisecond.
+fn until(now: Timestamp, at: Timestamp) -> Duration {
+    let nanos = at.as_nanosecond() - now.as_nanosecond();
+    let millis = (nanos + 999_999).div_euclid(1_000_000);
+    Duration::from_millis(u64::try_from(millis).unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -79,7 +95,10 @@ mod tests {
             (-5, Phase::Warming, Some(Duration::from_secs(5))),
             (0, Phase::Active, Some(Duration::from_secs(15))),
             (1795, Phase::Active, Some(Duration::from_secs(5))),
-            (1800, Phase::Ended, None),
+            // Ended, but orders still time out (payment.timeoutSeconds 600).
+            (1800, Phase::Ended, Some(Duration::from_secs(15))),
+            (2395, Phase::Ended, Some(Duration::from_secs(5))),
+            (2400, Phase::Ended, None),
         ];
         for (secs, phase, requeue) in cases {
             let now = at(&s, secs);

@@ -32,3 +32,8 @@ app.kubernetes.io/component: operator
 {{- define "flashsale.dataplaneImage" -}}
 {{- default (printf "ghcr.io/flashsale/dataplane:%s" .Chart.AppVersion) .Values.dataplaneImage -}}
 {{- end -}}
+
+{{- /* The runbook base written in rules/flashsale.rules.yaml; prometheusRule.runbookBaseUrl replaces it. */ -}}
+{{- define "flashsale.runbookBase" -}}
+https://example.invalid/flashsale/blob/main/docs/operations.md
+{{- end -}}

@@ -51,9 +51,14 @@ pub(super) async fn run(gw: Arc<Gateway>, shutdown: CancellationToken) {
             requests_per_second: rps,
         };
         match publish(&gw, &keys, &report).await {
-            Ok(live) => gw
-                .limits
-                .set_gateway_count(u32::try_from(live).unwrap_or(1)),
+            Ok(live) => {
+                gw.limits
+                    .set_gateway_count(u32::try_from(live).unwrap_or(1));
+                // Seconds since the epoch fit an f64 exactly to the millisecond.
+                metrics::gauge!("flashsale_gateway_load_report_timestamp_seconds")
+                    .set(report.at_ms as f64 / 1000.0);
+                metrics::gauge!("flashsale_gateway_live_gateways").set(live as f64);
+            }
             Err(e) => tracing::debug!(error = %e, "load report not published"),
         }
     }

@@ -12,10 +12,10 @@ pub mod push;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use axum::Router;
 use axum::http::HeaderName;
 use axum::routing::{get, post};
@@ -75,7 +75,8 @@ pub fn default_pod_name() -> String {
 /// One product as the hot path needs it: precomputed keys and the sold-out flag.
 pub struct ProductRuntime {
     pub sku: String,
-    pub limit: u32,
+    /// Per-user limit, refreshed from the sale's live spec.
+    limit: AtomicU32,
     /// info, stock, buyers, useq, idem, orders, uorders, stream (the script's KEYS).
     pub keys: [String; 8],
     pub layout: ProductKeys,
@@ -91,6 +92,11 @@ pub struct ProductRuntime {
 }
 
 impl ProductRuntime {
+    /// Units one buyer may hold (the script enforces it again in Redis).
+    pub fn limit(&self) -> u32 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
     pub fn sold_out_response(&self) -> axum::response::Response {
         use axum::response::IntoResponse;
         (
@@ -115,7 +121,9 @@ pub struct LoadCounters {
 
 pub struct Gateway {
     pub sale: SaleId,
-    pub spec: SaleSpec,
+    /// The sale's settings in force: the boot config, then each spec the
+    /// operator publishes (`live`), without a restart.
+    pub spec: ArcSwap<SaleSpec>,
     pub products: HashMap<String, ProductRuntime>,
     pub redis: ConnectionManager,
     pub verifier: TokenVerifier,
@@ -195,7 +203,7 @@ impl Gateway {
                 let k = ProductKeys::new(&sale, &p.sku);
                 let runtime = ProductRuntime {
                     sku: p.sku.clone(),
-                    limit: p.per_user_limit,
+                    limit: AtomicU32::new(p.per_user_limit),
                     keys: k.purchase_keys(),
                     layout: k,
                     sold_out: AtomicBool::new(false),
@@ -215,7 +223,7 @@ impl Gateway {
         let (accepted, accepted_rx) = tokio::sync::mpsc::channel(ACCEPTED_QUEUE);
         Ok(Arc::new(Self {
             limits: RateLimiters::new(&doc.spec.rate_limits),
-            spec: doc.spec.clone(),
+            spec: ArcSwap::from_pointee(doc.spec.clone()),
             products,
             redis,
             verifier: TokenVerifier::new(&settings.token_secret),
@@ -252,7 +260,8 @@ impl Gateway {
         let skew = jiff::SignedDuration::try_from(self.clock_skew).unwrap_or_default();
         let early = now.checked_add(skew).unwrap_or(now);
         let late = now.checked_sub(skew).unwrap_or(now);
-        match (self.spec.phase_at(early), self.spec.phase_at(late)) {
+        let spec = self.spec.load();
+        match (spec.phase_at(early), spec.phase_at(late)) {
             (Phase::Pending | Phase::Warming, _) => Phase::Pending,
             (_, Phase::Ended) => Phase::Ended,
             _ => Phase::Active,
@@ -285,6 +294,13 @@ impl Gateway {
     /// channel subscription and registry refresh.
     pub fn spawn_background(self: &Arc<Self>, shutdown: Shutdown) {
         tokio::spawn(load_report::run(Arc::clone(self), shutdown.clone()));
+        let gw = Arc::clone(self);
+        tokio::spawn(crate::live::follow(
+            self.redis.clone(),
+            self.sale.clone(),
+            shutdown.clone(),
+            move |live| gw.apply_live(&live.spec),
+        ));
         tokio::spawn(refresh_sold_out(Arc::clone(self), shutdown.clone()));
         tokio::spawn(push::subscribe(
             Arc::clone(self),
@@ -302,6 +318,28 @@ impl Gateway {
             shutdown.cancelled().await;
             own.cancel();
         });
+    }
+
+    /// Takes a new spec from the operator: window, rate limits and per-user
+    /// limits change in place (stock and price live in Redis already).
+    pub fn apply_live(&self, next: &SaleSpec) {
+        for p in &next.products {
+            if let Some(runtime) = self.products.get(&p.sku) {
+                runtime.limit.store(p.per_user_limit, Ordering::Relaxed);
+            }
+        }
+        let known: Vec<String> = self.products.keys().cloned().collect();
+        let added = crate::live::unknown_products(&known, next);
+        if !added.is_empty() {
+            tracing::warn!(
+                ?added,
+                "products added to the sale; new gateway pods sell them (the operator rolls them)"
+            );
+        }
+        if self.limits.reconfigure(&next.rate_limits) {
+            tracing::info!(limits = ?next.rate_limits, "rate limits changed");
+        }
+        self.spec.store(Arc::new(next.clone()));
     }
 
     pub fn sold_out(&self, sku: &str) -> bool {

@@ -15,7 +15,7 @@ use super::Gateway;
 use super::error::ApiError;
 
 pub fn admin_router(gw: Arc<Gateway>) -> Router {
-    prometheus();
+    crate::metric_catalog::register(crate::metric_catalog::GATEWAY);
     Router::new()
         .route("/metrics", get(metrics_response))
         .route("/healthz", get(|| async { "ok" }))

@@ -540,14 +540,17 @@ async fn redis_status(gw: &Gateway, order_id: &str) -> Option<OrderStatus> {
         .map(|r| r.status)
 }
 
-/// Moves the Redis record to paid (from accepted or confirmed only).
+/// Moves the Redis record to paid (from accepted or confirmed only), and
+/// the product's counters with it.
 async fn mark_paid_in_redis(gw: &Gateway, order_id: &str, repeat: bool) {
     let Some(product) = sku_of(order_id).and_then(|s| gw.products.get(s)) else {
         return;
     };
     let mut redis = gw.redis.clone();
+    // keys[5] holds the orders, keys[0] the info hash with the counters.
     let moved: Result<Vec<String>, _> = scripts::TRANSITION
         .key(&product.keys[5])
+        .key(&product.keys[0])
         .arg(OrderStatus::Paid.as_str())
         .arg("accepted,confirmed")
         .arg(order_id)

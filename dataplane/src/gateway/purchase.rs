@@ -185,14 +185,14 @@ async fn handle(
                 .with("sku", req.sku),
         );
     };
-    if req.quantity < 1 || req.quantity > i64::from(product.limit) {
+    if req.quantity < 1 || req.quantity > i64::from(product.limit()) {
         return fail(
             BAD_REQUEST,
             ApiError::bad_request(
                 "invalid_quantity",
                 format!(
                     "quantity must be between 1 and {} (the per-user limit)",
-                    product.limit
+                    product.limit()
                 ),
             )
             .with("quantity", req.quantity),
@@ -202,9 +202,12 @@ async fn handle(
     // the script; the skew allowance keeps a fast local clock from refusing early).
     match gw.local_phase() {
         Phase::Pending | Phase::Warming => {
-            return fail(NOT_STARTED, not_started(gw.spec.start_time.to_string()));
+            return fail(
+                NOT_STARTED,
+                not_started(gw.spec.load().start_time.to_string()),
+            );
         }
-        Phase::Ended => return fail(ENDED, ended(gw.spec.end_time.to_string())),
+        Phase::Ended => return fail(ENDED, ended(gw.spec.load().end_time.to_string())),
         Phase::Active => {}
     }
     // 4. Local sold-out flag: once this pod saw the product sold out, the

@@ -537,7 +537,10 @@ async fn send_snapshot(
         if !sent.admit(&rec.id, rec.status) {
             continue;
         }
+        let at = rec.status_since();
         let mut event = OrderEvent::new(&rec.id, &sku, rec.status, rec.reason);
+        // The change's time, not the snapshot's.
+        event.at = at;
         event.resumed = true;
         let json = serde_json::to_string(&event).unwrap_or_default();
         send(settings, socket, Message::Text(json.into())).await?;

@@ -18,6 +18,7 @@ use super::status::ScalerStatus;
 use super::{Error, FIELD_MANAGER, actuate, observe, settings};
 use crate::children::Component;
 use crate::conditions;
+use crate::metrics::SaleLabels;
 use crate::reconciler::{self, Context};
 use crate::resource::{ConsumerStatus, FlashSale, GatewayStatus, SalePhase};
 use crate::scaling::{
@@ -189,6 +190,12 @@ impl SaleMemory {
                 .iter()
                 .fold(0.0, |sum, r| sum + r.requests_per_second);
             let rps = (rps * 10.0).round() / 10.0;
+            ctx.metrics.sales.observe_gateway_load(
+                &SaleLabels::new(ns, name),
+                connections,
+                rps,
+                published.len(),
+            );
             let note = format!(
                 "{} → {} replicas ({}; {connections} connections, {rps} requests/s over {} report(s)): {}",
                 scale.replicas,
@@ -240,6 +247,11 @@ impl SaleMemory {
                 None => None,
             };
             let backlog = reading.as_ref().map(LagReading::backlog);
+            if let Some(lag) = backlog {
+                ctx.metrics
+                    .sales
+                    .observe_consumer_lag(&SaleLabels::new(ns, name), lag);
+            }
             if !ended || consumers_off_min || backlog.is_some_and(|b| b > 0) {
                 let decision = decide_consumer(
                     &settings::consumer(spec),
@@ -350,6 +362,11 @@ impl SaleMemory {
         } else {
             debug!(component = component.as_str(), %note, "no change");
         }
+        let workload = SaleLabels::new(&sale.namespace().unwrap_or_default(), &sale.name_any())
+            .workload(component.as_str());
+        ctx.metrics
+            .sales
+            .observe_decision(&workload, current, change.to, &change.driver, scaled);
         let state = match component {
             Component::Gateway => &mut self.gateway,
             Component::Consumer => &mut self.consumer,

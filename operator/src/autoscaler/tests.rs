@@ -483,6 +483,18 @@ async fn gateway_reports_and_stream_lag_drive_scale_patches() -> anyhow::Result<
         })
     );
     assert!(report.status_written);
+    // The same inputs and decisions reach the dashboards' metrics.
+    let metrics = ctx.metrics.render()?;
+    for line in [
+        format!(r#"flashsale_operator_consumer_lag{{namespace="shop",sale="singles-day"}} {backlog}"#),
+        r#"flashsale_operator_gateway_load_reports{namespace="shop",sale="singles-day"} 2"#.into(),
+        format!(
+            r#"flashsale_operator_desired_replicas{{namespace="shop",sale="singles-day",component="gateway"}} {gateway_to}"#
+        ),
+        r#"flashsale_operator_scale_changes_total{namespace="shop",sale="singles-day",component="consumer",driver="consumerLag"} 1"#.into(),
+    ] {
+        assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+    }
 
     // A second later the new pods are not ready yet and the figures have not
     // moved: the scale-up already made within the policies' 15 s period caps

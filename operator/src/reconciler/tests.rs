@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use dataplane::keys::ProductKeys;
-use dataplane::servers::RedisServer;
+use dataplane::servers::{PostgresServer, RedisServer};
 use http::Method;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -55,8 +55,9 @@ const CHILDREN: [(&str, bool); 6] = [
 const ALL: &[usize] = &[0, 1, 2, 3, 4, 5];
 /// None: everything is as this process last applied it.
 const NONE: &[usize] = &[];
-/// A change of the sale's config: the ConfigMap and the pod templates' checksum.
-const CONFIG: &[usize] = &[0, 1, 3];
+/// A change of a live sale setting (stock, limits, window): the ConfigMap
+/// only; the pod templates, and so the pods, stay as they are.
+const CONFIG: &[usize] = &[0];
 
 fn at(base: Timestamp, secs: i64) -> Timestamp {
     base.checked_add(SignedDuration::from_secs(secs))
@@ -74,11 +75,50 @@ async fn finish(task: tokio::task::JoinHandle<Result<Action, Error>>) -> anyhow:
     Ok(joined.context("reconcile panicked")??)
 }
 
+/// Where a test's sale finds Redis and PostgreSQL (its Secrets' values).
+struct Urls {
+    redis: String,
+    database: String,
+}
+
+impl Urls {
+    /// For reconciles that never reach Redis or PostgreSQL.
+    fn unused() -> Self {
+        Self {
+            redis: "redis://unused:6379".into(),
+            database: "postgres://orders@unused/orders".into(),
+        }
+    }
+}
+
+/// A real Redis and PostgreSQL of the test's own: warming applies stock to
+/// PostgreSQL before Redis sells it.
+struct Stores {
+    redis: RedisServer,
+    pg: PostgresServer,
+}
+
+impl Stores {
+    fn start() -> anyhow::Result<Self> {
+        Ok(Self {
+            redis: RedisServer::start()?,
+            pg: PostgresServer::start()?,
+        })
+    }
+
+    fn urls(&self) -> Urls {
+        Urls {
+            redis: self.redis.url(),
+            database: self.pg.url(),
+        }
+    }
+}
+
 /// Answers the three Secret reads.
-async fn serve_secrets(server: &mut ApiServer, redis_url: &str) {
+async fn serve_secrets(server: &mut ApiServer, urls: &Urls) {
     for (name, key, value) in [
-        ("redis", "url", redis_url),
-        ("orders-db", "url", "postgres://orders@db/orders"),
+        ("redis", "url", urls.redis.as_str()),
+        ("orders-db", "url", urls.database.as_str()),
         ("shop-login", "hmac-secret", "s3cret"),
     ] {
         server
@@ -97,22 +137,22 @@ async fn serve_secrets(server: &mut ApiServer, redis_url: &str) {
 /// applied bodies.
 async fn serve_children(
     server: &mut ApiServer,
-    redis_url: &str,
+    urls: &Urls,
     available: i32,
     written: &[usize],
 ) -> Vec<Value> {
-    serve_children_refusing(server, redis_url, available, written, None).await
+    serve_children_refusing(server, urls, available, written, None).await
 }
 
 /// [`serve_children`], with the apply of child `refused` answered by an error.
 async fn serve_children_refusing(
     server: &mut ApiServer,
-    redis_url: &str,
+    urls: &Urls,
     available: i32,
     written: &[usize],
     refused: Option<(usize, u16, &Value)>,
 ) -> Vec<Value> {
-    serve_secrets(server, redis_url).await;
+    serve_secrets(server, urls).await;
     let mut applied = Vec::new();
     for (i, (path, is_deployment)) in CHILDREN.into_iter().enumerate() {
         let with_status = |mut body: Value| {
@@ -231,7 +271,7 @@ async fn first_reconcile_adds_the_finalizer_applies_children_and_reports_status(
     let mut stored = fixtures::sale_with_finalizer();
     call.respond(200, &serde_json::to_value(&stored)?);
 
-    let applied = serve_children(&mut server, "redis://unused:6379", 0, ALL).await;
+    let applied = serve_children(&mut server, &Urls::unused(), 0, ALL).await;
     let [
         config_map,
         gateway,
@@ -271,7 +311,7 @@ async fn first_reconcile_adds_the_finalizer_applies_children_and_reports_status(
     ] {
         assert!(deployment["spec"].get("replicas").is_none(), "{deployment}");
         let pod = &deployment["spec"]["template"];
-        assert!(pod["metadata"]["annotations"]["flashsale.dev/config-checksum"].is_string());
+        assert!(pod["metadata"]["annotations"]["flashsale.dev/products-checksum"].is_string());
         let container = &pod["spec"]["containers"][0];
         assert_eq!(
             container["image"],
@@ -312,7 +352,7 @@ async fn first_reconcile_adds_the_finalizer_applies_children_and_reports_status(
 
     let status = serve_status(&mut server, &mut stored).await?;
     let since = "2026-11-10T23:00:00Z";
-    let product = |sku: &str, stock: i64| json!({"sku": sku, "stock": stock, "remaining": stock, "sold": 0, "persisted": 0});
+    let product = |sku: &str, stock: i64| json!({"sku": sku, "stock": stock, "remaining": stock, "sold": 0, "persisted": 0, "paid": 0, "cancelled": 0, "failed": 0});
     assert_eq!(
         status,
         json!({
@@ -358,7 +398,7 @@ async fn a_second_reconcile_changes_nothing() -> anyhow::Result<()> {
     let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
 
     let task = run(&sale, &ctx);
-    let first = serve_children(&mut server, "redis://unused:6379", 0, ALL).await;
+    let first = serve_children(&mut server, &Urls::unused(), 0, ALL).await;
     assert_eq!(first.len(), 6);
     serve_status(&mut server, &mut sale).await?;
     server.expect_event("Normal", "Pending", "Pending").await;
@@ -367,13 +407,13 @@ async fn a_second_reconcile_changes_nothing() -> anyhow::Result<()> {
     // Same object, same clock: no child written (the Deployments are read for
     // their status), no status write, no event.
     let task = run(&sale, &ctx);
-    let second = serve_children(&mut server, "redis://unused:6379", 0, NONE).await;
+    let second = serve_children(&mut server, &Urls::unused(), 0, NONE).await;
     assert_eq!(second, Vec::<Value>::new());
     assert_eq!(finish(task).await?, first_action);
 
     // A Deployment someone deleted is applied again at once.
     let task = run(&sale, &ctx);
-    serve_secrets(&mut server, "redis://unused:6379").await;
+    serve_secrets(&mut server, &Urls::unused()).await;
     let (gateway, _) = CHILDREN[1];
     server.expect(Method::GET, gateway).await.respond(
         404,
@@ -461,14 +501,23 @@ async fn a_missing_secret_is_reported_and_creates_nothing() -> anyhow::Result<()
         finish(task).await?,
         Action::requeue(Duration::from_secs(30))
     );
+    // What the FlashSaleNotReady alert and the sale dashboard read.
+    let metrics = ctx.metrics.render()?;
+    for line in [
+        r#"flashsale_operator_sale_ready{namespace="shop",sale="singles-day"} 0"#,
+        r#"flashsale_operator_sale_phase{namespace="shop",sale="singles-day",phase="Failed"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
     Ok(())
 }
 
 #[tokio::test]
 async fn phases_change_at_their_instants_and_requeue_for_the_next() -> anyhow::Result<()> {
-    let redis_server = RedisServer::start()?;
-    let url = redis_server.url();
-    let mut conn = redis_conn(&redis_server).await?;
+    let stores = Stores::start()?;
+    let redis_server = &stores.redis;
+    let url = stores.urls();
+    let mut conn = redis_conn(redis_server).await?;
     let mut sale = fixtures::sale_with_finalizer();
     let spec = sale.spec.sale.clone();
     let warmup = spec.warmup_start();
@@ -545,7 +594,8 @@ async fn phases_change_at_their_instants_and_requeue_for_the_next() -> anyhow::R
         Action::requeue(Duration::from_secs(15))
     );
 
-    // At end: Ended, nothing left to wait for.
+    // At end: Ended; the counters still move while unpaid orders time out
+    // (payment.timeoutSeconds after the end), so it still refreshes.
     clock.set(spec.end_time);
     let task = run(&sale, &ctx);
     serve_children(&mut server, &url, 2, NONE).await;
@@ -558,7 +608,10 @@ async fn phases_change_at_their_instants_and_requeue_for_the_next() -> anyhow::R
     server
         .expect_event("Normal", "Ended", "Active → Ended")
         .await;
-    assert_eq!(finish(task).await?, Action::await_change());
+    assert_eq!(
+        finish(task).await?,
+        Action::requeue(Duration::from_secs(15))
+    );
     Ok(())
 }
 
@@ -568,7 +621,7 @@ async fn rewarm(
     server: &mut ApiServer,
     ctx: &Arc<Context>,
     sale: &mut FlashSale,
-    url: &str,
+    url: &Urls,
     written: &[usize],
     events: &[(&str, &str, &str)],
 ) -> anyhow::Result<Value> {
@@ -590,9 +643,7 @@ fn product(status: &Value, sku: &str) -> Value {
 }
 
 /// Starts a live sale with Redis warmed at generation 1.
-async fn warmed_live_sale(
-    redis_server: &RedisServer,
-) -> anyhow::Result<(Arc<Context>, ApiServer, FlashSale)> {
+async fn warmed_live_sale(stores: &Stores) -> anyhow::Result<(Arc<Context>, ApiServer, FlashSale)> {
     let now = Timestamp::now();
     let mut sale = live_sale(now);
     let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
@@ -600,7 +651,7 @@ async fn warmed_live_sale(
         &mut server,
         &ctx,
         &mut sale,
-        &redis_server.url(),
+        &stores.urls(),
         ALL,
         &[
             ("Normal", "Active", "Active"),
@@ -618,19 +669,20 @@ async fn warmed_live_sale(
 
 #[tokio::test]
 async fn warming_twice_leaves_stock_unchanged() -> anyhow::Result<()> {
-    let redis_server = RedisServer::start()?;
-    let mut conn = redis_conn(&redis_server).await?;
-    let (ctx, mut server, mut sale) = warmed_live_sale(&redis_server).await?;
+    let stores = Stores::start()?;
+    let redis_server = &stores.redis;
+    let mut conn = redis_conn(redis_server).await?;
+    let (ctx, mut server, mut sale) = warmed_live_sale(&stores).await?;
 
     // An operator restart or a re-reconcile of the same generation: no warming.
     let task = run(&sale, &ctx);
-    serve_children(&mut server, &redis_server.url(), 2, NONE).await;
+    serve_children(&mut server, &stores.urls(), 2, NONE).await;
     finish(task).await?;
 
     // A spec edit that leaves stock alone warms again and changes nothing.
     sale.metadata.generation = Some(2);
     sale.spec.gateway.replicas.max = 60;
-    let status = rewarm(&mut server, &ctx, &mut sale, &redis_server.url(), NONE, &[]).await?;
+    let status = rewarm(&mut server, &ctx, &mut sale, &stores.urls(), NONE, &[]).await?;
     assert_eq!(status["warmedGeneration"], json!(2));
     assert_eq!(remaining(&mut conn, "phone-17").await?, 1000);
     assert_eq!(status["remaining"], json!(4500));
@@ -639,18 +691,19 @@ async fn warming_twice_leaves_stock_unchanged() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn warming_after_30_sales_keeps_what_was_sold() -> anyhow::Result<()> {
-    let redis_server = RedisServer::start()?;
-    let mut conn = redis_conn(&redis_server).await?;
-    let (ctx, mut server, mut sale) = warmed_live_sale(&redis_server).await?;
+    let stores = Stores::start()?;
+    let redis_server = &stores.redis;
+    let mut conn = redis_conn(redis_server).await?;
+    let (ctx, mut server, mut sale) = warmed_live_sale(&stores).await?;
     buy(&mut conn, "phone-17", 30).await?;
 
     sale.metadata.generation = Some(2);
     sale.spec.gateway.replicas.max = 60;
-    let status = rewarm(&mut server, &ctx, &mut sale, &redis_server.url(), NONE, &[]).await?;
+    let status = rewarm(&mut server, &ctx, &mut sale, &stores.urls(), NONE, &[]).await?;
     assert_eq!(remaining(&mut conn, "phone-17").await?, 970);
     assert_eq!(
         product(&status, "phone-17"),
-        json!({"sku": "phone-17", "stock": 1000, "remaining": 970, "sold": 30, "persisted": 0})
+        json!({"sku": "phone-17", "stock": 1000, "databaseStock": 1000, "remaining": 970, "sold": 30, "persisted": 0, "paid": 0, "cancelled": 0, "failed": 0})
     );
     assert_eq!(status["remaining"], json!(4470));
     Ok(())
@@ -658,9 +711,10 @@ async fn warming_after_30_sales_keeps_what_was_sold() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_stock_raise_mid_sale_adds_the_difference() -> anyhow::Result<()> {
-    let redis_server = RedisServer::start()?;
-    let mut conn = redis_conn(&redis_server).await?;
-    let (ctx, mut server, mut sale) = warmed_live_sale(&redis_server).await?;
+    let stores = Stores::start()?;
+    let redis_server = &stores.redis;
+    let mut conn = redis_conn(redis_server).await?;
+    let (ctx, mut server, mut sale) = warmed_live_sale(&stores).await?;
     buy(&mut conn, "phone-17", 30).await?;
 
     sale.metadata.generation = Some(2);
@@ -669,7 +723,7 @@ async fn a_stock_raise_mid_sale_adds_the_difference() -> anyhow::Result<()> {
         &mut server,
         &ctx,
         &mut sale,
-        &redis_server.url(),
+        &stores.urls(),
         CONFIG,
         &[(
             "Normal",
@@ -681,28 +735,28 @@ async fn a_stock_raise_mid_sale_adds_the_difference() -> anyhow::Result<()> {
     assert_eq!(remaining(&mut conn, "phone-17").await?, 1470);
     assert_eq!(
         product(&status, "phone-17"),
-        json!({"sku": "phone-17", "stock": 1500, "remaining": 1470, "sold": 30, "persisted": 0})
+        json!({"sku": "phone-17", "stock": 1500, "databaseStock": 1500, "remaining": 1470, "sold": 30, "persisted": 0, "paid": 0, "cancelled": 0, "failed": 0})
     );
     Ok(())
 }
 
 #[tokio::test]
 async fn a_stock_cut_below_sold_is_refused_with_a_condition() -> anyhow::Result<()> {
-    let redis_server = RedisServer::start()?;
-    let mut conn = redis_conn(&redis_server).await?;
-    let (ctx, mut server, mut sale) = warmed_live_sale(&redis_server).await?;
+    let stores = Stores::start()?;
+    let redis_server = &stores.redis;
+    let mut conn = redis_conn(redis_server).await?;
+    let (ctx, mut server, mut sale) = warmed_live_sale(&stores).await?;
     buy(&mut conn, "phone-17", 30).await?;
 
     sale.metadata.generation = Some(2);
     sale.spec.sale.products[0].stock = 10;
-    let message =
-        "sku phone-17: stock 10 is below the 30 units already sold; Redis keeps the previous stock";
+    let message = "sku phone-17: stock 10 is below the 30 units already sold; nothing changed: the sale keeps running on generation 1's settings";
     let status = rewarm(
         &mut server,
         &ctx,
         &mut sale,
-        &redis_server.url(),
-        CONFIG,
+        &stores.urls(),
+        NONE,
         &[("Warning", "StockBelowSold", message)],
     )
     .await?;
@@ -714,9 +768,48 @@ async fn a_stock_cut_below_sold_is_refused_with_a_condition() -> anyhow::Result<
         condition(&status, "RedisWarmed")["reason"],
         json!("StockBelowSold")
     );
-    // Still warmed from generation 1; nothing in Redis moved.
+    // Still warmed from generation 1; nothing in Redis or PostgreSQL moved.
     assert_eq!(status["warmedGeneration"], json!(1));
+    assert_eq!(status["phase"], json!("Active"));
     assert_eq!(remaining(&mut conn, "phone-17").await?, 970);
+    assert_eq!(
+        product(&status, "phone-17"),
+        json!({"sku": "phone-17", "stock": 1000, "databaseStock": 1000, "remaining": 970, "sold": 30, "persisted": 0, "paid": 0, "cancelled": 0, "failed": 0})
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_edit_a_running_sale_cannot_take_keeps_it_running_as_it_was() -> anyhow::Result<()> {
+    let stores = Stores::start()?;
+    let (ctx, mut server, mut sale) = warmed_live_sale(&stores).await?;
+
+    // An end time already past and an invalid limit, in one edit.
+    sale.metadata.generation = Some(2);
+    let now = ctx.clock.now();
+    sale.spec.sale.end_time = now.checked_sub(SignedDuration::from_secs(5))?;
+    sale.spec.sale.products[1].per_user_limit = 0;
+    let task = run(&sale, &ctx);
+    let applied = serve_children(&mut server, &stores.urls(), 2, NONE).await;
+    let status = serve_status(&mut server, &mut sale).await?;
+    server
+        .expect_event(
+            "Warning",
+            "ZeroPerUserLimit",
+            "sku \"earbuds-pro\" has perUserLimit 0; nothing changed: the sale keeps running on generation 1's settings",
+        )
+        .await;
+    finish(task).await?;
+
+    // Not Failed: the sale runs on, and says why the edit did not apply.
+    assert_eq!(status["phase"], json!("Active"));
+    assert_eq!(status["warmedGeneration"], json!(1));
+    assert_eq!(
+        condition(&status, "Ready")["reason"],
+        json!("ZeroPerUserLimit")
+    );
+    // Nothing written: the ConfigMap still holds the running spec.
+    assert_eq!(applied, Vec::<Value>::new());
     Ok(())
 }
 
@@ -740,6 +833,14 @@ async fn deletion_stops_the_data_plane_then_clears_redis_and_releases() -> anyho
     });
     sale.metadata.deletion_timestamp = Some(Time(now));
     let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
+    ctx.metrics.sales.observe_status(
+        "shop",
+        "singles-day",
+        &FlashSaleStatus {
+            phase: Some(SalePhase::Active),
+            ..Default::default()
+        },
+    );
     let deployments = "/apis/apps/v1/namespaces/shop/deployments";
     let foreground = json!({"propagationPolicy": "Foreground"});
 
@@ -832,6 +933,9 @@ async fn deletion_stops_the_data_plane_then_clears_redis_and_releases() -> anyho
 
     let left: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await?;
     assert_eq!(left, Vec::<String>::new());
+    // A deleted sale leaves no series behind.
+    let metrics = ctx.metrics.render()?;
+    assert!(!metrics.contains(r#"sale="singles-day""#), "{metrics}");
     Ok(())
 }
 
@@ -899,7 +1003,7 @@ async fn a_refused_child_is_reported_and_the_others_still_applied() -> anyhow::R
     let task = run(&sale, &ctx);
     let applied = serve_children_refusing(
         &mut server,
-        "unused",
+        &Urls::unused(),
         0,
         ALL,
         Some((service, 403, &refused)),
@@ -935,7 +1039,7 @@ async fn a_refused_child_is_reported_and_the_others_still_applied() -> anyhow::R
     let task = run(&sale, &ctx);
     serve_children_refusing(
         &mut server,
-        "unused",
+        &Urls::unused(),
         0,
         &[service],
         Some((service, 403, &refused)),
@@ -945,7 +1049,7 @@ async fn a_refused_child_is_reported_and_the_others_still_applied() -> anyhow::R
 
     // The quota lifted: the Service is applied and the sale is Ready.
     let task = run(&sale, &ctx);
-    serve_children(&mut server, "unused", 0, &[service]).await;
+    serve_children(&mut server, &Urls::unused(), 0, &[service]).await;
     let status = serve_status(&mut server, &mut sale).await?;
     assert_eq!(condition(&status, "Ready")["reason"], json!("Reconciled"));
     assert_eq!(
@@ -963,7 +1067,7 @@ async fn deployments_wait_for_their_config_map() -> anyhow::Result<()> {
     let message = "configmaps \"singles-day-dataplane\" is forbidden: exceeded quota: cm";
 
     let task = run(&sale, &ctx);
-    serve_secrets(&mut server, "unused").await;
+    serve_secrets(&mut server, &Urls::unused()).await;
     let (config_map, _) = CHILDREN[0];
     server
         .expect(Method::PATCH, &format!("{config_map}{APPLY}"))
@@ -1026,13 +1130,14 @@ async fn pdbs_are_skipped_with_a_condition_where_policy_v1_is_not_served() -> an
         clock: ctx.clock.clone(),
         metrics: ctx.metrics.clone(),
         redis: Default::default(),
+        stores: Default::default(),
         settings: ctx.settings.clone(),
         served: ServedApis::default(),
         applied: Default::default(),
     });
 
     let task = run(&sale, &ctx);
-    let applied = serve_children(&mut server, "unused", 0, &[0, 1, 2, 3]).await;
+    let applied = serve_children(&mut server, &Urls::unused(), 0, &[0, 1, 2, 3]).await;
     assert_eq!(applied.len(), 4);
     // Kubernetes 1.20 answers discovery of an unknown group version with a plain 404.
     let call = server.expect(Method::GET, "/apis/policy/v1").await;
@@ -1060,22 +1165,22 @@ async fn pdbs_are_skipped_with_a_condition_where_policy_v1_is_not_served() -> an
 
     // Asked once: the next reconcile neither asks again nor writes anything.
     let task = run(&sale, &ctx);
-    serve_children(&mut server, "unused", 0, NONE).await;
+    serve_children(&mut server, &Urls::unused(), 0, NONE).await;
     finish(task).await?;
     Ok(())
 }
 
 #[tokio::test]
 async fn phase_events_name_the_transition_failed_included() -> anyhow::Result<()> {
-    let redis_server = RedisServer::start()?;
-    let (ctx, mut server, mut sale) = warmed_live_sale(&redis_server).await?;
+    let stores = Stores::start()?;
+    let (ctx, mut server, mut sale) = warmed_live_sale(&stores).await?;
 
     // The token Secret goes missing mid-sale: Failed, with a phase Event.
     let task = run(&sale, &ctx);
     server
         .expect(Method::GET, "/api/v1/namespaces/shop/secrets/redis")
         .await
-        .respond(200, &fixtures::secret("redis", "url", &redis_server.url()));
+        .respond(200, &fixtures::secret("redis", "url", &stores.redis.url()));
     server
         .expect(Method::GET, "/api/v1/namespaces/shop/secrets/orders-db")
         .await
@@ -1101,7 +1206,7 @@ async fn phase_events_name_the_transition_failed_included() -> anyhow::Result<()
 
     // Back: the Event says where from (not a repeat of "Warming → Active").
     let task = run(&sale, &ctx);
-    serve_children(&mut server, &redis_server.url(), 2, NONE).await;
+    serve_children(&mut server, &stores.urls(), 2, NONE).await;
     let status = serve_status(&mut server, &mut sale).await?;
     assert_eq!(status["phase"], json!("Active"));
     let event = server

@@ -1,0 +1,164 @@
+//! Applying a sale's spec to a running sale, with one ordering rule for stock:
+//! every unit Redis can sell is already covered by PostgreSQL's inventory row.
+//!
+//! - a raise (or a new product) goes to PostgreSQL first, then Redis;
+//! - a cut goes to Redis first (refused below what is sold), then PostgreSQL.
+//!
+//! Each step is idempotent and the steps only ever leave PostgreSQL's stock at
+//! or above Redis', so a caller that fails halfway calls again until both
+//! agree. The operator runs this on every spec generation, the local run and
+//! `flashsale warm` run it too: one code path. A spec that cannot apply to the
+//! running sale (stock below sold, an end time already past, an invalid
+//! limit) changes nothing and says why.
+
+use jiff::Timestamp;
+use redis::aio::ConnectionLike;
+
+use crate::counters::ProductCounters;
+use crate::live::{self, LiveError};
+use crate::spec::{SaleId, SaleSpec, SpecProblem};
+use crate::store::{OrderStore, StoreError};
+use crate::warm::{self, ProductWarm, WarmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("order store: {0}")]
+    Store(#[from] StoreError),
+    #[error("warm: {0}")]
+    Warm(#[from] WarmError),
+    #[error("live spec: {0}")]
+    Live(#[from] LiveError),
+    /// Nothing was changed; the running sale keeps its applied spec.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Refused(Vec<SpecProblem>),
+}
+
+/// One product's stock as both stores hold it after an apply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProductStock {
+    pub sku: String,
+    /// Units Redis may sell in all (`info.stock`).
+    pub redis: i64,
+    /// `flashsale_inventory.stock`.
+    pub database: Option<i64>,
+}
+
+/// What an apply did.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    pub products: Vec<ProductWarm>,
+    pub stock: Vec<ProductStock>,
+    /// Whether running pods get a new spec, and its version.
+    pub spec_changed: bool,
+    pub spec_version: i64,
+}
+
+/// Why `next` cannot replace the running sale's spec (`applied`, with
+/// Redis' counters in `next`'s product order); empty when it can.
+pub fn change_problems(
+    applied: Option<&SaleSpec>,
+    next: &SaleSpec,
+    counters: &[Option<ProductCounters>],
+    now: Timestamp,
+) -> Vec<SpecProblem> {
+    let mut problems = next.validate().err().unwrap_or_default();
+    for (p, c) in next.products.iter().zip(counters) {
+        if let Some(c) = c
+            && p.stock < c.sold()
+        {
+            problems.push(SpecProblem {
+                reason: "StockBelowSold",
+                message: format!(
+                    "sku {}: stock {} is below the {} units already sold",
+                    p.sku,
+                    p.stock,
+                    c.sold()
+                ),
+            });
+        }
+    }
+    if let Some(old) = applied
+        && next.end_time != old.end_time
+        && next.end_time <= now
+        && old.end_time > now
+    {
+        problems.push(SpecProblem {
+            reason: "EndInPast",
+            message: format!(
+                "endTime {} is already past; the running sale keeps {} (shorten it to a time ahead, or let it end)",
+                next.end_time, old.end_time
+            ),
+        });
+    }
+    problems
+}
+
+/// Applies `spec` to the sale in PostgreSQL and Redis (see the module doc)
+/// and publishes it for running gateways and consumers.
+pub async fn apply<C: ConnectionLike + Send>(
+    conn: &mut C,
+    store: &OrderStore,
+    sale: &SaleId,
+    spec: &SaleSpec,
+    now: Timestamp,
+) -> Result<Applied, ApplyError> {
+    let applied = live::read(conn, sale).await?;
+    let counters = crate::counters::product_counters(conn, sale, spec).await?;
+    let problems = change_problems(applied.as_ref().map(|l| &l.spec), spec, &counters, now);
+    if !problems.is_empty() {
+        return Err(ApplyError::Refused(problems));
+    }
+
+    // 1. Raises and new products: PostgreSQL covers them before Redis sells them.
+    let (raises, cuts): (Vec<_>, Vec<_>) = spec
+        .products
+        .iter()
+        .zip(&counters)
+        .map(|(p, c)| (p.sku.as_str(), p.stock, c.as_ref().map(|c| c.stock)))
+        .partition(|(_, stock, redis)| redis.is_none_or(|r| *stock >= r));
+    let pairs = |v: &[(&str, i64, Option<i64>)]| -> Vec<(String, i64)> {
+        v.iter().map(|(s, n, _)| (s.to_string(), *n)).collect()
+    };
+    store.set_stock(sale, &pairs(&raises)).await?;
+
+    // 2. Redis: stock by difference (never reset), price, limit, window.
+    let products = match warm::warm_sale(conn, sale, spec).await {
+        Ok(p) => p,
+        // Sold moved between the check and the script: nothing was cut.
+        Err(WarmError::BelowSold { sku, stock, sold }) => {
+            return Err(ApplyError::Refused(vec![SpecProblem {
+                reason: "StockBelowSold",
+                message: format!("sku {sku}: stock {stock} is below the {sold} units already sold"),
+            }]));
+        }
+        Err(e) => return Err(e.into()),
+    };
+
+    // 3. Cuts: Redis sells less now, so PostgreSQL may follow.
+    store.set_stock(sale, &pairs(&cuts)).await?;
+
+    // 4. Running pods pick the new settings up within a second.
+    let (spec_changed, spec_version) = live::publish(conn, sale, spec).await?;
+
+    let database = store.inventory(sale).await?;
+    let stock = spec
+        .products
+        .iter()
+        .map(|p| ProductStock {
+            sku: p.sku.clone(),
+            redis: p.stock,
+            database: database
+                .iter()
+                .find(|row| row.sku == p.sku)
+                .map(|row| row.stock),
+        })
+        .collect();
+    Ok(Applied {
+        products,
+        stock,
+        spec_changed,
+        spec_version,
+    })
+}

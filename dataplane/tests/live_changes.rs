@@ -1,0 +1,364 @@
+//! Mid-sale changes reach running gateways and consumers without a restart,
+//! through `stock::apply` (the operator's code path), and lose no accepted
+//! order: stock raised three times and cut once under a crowd, an end time
+//! extended, a rate limit raised, refused changes that change nothing.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use dataplane::audit::{audit, wait_drained};
+use dataplane::crowd::{CrowdConfig, Target};
+use dataplane::spec::{RateLimit, SaleDocument, SaleSpec};
+use dataplane::stock::{self, ApplyError};
+use dataplane::store::OrderStore;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn with_stock(spec: &SaleSpec, sku: &str, stock: i64) -> SaleSpec {
+    let mut next = spec.clone();
+    for p in &mut next.products {
+        if p.sku == sku {
+            p.stock = stock;
+        }
+    }
+    next
+}
+
+async fn apply(
+    servers: &Servers,
+    store: &OrderStore,
+    doc: &SaleDocument,
+    spec: &SaleSpec,
+) -> Result<stock::Applied, ApplyError> {
+    let mut conn = servers.redis_conn().await?;
+    stock::apply(&mut conn, store, &doc.id(), spec, jiff::Timestamp::now()).await
+}
+
+/// Units sold of `sku` by Redis' counters.
+async fn sold(servers: &Servers, doc: &SaleDocument, sku: &str) -> Result<i64, BoxError> {
+    let mut conn = servers.redis_conn().await?;
+    let counters = dataplane::counters::product_counters(&mut conn, &doc.id(), &doc.spec).await?;
+    Ok(counters
+        .iter()
+        .flatten()
+        .find(|c| c.sku == sku)
+        .map(|c| c.sold())
+        .unwrap_or(0))
+}
+
+async fn dead_letters(servers: &Servers, doc: &SaleDocument) -> Result<i64, BoxError> {
+    let mut conn = servers.redis_conn().await?;
+    let mut total = 0;
+    for p in &doc.spec.products {
+        let keys = dataplane::keys::ProductKeys::new(&doc.id(), &p.sku);
+        let n: i64 = redis::cmd("XLEN")
+            .arg(keys.dead_letter())
+            .query_async(&mut conn)
+            .await?;
+        total += n;
+    }
+    Ok(total)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_raised_three_times_and_cut_once_under_a_crowd_fails_no_order() -> TestResult {
+    let servers = Servers::start()?;
+    let store = servers.store().await?;
+    // The pods boot with this document and are never restarted.
+    let doc = sale("restock", &[("hot", 300, 1), ("calm", 50, 1)]);
+    apply(&servers, &store, &doc, &doc.spec).await?;
+    let consumers = RunningConsumers::start(&doc, &servers, 2).await?;
+    let gw1 = RunningGateway::start(&doc, &servers.redis.url(), "gw-1").await?;
+    let gw2 = RunningGateway::start(&doc, &servers.redis.url(), "gw-2").await?;
+    let gateways: Vec<SocketAddr> = vec![gw1.addr, gw2.addr];
+
+    let crowd = tokio::spawn(dataplane::crowd::run(CrowdConfig {
+        gateways,
+        sale: "restock".into(),
+        skus: vec!["hot".into(), "calm".into()],
+        users: 6_000,
+        connections: 32,
+        requests: 8_000,
+        max_duration: Duration::from_secs(60),
+        retry_fraction: 0.05,
+        rate: Some(1_000.0),
+        token_secret: SECRET.to_vec(),
+        target: Target::Purchase,
+        source_ips: 8,
+    }));
+
+    // Raise, raise, raise and at once cut part of it back, while buying.
+    let mut spec = doc.spec.clone();
+    let mut changes = Vec::new();
+    for step in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let raise = if step == 2 { 600 } else { 300 };
+        let raised = with_stock(&spec, "hot", spec.products[0].stock + raise);
+        apply(&servers, &store, &doc, &raised).await?;
+        changes.push(raised.products[0].stock);
+        spec = raised;
+    }
+    // The cut races the crowd: what is sold moves under it, so a refused cut
+    // is retried a little higher, as a person editing the sale would.
+    let mut cut = None;
+    for attempt in 0..10 {
+        let current = spec.products[0].stock;
+        let target = (current - 200).max(sold(&servers, &doc, "hot").await? + 20 * attempt);
+        if target >= current {
+            break;
+        }
+        let candidate = with_stock(&spec, "hot", target);
+        match apply(&servers, &store, &doc, &candidate).await {
+            Ok(_) => {
+                cut = Some(candidate);
+                break;
+            }
+            Err(ApplyError::Refused(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let Some(cut) = cut else {
+        panic!("every cut was refused; changes so far {changes:?}");
+    };
+    changes.push(cut.products[0].stock);
+    spec = cut;
+    assert!(
+        changes[3] < changes[2],
+        "the last change is a cut: {changes:?}"
+    );
+
+    let result = crowd.await??;
+    let tally = format!(
+        "sent {} accepted {} sold_out {} limit {} 5xx {} transport {} other 4xx {} violations {}",
+        result.sent,
+        result.accepted,
+        result.sold_out,
+        result.limit_reached,
+        result.server_errors,
+        result.transport_errors,
+        result.other_client_errors,
+        result.idempotency_violations
+    );
+    // A 503 (Redis slow on this shared machine) is an honest answer that
+    // sells nothing; what must hold is below: no 202 lost or failed.
+    assert_eq!(
+        result.transport_errors + result.other_client_errors,
+        0,
+        "{tally}"
+    );
+    assert!(result.server_errors * 100 <= result.sent, "{tally}");
+    assert_eq!(result.idempotency_violations, 0, "{tally}");
+    assert!(result.accepted > 300, "the raises sold more: {tally}");
+
+    let mut conn = servers.redis_conn().await?;
+    let live_doc = SaleDocument {
+        metadata: doc.metadata.clone(),
+        spec: spec.clone(),
+    };
+    assert!(
+        wait_drained(
+            &mut conn,
+            &store,
+            &live_doc.id(),
+            &live_doc.spec,
+            Duration::from_secs(60)
+        )
+        .await?
+    );
+    let report = audit(
+        &mut conn,
+        &store,
+        &live_doc.id(),
+        &live_doc.spec,
+        &result.orders,
+        0,
+    )
+    .await?;
+    assert!(report.passed(), "{:?}", report.problems());
+    assert_eq!(report.failed_orders, 0, "no accepted order failed");
+    assert!(report.lost_orders.is_empty());
+    assert_eq!(
+        dead_letters(&servers, &doc).await?,
+        0,
+        "nothing dead-lettered"
+    );
+    // At rest both stores hold the final stock, and sold agrees.
+    let inventory = store.inventory(&doc.id()).await?;
+    for p in &report.products {
+        let row = inventory.iter().find(|r| r.sku == p.sku);
+        assert_eq!(row.map(|r| r.stock), Some(p.stock), "{p:?}");
+        assert_eq!(row.map(|r| r.sold), Some(p.sold_in_redis), "{p:?}");
+        assert_eq!(p.oversold, 0);
+    }
+    assert_eq!(report.products[0].stock, spec.products[0].stock);
+    let accepted: i64 = report.products.iter().map(|p| p.units).sum();
+    assert_eq!(accepted as u64, result.accepted, "accepted = persisted");
+
+    gw1.stop().await;
+    gw2.stop().await;
+    consumers.stop().await;
+    Ok(())
+}
+
+async fn buy(
+    client: &reqwest::Client,
+    gw: &RunningGateway,
+    user: &str,
+    sku: &str,
+) -> Result<u16, BoxError> {
+    let r = client
+        .post(gw.url("/v1/sales/live/purchase"))
+        .bearer_auth(token(user))
+        .json(&serde_json::json!({ "sku": sku, "quantity": 1 }))
+        .send()
+        .await?;
+    Ok(r.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_time_and_rate_limit_change_in_running_gateways() -> TestResult {
+    let servers = Servers::start()?;
+    let store = servers.store().await?;
+    let now = jiff::Timestamp::now();
+    let mut doc = sale_window(
+        "live",
+        &[("phone", 10_000, 5)],
+        now - jiff::SignedDuration::from_secs(1),
+        now + jiff::SignedDuration::from_secs(4),
+    );
+    doc.spec.rate_limits.global = Some(RateLimit {
+        requests_per_second: 2,
+        burst: 2,
+    });
+    apply(&servers, &store, &doc, &doc.spec).await?;
+    let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
+    let gw = RunningGateway::start(&doc, &servers.redis.url(), "gw-live").await?;
+    let client = http();
+
+    // The global budget of 2/s refuses most of a quick burst.
+    let mut limited = 0;
+    for i in 0..20 {
+        if buy(&client, &gw, &format!("early-{i}"), "phone").await? == 429 {
+            limited += 1;
+        }
+    }
+    assert!(limited >= 15, "{limited} of 20 rate limited");
+
+    // Extend the end by a minute and raise the global rate, in one edit.
+    let mut next = doc.spec.clone();
+    next.end_time = now + jiff::SignedDuration::from_secs(60);
+    next.rate_limits.global = Some(RateLimit {
+        requests_per_second: 10_000,
+        burst: 1_000,
+    });
+    let applied = apply(&servers, &store, &doc, &next).await?;
+    assert!(applied.spec_changed);
+
+    // Within a couple of seconds the running gateway takes both.
+    let gateway = Arc::clone(&gw.gateway);
+    let want = next.clone();
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let g = Arc::clone(&gateway);
+            let w = want.clone();
+            async move {
+                let spec = g.spec.load();
+                spec.end_time == w.end_time && g.limits.limits() == w.rate_limits
+            }
+        })
+        .await,
+        "the gateway did not take the new spec"
+    );
+    let mut passed = 0;
+    for i in 0..20 {
+        if buy(&client, &gw, &format!("raised-{i}"), "phone").await? == 202 {
+            passed += 1;
+        }
+    }
+    assert_eq!(passed, 20, "the raised rate holds");
+
+    // Past the old end, the same gateway process still sells.
+    let old_end = doc.spec.end_time;
+    while jiff::Timestamp::now() < old_end + jiff::SignedDuration::from_millis(500) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(buy(&client, &gw, "late-buyer", "phone").await?, 202);
+
+    // A per-user limit cut applies too: late-buyer holds 1, the limit becomes 1.
+    let mut cut = next.clone();
+    cut.products[0].per_user_limit = 1;
+    apply(&servers, &store, &doc, &cut).await?;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(buy(&client, &gw, "late-buyer", "phone").await?, 409);
+
+    gw.stop().await;
+    consumers.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_cannot_apply_changes_nothing() -> TestResult {
+    let servers = Servers::start()?;
+    let store = servers.store().await?;
+    let doc = sale("refuse", &[("phone", 100, 5)]);
+    apply(&servers, &store, &doc, &doc.spec).await?;
+    let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
+    let gw = RunningGateway::start(&doc, &servers.redis.url(), "gw-refuse").await?;
+    let client = http();
+    for i in 0..10 {
+        assert_eq!(buy_in(&client, &gw, &format!("u{i}")).await?, 202);
+    }
+    let mut conn = servers.redis_conn().await?;
+    let before = dataplane::live::read(&mut conn, &doc.id()).await?;
+
+    let below = with_stock(&doc.spec, "phone", 5);
+    let mut past = doc.spec.clone();
+    past.end_time = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(1);
+    let mut zero_limit = doc.spec.clone();
+    zero_limit.products[0].per_user_limit = 0;
+    for (spec, reason) in [
+        (below, "StockBelowSold"),
+        (past, "EndInPast"),
+        (zero_limit, "ZeroPerUserLimit"),
+    ] {
+        match apply(&servers, &store, &doc, &spec).await {
+            Err(ApplyError::Refused(problems)) => {
+                assert!(
+                    problems.iter().any(|p| p.reason == reason),
+                    "{reason}: {problems:?}"
+                );
+            }
+            other => panic!("{reason}: expected a refusal, got {other:?}"),
+        }
+    }
+    // Nothing moved: the published spec, both stocks, and the sale sells on.
+    assert_eq!(dataplane::live::read(&mut conn, &doc.id()).await?, before);
+    let row = store.inventory_row(&doc.id(), "phone").await?;
+    assert_eq!(row.map(|r| r.stock), Some(100));
+    assert_eq!(sold(&servers, &doc, "phone").await?, 10);
+    let counters = dataplane::counters::product_counters(&mut conn, &doc.id(), &doc.spec).await?;
+    assert_eq!(counters[0].as_ref().map(|c| c.stock), Some(100));
+    assert_eq!(buy_in(&client, &gw, "after").await?, 202);
+
+    gw.stop().await;
+    consumers.stop().await;
+    Ok(())
+}
+
+async fn buy_in(
+    client: &reqwest::Client,
+    gw: &RunningGateway,
+    user: &str,
+) -> Result<u16, BoxError> {
+    let r = client
+        .post(gw.url("/v1/sales/refuse/purchase"))
+        .bearer_auth(token(user))
+        .json(&serde_json::json!({ "sku": "phone", "quantity": 1 }))
+        .send()
+        .await?;
+    Ok(r.status().as_u16())
+}
