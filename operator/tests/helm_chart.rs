@@ -5,6 +5,8 @@
 mod support;
 
 use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use serde_json::{Value, json};
 use support::helm::{Rendered, chart_dir, render, workspace};
