@@ -162,6 +162,17 @@ pub struct InventoryRow {
     pub sold: i64,
 }
 
+impl InventoryRow {
+    /// From a `SELECT sku, stock, sold` row.
+    fn from_row(r: &tokio_postgres::Row) -> Self {
+        Self {
+            sku: r.get(0),
+            stock: r.get(1),
+            sold: r.get(2),
+        }
+    }
+}
+
 /// What one batch did.
 #[derive(Debug, Default, PartialEq)]
 pub struct BatchOutcome {
@@ -299,11 +310,7 @@ impl OrderStore {
                 &[&sale.key(), &sku],
             )
             .await?;
-        Ok(row.map(|r| InventoryRow {
-            sku: r.get(0),
-            stock: r.get(1),
-            sold: r.get(2),
-        }))
+        Ok(row.as_ref().map(InventoryRow::from_row))
     }
 
     /// The sale's inventory rows.
@@ -315,14 +322,7 @@ impl OrderStore {
                 &[&sale.key()],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| InventoryRow {
-                sku: r.get(0),
-                stock: r.get(1),
-                sold: r.get(2),
-            })
-            .collect())
+        Ok(rows.iter().map(InventoryRow::from_row).collect())
     }
 
     /// Inserts a batch in one statement (so one transaction): rows already

@@ -392,6 +392,18 @@ impl<'a> Report<'a> {
         self.condition(observed);
     }
 
+    /// Redis does not hold the spec of this generation, for `reason`: both
+    /// `RedisWarmed` and `Ready` say so.
+    fn not_warmed(&mut self, reason: &str, message: String) {
+        self.condition(Observed::new(
+            conditions::REDIS_WARMED,
+            false,
+            reason,
+            message.clone(),
+        ));
+        self.not_ready(reason, message);
+    }
+
     /// Ready=False for something the user must fix; a Warning event when the reason is new.
     fn not_ready(&mut self, reason: &str, message: String) {
         let before = conditions::find(&self.previous.conditions, conditions::READY);
@@ -848,13 +860,7 @@ async fn sync_stores(
             Err(e) => {
                 let message = e.to_string();
                 warn!(%message, "applying the spec failed");
-                report.condition(Observed::new(
-                    conditions::REDIS_WARMED,
-                    false,
-                    "ApplyFailed",
-                    message.clone(),
-                ));
-                report.not_ready("ApplyFailed", message);
+                report.not_warmed("WarmFailed", message);
                 return trouble(running.as_ref().unwrap_or(new));
             }
         }
@@ -910,13 +916,7 @@ async fn sync_stores(
                 .join("; ")
         );
         info!(reason, %message, "spec change refused");
-        report.condition(Observed::new(
-            conditions::REDIS_WARMED,
-            false,
-            reason,
-            message.clone(),
-        ));
-        report.not_ready(reason, message);
+        report.not_warmed(reason, message);
         return Synced {
             spec,
             trouble: false,
@@ -951,13 +951,7 @@ async fn sync_stores(
             "Redis has no stock for {} although it was warmed; check Redis persistence",
             missing.join(", ")
         );
-        report.condition(Observed::new(
-            conditions::REDIS_WARMED,
-            false,
-            "StockMissing",
-            message.clone(),
-        ));
-        report.not_ready("StockMissing", message);
+        report.not_warmed("StockMissing", message);
         Synced {
             spec,
             trouble: true,
@@ -974,13 +968,7 @@ fn database_unavailable(report: &mut Report<'_>, e: &dataplane::store::StoreErro
 fn redis_unavailable(report: &mut Report<'_>, e: &redis::RedisError) {
     let message = format!("cannot reach Redis: {e}");
     warn!(error = %e, "redis unavailable");
-    report.condition(Observed::new(
-        conditions::REDIS_WARMED,
-        false,
-        "RedisUnavailable",
-        message.clone(),
-    ));
-    report.not_ready("RedisUnavailable", message);
+    report.not_warmed("RedisUnavailable", message);
 }
 
 fn product_status(c: &ProductCounters, database_stock: Option<i64>) -> ProductStatus {
