@@ -14,6 +14,9 @@ pub static RELEASE: LazyLock<Script> =
 /// Guarded order status change (`transition.lua`).
 pub static TRANSITION: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/transition.lua")));
+/// A user's orders of one product, read along their chain (`orders_of.lua`).
+pub static ORDERS_OF: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/orders_of.lua")));
 /// Catalog and stock written once per sale (`warm.lua`).
 pub static WARM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/warm.lua")));
 

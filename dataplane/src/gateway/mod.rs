@@ -76,7 +76,7 @@ pub fn default_pod_name() -> String {
 pub struct ProductRuntime {
     pub sku: String,
     pub limit: u32,
-    /// info, stock, buyers, useq, idem, orders, uorders, stream (the script's KEYS).
+    /// info, stock, buyers, users, idem, orders, stream, clock (the script's KEYS).
     pub keys: [String; 8],
     pub layout: ProductKeys,
     pub sold_out: AtomicBool,
@@ -91,6 +91,19 @@ pub struct ProductRuntime {
 }
 
 impl ProductRuntime {
+    pub fn stock_key(&self) -> &str {
+        &self.keys[1]
+    }
+    pub fn users_key(&self) -> &str {
+        &self.keys[3]
+    }
+    pub fn idempotency_key(&self) -> &str {
+        &self.keys[4]
+    }
+    pub fn orders_key(&self) -> &str {
+        &self.keys[5]
+    }
+
     pub fn sold_out_response(&self) -> axum::response::Response {
         use axum::response::IntoResponse;
         (
@@ -352,7 +365,7 @@ async fn refresh_sold_out(gw: Arc<Gateway>, shutdown: Shutdown) {
             }
             let mut conn = gw.redis.clone();
             let remaining: Result<Option<i64>, _> = redis::cmd("GET")
-                .arg(&p.keys[1])
+                .arg(p.stock_key())
                 .query_async(&mut conn)
                 .await;
             if let Ok(Some(n)) = remaining
@@ -371,11 +384,14 @@ async fn refresh_sold_out(gw: Arc<Gateway>, shutdown: Shutdown) {
 }
 
 async fn load_replays(p: &ProductRuntime, conn: &mut ConnectionManager) {
-    let len: Result<usize, _> = redis::cmd("HLEN").arg(&p.keys[4]).query_async(conn).await;
+    let len: Result<usize, _> = redis::cmd("HLEN")
+        .arg(p.idempotency_key())
+        .query_async(conn)
+        .await;
     match len {
         Ok(n) if n <= MAX_REPLAY_SNAPSHOT => {
             let all: Result<HashMap<String, String>, _> = redis::cmd("HGETALL")
-                .arg(&p.keys[4])
+                .arg(p.idempotency_key())
                 .query_async(conn)
                 .await;
             if let Ok(map) = all {
