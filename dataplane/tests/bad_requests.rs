@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -310,6 +312,22 @@ async fn answers_follow_the_contract() -> TestResult {
         .send()
         .await?;
     assert_eq!(forged_retry.status(), StatusCode::UNAUTHORIZED);
+    // A key no winner used cannot be a retry: once the pod's replay snapshot
+    // is loaded (within 500 ms), such a request is answered unverified too.
+    let unused_key = eventually(Duration::from_secs(5), || async {
+        http.post(&url)
+            .header("authorization", "Bearer abc.def.ghi")
+            .header("idempotency-key", "never-used")
+            .body(r#"{"sku":"item","quantity":1}"#)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == StatusCode::GONE)
+    })
+    .await;
+    assert!(
+        unused_key,
+        "an unused key is answered sold out without the token"
+    );
     // A retry of a winning request after the sell-out still gets its order.
     let late_replay = buy("alice", Some("k1")).await?;
     assert_eq!(late_replay.status(), StatusCode::ACCEPTED);

@@ -82,8 +82,8 @@ pub mod outcome {
 /// bearer token (401); rate limits (429); then the atomic decision in Redis.
 /// "Sold out" is public, so a request for a product this gateway already
 /// knows is sold out is answered before its token is checked, unless it
-/// carries an `Idempotency-Key`: that may be a winner's retry, answered with
-/// its order, which needs the verified user.
+/// carries an `Idempotency-Key` that a winner used: that may be a winner's
+/// retry, answered with its order, which needs the verified user.
 #[utoipa::path(
     post,
     path = "/v1/sales/{sale}/purchase",
@@ -228,11 +228,22 @@ async fn handle(
     // 4. Local sold-out flag: once this pod saw the product sold out, the
     // crowd is answered from memory, before the token's signature is checked:
     // "sold out" is public, and the crowd after a sell-out is most of the
-    // traffic. A request with an Idempotency-Key may be a winner's retry,
-    // answered with its order, so it needs the verified user first.
+    // traffic. Only a request whose Idempotency-Key some winner used may be a
+    // winner's retry, answered with its order: that one needs the verified
+    // user. Until the replay snapshot is loaded, keyed requests go to Redis.
     let flagged = product.sold_out.load(Ordering::Relaxed);
-    if flagged && idem.is_none() {
-        return Err((SOLD_OUT_LOCAL, product.sold_out_response()));
+    if flagged {
+        let answer_now = match idem {
+            None => true,
+            Some(k) => product
+                .replays
+                .load()
+                .as_deref()
+                .is_some_and(|r| !r.has_key(k)),
+        };
+        if answer_now {
+            return Err((SOLD_OUT_LOCAL, product.sold_out_response()));
+        }
     }
     // 5. Token.
     let user = gw
@@ -240,15 +251,19 @@ async fn handle(
         .user_from_header(auth)
         .map_err(|e| refuse(UNAUTHENTICATED)(ApiError::unauthorized(e.to_string())))?;
     tracing::Span::current().record("user", user.as_str());
-    // A retry carrying an Idempotency-Key is answered from the replay
-    // snapshot; until that is loaded it goes on to Redis.
-    let idem_field = idem.map(|k| format!("{user}\x1f{k}")).unwrap_or_default();
-    if flagged && let Some(map) = product.replays.load().as_ref() {
-        return match map.get(&idem_field) {
-            Some(id) => Ok((DUPLICATE, accepted(id.clone()))),
-            None => Err((SOLD_OUT_LOCAL, product.sold_out_response())),
-        };
+    if flagged && let Some(k) = idem {
+        let replay = product
+            .replays
+            .load()
+            .as_deref()
+            .map(|r| r.order(&user, k).map(str::to_string));
+        match replay {
+            Some(Some(id)) => return Ok((DUPLICATE, accepted(id))),
+            Some(None) => return Err((SOLD_OUT_LOCAL, product.sold_out_response())),
+            None => {}
+        }
     }
+    let idem_field = idem.map(|k| format!("{user}\x1f{k}")).unwrap_or_default();
     // 6. Rate limits.
     let ip = client_ip(headers, gw.client_ip_header.as_ref(), peer.ip());
     if let Err(l) = gw.limits.check(&user, ip) {
