@@ -551,35 +551,31 @@ async fn send_snapshot(
 const MAX_SNAPSHOT_ORDERS: usize = 1000;
 
 /// The user's orders across the sale's SKUs: `orders_of.lua` per product
-/// (the user's chain of records, newest first), pipelined in one round trip.
+/// (the user's chain of records, newest first), all in one round trip.
 async fn user_orders(
     gw: &Gateway,
     user: &str,
 ) -> Result<Vec<(String, OrderRecord)>, redis::RedisError> {
-    let mut redis = gw.redis.clone();
     let products: Vec<_> = gw.products.values().collect();
-    let mut pipe = redis::pipe();
-    pipe.load_script(&scripts::ORDERS_OF).ignore();
-    let invocations: Vec<_> = products
-        .iter()
-        .map(|p| {
-            let mut inv = scripts::ORDERS_OF.prepare_invoke();
-            inv.key(p.users_key())
+    // Concurrent calls on the multiplexed connection travel together (one
+    // round trip); each is an EVALSHA that loads the script only on NOSCRIPT.
+    let calls = products.iter().map(|p| {
+        let mut redis = gw.redis.clone();
+        async move {
+            scripts::ORDERS_OF
+                .key(p.users_key())
                 .key(p.orders_key())
                 .arg(user)
-                .arg(MAX_SNAPSHOT_ORDERS);
-            inv
-        })
-        .collect();
-    for inv in &invocations {
-        pipe.invoke_script(inv);
-    }
-    let chains: Vec<Vec<String>> =
-        tokio::time::timeout(gw.redis_timeout * 4, pipe.query_async(&mut redis))
-            .await
-            .map_err(|_| {
-                redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
-            })??;
+                .arg(MAX_SNAPSHOT_ORDERS)
+                .invoke_async::<Vec<String>>(&mut redis)
+                .await
+        }
+    });
+    let chains = tokio::time::timeout(gw.redis_timeout * 4, futures::future::try_join_all(calls))
+        .await
+        .map_err(|_| {
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+        })??;
     let mut out = Vec::new();
     for (p, chain) in products.iter().zip(chains) {
         for pair in chain.chunks_exact(2) {
