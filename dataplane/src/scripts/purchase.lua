@@ -10,8 +10,9 @@
 --   ended   end_ms, now_ms           soldout remaining, ''
 --   limit   units held, limit
 -- Cost matters here (one Redis core is one product's budget): every
--- redis.call is a command dispatch, so the accept path makes eight and passes
--- strings, not Lua numbers, as arguments (those are formatted with %.14g).
+-- redis.call is a command dispatch, so the accept path makes seven for a
+-- buyer's first order (nine for a later one) and passes strings, not Lua
+-- numbers, as arguments (those are formatted with %.14g).
 local user, q, oid, idem = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if idem ~= '' then
   local prev = redis.call('HGET', KEYS[5], idem)
@@ -52,13 +53,14 @@ if held > tonumber(info[3]) then
 end
 -- users: "<seq> <newest order id>"; the new record links to the previous
 -- newest, so a user's orders are a chain read from the head (O(1) here).
+-- Most orders are a buyer's first of the product: one HSETNX; a later
+-- order reads and rewrites the entry.
 local seq, last = '1', ''
-local u = redis.call('HGET', KEYS[4], user)
-if u then
-  local s, l = string.match(u, '^(%d+) (.*)$')
+if redis.call('HSETNX', KEYS[4], user, '1 ' .. oid) == 0 then
+  local s, l = string.match(redis.call('HGET', KEYS[4], user), '^(%d+) (.*)$')
   seq, last = string.format('%d', s + 1), l
+  redis.call('HSET', KEYS[4], user, seq .. ' ' .. oid)
 end
-redis.call('HSET', KEYS[4], user, seq .. ' ' .. oid)
 if idem ~= '' then redis.call('HSET', KEYS[5], idem, oid) end
 local at = string.format('%d', now)
 -- The record: status qty at price user prev [reason] (order::OrderRecord).
