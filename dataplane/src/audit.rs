@@ -354,6 +354,6 @@ async fn order_status<C: ConnectionLike + Send>(
         .query_async(conn)
         .await?;
     Ok(raw
-        .and_then(|r| serde_json::from_str::<OrderRecord>(&r).ok())
+        .and_then(|r| OrderRecord::decode(id, &r))
         .map(|r| r.status))
 }

@@ -202,11 +202,34 @@ pub struct AcceptReport {
     pub purchase_vs_trivial: f64,
     pub redis_benchmark_evalsha_p16_rps: f64,
     pub purchase_vs_redis_benchmark: f64,
+    /// `redis-benchmark` of an empty script with the same keys and arguments,
+    /// same server, same round: the ceiling of any script call.
+    pub redis_benchmark_empty_script_rps: f64,
+    /// Purchase script calls/s over empty script calls/s (medians of rounds).
+    pub purchase_script_vs_empty_script: f64,
+    /// Redis main-thread CPU per call (INFO cpu), the script's cost with less
+    /// of the machine's noise than a rate: purchase script, empty script.
+    pub redis_cpu_us_per_purchase_call: f64,
+    pub redis_cpu_us_per_empty_call: f64,
+    /// Redis `used_memory` growth per accepted order, each a new buyer
+    /// (measured over the redis-benchmark purchase runs).
+    pub redis_memory_bytes_per_order: f64,
     pub half_rate: LoadFigures,
 }
 
+/// Same keys and arguments as a purchase, no work: what any script call costs.
+const EMPTY_SCRIPT: &str = "return {'ok', ARGV[3], '0'}";
+
+/// One `redis-benchmark` run of a script.
+struct ScriptRun {
+    calls_per_s: f64,
+    cpu_us_per_call: f64,
+    memory_bytes_per_call: f64,
+}
+
 /// Accept path: purchase vs the trivial endpoint, vs redis-benchmark running
-/// the same script by EVALSHA with 16-deep pipelining, and p99 at half the peak.
+/// the same script by EVALSHA with 16-deep pipelining beside an empty script
+/// (the ceiling), Redis memory per order, and p99 at half the peak.
 pub async fn accept(
     requests: u64,
     connections: usize,
@@ -216,13 +239,19 @@ pub async fn accept(
     let rig = rig(&doc).await?;
     let addr = rig.addr;
     warm_up(addr, "accept", requests / 10, connections).await?;
-    // Rounds of: purchase, trivial endpoint, redis-benchmark on the same
-    // script; interleaved so machine noise hits all three alike.
+    // Rounds of: purchase, trivial endpoint, redis-benchmark of the purchase
+    // script then of an empty one with the same keys and arguments, on the
+    // same server; interleaved so machine noise hits all of them alike.
     let mut purchases = Vec::new();
     let mut trivials = Vec::new();
     let mut vs_trivial = Vec::new();
     let mut vs_redis = Vec::new();
     let mut redis_rates = Vec::new();
+    let mut empty_rates = Vec::new();
+    let mut vs_empty = Vec::new();
+    let mut cpu_purchase = Vec::new();
+    let mut cpu_empty = Vec::new();
+    let mut memory = Vec::new();
     for _ in 0..rounds.max(1) {
         let p = LoadFigures::from(
             &crowd::run(crowd_config(
@@ -249,15 +278,22 @@ pub async fn accept(
             .await?,
         );
         let port = rig.redis.port();
-        let bench_doc = doc.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            redis_benchmark_purchase(port, &bench_doc, 200_000)
+        let keys = ProductKeys::new(&doc.id(), "item").purchase_keys();
+        let (r, e) = tokio::task::spawn_blocking(move || {
+            let r = redis_benchmark_script(port, crate::scripts::PURCHASE_SOURCE, &keys, 200_000)?;
+            let e = redis_benchmark_script(port, EMPTY_SCRIPT, &keys, 200_000)?;
+            Ok::<_, BenchError>((r, e))
         })
         .await
         .map_err(|e| BenchError::RedisBenchmark(e.to_string()))??;
         vs_trivial.push(p.throughput_rps / t.throughput_rps.max(1e-9));
-        vs_redis.push(p.throughput_rps / r.max(1e-9));
-        redis_rates.push(r);
+        vs_redis.push(p.throughput_rps / r.calls_per_s.max(1e-9));
+        vs_empty.push(r.calls_per_s / e.calls_per_s.max(1e-9));
+        redis_rates.push(r.calls_per_s);
+        empty_rates.push(e.calls_per_s);
+        cpu_purchase.push(r.cpu_us_per_call);
+        cpu_empty.push(e.cpu_us_per_call);
+        memory.push(r.memory_bytes_per_call);
         purchases.push(p);
         trivials.push(t);
     }
@@ -284,19 +320,31 @@ pub async fn accept(
         purchase,
         trivial,
         redis_benchmark_evalsha_p16_rps: median_f(&redis_rates),
+        redis_benchmark_empty_script_rps: median_f(&empty_rates),
+        purchase_script_vs_empty_script: median_f(&vs_empty),
+        redis_cpu_us_per_purchase_call: median_f(&cpu_purchase),
+        redis_cpu_us_per_empty_call: median_f(&cpu_empty),
+        redis_memory_bytes_per_order: median_f(&memory),
         half_rate,
     })
 }
 
-/// `redis-benchmark` calling purchase.lua by EVALSHA, 50 clients, `-P 16`,
-/// random users and order ids so every call takes the accept path.
-fn redis_benchmark_purchase(port: u16, doc: &SaleDocument, n: u64) -> Result<f64, BenchError> {
+/// `redis-benchmark` calling a script by EVALSHA, 50 clients, `-P 16`, with
+/// the purchase's keys and random users and order ids (so every purchase
+/// takes the accept path, each for a new buyer). Also reads the Redis main
+/// thread's CPU time and `used_memory` around the run.
+fn redis_benchmark_script(
+    port: u16,
+    source: &str,
+    keys: &[String],
+    n: u64,
+) -> Result<ScriptRun, BenchError> {
     let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?.get_connection()?;
     let sha: String = redis::cmd("SCRIPT")
         .arg("LOAD")
-        .arg(crate::scripts::PURCHASE_SOURCE)
+        .arg(source)
         .query(&mut conn)?;
-    let k = ProductKeys::new(&doc.id(), "item");
+    let before = redis_figures(&mut conn)?;
     let out = std::process::Command::new("redis-benchmark")
         .args([
             "-h",
@@ -311,14 +359,16 @@ fn redis_benchmark_purchase(port: u16, doc: &SaleDocument, n: u64) -> Result<f64
             "--csv",
         ])
         .args(["-n", &n.to_string(), "-r", "100000000"])
-        .args(["EVALSHA", &sha, "8"])
-        .args(k.purchase_keys())
+        .args(["EVALSHA", &sha, &keys.len().to_string()])
+        .args(keys)
         .args(["user:__rand_int__", "1", "item.order:__rand_int__", ""])
         .output()
         .map_err(|e| BenchError::RedisBenchmark(format!("{e} (apt-get install -y redis-tools)")))?;
+    let after = redis_figures(&mut conn)?;
     let text = String::from_utf8_lossy(&out.stdout);
     // --csv: "test","rps",...; the second field of the last data line.
-    text.lines()
+    let calls_per_s = text
+        .lines()
         .filter_map(|l| l.split(',').nth(1))
         .filter_map(|f| f.trim_matches('"').parse::<f64>().ok())
         .next_back()
@@ -327,7 +377,48 @@ fn redis_benchmark_purchase(port: u16, doc: &SaleDocument, n: u64) -> Result<f64
                 "no figure in output: {text} {}",
                 String::from_utf8_lossy(&out.stderr)
             ))
-        })
+        })?;
+    let calls = (after.calls - before.calls).max(1) as f64;
+    Ok(ScriptRun {
+        calls_per_s,
+        cpu_us_per_call: (after.cpu_s - before.cpu_s) * 1e6 / calls,
+        memory_bytes_per_call: (after.used_memory - before.used_memory) as f64 / calls,
+    })
+}
+
+struct RedisFigures {
+    cpu_s: f64,
+    used_memory: i64,
+    calls: u64,
+}
+
+/// Main-thread CPU seconds, `used_memory` and EVALSHA calls so far, from INFO.
+fn redis_figures(conn: &mut redis::Connection) -> Result<RedisFigures, BenchError> {
+    let info: String = redis::cmd("INFO").arg("everything").query(conn)?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let num = |name: &str| field(name).and_then(|v| v.parse::<f64>().ok());
+    let calls = field("cmdstat_evalsha")
+        .and_then(|v| v.split(',').find_map(|kv| kv.strip_prefix("calls=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    match (
+        num("used_cpu_user_main_thread"),
+        num("used_cpu_sys_main_thread"),
+        num("used_memory"),
+    ) {
+        (Some(user), Some(sys), Some(mem)) => Ok(RedisFigures {
+            cpu_s: user + sys,
+            used_memory: mem as i64,
+            calls,
+        }),
+        _ => Err(BenchError::RedisBenchmark(
+            "INFO lacks used_cpu_*_main_thread or used_memory".into(),
+        )),
+    }
 }
 
 #[derive(Debug, Serialize)]

@@ -37,26 +37,30 @@ impl ProductKeys {
     pub fn buyers(&self) -> String {
         self.key("buyers")
     }
-    /// Hash: user -> number of orders ever placed (never decreases; the
-    /// database's unique (sale, sku, user, seq) key uses it).
-    pub fn user_seq(&self) -> String {
-        self.key("useq")
+    /// Hash: user -> `"<seq> <last order id>"`: how many orders the user
+    /// ever placed (never decreases; the database's unique (sale, sku, user,
+    /// seq) key uses it) and the newest of them, the head of the user's chain
+    /// of orders (each order record names the one before it).
+    pub fn users(&self) -> String {
+        self.key("users")
     }
     /// Hash: `user \x1f idempotency-key` -> order id.
     pub fn idempotency(&self) -> String {
         self.key("idem")
     }
-    /// Hash: order id -> order record (JSON, see `order::OrderRecord`).
+    /// Hash: order id -> order record (space-separated, see `order::OrderRecord`).
     pub fn orders(&self) -> String {
         self.key("orders")
-    }
-    /// Hash: user -> comma-separated order ids.
-    pub fn user_orders(&self) -> String {
-        self.key("uorders")
     }
     /// Stream of accepted order requests, read by the consumers' group.
     pub fn stream(&self) -> String {
         self.key("stream")
+    }
+    /// String expiring at a fixed far instant (`CLOCK_EPOCH_MS`): its `PTTL`
+    /// gives the purchase script Redis' clock in one integer reply, cheaper
+    /// than `TIME`. The script creates it on first use.
+    pub fn clock(&self) -> String {
+        self.key("clock")
     }
     /// Stream of entries that failed persistence too often.
     pub fn dead_letter(&self) -> String {
@@ -64,17 +68,17 @@ impl ProductKeys {
     }
 
     /// The purchase script's KEYS, in the order `purchase.lua` reads them:
-    /// info, stock, buyers, useq, idem, orders, uorders, stream.
+    /// info, stock, buyers, users, idem, orders, stream, clock.
     pub fn purchase_keys(&self) -> [String; 8] {
         [
             self.info(),
             self.stock(),
             self.buyers(),
-            self.user_seq(),
+            self.users(),
             self.idempotency(),
             self.orders(),
-            self.user_orders(),
             self.stream(),
+            self.clock(),
         ]
     }
 
@@ -135,6 +139,10 @@ impl SaleKeys {
         vec![self.meta(), self.gateways(), self.gateway_reports()]
     }
 }
+
+/// The instant the `clock` key expires at (2100-01-01T00:00:00Z, Unix ms);
+/// `purchase.lua` holds the same constant.
+pub const CLOCK_EPOCH_MS: i64 = 4_102_444_800_000;
 
 /// The consumer group every consumer of a sale joins.
 pub const CONSUMER_GROUP: &str = "persist";

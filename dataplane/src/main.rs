@@ -63,7 +63,8 @@ enum Command {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// `accept` (purchase vs trivial endpoint vs redis-benchmark EVALSHA -P 16),
+    /// `accept` (purchase vs trivial endpoint vs redis-benchmark EVALSHA -P 16
+    /// of the purchase script and of an empty one; Redis memory per order),
     /// `sold-out` (sold-out answers vs trivial endpoint), `persist`
     /// (consumer vs raw batched INSERT), `ws-memory` (gateway RSS per idle
     /// WebSocket) or `push-latency` (purchase → pushed event at a steady rate).
@@ -548,6 +549,17 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
             println!(
                 "redis-benchmark EVALSHA purchase.lua -c 50 -P 16: {:.0} calls/s; purchase endpoint / that = {:.2}",
                 r.redis_benchmark_evalsha_p16_rps, r.purchase_vs_redis_benchmark
+            );
+            println!(
+                "redis-benchmark EVALSHA empty script, same keys and arguments: {:.0} calls/s; purchase script / empty = {:.2}; Redis CPU per call {:.2} us vs {:.2} us",
+                r.redis_benchmark_empty_script_rps,
+                r.purchase_script_vs_empty_script,
+                r.redis_cpu_us_per_purchase_call,
+                r.redis_cpu_us_per_empty_call
+            );
+            println!(
+                "Redis memory per accepted order (each a new buyer): {:.0} B",
+                r.redis_memory_bytes_per_order
             );
             println!(
                 "at half the peak ({:.0} req/s offered): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",

@@ -24,6 +24,9 @@ pub static TRANSITION: LazyLock<Script> = LazyLock::new(|| {
         include_str!("scripts/transition.lua")
     ))
 });
+/// A user's orders of one product, read along their chain (`orders_of.lua`).
+pub static ORDERS_OF: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/orders_of.lua")));
 /// Catalog and stock written once per sale (`warm.lua`).
 pub static WARM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/warm.lua")));
 

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -293,6 +295,39 @@ async fn answers_follow_the_contract() -> TestResult {
     assert_eq!(gone.json::<Value>().await?["error"], "sold_out");
     assert!(gw.gateway.sold_out("item"));
     assert_eq!(buy("dave", None).await?.status(), StatusCode::GONE);
+    // The flag answers before the token is checked ("sold out" is public) ...
+    let anonymous = http
+        .post(&url)
+        .body(r#"{"sku":"item","quantity":1}"#)
+        .send()
+        .await?;
+    assert_eq!(anonymous.status(), StatusCode::GONE);
+    assert_eq!(anonymous.json::<Value>().await?["error"], "sold_out");
+    // ... but a keyed request (a possible winner's retry) is verified first.
+    let forged_retry = http
+        .post(&url)
+        .header("authorization", "Bearer abc.def.ghi")
+        .header("idempotency-key", "k1")
+        .body(r#"{"sku":"item","quantity":1}"#)
+        .send()
+        .await?;
+    assert_eq!(forged_retry.status(), StatusCode::UNAUTHORIZED);
+    // A key no winner used cannot be a retry: once the pod's replay snapshot
+    // is loaded (within 500 ms), such a request is answered unverified too.
+    let unused_key = eventually(Duration::from_secs(5), || async {
+        http.post(&url)
+            .header("authorization", "Bearer abc.def.ghi")
+            .header("idempotency-key", "never-used")
+            .body(r#"{"sku":"item","quantity":1}"#)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == StatusCode::GONE)
+    })
+    .await;
+    assert!(
+        unused_key,
+        "an unused key is answered sold out without the token"
+    );
     // A retry of a winning request after the sell-out still gets its order.
     let late_replay = buy("alice", Some("k1")).await?;
     assert_eq!(late_replay.status(), StatusCode::ACCEPTED);

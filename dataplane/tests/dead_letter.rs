@@ -87,7 +87,7 @@ async fn refused_entry_is_dead_lettered_and_its_stock_returned_once() -> TestRes
         .arg(&id)
         .query_async(&mut conn)
         .await?;
-    let rec: OrderRecord = serde_json::from_str(&raw)?;
+    let rec = OrderRecord::decode(&id, &raw).ok_or("not an order record")?;
     assert_eq!(rec.status, OrderStatus::Failed);
     let stock: i64 = redis::cmd("GET")
         .arg(keys.stock())

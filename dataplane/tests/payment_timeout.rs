@@ -175,7 +175,7 @@ async fn thousand_unpaid_orders_time_out_once_across_three_sweepers_one_killed()
         .await?;
     let statuses: Vec<OrderStatus> = records
         .iter()
-        .filter_map(|r| serde_json::from_str::<OrderRecord>(r).ok())
+        .filter_map(|r| OrderRecord::decode("", r))
         .map(|r| r.status)
         .collect();
     assert_eq!(

@@ -105,7 +105,7 @@ async fn redis_status(rig: &Rig, order: &str) -> Result<Option<OrderStatus>, Err
         .query_async(&mut conn)
         .await?;
     Ok(raw
-        .and_then(|r| serde_json::from_str::<OrderRecord>(&r).ok())
+        .and_then(|r| OrderRecord::decode(order, &r))
         .map(|r| r.status))
 }
 

@@ -103,7 +103,7 @@ async fn redis_units(
         .await?;
     let mut out = HashMap::new();
     for raw in records {
-        let rec: OrderRecord = serde_json::from_str(&raw)?;
+        let rec = OrderRecord::decode("", &raw).ok_or("not an order record")?;
         *out.entry(rec.status.as_str()).or_insert(0) += i64::from(rec.qty);
     }
     Ok(out)

@@ -77,7 +77,7 @@ pub struct ProductRuntime {
     pub sku: String,
     /// Per-user limit, refreshed from the sale's live spec.
     limit: AtomicU32,
-    /// info, stock, buyers, useq, idem, orders, uorders, stream (the script's KEYS).
+    /// info, stock, buyers, users, idem, orders, stream, clock (the script's KEYS).
     pub keys: [String; 8],
     pub layout: ProductKeys,
     pub sold_out: AtomicBool,
@@ -85,7 +85,7 @@ pub struct ProductRuntime {
     /// client retrying a winning request is answered with its order from
     /// memory instead of a false "sold out" (no new record can appear while
     /// the stock is 0).
-    pub replays: ArcSwapOption<HashMap<String, String>>,
+    pub replays: ArcSwapOption<Replays>,
     /// The sold-out answer, serialized once: the crowd after a sell-out is
     /// answered without building JSON per request.
     sold_out_body: axum::body::Bytes,
@@ -96,6 +96,18 @@ impl ProductRuntime {
     pub fn limit(&self) -> u32 {
         self.limit.load(Ordering::Relaxed)
     }
+    pub fn stock_key(&self) -> &str {
+        &self.keys[1]
+    }
+    pub fn users_key(&self) -> &str {
+        &self.keys[3]
+    }
+    pub fn idempotency_key(&self) -> &str {
+        &self.keys[4]
+    }
+    pub fn orders_key(&self) -> &str {
+        &self.keys[5]
+    }
 
     pub fn sold_out_response(&self) -> axum::response::Response {
         use axum::response::IntoResponse;
@@ -105,6 +117,51 @@ impl ProductRuntime {
             self.sold_out_body.clone(),
         )
             .into_response()
+    }
+}
+
+/// A sold-out product's idempotency records by key: a request whose key is
+/// not here cannot be a winner's retry, whoever sends it.
+#[derive(Debug, Default)]
+pub struct Replays {
+    by_key: HashMap<String, Vec<(String, String)>>,
+}
+
+impl Replays {
+    /// From the `idem` hash's fields (`user \x1f key`) and order ids.
+    pub fn new(records: HashMap<String, String>) -> Self {
+        let mut by_key: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        for (field, order) in records {
+            if let Some((user, key)) = field.split_once('\x1f') {
+                by_key
+                    .entry(key.to_string())
+                    .or_default()
+                    .push((user.to_string(), order));
+            }
+        }
+        Self { by_key }
+    }
+
+    /// Whether some winner used this key.
+    pub fn has_key(&self, key: &str) -> bool {
+        self.by_key.contains_key(key)
+    }
+
+    /// The order `user` won with this key, if any.
+    pub fn order(&self, user: &str, key: &str) -> Option<&str> {
+        self.by_key
+            .get(key)?
+            .iter()
+            .find(|(u, _)| u == user)
+            .map(|(_, order)| order.as_str())
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
     }
 }
 
@@ -390,7 +447,7 @@ async fn refresh_sold_out(gw: Arc<Gateway>, shutdown: Shutdown) {
             }
             let mut conn = gw.redis.clone();
             let remaining: Result<Option<i64>, _> = redis::cmd("GET")
-                .arg(&p.keys[1])
+                .arg(p.stock_key())
                 .query_async(&mut conn)
                 .await;
             if let Ok(Some(n)) = remaining
@@ -409,16 +466,19 @@ async fn refresh_sold_out(gw: Arc<Gateway>, shutdown: Shutdown) {
 }
 
 async fn load_replays(p: &ProductRuntime, conn: &mut ConnectionManager) {
-    let len: Result<usize, _> = redis::cmd("HLEN").arg(&p.keys[4]).query_async(conn).await;
+    let len: Result<usize, _> = redis::cmd("HLEN")
+        .arg(p.idempotency_key())
+        .query_async(conn)
+        .await;
     match len {
         Ok(n) if n <= MAX_REPLAY_SNAPSHOT => {
             let all: Result<HashMap<String, String>, _> = redis::cmd("HGETALL")
-                .arg(&p.keys[4])
+                .arg(p.idempotency_key())
                 .query_async(conn)
                 .await;
             if let Ok(map) = all {
                 tracing::debug!(sku = %p.sku, records = map.len(), "replay snapshot loaded");
-                p.replays.store(Some(Arc::new(map)));
+                p.replays.store(Some(Arc::new(Replays::new(map))));
             }
         }
         Ok(n) => {
@@ -458,4 +518,24 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| GatewayError::Bind { addr, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replays_find_a_winner_by_key_then_user() {
+        let records = HashMap::from([
+            ("alice\x1fk1".to_string(), "item.A".to_string()),
+            ("bob\x1fk1".to_string(), "item.B".to_string()),
+            ("bob\x1fk2".to_string(), "item.C".to_string()),
+        ]);
+        let r = Replays::new(records);
+        assert_eq!(r.len(), 3);
+        assert!(r.has_key("k1") && r.has_key("k2") && !r.has_key("k3"));
+        assert_eq!(r.order("alice", "k1"), Some("item.A"));
+        assert_eq!(r.order("bob", "k1"), Some("item.B"));
+        assert_eq!(r.order("alice", "k2"), None);
+    }
 }

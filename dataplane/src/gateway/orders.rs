@@ -82,15 +82,15 @@ async fn lookup(gw: &Gateway, id: &str, headers: &HeaderMap) -> Result<OrderView
     let raw = tokio::time::timeout(
         gw.redis_timeout,
         redis::cmd("HGET")
-            .arg(&product.keys[5])
+            .arg(product.orders_key())
             .arg(id)
             .query_async::<Option<String>>(&mut conn),
     )
     .await
     .map_err(|_| ApiError::unavailable("store_timeout", "the order store is slow; retry shortly"))?
     .map_err(|_| ApiError::unavailable("store_unavailable", "the order store is unavailable"))?;
-    let rec: OrderRecord = raw
-        .and_then(|r| serde_json::from_str(&r).ok())
+    let rec = raw
+        .and_then(|r| OrderRecord::decode(id, &r))
         .ok_or_else(missing)?;
     // Someone else's order is reported as absent, not forbidden: ids leak nothing.
     if rec.user != user {

@@ -528,16 +528,14 @@ async fn redis_status(gw: &Gateway, order_id: &str) -> Option<OrderStatus> {
     let raw: Option<String> = tokio::time::timeout(
         gw.redis_timeout,
         redis::cmd("HGET")
-            .arg(&product.keys[5])
+            .arg(product.orders_key())
             .arg(order_id)
             .query_async(&mut redis),
     )
     .await
     .ok()?
     .ok()?;
-    serde_json::from_str::<OrderRecord>(&raw?)
-        .ok()
-        .map(|r| r.status)
+    OrderRecord::decode(order_id, &raw?).map(|r| r.status)
 }
 
 /// Moves the Redis record to paid (from accepted or confirmed only), and
@@ -549,7 +547,7 @@ async fn mark_paid_in_redis(gw: &Gateway, order_id: &str, repeat: bool) {
     let mut redis = gw.redis.clone();
     // keys[5] holds the orders, keys[0] the info hash with the counters.
     let moved: Result<Vec<String>, _> = scripts::TRANSITION
-        .key(&product.keys[5])
+        .key(product.orders_key())
         .key(&product.keys[0])
         .arg(OrderStatus::Paid.as_str())
         .arg("accepted,confirmed")

@@ -27,6 +27,17 @@ pub const MAX_BODY_BYTES: usize = 1024;
 const MAX_AUTH_HEADER_BYTES: usize = 4096;
 const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 
+/// The request body as parsed on the hot path: the SKU borrowed from the
+/// request bytes (`PurchaseRequest` is the same shape, for the API document
+/// and for explaining a parse failure).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurchaseBody<'a> {
+    #[serde(borrow)]
+    sku: std::borrow::Cow<'a, str>,
+    quantity: i64,
+}
+
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PurchaseRequest {
@@ -62,6 +73,17 @@ pub mod outcome {
     pub const UNAVAILABLE: &str = "unavailable";
 }
 
+/// Buy units of one product.
+///
+/// Checks run cheapest first, and the first that fails answers: body and
+/// header limits (413, 400); the sale name, the JSON body, the SKU and the
+/// quantity (404, 400); the sale window by the gateway's clock (425, 410
+/// `ended`); the gateway's sold-out flag for the SKU (410 `sold_out`); the
+/// bearer token (401); rate limits (429); then the atomic decision in Redis.
+/// "Sold out" is public, so a request for a product this gateway already
+/// knows is sold out is answered before its token is checked, unless it
+/// carries an `Idempotency-Key` that a winner used: that may be a winner's
+/// retry, answered with its order, which needs the verified user.
 #[utoipa::path(
     post,
     path = "/v1/sales/{sale}/purchase",
@@ -76,7 +98,7 @@ pub mod outcome {
     responses(
         (status = 202, description = "Won: the order is accepted", body = PurchaseAccepted),
         (status = 400, description = "Malformed request (invalid_json, invalid_quantity, bad_header)", body = ErrorBody),
-        (status = 401, description = "Missing, forged or expired token", body = ErrorBody),
+        (status = 401, description = "Missing, forged or expired token (checked after the sold-out flag, see above)", body = ErrorBody),
         (status = 404, description = "Unknown sale or SKU", body = ErrorBody),
         (status = 409, description = "Per-user limit reached", body = ErrorBody),
         (status = 410, description = "Sold out, or the sale has ended", body = ErrorBody),
@@ -154,13 +176,8 @@ async fn handle(
             ),
         );
     }
-    // 2. Token.
-    let user = gw
-        .verifier
-        .user_from_header(auth)
-        .map_err(|e| refuse(UNAUTHENTICATED)(ApiError::unauthorized(e.to_string())))?;
-    tracing::Span::current().record("user", user.as_str());
-    // Which sale and what is asked (cheap, local).
+    // 2. Which sale and what is asked (cheap, local; the body's SKU is
+    // borrowed from the request bytes unless it holds escapes).
     if sale != gw.sale.name {
         return fail(
             BAD_REQUEST,
@@ -168,7 +185,7 @@ async fn handle(
                 .with("sale", sale),
         );
     }
-    let req: PurchaseRequest = match serde_json::from_slice(&bytes) {
+    let req: PurchaseBody = match serde_json::from_slice(&bytes) {
         Ok(r) => r,
         Err(e) => {
             return fail(
@@ -177,12 +194,13 @@ async fn handle(
             );
         }
     };
-    tracing::Span::current().record("sku", req.sku.as_str());
-    let Some(product) = gw.products.get(&req.sku) else {
+    let sku: &str = &req.sku;
+    tracing::Span::current().record("sku", sku);
+    let Some(product) = gw.products.get(sku) else {
         return fail(
             BAD_REQUEST,
-            ApiError::not_found("unknown_sku", format!("sku {:?} is not on sale", req.sku))
-                .with("sku", req.sku),
+            ApiError::not_found("unknown_sku", format!("sku {sku:?} is not on sale"))
+                .with("sku", sku),
         );
     };
     if req.quantity < 1 || req.quantity > i64::from(product.limit()) {
@@ -211,22 +229,45 @@ async fn handle(
         Phase::Active => {}
     }
     // 4. Local sold-out flag: once this pod saw the product sold out, the
-    // crowd is answered from memory.
-    // A retry carrying an Idempotency-Key is answered from the replay
-    // snapshot; until that is loaded it goes on to Redis.
-    let idem_field = idem.map(|k| format!("{user}\x1f{k}")).unwrap_or_default();
-    if product.sold_out.load(Ordering::Relaxed) {
-        let replays = product.replays.load();
-        match (idem.is_some(), replays.as_ref()) {
-            (false, _) => return Err((SOLD_OUT_LOCAL, product.sold_out_response())),
-            (true, Some(map)) => match map.get(&idem_field) {
-                Some(id) => return Ok((DUPLICATE, accepted(id.clone()))),
-                None => return Err((SOLD_OUT_LOCAL, product.sold_out_response())),
-            },
-            (true, None) => {}
+    // crowd is answered from memory, before the token's signature is checked:
+    // "sold out" is public, and the crowd after a sell-out is most of the
+    // traffic. Only a request whose Idempotency-Key some winner used may be a
+    // winner's retry, answered with its order: that one needs the verified
+    // user. Until the replay snapshot is loaded, keyed requests go to Redis.
+    let flagged = product.sold_out.load(Ordering::Relaxed);
+    if flagged {
+        let answer_now = match idem {
+            None => true,
+            Some(k) => product
+                .replays
+                .load()
+                .as_deref()
+                .is_some_and(|r| !r.has_key(k)),
+        };
+        if answer_now {
+            return Err((SOLD_OUT_LOCAL, product.sold_out_response()));
         }
     }
-    // 5. Rate limits.
+    // 5. Token.
+    let user = gw
+        .verifier
+        .user_from_header(auth)
+        .map_err(|e| refuse(UNAUTHENTICATED)(ApiError::unauthorized(e.to_string())))?;
+    tracing::Span::current().record("user", user.as_str());
+    if flagged && let Some(k) = idem {
+        let replay = product
+            .replays
+            .load()
+            .as_deref()
+            .map(|r| r.order(&user, k).map(str::to_string));
+        match replay {
+            Some(Some(id)) => return Ok((DUPLICATE, accepted(id))),
+            Some(None) => return Err((SOLD_OUT_LOCAL, product.sold_out_response())),
+            None => {}
+        }
+    }
+    let idem_field = idem.map(|k| format!("{user}\x1f{k}")).unwrap_or_default();
+    // 6. Rate limits.
     let ip = client_ip(headers, gw.client_ip_header.as_ref(), peer.ip());
     if let Err(l) = gw.limits.check(&user, ip) {
         metrics::counter!("flashsale_gateway_rate_limited_total", "scope" => l.scope.as_str())
@@ -243,7 +284,7 @@ async fn handle(
             .retry_after(secs),
         );
     }
-    // 6. The script.
+    // 7. The script.
     if !gw.breaker.allow() {
         return fail(
             UNAVAILABLE,
@@ -253,7 +294,7 @@ async fn handle(
             ),
         );
     }
-    let order_id = new_order_id(&req.sku);
+    let order_id = new_order_id(sku);
     let mut conn = gw.redis.clone();
     let redis_started = Instant::now();
     let invocation = scripts::purchase(&product.keys, &user, req.quantity, &order_id, &idem_field);
@@ -292,7 +333,7 @@ async fn handle(
             if b == "0" {
                 product.sold_out.store(true, Ordering::Relaxed);
             }
-            publish_accepted(gw, &user, &a, &req.sku);
+            publish_accepted(gw, &user, &a, sku);
             Ok((ACCEPTED, accepted(a)))
         }
         "dup" => Ok((DUPLICATE, accepted(a))),
@@ -302,7 +343,7 @@ async fn handle(
             }
             fail(
                 SOLD_OUT,
-                sold_out(&req.sku).with("remaining", a.parse::<i64>().unwrap_or(0)),
+                sold_out(sku).with("remaining", a.parse::<i64>().unwrap_or(0)),
             )
         }
         "limit" => fail(
@@ -310,7 +351,7 @@ async fn handle(
             ApiError::new(
                 StatusCode::CONFLICT,
                 "limit_reached",
-                format!("you already hold {a} of {} allowed units of {}", b, req.sku),
+                format!("you already hold {a} of {} allowed units of {sku}", b),
             )
             .with("held", a.parse::<i64>().unwrap_or(0))
             .with("limit", b.parse::<i64>().unwrap_or(0)),

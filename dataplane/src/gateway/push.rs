@@ -549,49 +549,41 @@ async fn send_snapshot(
     send(settings, socket, Message::Text(synced.into())).await
 }
 
-/// The user's orders across the sale's SKUs: one pipelined HGET per product
-/// of `uorders`, then one HMGET of `orders` per product that has some.
+/// Most orders of one product a snapshot walks (a user's chain is as long as
+/// the orders they ever placed there; this only bounds a pathological one).
+const MAX_SNAPSHOT_ORDERS: usize = 1000;
+
+/// The user's orders across the sale's SKUs: `orders_of.lua` per product
+/// (the user's chain of records, newest first), all in one round trip.
 async fn user_orders(
     gw: &Gateway,
     user: &str,
 ) -> Result<Vec<(String, OrderRecord)>, redis::RedisError> {
-    let mut redis = gw.redis.clone();
     let products: Vec<_> = gw.products.values().collect();
-    let mut pipe = redis::pipe();
-    for p in &products {
-        pipe.cmd("HGET").arg(&p.keys[6]).arg(user);
-    }
-    let lists: Vec<Option<String>> =
-        tokio::time::timeout(gw.redis_timeout * 4, pipe.query_async(&mut redis))
-            .await
-            .map_err(|_| {
-                redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
-            })??;
-    let mut pipe = redis::pipe();
-    let mut asked = Vec::new();
-    for (p, list) in products.iter().zip(lists) {
-        let Some(list) = list else { continue };
-        let ids: Vec<&str> = list.split(',').filter(|s| !s.is_empty()).collect();
-        if ids.is_empty() {
-            continue;
+    // Concurrent calls on the multiplexed connection travel together (one
+    // round trip); each is an EVALSHA that loads the script only on NOSCRIPT.
+    let calls = products.iter().map(|p| {
+        let mut redis = gw.redis.clone();
+        async move {
+            scripts::ORDERS_OF
+                .key(p.users_key())
+                .key(p.orders_key())
+                .arg(user)
+                .arg(MAX_SNAPSHOT_ORDERS)
+                .invoke_async::<Vec<String>>(&mut redis)
+                .await
         }
-        pipe.cmd("HMGET").arg(&p.keys[5]).arg(&ids);
-        asked.push(p.sku.clone());
-    }
-    if asked.is_empty() {
-        return Ok(Vec::new());
-    }
-    let records: Vec<Vec<Option<String>>> =
-        tokio::time::timeout(gw.redis_timeout * 4, pipe.query_async(&mut redis))
-            .await
-            .map_err(|_| {
-                redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
-            })??;
+    });
+    let chains = tokio::time::timeout(gw.redis_timeout * 4, futures::future::try_join_all(calls))
+        .await
+        .map_err(|_| {
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+        })??;
     let mut out = Vec::new();
-    for (sku, recs) in asked.into_iter().zip(records) {
-        for raw in recs.into_iter().flatten() {
-            if let Ok(rec) = serde_json::from_str::<OrderRecord>(&raw) {
-                out.push((sku.clone(), rec));
+    for (p, chain) in products.iter().zip(chains) {
+        for pair in chain.chunks_exact(2) {
+            if let Some(rec) = OrderRecord::decode(&pair[0], &pair[1]) {
+                out.push((p.sku.clone(), rec));
             }
         }
     }

@@ -4,16 +4,18 @@
 -- KEYS: 1 orders, 2 stock, 3 buyers, 4 info (counters)
 -- ARGV: 1 order id, 2 new status ('failed' | 'cancelled'), 3 reason
 -- Returns {'released', remaining} | {'noop', current status} | {'unknown', ''}
+-- Records are "status[:since] qty at price user prev [reason]" (see purchase.lua).
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then return {'unknown', ''} end
-local rec = cjson.decode(raw)
-if rec.status ~= 'accepted' and rec.status ~= 'confirmed' then return {'noop', rec.status} end
-count_move(KEYS[4], rec.status, ARGV[2], rec.qty)
-rec.status = ARGV[2]
-rec.reason = ARGV[3]
-rec.status_at = now_ms()
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(rec))
-local remaining = redis.call('INCRBY', KEYS[2], rec.qty)
-local held = redis.call('HINCRBY', KEYS[3], rec.user, -rec.qty)
-if held <= 0 then redis.call('HDEL', KEYS[3], rec.user) end
+local word, qty, user = string.match(raw, '^(%S+) (%d+) %S+ %S+ (%S+)')
+if not word then return {'unknown', ''} end
+local status = string.match(word, '^[^:]+')
+if status ~= 'accepted' and status ~= 'confirmed' then return {'noop', status} end
+count_move(KEYS[4], status, ARGV[2], tonumber(qty))
+-- The first word becomes "<status>:<when>"; the reason goes at the end.
+redis.call('HSET', KEYS[1], ARGV[1],
+  ARGV[2] .. ':' .. now_ms() .. string.sub(raw, #word + 1) .. ' ' .. ARGV[3])
+local remaining = redis.call('INCRBY', KEYS[2], qty)
+local held = redis.call('HINCRBY', KEYS[3], user, '-' .. qty)
+if held <= 0 then redis.call('HDEL', KEYS[3], user) end
 return {'released', string.format('%d', remaining)}
