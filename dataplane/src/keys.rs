@@ -135,8 +135,20 @@ impl SaleKeys {
         format!("{}{pod}", self.push_channel_prefix())
     }
 
+    /// Hash: `user \x1f idempotency-key` -> `"<sku> <quantity>"`, the request
+    /// the buyer's key first came with in this sale (`claim_key.lua`); it
+    /// expires a day after the sale's end plus its payment timeout.
+    pub fn idempotency(&self) -> String {
+        self.key("idem")
+    }
+
     pub fn all(&self) -> Vec<String> {
-        vec![self.meta(), self.gateways(), self.gateway_reports()]
+        vec![
+            self.meta(),
+            self.gateways(),
+            self.gateway_reports(),
+            self.idempotency(),
+        ]
     }
 }
 

@@ -24,6 +24,9 @@ pub static TRANSITION: LazyLock<Script> = LazyLock::new(|| {
         include_str!("scripts/transition.lua")
     ))
 });
+/// A buyer's Idempotency-Key bound to its first request in the sale (`claim_key.lua`).
+pub static CLAIM_KEY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/claim_key.lua")));
 /// A user's orders of one product, read along their chain (`orders_of.lua`).
 pub static ORDERS_OF: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/orders_of.lua")));

@@ -222,6 +222,7 @@ async fn snapshot_lists_every_order_of_the_user_across_skus() -> TestResult {
         .key(keys.orders())
         .key(keys.stock())
         .key(keys.buyers())
+        .key(keys.info())
         .arg(&carol[1])
         .arg("failed")
         .arg("refused by the database")

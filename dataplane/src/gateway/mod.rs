@@ -204,6 +204,8 @@ pub struct Gateway {
     pub shutdown: Shutdown,
     /// The payment callback's key and order store, when configured.
     pub payments: Option<payment::Payments>,
+    /// The sale's Idempotency-Key records (`SaleKeys::idempotency`).
+    pub idempotency_key: String,
     redis_url: String,
 }
 
@@ -306,6 +308,7 @@ impl Gateway {
                 .map(payment::Payments::new)
                 .transpose()?,
             redis_url: settings.redis_url.clone(),
+            idempotency_key: crate::keys::SaleKeys::new(&sale).idempotency(),
             sale,
         }))
     }

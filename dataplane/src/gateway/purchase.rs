@@ -91,7 +91,7 @@ pub mod outcome {
     params(
         ("sale" = String, Path, description = "The FlashSale's name"),
         ("Idempotency-Key" = Option<String>, Header,
-            description = "Retries with the same key return the same order, never a second one (1-128 visible ASCII characters)"),
+            description = "A retry with the same key and the same request returns the same order, never a second one; the key is the buyer's for the whole sale, and the same key with another SKU or quantity is 422 (1-128 visible ASCII characters)"),
     ),
     request_body = PurchaseRequest,
     security(("bearer" = [])),
@@ -103,6 +103,7 @@ pub mod outcome {
         (status = 409, description = "Per-user limit reached", body = ErrorBody),
         (status = 410, description = "Sold out, or the sale has ended", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "idempotency_key_reused: this buyer's Idempotency-Key was first used in this sale for another request (another SKU or quantity); the body names that request (sku, quantity) and the order it made (orderId, when it won). A key is the buyer's for the whole sale", body = ErrorBody),
         (status = 425, description = "The sale has not started", body = ErrorBody),
         (status = 429, description = "Rate limited; see Retry-After", body = ErrorBody),
         (status = 503, description = "Redis unreachable or slow; retry", body = ErrorBody),
@@ -284,7 +285,7 @@ async fn handle(
             .retry_after(secs),
         );
     }
-    // 7. The script.
+    // 7. The script (after the key's binding, for a keyed request).
     if !gw.breaker.allow() {
         return fail(
             UNAVAILABLE,
@@ -294,8 +295,11 @@ async fn handle(
             ),
         );
     }
-    let order_id = new_order_id(sku);
     let mut conn = gw.redis.clone();
+    if let Some(k) = idem {
+        claim_key(gw, &mut conn, &idem_field, k, sku, req.quantity).await?;
+    }
+    let order_id = new_order_id(sku);
     let redis_started = Instant::now();
     let invocation = scripts::purchase(&product.keys, &user, req.quantity, &order_id, &idem_field);
     let call = invocation.invoke_async::<(String, String, String)>(&mut conn);
@@ -374,6 +378,89 @@ async fn handle(
             )
         }
     }
+}
+
+/// Binds the buyer's Idempotency-Key to this request (SKU and quantity) on
+/// first use in the sale. A key is the buyer's for the whole sale, like a
+/// payment API's: a retry of the same request goes on (the purchase script
+/// answers it with its order), the same key with another request is 422
+/// `idempotency_key_reused`, naming the request and the order it made. The
+/// binding lives in the sale's hash tag, the purchase in the product's (two
+/// Redis Cluster slots), so it is its own call; a crash between the two
+/// leaves a binding without an order, which a retry completes.
+async fn claim_key(
+    gw: &Gateway,
+    conn: &mut redis::aio::ConnectionManager,
+    field: &str,
+    key: &str,
+    sku: &str,
+    quantity: i64,
+) -> Outcome<()> {
+    use outcome::*;
+    let spec = gw.spec.load();
+    let keep_until = spec.end_time
+        + jiff::SignedDuration::from_secs(i64::from(spec.payment.timeout_seconds) + 86_400);
+    let request = format!("{sku} {quantity}");
+    let mut invocation = scripts::CLAIM_KEY.prepare_invoke();
+    invocation
+        .key(&gw.idempotency_key)
+        .arg(field)
+        .arg(&request)
+        .arg(keep_until.as_millisecond());
+    let call = invocation.invoke_async::<(String, String)>(conn);
+    let (verdict, first) = match tokio::time::timeout(gw.redis_timeout, call).await {
+        Ok(Ok(v)) => {
+            gw.breaker.success();
+            v
+        }
+        Ok(Err(e)) => {
+            gw.breaker.failure();
+            tracing::warn!(error = %e, "idempotency key not bound");
+            return fail(
+                UNAVAILABLE,
+                ApiError::unavailable("store_unavailable", "the stock store failed; retry shortly"),
+            );
+        }
+        Err(_) => {
+            gw.breaker.failure();
+            return fail(
+                UNAVAILABLE,
+                ApiError::unavailable("store_timeout", "the stock store is slow; retry shortly"),
+            );
+        }
+    };
+    if verdict != "reused" {
+        return Ok(());
+    }
+    let (first_sku, first_quantity) = first.split_once(' ').unwrap_or((first.as_str(), ""));
+    // The order the key's first request made, if it made one.
+    let order: Option<String> = match gw.products.get(first_sku) {
+        Some(p) => redis::cmd("HGET")
+            .arg(p.idempotency_key())
+            .arg(field)
+            .query_async(conn)
+            .await
+            .unwrap_or(None),
+        None => None,
+    };
+    let message = format!(
+        "Idempotency-Key {key:?} was first used for {first_quantity} × {first_sku}{}; a new request needs a new key",
+        order
+            .as_deref()
+            .map(|o| format!(" (order {o})"))
+            .unwrap_or_default()
+    );
+    let mut error = ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+        message,
+    )
+    .with("sku", first_sku)
+    .with("quantity", first_quantity.parse::<i64>().unwrap_or(0));
+    if let Some(o) = order {
+        error = error.with("orderId", o);
+    }
+    fail(BAD_REQUEST, error)
 }
 
 /// Queues `order.accepted` for the pod holding the buyer's socket, off the

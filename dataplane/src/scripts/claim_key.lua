@@ -1,0 +1,21 @@
+-- Binds a buyer's Idempotency-Key to the first request it came with in this
+-- sale (a key is the buyer's for the whole sale, not per product), so the same
+-- key with another request is refused instead of buying a second time.
+-- KEYS: 1 the sale's idempotency hash
+-- ARGV: 1 field (user \x1f key), 2 the request ("<sku> <quantity>"),
+--       3 when the records may go (Unix ms: the sale's end, its payment
+--       timeout and a day)
+-- Returns {'new' | 'same' | 'reused', the key's first request}
+local first = redis.call('HGET', KEYS[1], ARGV[1])
+if first then
+  if first == ARGV[2] then return {'same', first} end
+  return {'reused', first}
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+-- Never shorten: an end time moved later keeps the records longer.
+if redis.call('PTTL', KEYS[1]) == -1 then
+  redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+else
+  redis.call('PEXPIREAT', KEYS[1], ARGV[3], 'GT')
+end
+return {'new', ARGV[2]}

@@ -1,0 +1,101 @@
+//! An Idempotency-Key is the buyer's for the whole sale: the same key and the
+//! same request return the original order; the same key with another SKU or
+//! quantity is 422 `idempotency_key_reused` naming the original order, and
+//! never makes a second order. Another buyer's identical key is their own.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use dataplane::audit::wait_drained;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn buy(
+    client: &reqwest::Client,
+    gw: &RunningGateway,
+    user: &str,
+    key: &str,
+    sku: &str,
+    quantity: i64,
+) -> Result<(u16, serde_json::Value), BoxError> {
+    let r = client
+        .post(gw.url("/v1/sales/keys/purchase"))
+        .bearer_auth(token(user))
+        .header("Idempotency-Key", key)
+        .json(&serde_json::json!({ "sku": sku, "quantity": quantity }))
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    Ok((status, r.json().await?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_holds_for_the_buyer_across_products_and_quantities() -> TestResult {
+    let servers = Servers::start()?;
+    let doc = sale(
+        "keys",
+        &[("phone", 100, 5), ("case", 100, 5), ("charger", 100, 5)],
+    );
+    warm(&servers, &doc).await?;
+    let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
+    let gw = RunningGateway::start(&doc, &servers.redis.url(), "gw-keys").await?;
+    let client = http();
+
+    let (status, first) = buy(&client, &gw, "alice", "k-1", "phone", 1).await?;
+    assert_eq!(status, 202, "{first}");
+    let order = first["orderId"].clone();
+
+    // The same key on other products: refused, naming the original order.
+    for sku in ["case", "charger"] {
+        let (status, body) = buy(&client, &gw, "alice", "k-1", sku, 1).await?;
+        assert_eq!(status, 422, "{sku}: {body}");
+        assert_eq!(body["error"], "idempotency_key_reused", "{body}");
+        assert_eq!(body["orderId"], order, "{body}");
+        assert_eq!(body["sku"], "phone", "{body}");
+        assert_eq!(body["quantity"], 1, "{body}");
+    }
+    // The same key and product with another quantity: refused too.
+    let (status, body) = buy(&client, &gw, "alice", "k-1", "phone", 2).await?;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["orderId"], order, "{body}");
+    // The same request again: the original order.
+    let (status, again) = buy(&client, &gw, "alice", "k-1", "phone", 1).await?;
+    assert_eq!(status, 202, "{again}");
+    assert_eq!(again["orderId"], order);
+    // Another buyer's identical key is theirs.
+    let (status, bob) = buy(&client, &gw, "bob", "k-1", "case", 1).await?;
+    assert_eq!(status, 202, "{bob}");
+    assert_ne!(bob["orderId"], order);
+    // A new key from alice buys again (within her limits).
+    let (status, second) = buy(&client, &gw, "alice", "k-2", "case", 1).await?;
+    assert_eq!(status, 202, "{second}");
+
+    // Three orders in all, each persisted once.
+    let mut conn = servers.redis_conn().await?;
+    let store = servers.store().await?;
+    assert!(
+        wait_drained(
+            &mut conn,
+            &store,
+            &doc.id(),
+            &doc.spec,
+            Duration::from_secs(30)
+        )
+        .await?
+    );
+    let (rows, distinct) = order_rows(&store, "test/keys").await?;
+    assert_eq!((rows, distinct), (3, 3));
+    // The bindings expire on their own, after the sale and its payment timeout.
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(dataplane::keys::SaleKeys::new(&doc.id()).idempotency())
+        .query_async(&mut conn)
+        .await?;
+    let floor = doc.spec.end_time.as_millisecond() - jiff::Timestamp::now().as_millisecond();
+    assert!(ttl > floor, "ttl {ttl} ms, sale ends in {floor} ms");
+
+    gw.stop().await;
+    consumers.stop().await;
+    Ok(())
+}
