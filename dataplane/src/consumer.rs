@@ -396,11 +396,32 @@ impl Consumer {
         let started = Instant::now();
         let mut good = Vec::with_capacity(entries.len());
         let mut dead = Vec::new();
-        let over_delivered = if history {
+        let mut over_delivered = if history {
             self.over_delivered(&entries).await?
         } else {
             Vec::new()
         };
+        if !over_delivered.is_empty() {
+            // An entry delivered too often whose order PostgreSQL already
+            // holds (commits whose acknowledgement kept being lost) is
+            // finished, not failed: failing it would give back stock that
+            // PostgreSQL still counts as sold. If PostgreSQL cannot be asked,
+            // the batch waits.
+            let ids: Vec<String> = entries
+                .iter()
+                .filter(|e| over_delivered.contains(&e.id))
+                .filter_map(|e| e.row.as_ref().map(|r| r.order_id.clone()))
+                .collect();
+            let persisted = self.store.existing_order_ids(&ids).await?;
+            over_delivered.retain(|id| {
+                !entries.iter().any(|e| {
+                    &e.id == id
+                        && e.row
+                            .as_ref()
+                            .is_some_and(|r| persisted.contains(&r.order_id))
+                })
+            });
+        }
         for e in entries {
             if over_delivered.contains(&e.id) {
                 dead.push((e, "delivered too many times"));

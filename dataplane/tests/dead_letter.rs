@@ -135,3 +135,117 @@ async fn refused_entry_is_dead_lettered_and_its_stock_returned_once() -> TestRes
     assert_eq!(order_rows(&store, "test/dlq").await?, (0, 0));
     Ok(())
 }
+
+/// An entry delivered more often than the limit whose order PostgreSQL
+/// already holds (its commits kept losing their acknowledgement) is finished,
+/// not dead-lettered: failing it would return stock PostgreSQL counts as sold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_delivered_entry_already_persisted_is_confirmed_not_failed() -> TestResult {
+    let servers = Servers::start()?;
+    let doc = sale("redelivered", &[("item", 10, 1)]);
+    warm(&servers, &doc).await?;
+    let mut conn = servers.redis_conn().await?;
+    let keys = ProductKeys::new(&doc.id(), "item");
+    let id = new_order_id("item");
+    let (verdict, _, _): (String, String, String) =
+        scripts::purchase(&keys.purchase_keys(), "alice", 1, &id, "")
+            .invoke_async(&mut conn)
+            .await?;
+    assert_eq!(verdict, "ok");
+
+    // The row committed, as by a consumer that then died before XACK ...
+    let store = servers.store().await?;
+    store.ensure_inventory(&doc.id(), &doc.spec).await?;
+    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg(keys.stream())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await?;
+    let entry = entries[0].0.clone();
+    let inserted = store
+        .persist_batch(
+            &doc.id(),
+            &[dataplane::store::OrderRow {
+                order_id: id.clone(),
+                sku: "item".into(),
+                user_id: "alice".into(),
+                seq: 1,
+                quantity: 1,
+                unit_price: "19.99".into(),
+                // Now, so the payment timeout leaves it alone.
+                accepted_at_ms: jiff::Timestamp::now().as_millisecond(),
+                stream_id: entry.clone(),
+            }],
+        )
+        .await?;
+    assert_eq!(inserted.inserted, 1);
+    // ... and delivered to the same consumer twelve times over.
+    redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(keys.stream())
+        .arg("persist")
+        .arg("0")
+        .exec_async(&mut conn)
+        .await?;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("persist")
+        .arg("test-consumer-0")
+        .arg("STREAMS")
+        .arg(keys.stream())
+        .arg(">")
+        .query_async(&mut conn)
+        .await?;
+    for _ in 0..11 {
+        let _: redis::Value = redis::cmd("XCLAIM")
+            .arg(keys.stream())
+            .arg("persist")
+            .arg("test-consumer-0")
+            .arg(0)
+            .arg(&entry)
+            .query_async(&mut conn)
+            .await?;
+    }
+
+    let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
+    let confirmed = eventually(Duration::from_secs(15), || {
+        let mut conn = conn.clone();
+        let (orders, id) = (keys.orders(), id.clone());
+        async move {
+            let raw: Option<String> = redis::cmd("HGET")
+                .arg(orders)
+                .arg(&id)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(None);
+            raw.and_then(|r| OrderRecord::decode(&id, &r))
+                .is_some_and(|r| r.status == OrderStatus::Confirmed)
+        }
+    })
+    .await;
+    consumers.stop().await;
+    let record: Option<String> = redis::cmd("HGET")
+        .arg(keys.orders())
+        .arg(&id)
+        .query_async(&mut conn)
+        .await?;
+    assert!(confirmed, "the order is confirmed, not failed: {record:?}");
+    let dead: i64 = redis::cmd("XLEN")
+        .arg(keys.dead_letter())
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(dead, 0, "nothing dead-lettered");
+    let remaining: i64 = redis::cmd("GET")
+        .arg(keys.stock())
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(remaining, 9, "no stock given back");
+    let pending: (u64, Option<String>, Option<String>, redis::Value) = redis::cmd("XPENDING")
+        .arg(keys.stream())
+        .arg("persist")
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(pending.0, 0, "acknowledged");
+    Ok(())
+}
