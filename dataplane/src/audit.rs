@@ -235,6 +235,10 @@ async fn products<C: ConnectionLike + Send>(
             let remaining = c.as_ref().map(|c| c.remaining).unwrap_or(p.stock);
             let stock = c.as_ref().map(|c| c.stock).unwrap_or(p.stock);
             let r = rows.get(&p.sku).copied().unwrap_or_default();
+            let database_stock = inventory
+                .iter()
+                .find(|row| row.sku == p.sku)
+                .map(|row| row.stock);
             let count = |f: fn(&ProductCounters) -> i64| c.as_ref().map(f).unwrap_or(0);
             let (persisted, paid, cancelled) = (
                 count(|c| c.persisted),
@@ -259,14 +263,8 @@ async fn products<C: ConnectionLike + Send>(
                 counters_agree: persisted == r.units
                     && paid == r.paid_units
                     && cancelled == r.cancelled_units,
-                database_stock: inventory
-                    .iter()
-                    .find(|row| row.sku == p.sku)
-                    .map(|row| row.stock),
-                stores_agree: inventory
-                    .iter()
-                    .find(|row| row.sku == p.sku)
-                    .map_or(stock == remaining, |row| row.stock == stock),
+                database_stock,
+                stores_agree: database_stock.map_or(stock == remaining, |d| d == stock),
             }
         })
         .collect())

@@ -68,15 +68,11 @@ pub fn change_problems(
         if let Some(c) = c
             && p.stock < c.sold()
         {
-            problems.push(SpecProblem {
-                reason: "StockBelowSold",
-                message: format!(
-                    "sku {}: stock {} is below the {} units already sold",
-                    p.sku,
-                    p.stock,
-                    c.sold()
-                ),
-            });
+            problems.push(below_sold(&WarmError::BelowSold {
+                sku: p.sku.clone(),
+                stock: p.stock,
+                sold: c.sold(),
+            }));
         }
     }
     if let Some(old) = applied
@@ -93,6 +89,14 @@ pub fn change_problems(
         });
     }
     problems
+}
+
+/// A cut below what is sold, as a refusal (`WarmError::BelowSold` says it).
+fn below_sold(e: &WarmError) -> SpecProblem {
+    SpecProblem {
+        reason: "StockBelowSold",
+        message: e.to_string(),
+    }
 }
 
 /// Applies `spec` to the sale in PostgreSQL and Redis (see the module doc)
@@ -124,14 +128,11 @@ pub async fn apply<C: ConnectionLike + Send>(
     store.set_stock(sale, &pairs(&raises)).await?;
 
     // 2. Redis: stock by difference (never reset), price, limit, window.
-    let products = match warm::warm_sale(conn, sale, spec).await {
+    let products = match warm::write_products(conn, sale, spec).await {
         Ok(p) => p,
         // Sold moved between the check and the script: nothing was cut.
-        Err(WarmError::BelowSold { sku, stock, sold }) => {
-            return Err(ApplyError::Refused(vec![SpecProblem {
-                reason: "StockBelowSold",
-                message: format!("sku {sku}: stock {stock} is below the {sold} units already sold"),
-            }]));
+        Err(e @ WarmError::BelowSold { .. }) => {
+            return Err(ApplyError::Refused(vec![below_sold(&e)]));
         }
         Err(e) => return Err(e.into()),
     };

@@ -57,6 +57,17 @@ pub async fn warm_sale<C: ConnectionLike + Send>(
             });
         }
     }
+    write_products(conn, sale, spec).await
+}
+
+/// `warm.lua` for each product, then the sale's meta record, with no check
+/// of its own beforehand (the script still refuses a cut below sold
+/// atomically): for a caller that already read the counters and checked.
+pub(crate) async fn write_products<C: ConnectionLike + Send>(
+    conn: &mut C,
+    sale: &SaleId,
+    spec: &SaleSpec,
+) -> Result<Vec<ProductWarm>, WarmError> {
     let start_ms = spec.start_time.as_millisecond();
     let end_ms = spec.end_time.as_millisecond();
     let mut out = Vec::with_capacity(spec.products.len());

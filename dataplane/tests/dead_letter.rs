@@ -20,23 +20,12 @@ async fn refused_entry_is_dead_lettered_and_its_stock_returned_once() -> TestRes
     let keys = ProductKeys::new(&doc.id(), "item");
 
     // A real purchase through the script (stock 10 -> 9) ...
-    let id = new_order_id("item");
-    let (verdict, _, remaining): (String, String, String) =
-        scripts::purchase(&keys.purchase_keys(), "alice", 1, &id, "")
-            .invoke_async(&mut conn)
-            .await?;
-    assert_eq!((verdict.as_str(), remaining.as_str()), ("ok", "9"));
+    let (id, entry) = buy_one(&mut conn, &keys, "9").await?;
     // ... whose stream entry is then corrupted so PostgreSQL refuses it
     // (quantity -1 breaks the CHECK), plus an entry that cannot even be parsed.
-    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-        .arg(keys.stream())
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await?;
     redis::cmd("XDEL")
         .arg(keys.stream())
-        .arg(&entries[0].0)
+        .arg(&entry)
         .exec_async(&mut conn)
         .await?;
     redis::cmd("XADD")
@@ -146,23 +135,11 @@ async fn an_over_delivered_entry_already_persisted_is_confirmed_not_failed() -> 
     warm(&servers, &doc).await?;
     let mut conn = servers.redis_conn().await?;
     let keys = ProductKeys::new(&doc.id(), "item");
-    let id = new_order_id("item");
-    let (verdict, _, _): (String, String, String) =
-        scripts::purchase(&keys.purchase_keys(), "alice", 1, &id, "")
-            .invoke_async(&mut conn)
-            .await?;
-    assert_eq!(verdict, "ok");
+    let (id, entry) = buy_one(&mut conn, &keys, "9").await?;
 
     // The row committed, as by a consumer that then died before XACK ...
     let store = servers.store().await?;
     store.ensure_inventory(&doc.id(), &doc.spec).await?;
-    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-        .arg(keys.stream())
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await?;
-    let entry = entries[0].0.clone();
     let inserted = store
         .persist_batch(
             &doc.id(),
@@ -248,4 +225,30 @@ async fn an_over_delivered_entry_already_persisted_is_confirmed_not_failed() -> 
         .await?;
     assert_eq!(pending.0, 0, "acknowledged");
     Ok(())
+}
+
+/// One unit bought by alice through the purchase script, leaving `remaining`;
+/// the order id and its stream entry's id.
+async fn buy_one(
+    conn: &mut redis::aio::ConnectionManager,
+    keys: &ProductKeys,
+    remaining: &str,
+) -> Result<(String, String), Box<dyn std::error::Error + Send + Sync>> {
+    let id = new_order_id("item");
+    let (verdict, _, left): (String, String, String) =
+        scripts::purchase(&keys.purchase_keys(), "alice", 1, &id, "")
+            .invoke_async(conn)
+            .await?;
+    assert_eq!((verdict.as_str(), left.as_str()), ("ok", remaining));
+    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg(keys.stream())
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await?;
+    let entry = entries
+        .last()
+        .map(|e| e.0.clone())
+        .ok_or("no stream entry")?;
+    Ok((id, entry))
 }

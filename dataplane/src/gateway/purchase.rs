@@ -303,35 +303,11 @@ async fn handle(
     let redis_started = Instant::now();
     let invocation = scripts::purchase(&product.keys, &user, req.quantity, &order_id, &idem_field);
     let call = invocation.invoke_async::<(String, String, String)>(&mut conn);
-    let answer = tokio::time::timeout(gw.redis_timeout, call).await;
+    let answer = bounded(gw, "purchase script", call).await;
     gw.metrics
         .redis_duration
         .record(redis_started.elapsed().as_secs_f64());
-    let (verdict, a, b) = match answer {
-        Ok(Ok(v)) => {
-            gw.breaker.success();
-            v
-        }
-        Ok(Err(e)) => {
-            gw.breaker.failure();
-            tracing::warn!(error = %e, "purchase script failed");
-            return fail(
-                UNAVAILABLE,
-                ApiError::unavailable("store_unavailable", "the stock store failed; retry shortly"),
-            );
-        }
-        Err(_) => {
-            gw.breaker.failure();
-            tracing::warn!(
-                timeout_ms = gw.redis_timeout.as_millis(),
-                "purchase script timed out"
-            );
-            return fail(
-                UNAVAILABLE,
-                ApiError::unavailable("store_timeout", "the stock store is slow; retry shortly"),
-            );
-        }
-    };
+    let (verdict, a, b) = answer?;
     match verdict.as_str() {
         "ok" => {
             if b == "0" {
@@ -380,6 +356,42 @@ async fn handle(
     }
 }
 
+/// One Redis call on the purchase path, bounded by the gateway's timeout:
+/// the breaker learns its outcome, and a failure or a timeout is a fast 503.
+async fn bounded<T>(
+    gw: &Gateway,
+    what: &'static str,
+    call: impl Future<Output = redis::RedisResult<T>>,
+) -> Outcome<T> {
+    use outcome::UNAVAILABLE;
+    match tokio::time::timeout(gw.redis_timeout, call).await {
+        Ok(Ok(v)) => {
+            gw.breaker.success();
+            Ok(v)
+        }
+        Ok(Err(e)) => {
+            gw.breaker.failure();
+            tracing::warn!(error = %e, what, "redis call failed");
+            fail(
+                UNAVAILABLE,
+                ApiError::unavailable("store_unavailable", "the stock store failed; retry shortly"),
+            )
+        }
+        Err(_) => {
+            gw.breaker.failure();
+            tracing::warn!(
+                timeout_ms = gw.redis_timeout.as_millis(),
+                what,
+                "redis call timed out"
+            );
+            fail(
+                UNAVAILABLE,
+                ApiError::unavailable("store_timeout", "the stock store is slow; retry shortly"),
+            )
+        }
+    }
+}
+
 /// Binds the buyer's Idempotency-Key to this request (SKU and quantity) on
 /// first use in the sale. A key is the buyer's for the whole sale, like a
 /// payment API's: a retry of the same request goes on (the purchase script
@@ -408,27 +420,7 @@ async fn claim_key(
         .arg(&request)
         .arg(keep_until.as_millisecond());
     let call = invocation.invoke_async::<(String, String)>(conn);
-    let (verdict, first) = match tokio::time::timeout(gw.redis_timeout, call).await {
-        Ok(Ok(v)) => {
-            gw.breaker.success();
-            v
-        }
-        Ok(Err(e)) => {
-            gw.breaker.failure();
-            tracing::warn!(error = %e, "idempotency key not bound");
-            return fail(
-                UNAVAILABLE,
-                ApiError::unavailable("store_unavailable", "the stock store failed; retry shortly"),
-            );
-        }
-        Err(_) => {
-            gw.breaker.failure();
-            return fail(
-                UNAVAILABLE,
-                ApiError::unavailable("store_timeout", "the stock store is slow; retry shortly"),
-            );
-        }
-    };
+    let (verdict, first) = bounded(gw, "idempotency key binding", call).await?;
     if verdict != "reused" {
         return Ok(());
     }
