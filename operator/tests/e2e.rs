@@ -628,16 +628,15 @@ async fn scenario_a_quota_refusing_services_shows_in_status_and_recovers(
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_live_sale_costs_few_api_writes() {
-    rig::run(scenario_an_idle_live_sale_costs_few_api_writes).await
-}
-
-async fn scenario_an_idle_live_sale_costs_few_api_writes(rig: &mut Rig) -> anyhow::Result<()> {
+/// One operator and the stand-in kubelet, and a sale `name` opening in 3 s,
+/// Active with two gateways available; its start time.
+async fn live_sale_with_gateways<'r>(
+    rig: &'r mut Rig,
+    name: &str,
+) -> anyhow::Result<(&'r Rig, Timestamp)> {
     rig.start_operator("op-a")?;
     rig.start_kubelet()?;
     let rig = &*rig;
-    let name = "quiet";
     let start = Timestamp::now() + SignedDuration::from_secs(3);
     rig.apply_sale(&rig::sale(name, start, 3, 30)).await?;
     reach(rig, name, SalePhase::Active, 40).await;
@@ -646,6 +645,17 @@ async fn scenario_an_idle_live_sale_costs_few_api_writes(rig: &mut Rig) -> anyho
         (s.status?.gateway?.available_replicas? >= 2).then_some(())
     })
     .await;
+    Ok((rig, start))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_live_sale_costs_few_api_writes() {
+    rig::run(scenario_an_idle_live_sale_costs_few_api_writes).await
+}
+
+async fn scenario_an_idle_live_sale_costs_few_api_writes(rig: &mut Rig) -> anyhow::Result<()> {
+    let name = "quiet";
+    let (rig, _) = live_sale_with_gateways(rig, name).await?;
     // Let scaling settle, then count a minute of the operator's writes.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let since = Timestamp::now();
@@ -673,18 +683,8 @@ async fn a_stock_edit_mid_sale_rolls_no_pods() {
 }
 
 async fn scenario_a_stock_edit_mid_sale_rolls_no_pods(rig: &mut Rig) -> anyhow::Result<()> {
-    rig.start_operator("op-a")?;
-    rig.start_kubelet()?;
-    let rig = &*rig;
     let name = "restock";
-    let start = Timestamp::now() + SignedDuration::from_secs(3);
-    rig.apply_sale(&rig::sale(name, start, 3, 30)).await?;
-    reach(rig, name, SalePhase::Active, 40).await;
-    rig.eventually("gateways available", 40, || async {
-        let s = get_sale(rig, name).await?;
-        (s.status?.gateway?.available_replicas? >= 2).then_some(())
-    })
-    .await;
+    let (rig, start) = live_sale_with_gateways(rig, name).await?;
     let before = rollout_state(rig, name).await?;
 
     // `kubectl patch fs restock --type merge -p '{"spec":{"products":[…]}}'`
