@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dataplane::counters::{self, ProductCounters};
+use dataplane::counters;
 use dataplane::spec::{Phase, SaleId, SaleSpec, SpecProblem};
 use dataplane::stock::{self, ApplyError};
 use dataplane::warm::{self, ProductWarm, WarmError, WarmOutcome};
@@ -894,7 +894,7 @@ async fn sync_stores(
                 .find(|row| row.sku == p.sku)
                 .map(|row| row.stock);
             match c {
-                Some(c) => product_status(c, database_stock),
+                Some(c) => ProductStatus::from_counters(c, database_stock),
                 None => ProductStatus {
                     sku: p.sku.clone(),
                     stock: p.stock,
@@ -969,20 +969,6 @@ fn redis_unavailable(report: &mut Report<'_>, e: &redis::RedisError) {
     let message = format!("cannot reach Redis: {e}");
     warn!(error = %e, "redis unavailable");
     report.not_warmed("RedisUnavailable", message);
-}
-
-fn product_status(c: &ProductCounters, database_stock: Option<i64>) -> ProductStatus {
-    ProductStatus {
-        sku: c.sku.clone(),
-        stock: c.stock,
-        database_stock,
-        remaining: c.remaining,
-        sold: c.sold(),
-        persisted: c.persisted,
-        paid: c.paid,
-        cancelled: c.cancelled,
-        failed: c.failed,
-    }
 }
 
 /// Events for what warming changed: a first warm, or stock moved by a spec

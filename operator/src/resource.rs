@@ -350,6 +350,27 @@ pub struct ProductStatus {
     pub failed: i64,
 }
 
+impl ProductStatus {
+    /// The status of a product as Redis' counters give it, with PostgreSQL's
+    /// stock beside Redis'.
+    pub fn from_counters(
+        c: &dataplane::counters::ProductCounters,
+        database_stock: Option<i64>,
+    ) -> Self {
+        Self {
+            sku: c.sku.clone(),
+            stock: c.stock,
+            database_stock,
+            remaining: c.remaining,
+            sold: c.sold(),
+            persisted: c.persisted,
+            paid: c.paid,
+            cancelled: c.cancelled,
+            failed: c.failed,
+        }
+    }
+}
+
 /// Gateway figures. `availableReplicas` is the reconciler's (from the
 /// Deployment); the rest is the autoscaler's.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]

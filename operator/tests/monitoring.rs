@@ -373,17 +373,7 @@ impl Rig {
         let products: Vec<ProductStatus> = counters
             .into_iter()
             .flatten()
-            .map(|c| ProductStatus {
-                sku: c.sku.clone(),
-                stock: c.stock,
-                remaining: c.remaining,
-                sold: c.sold(),
-                persisted: c.persisted,
-                paid: c.paid,
-                cancelled: c.cancelled,
-                failed: c.failed,
-                ..Default::default()
-            })
+            .map(|c| ProductStatus::from_counters(&c, None))
             .collect();
         let status = FlashSaleStatus {
             phase: Some(SalePhase::Active),
