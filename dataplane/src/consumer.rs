@@ -40,6 +40,11 @@ pub struct ConsumerSettings {
     pub db_connections: usize,
     /// The payment timeout sweeper run next to the consumer loop (`None`: not here).
     pub sweeper: Option<crate::payment_timeout::SweeperSettings>,
+    /// `replica`: entries are persisted only once a replica holds them, and
+    /// confirmations and releases count only once a replica holds them.
+    pub durability: crate::durability::Durability,
+    /// Longest one WAIT blocks.
+    pub replica_wait: Duration,
 }
 
 impl ConsumerSettings {
@@ -56,6 +61,8 @@ impl ConsumerSettings {
             max_data_failures: 3,
             db_connections: 4,
             sweeper: Some(crate::payment_timeout::SweeperSettings::default()),
+            durability: crate::durability::Durability::Local,
+            replica_wait: Duration::from_secs(1),
         }
     }
 }
@@ -66,6 +73,8 @@ pub enum ConsumerError {
     Redis(#[from] redis::RedisError),
     #[error("order store: {0}")]
     Store(#[from] StoreError),
+    #[error("no replica confirmed {entries} entries in time; they stay pending and are read again")]
+    Unreplicated { entries: usize },
 }
 
 /// One product stream and the keys its entries touch.
@@ -92,11 +101,18 @@ struct Reader {
     consumer: String,
     batch: usize,
     block_ms: usize,
+    /// Under `replica`: the WAIT after each read, and the mark written before it.
+    wait: Option<(crate::durability::ReplicaWait, String)>,
 }
 
 impl Reader {
     /// New entries (`>`, blocking) or this consumer's own pending ones (`0`).
-    async fn read(mut self, history: bool) -> Result<Vec<Entry>, redis::RedisError> {
+    /// Under `replica` the read, the wait mark and `WAIT` go in one pipeline
+    /// on the reader's connection, and entries no replica holds yet are not
+    /// returned (they stay pending here and are read again from history): a
+    /// row in PostgreSQL whose Redis purchase a failover then loses would let
+    /// Redis sell the unit twice.
+    async fn read(mut self, history: bool) -> Result<Vec<Entry>, ConsumerError> {
         let id = if history { "0" } else { ">" };
         let ids = vec![id; self.names.len()];
         let mut opts = StreamReadOptions::default()
@@ -105,13 +121,36 @@ impl Reader {
         if !history {
             opts = opts.block(self.block_ms);
         }
-        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-            .arg(&opts)
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg(&opts)
             .arg("STREAMS")
             .arg(self.names.as_slice())
-            .arg(&ids)
-            .query_async(&mut self.conn)
-            .await?;
+            .arg(&ids);
+        let reply: Option<StreamReadReply> = match &self.wait {
+            None => read.query_async(&mut self.conn).await?,
+            Some((wait, mark)) => {
+                let mut pipe = redis::pipe();
+                pipe.add_command(read);
+                wait.mark_and_wait(&mut pipe, mark);
+                let started = Instant::now();
+                let (read, waited): (redis::Value, redis::Value) =
+                    pipe.query_async(&mut self.conn).await?;
+                let held = crate::durability::confirmed(
+                    crate::durability::WaitPath::ConsumerRead,
+                    &Ok(waited),
+                    started,
+                );
+                let reply: Option<StreamReadReply> =
+                    redis::from_redis_value(read).map_err(redis::RedisError::from)?;
+                let entries = reply
+                    .as_ref()
+                    .map_or(0, |r| r.keys.iter().map(|k| k.ids.len()).sum());
+                if !held && entries > 0 {
+                    return Err(ConsumerError::Unreplicated { entries });
+                }
+                reply
+            }
+        };
         let mut out = Vec::new();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             let Some(stream) = self.names.iter().position(|n| *n == key.key) else {
@@ -187,6 +226,10 @@ impl Consumer {
             consumer: settings.name.clone(),
             batch: settings.batch_size,
             block_ms: usize::try_from(settings.block.as_millis()).unwrap_or(500),
+            wait: settings
+                .durability
+                .wait(settings.replica_wait)
+                .zip(streams.first().map(|s| s.keys.wait_mark())),
         };
         let mut consumer = Self {
             sale,
@@ -199,7 +242,12 @@ impl Consumer {
             publisher: Publisher::new(&doc.id()),
             sweeper: None,
         };
-        consumer.sweeper = consumer.settings.sweeper.clone().map(|s| {
+        let replica_wait = consumer
+            .settings
+            .durability
+            .wait(consumer.settings.replica_wait);
+        consumer.sweeper = consumer.settings.sweeper.clone().map(|mut s| {
+            s.replica_wait = replica_wait;
             crate::payment_timeout::Sweeper::new(
                 doc,
                 consumer.store.clone(),
@@ -293,7 +341,7 @@ impl Consumer {
         let mut last_claim = Instant::now();
         let mut backoff = Backoff::new();
         let mut finishing: Option<tokio::task::JoinHandle<redis::RedisResult<()>>> = None;
-        let mut prefetch: Option<tokio::task::JoinHandle<redis::RedisResult<Vec<Entry>>>> = None;
+        let mut prefetch: Option<tokio::task::JoinHandle<Result<Vec<Entry>, ConsumerError>>> = None;
         while !shutdown.is_cancelled() {
             if last_claim.elapsed() >= self.settings.claim_every {
                 last_claim = Instant::now();
@@ -330,6 +378,9 @@ impl Consumer {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "reading streams failed");
+                    // What the failed read delivered (or left unconfirmed) is
+                    // pending here: read it again from history.
+                    history = true;
                     if !backoff.wait(&shutdown).await {
                         break;
                     }
@@ -603,7 +654,15 @@ impl Consumer {
                     .ignore();
             }
         }
-        Finish { pipe, confirming }
+        let wait = self.reader.wait.as_ref().map(|(wait, _)| {
+            let first = entries.first().map_or(0, |e| e.stream);
+            (*wait, self.streams[first].keys.wait_mark())
+        });
+        Finish {
+            pipe,
+            confirming,
+            wait,
+        }
     }
 
     /// Gives up on an entry: copy it to the dead-letter stream, fail its order
@@ -730,6 +789,8 @@ struct Finish {
     pipe: redis::Pipeline,
     /// Per transition call in `pipe`: (order id, user, sku) in argument order.
     confirming: Vec<Vec<(String, String, String)>>,
+    /// Under `replica`: the WAIT closing the pipeline, and the mark before it.
+    wait: Option<(crate::durability::ReplicaWait, String)>,
 }
 
 impl Finish {
@@ -738,7 +799,30 @@ impl Finish {
         redis: &mut ConnectionManager,
         publisher: &Publisher,
     ) -> redis::RedisResult<()> {
-        let before: Vec<Vec<String>> = self.pipe.query_async(redis).await?;
+        let mut pipe = self.pipe;
+        if let Some((wait, mark)) = &self.wait {
+            wait.mark_and_wait(&mut pipe, mark);
+        }
+        let started = Instant::now();
+        let mut values: Vec<redis::Value> = pipe.query_async(redis).await?;
+        // A confirmation no replica holds is not lost for good: the batch
+        // is read again from history (re-insert is a no-op) and confirmed
+        // again; until then its orders are not announced as confirmed.
+        if self.wait.is_some() {
+            let waited = values.pop().unwrap_or(redis::Value::Nil);
+            let path = crate::durability::WaitPath::ConsumerConfirm;
+            if !crate::durability::confirmed(path, &Ok(waited), started) {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "no replica confirmed the batch's confirmations in time",
+                )));
+            }
+        }
+        let before: Vec<Vec<String>> = values
+            .into_iter()
+            .map(redis::from_redis_value)
+            .collect::<Result<_, _>>()
+            .map_err(redis::RedisError::from)?;
         let events: Vec<(String, OrderEvent)> = self
             .confirming
             .into_iter()

@@ -10,6 +10,7 @@ pub mod breaker;
 pub mod consumer;
 pub mod counters;
 pub mod crowd;
+pub mod durability;
 pub mod events;
 pub mod gateway;
 pub mod keys;

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use dataplane::consumer::{Consumer, ConsumerSettings};
 use dataplane::crowd::{CrowdConfig, Target};
+use dataplane::durability::Durability;
 use dataplane::gateway::{self, Gateway, GatewaySettings};
 use dataplane::spec::SaleDocument;
 use tokio_util::sync::CancellationToken;
@@ -133,6 +134,11 @@ struct SaleConfigArgs {
     config: PathBuf,
     #[arg(long, env = "REDIS_URL")]
     redis_url: String,
+    /// `replica`: a purchase is answered 202, an entry persisted, a release
+    /// applied only once a Redis replica holds it (WAIT 1); `local`: once the
+    /// master does.
+    #[arg(long, env = "REDIS_DURABILITY", value_enum, default_value_t = Durability::Local)]
+    redis_durability: Durability,
 }
 
 #[derive(Args)]
@@ -163,6 +169,15 @@ struct GatewayArgs {
     /// WebSocket ping interval; a peer silent for two intervals is dropped.
     #[arg(long, default_value_t = 20)]
     ws_ping_seconds: u64,
+    /// Under `--redis-durability replica`: longest a purchase waits for a
+    /// replica before it is answered 503 replication_pending (keep it below
+    /// --redis-timeout-ms).
+    #[arg(long, default_value_t = 100)]
+    replica_wait_ms: u64,
+    /// Most purchases of one product one replica acknowledgement confirms
+    /// (1: one WAIT per purchase; benchmarks compare).
+    #[arg(long, default_value_t = dataplane::gateway::commit::DEFAULT_MAX_BATCH, hide = true)]
+    commit_batch: usize,
 }
 
 #[derive(Args)]
@@ -192,6 +207,9 @@ struct ConsumerArgs {
     /// Pause between a sweep's commit and its Redis apply (fault tests).
     #[arg(long, default_value_t = 0, hide = true)]
     sweep_apply_delay_ms: u64,
+    /// Under `--redis-durability replica`: longest one WAIT for a replica blocks.
+    #[arg(long, default_value_t = 1_000)]
+    replica_wait_ms: u64,
 }
 
 #[derive(Args)]
@@ -365,6 +383,9 @@ async fn run(command: Command) -> Result<ExitCode> {
                 .transpose()
                 .context("--client-ip-header is not a header name")?;
             settings.push.ping_interval = Duration::from_secs(a.ws_ping_seconds.max(1));
+            settings.durability = a.sale.redis_durability;
+            settings.replica_wait = Duration::from_millis(a.replica_wait_ms.max(1));
+            settings.commit_batch = a.commit_batch.max(1);
             settings.payment = match (a.payment_public_key, a.database_url) {
                 (Some(key), Some(database_url)) => Some(gateway::payment::PaymentSettings {
                     public_key: gateway::payment::parse_public_key(&key)
@@ -396,6 +417,8 @@ async fn run(command: Command) -> Result<ExitCode> {
             settings.batch_size = a.batch_size;
             settings.claim_idle = Duration::from_millis(a.claim_idle_ms);
             settings.claim_every = Duration::from_millis(a.claim_every_ms);
+            settings.durability = a.sale.redis_durability;
+            settings.replica_wait = Duration::from_millis(a.replica_wait_ms.max(1));
             settings.sweeper =
                 (!a.no_sweeper).then(|| dataplane::payment_timeout::SweeperSettings {
                     every: Duration::from_millis(a.sweep_every_ms.max(10)),

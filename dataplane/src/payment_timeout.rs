@@ -40,6 +40,9 @@ pub struct SweeperSettings {
     /// Pause between commit and apply. Only fault tests set it, to widen the
     /// window in which a crash leaves outbox rows unapplied.
     pub apply_delay: Duration,
+    /// Under `redis.durability: replica`: releases count as applied only
+    /// once a replica holds them (set by the consumer that runs the sweeper).
+    pub replica_wait: Option<crate::durability::ReplicaWait>,
 }
 
 impl Default for SweeperSettings {
@@ -49,6 +52,7 @@ impl Default for SweeperSettings {
             batch: 500,
             grace: Duration::from_secs(2),
             apply_delay: Duration::ZERO,
+            replica_wait: None,
         }
     }
 }
@@ -61,6 +65,10 @@ pub enum SweepError {
     Db(#[from] tokio_postgres::Error),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(
+        "no replica confirmed {rows} releases in time; their outbox rows stay unapplied and are applied again"
+    )]
+    Unreplicated { rows: usize },
 }
 
 impl From<deadpool_postgres::PoolError> for SweepError {
@@ -335,7 +343,36 @@ impl Sweeper {
         for inv in &invocations {
             pipe.invoke_script(inv);
         }
-        let results: Vec<(String, String)> = pipe.query_async(&mut redis).await?;
+        // Under `replica` the outbox rows are marked applied only once a
+        // replica holds the releases: a release a failover lost would leave
+        // the unit out of Redis' stock for good. Applying again is a no-op
+        // (release.lua moves an order once).
+        let wait = self
+            .settings
+            .replica_wait
+            .zip(applied.first().and_then(|r| {
+                let (_, keys) = self.products.iter().find(|(s, _)| *s == r.sku)?;
+                Some(keys.wait_mark())
+            }));
+        if let Some((w, mark)) = &wait {
+            w.mark_and_wait(&mut pipe, mark);
+        }
+        let started = std::time::Instant::now();
+        let mut values: Vec<redis::Value> = pipe.query_async(&mut redis).await?;
+        if wait.is_some() {
+            let waited = values.pop().unwrap_or(redis::Value::Nil);
+            let path = crate::durability::WaitPath::SweeperRelease;
+            if !crate::durability::confirmed(path, &Ok(waited), started) {
+                return Err(SweepError::Unreplicated {
+                    rows: applied.len(),
+                });
+            }
+        }
+        let results: Vec<(String, String)> = values
+            .into_iter()
+            .map(redis::from_redis_value)
+            .collect::<Result<_, _>>()
+            .map_err(redis::RedisError::from)?;
         let mut events = Vec::new();
         for (r, (outcome, detail)) in applied.into_iter().zip(results) {
             match outcome.as_str() {

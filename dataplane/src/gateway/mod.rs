@@ -1,5 +1,6 @@
 //! The gateway: takes the crowd, decides winners in Redis, answers losers at once.
 
+pub mod commit;
 pub mod error;
 pub mod load_report;
 pub mod observability;
@@ -47,6 +48,12 @@ pub struct GatewaySettings {
     pub push: push::PushSettings,
     /// Payment callbacks are taken only with a provider key and an order store.
     pub payment: Option<payment::PaymentSettings>,
+    /// `replica`: a purchase is answered 202 only once a replica holds it.
+    pub durability: crate::durability::Durability,
+    /// Longest a purchase batch waits for a replica (below `redis_timeout`).
+    pub replica_wait: Duration,
+    /// Most purchases of one product confirmed by one WAIT.
+    pub commit_batch: usize,
 }
 
 impl GatewaySettings {
@@ -60,6 +67,9 @@ impl GatewaySettings {
             clock_skew: Duration::from_secs(1),
             push: push::PushSettings::default(),
             payment: None,
+            durability: crate::durability::Durability::Local,
+            replica_wait: Duration::from_millis(100),
+            commit_batch: commit::DEFAULT_MAX_BATCH,
         }
     }
 }
@@ -80,6 +90,8 @@ pub struct ProductRuntime {
     /// info, stock, buyers, users, idem, orders, stream, clock (the script's KEYS).
     pub keys: [String; 8],
     pub layout: ProductKeys,
+    /// Under `redis.durability: replica`, the product's group committer.
+    pub committer: Option<commit::Committer>,
     pub sold_out: AtomicBool,
     /// Once sold out, a snapshot of the product's idempotency records, so a
     /// client retrying a winning request is answered with its order from
@@ -206,6 +218,10 @@ pub struct Gateway {
     pub payments: Option<payment::Payments>,
     /// The sale's Idempotency-Key records (`SaleKeys::idempotency`).
     pub idempotency_key: String,
+    /// Replica acknowledgement of writes that carry a promise (`None`: local).
+    pub replica_wait: Option<crate::durability::ReplicaWait>,
+    /// The committers' loops, spawned with the background work.
+    committers: std::sync::Mutex<Vec<commit::Worker>>,
     redis_url: String,
 }
 
@@ -248,23 +264,46 @@ impl Gateway {
             .set_connection_timeout(Some(settings.redis_timeout.max(Duration::from_millis(500))))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let redis = ConnectionManager::new_lazy_with_config(client, config).map_err(|source| {
-            GatewayError::RedisUrl {
+        let redis = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+            .map_err(|source| GatewayError::RedisUrl {
                 url: settings.redis_url.clone(),
                 source,
-            }
-        })?;
+            })?;
+        let replica_wait = settings.durability.wait(settings.replica_wait);
+        let mut committers = Vec::new();
         let products = doc
             .spec
             .products
             .iter()
             .map(|p| {
                 let k = ProductKeys::new(&sale, &p.sku);
+                // Its own connection per product: a WAIT blocks the
+                // connection it runs on, so products confirm in parallel.
+                let committer = match replica_wait {
+                    Some(wait) => {
+                        let conn =
+                            ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                                .map_err(|source| GatewayError::RedisUrl {
+                                    url: settings.redis_url.clone(),
+                                    source,
+                                })?;
+                        let (c, worker) = commit::Committer::new(
+                            k.purchase_keys(),
+                            conn,
+                            wait,
+                            settings.commit_batch,
+                        );
+                        committers.push(worker);
+                        Some(c)
+                    }
+                    None => None,
+                };
                 let runtime = ProductRuntime {
                     sku: p.sku.clone(),
                     limit: AtomicU32::new(p.per_user_limit),
                     keys: k.purchase_keys(),
                     layout: k,
+                    committer,
                     sold_out: AtomicBool::new(false),
                     replays: ArcSwapOption::empty(),
                     sold_out_body: axum::body::to_bytes(
@@ -276,9 +315,9 @@ impl Gateway {
                     .and_then(Result::ok)
                     .unwrap_or_default(),
                 };
-                (p.sku.clone(), runtime)
+                Ok((p.sku.clone(), runtime))
             })
-            .collect();
+            .collect::<Result<_, GatewayError>>()?;
         let (accepted, accepted_rx) = tokio::sync::mpsc::channel(ACCEPTED_QUEUE);
         Ok(Arc::new(Self {
             limits: RateLimiters::new(&doc.spec.rate_limits),
@@ -309,6 +348,8 @@ impl Gateway {
                 .transpose()?,
             redis_url: settings.redis_url.clone(),
             idempotency_key: crate::keys::SaleKeys::new(&sale).idempotency(),
+            replica_wait,
+            committers: std::sync::Mutex::new(committers),
             sale,
         }))
     }
@@ -368,6 +409,14 @@ impl Gateway {
             shutdown.clone(),
         ));
         tokio::spawn(push::refresh_registry(Arc::clone(self), shutdown.clone()));
+        let workers = self
+            .committers
+            .lock()
+            .map(|mut w| std::mem::take(&mut *w))
+            .unwrap_or_default();
+        for worker in workers {
+            worker.spawn();
+        }
         let queued = self.accepted_rx.lock().ok().and_then(|mut rx| rx.take());
         if let Some(rx) = queued {
             tokio::spawn(route_accepted(Arc::clone(self), rx));
@@ -462,26 +511,66 @@ async fn refresh_sold_out(gw: Arc<Gateway>, shutdown: Shutdown) {
                 continue;
             }
             if p.replays.load().is_none() {
-                load_replays(p, &mut conn).await;
+                load_replays(p, &mut conn, gw.replica_wait).await;
             }
         }
     }
 }
 
-async fn load_replays(p: &ProductRuntime, conn: &mut ConnectionManager) {
+/// Loads a sold-out product's replay snapshot. Under `replica` the records
+/// are read in a pipeline that ends in the product's wait mark and WAIT, and
+/// the snapshot is used only if a replica holds them: it answers retries 202
+/// from memory, and a 202 is a promise.
+async fn load_replays(
+    p: &ProductRuntime,
+    conn: &mut ConnectionManager,
+    replica_wait: Option<crate::durability::ReplicaWait>,
+) {
     let len: Result<usize, _> = redis::cmd("HLEN")
         .arg(p.idempotency_key())
         .query_async(conn)
         .await;
     match len {
         Ok(n) if n <= MAX_REPLAY_SNAPSHOT => {
-            let all: Result<HashMap<String, String>, _> = redis::cmd("HGETALL")
-                .arg(p.idempotency_key())
-                .query_async(conn)
-                .await;
-            if let Ok(map) = all {
-                tracing::debug!(sku = %p.sku, records = map.len(), "replay snapshot loaded");
-                p.replays.store(Some(Arc::new(Replays::new(map))));
+            let mut pipe = redis::pipe();
+            pipe.cmd("HGETALL").arg(p.idempotency_key());
+            let all: Result<HashMap<String, String>, _> = match replica_wait {
+                None => pipe
+                    .query_async::<(HashMap<String, String>,)>(conn)
+                    .await
+                    .map(|(m,)| m),
+                Some(wait) => {
+                    pipe.ignore_errors();
+                    wait.mark_and_wait(&mut pipe, &p.layout.wait_mark());
+                    let started = std::time::Instant::now();
+                    match pipe.query_async(conn).await {
+                        Ok(replies) => {
+                            let (mut replies, held) = crate::durability::split_wait(
+                                crate::durability::WaitPath::Replay,
+                                replies,
+                                started,
+                            );
+                            match (held, replies.pop()) {
+                                (true, Some(Ok(v))) => {
+                                    redis::from_redis_value(v).map_err(redis::RedisError::from)
+                                }
+                                (true, Some(Err(e))) => Err(e),
+                                _ => Err(redis::RedisError::from((
+                                    redis::ErrorKind::Io,
+                                    "no replica confirmed the replay snapshot",
+                                ))),
+                            }
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            match all {
+                Ok(map) => {
+                    tracing::debug!(sku = %p.sku, records = map.len(), "replay snapshot loaded");
+                    p.replays.store(Some(Arc::new(Replays::new(map))));
+                }
+                Err(e) => tracing::debug!(error = %e, "replay snapshot not loaded"),
             }
         }
         Ok(n) => {

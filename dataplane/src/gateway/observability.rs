@@ -73,6 +73,7 @@ impl PurchaseMetrics {
             BAD_REQUEST,
             UNAUTHENTICATED,
             UNAVAILABLE,
+            REPLICATION_PENDING,
         ]
         .into_iter()
         .map(|o| {

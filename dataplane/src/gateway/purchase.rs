@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use super::Gateway;
+use super::commit::Decision;
 use super::error::{ApiError, ErrorBody};
 use crate::order::new_order_id;
 use crate::scripts;
@@ -71,6 +72,7 @@ pub mod outcome {
     pub const BAD_REQUEST: &str = "bad_request";
     pub const UNAUTHENTICATED: &str = "unauthenticated";
     pub const UNAVAILABLE: &str = "unavailable";
+    pub const REPLICATION_PENDING: &str = "replication_pending";
 }
 
 /// Buy units of one product.
@@ -106,7 +108,7 @@ pub mod outcome {
         (status = 422, description = "idempotency_key_reused: this buyer's Idempotency-Key was first used in this sale for another request (another SKU or quantity); the body names that request (sku, quantity) and the order it made (orderId, when it won). A key is the buyer's for the whole sale", body = ErrorBody),
         (status = 425, description = "The sale has not started", body = ErrorBody),
         (status = 429, description = "Rate limited; see Retry-After", body = ErrorBody),
-        (status = 503, description = "Redis unreachable or slow; retry", body = ErrorBody),
+        (status = 503, description = "Redis unreachable or slow (store_unavailable, store_timeout), the sale not warmed (sale_not_ready), or, under redis.durability: replica, replication_pending: the order (orderId) is taken on the Redis master but no replica confirmed it in time; a retry with the same Idempotency-Key returns that order, a retry without one may make a second order. All carry Retry-After", body = ErrorBody),
     )
 )]
 pub async fn purchase(
@@ -301,14 +303,38 @@ async fn handle(
     }
     let order_id = new_order_id(sku);
     let redis_started = Instant::now();
-    let invocation = scripts::purchase(&product.keys, &user, req.quantity, &order_id, &idem_field);
-    let call = invocation.invoke_async::<(String, String, String)>(&mut conn);
-    let answer = bounded(gw, "purchase script", call).await;
+    let answer = match &product.committer {
+        // redis.durability: replica — the script and a WAIT, batched per product.
+        Some(committer) => {
+            let call = committer.submit(&user, req.quantity, &order_id, &idem_field);
+            bounded(gw, "purchase script", call).await
+        }
+        None => {
+            let invocation =
+                scripts::purchase(&product.keys, &user, req.quantity, &order_id, &idem_field);
+            let call = invocation.invoke_async::<(String, String, String)>(&mut conn);
+            bounded(gw, "purchase script", call)
+                .await
+                .map(|verdict| Decision {
+                    verdict,
+                    replicated: true,
+                })
+        }
+    };
     gw.metrics
         .redis_duration
         .record(redis_started.elapsed().as_secs_f64());
-    let (verdict, a, b) = answer?;
+    let Decision {
+        verdict: (verdict, a, b),
+        replicated,
+    } = answer?;
     match verdict.as_str() {
+        "ok" | "dup" if !replicated => {
+            if b == "0" {
+                product.sold_out.store(true, Ordering::Relaxed);
+            }
+            fail(REPLICATION_PENDING, replication_pending(a))
+        }
         "ok" => {
             if b == "0" {
                 product.sold_out.store(true, Ordering::Relaxed);
@@ -486,6 +512,19 @@ fn accepted(id: String) -> PurchaseAccepted {
         order_id: id,
         status: "accepted".into(),
     }
+}
+
+/// The order exists on the Redis master, but no replica confirmed it in
+/// time: not a 202 (a 202 survives a failover). If the master survives, the
+/// order is persisted like any other; a retry with the same Idempotency-Key
+/// returns this order (202 once a replica holds it) and never makes a second.
+fn replication_pending(order_id: String) -> ApiError {
+    ApiError::unavailable(
+        "replication_pending",
+        "the order is taken but not yet held by a replica; retry with the same Idempotency-Key to confirm it",
+    )
+    .with("orderId", order_id)
+    .retry_after(1)
 }
 
 pub(super) fn sold_out(sku: &str) -> ApiError {
