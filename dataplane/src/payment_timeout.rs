@@ -15,12 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::{OrderEvent, Publisher};
 use crate::keys::ProductKeys;
 use crate::order::OrderStatus;
+use crate::redis_conn::RedisConn;
 use crate::scripts;
 use crate::spec::{SaleDocument, SaleId};
 use crate::store::{OrderStore, StoreError};
@@ -94,7 +94,7 @@ pub struct Sweeper {
     /// `payment.timeoutSeconds`, which follows the sale's live spec.
     timeout_seconds: Arc<AtomicU32>,
     store: OrderStore,
-    redis: ConnectionManager,
+    redis: RedisConn,
     publisher: Publisher,
     settings: SweeperSettings,
 }
@@ -103,7 +103,7 @@ impl Sweeper {
     pub fn new(
         doc: &SaleDocument,
         store: OrderStore,
-        redis: ConnectionManager,
+        redis: RedisConn,
         settings: SweeperSettings,
     ) -> Self {
         let sale = doc.id();
@@ -306,38 +306,46 @@ impl Sweeper {
         }
     }
 
-    /// Releases each order in Redis (pipelined) and tells the users whose
-    /// order this call moved. Returns how many moved.
+    /// Releases each order in Redis (one pipeline per product, since each
+    /// product is its own Redis Cluster slot) and tells the users whose order
+    /// this call moved. Returns how many moved.
     async fn apply(&self, rows: &[Release]) -> Result<u64, SweepError> {
         let mut redis = self.redis.clone();
-        let mut pipe = redis::pipe();
-        pipe.load_script(&scripts::RELEASE).ignore();
-        let mut applied = Vec::with_capacity(rows.len());
-        let invocations: Vec<_> = rows
+        let per_product: Vec<(Vec<&Release>, redis::Pipeline)> = self
+            .products
             .iter()
-            .filter_map(|r| {
-                let (_, keys) = self.products.iter().find(|(s, _)| *s == r.sku)?;
-                let mut inv = scripts::RELEASE.prepare_invoke();
-                inv.key(keys.orders())
-                    .key(keys.stock())
-                    .key(keys.buyers())
-                    .key(keys.info())
-                    .arg(&r.order_id)
-                    .arg(OrderStatus::Cancelled.as_str())
-                    .arg(REASON);
-                applied.push(r);
-                Some(inv)
+            .filter_map(|(sku, keys)| {
+                let mine: Vec<&Release> = rows.iter().filter(|r| r.sku == *sku).collect();
+                if mine.is_empty() {
+                    return None;
+                }
+                let mut pipe = redis::pipe();
+                pipe.load_script(&scripts::RELEASE).ignore();
+                for r in &mine {
+                    let mut inv = scripts::RELEASE.prepare_invoke();
+                    inv.key(keys.orders())
+                        .key(keys.stock())
+                        .key(keys.buyers())
+                        .key(keys.info())
+                        .arg(&r.order_id)
+                        .arg(OrderStatus::Cancelled.as_str())
+                        .arg(REASON);
+                    pipe.invoke_script(&inv);
+                }
+                Some((mine, pipe))
             })
             .collect();
-        if invocations.is_empty() {
+        if per_product.is_empty() {
             return Ok(0);
         }
-        for inv in &invocations {
-            pipe.invoke_script(inv);
-        }
-        let results: Vec<(String, String)> = pipe.query_async(&mut redis).await?;
+        let results = futures::future::try_join_all(per_product.iter().map(|(_, pipe)| {
+            let mut redis = redis.clone();
+            async move { pipe.query_async::<Vec<(String, String)>>(&mut redis).await }
+        }))
+        .await?;
         let mut events = Vec::new();
-        for (r, (outcome, detail)) in applied.into_iter().zip(results) {
+        let applied = per_product.iter().flat_map(|(mine, _)| mine.iter());
+        for (r, (outcome, detail)) in applied.zip(results.into_iter().flatten()) {
             match outcome.as_str() {
                 "released" => events.push((
                     r.user_id.clone(),

@@ -20,13 +20,13 @@ use axum::Router;
 use axum::http::HeaderName;
 use axum::routing::{get, post};
 use futures::FutureExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken as Shutdown;
 
 use crate::breaker::Breaker;
 use crate::keys::ProductKeys;
 use crate::ratelimit::RateLimiters;
+use crate::redis_conn::{ConnSettings, RedisConn, RedisConnError, RedisMode, RedisTarget};
 use crate::spec::{Phase, SaleDocument, SaleId, SaleSpec};
 use crate::token::TokenVerifier;
 
@@ -34,6 +34,8 @@ use crate::token::TokenVerifier;
 #[derive(Clone, Debug)]
 pub struct GatewaySettings {
     pub redis_url: String,
+    /// `None`: a cluster if `redis_url` lists several seeds (`RedisTarget::parse`).
+    pub redis_mode: Option<RedisMode>,
     pub token_secret: Vec<u8>,
     /// This pod's name in load reports.
     pub pod: String,
@@ -53,6 +55,7 @@ impl GatewaySettings {
     pub fn new(redis_url: impl Into<String>, token_secret: impl Into<Vec<u8>>) -> Self {
         Self {
             redis_url: redis_url.into(),
+            redis_mode: None,
             token_secret: token_secret.into(),
             pod: default_pod_name(),
             redis_timeout: Duration::from_millis(250),
@@ -182,7 +185,7 @@ pub struct Gateway {
     /// operator publishes (`live`), without a restart.
     pub spec: ArcSwap<SaleSpec>,
     pub products: HashMap<String, ProductRuntime>,
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub verifier: TokenVerifier,
     pub limits: RateLimiters,
     pub breaker: Breaker,
@@ -206,16 +209,13 @@ pub struct Gateway {
     pub payments: Option<payment::Payments>,
     /// The sale's Idempotency-Key records (`SaleKeys::idempotency`).
     pub idempotency_key: String,
-    redis_url: String,
+    redis_target: RedisTarget,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("redis url {url:?}: {source}")]
-    RedisUrl {
-        url: String,
-        source: redis::RedisError,
-    },
+    #[error(transparent)]
+    Redis(#[from] RedisConnError),
     #[error("bind {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -237,22 +237,12 @@ impl Gateway {
             return Err(GatewayError::EmptySecret);
         }
         let sale = doc.id();
-        let client = redis::Client::open(settings.redis_url.as_str()).map_err(|source| {
-            GatewayError::RedisUrl {
-                url: settings.redis_url.clone(),
-                source,
-            }
-        })?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(settings.redis_timeout))
-            .set_connection_timeout(Some(settings.redis_timeout.max(Duration::from_millis(500))))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        let redis = ConnectionManager::new_lazy_with_config(client, config).map_err(|source| {
-            GatewayError::RedisUrl {
-                url: settings.redis_url.clone(),
-                source,
-            }
+        let redis_target = RedisTarget::parse(&settings.redis_url, settings.redis_mode)?;
+        let redis = redis_target.connect_lazy(&ConnSettings {
+            response_timeout: settings.redis_timeout,
+            connection_timeout: settings.redis_timeout.max(Duration::from_millis(500)),
+            retries: 1,
+            max_delay: Duration::from_secs(1),
         })?;
         let products = doc
             .spec
@@ -307,7 +297,7 @@ impl Gateway {
                 .as_ref()
                 .map(payment::Payments::new)
                 .transpose()?,
-            redis_url: settings.redis_url.clone(),
+            redis_target,
             idempotency_key: crate::keys::SaleKeys::new(&sale).idempotency(),
             sale,
         }))
@@ -364,7 +354,7 @@ impl Gateway {
         tokio::spawn(refresh_sold_out(Arc::clone(self), shutdown.clone()));
         tokio::spawn(push::subscribe(
             Arc::clone(self),
-            self.redis_url.clone(),
+            self.redis_target.clone(),
             shutdown.clone(),
         ));
         tokio::spawn(push::refresh_registry(Arc::clone(self), shutdown.clone()));
@@ -468,7 +458,7 @@ async fn refresh_sold_out(gw: Arc<Gateway>, shutdown: Shutdown) {
     }
 }
 
-async fn load_replays(p: &ProductRuntime, conn: &mut ConnectionManager) {
+async fn load_replays(p: &ProductRuntime, conn: &mut RedisConn) {
     let len: Result<usize, _> = redis::cmd("HLEN")
         .arg(p.idempotency_key())
         .query_async(conn)
