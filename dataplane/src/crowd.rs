@@ -79,7 +79,14 @@ pub struct CrowdResult {
     pub not_started: u64,
     pub ended: u64,
     pub other_client_errors: u64,
+    /// Every 5xx answer, the 503s below included.
     pub server_errors: u64,
+    /// 503 answers that carried Retry-After (a store outage, a failover,
+    /// replication_pending): the gateway's "try again shortly".
+    pub unavailable: u64,
+    /// Seconds from the start to the first and the last such 503.
+    pub unavailable_from_s: Option<f64>,
+    pub unavailable_until_s: Option<f64>,
     pub transport_errors: u64,
     pub ok: u64,
     pub elapsed_s: f64,
@@ -116,6 +123,15 @@ impl CrowdResult {
         self.ended += o.ended;
         self.other_client_errors += o.other_client_errors;
         self.server_errors += o.server_errors;
+        self.unavailable += o.unavailable;
+        self.unavailable_from_s = match (self.unavailable_from_s, o.unavailable_from_s) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.unavailable_until_s = match (self.unavailable_until_s, o.unavailable_until_s) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
         self.transport_errors += o.transport_errors;
         self.ok += o.ok;
         self.orders.extend(o.orders);
@@ -147,6 +163,9 @@ struct Answer {
     status: u16,
     order_id: Option<String>,
     error: Option<String>,
+    retry_after: bool,
+    /// Seconds from the crowd's start to the answer.
+    at_s: f64,
 }
 
 /// Runs the crowd and returns the tally.
@@ -255,14 +274,14 @@ async fn connection(
         let key = format!("{:032x}", rng.random::<u128>());
         let token = &tokens[usize::try_from(user).unwrap_or(0) % tokens.len().max(1)];
         let body = format!(r#"{{"sku":"{sku}","quantity":1}}"#);
-        let first = send(&mut sender, &config, c, &path, token, &key, &body, &mut out).await;
+        let first = send(&mut sender, started, &config, c, &path, token, &key, &body, &mut out).await;
         out.sent += 1;
         tally(&mut out, &first, &format!("user-{user}"), sku);
         if config.target == Target::Purchase
             && first.status != 0
             && rng.random_bool(config.retry_fraction.clamp(0.0, 1.0))
         {
-            let again = send(&mut sender, &config, c, &path, token, &key, &body, &mut out).await;
+            let again = send(&mut sender, started, &config, c, &path, token, &key, &body, &mut out).await;
             out.retries += 1;
             match (&first.order_id, first.status, &again.order_id, again.status) {
                 (Some(a), 202, Some(b), 202) if a == b => out.idempotent_replays += 1,
@@ -286,6 +305,7 @@ async fn connection(
 #[allow(clippy::too_many_arguments)]
 async fn send(
     sender: &mut Option<Sender>,
+    started: Instant,
     config: &CrowdConfig,
     c: usize,
     path: &str,
@@ -298,6 +318,8 @@ async fn send(
         status: 0,
         order_id: None,
         error: None,
+        retry_after: false,
+        at_s: 0.0,
     };
     if sender.as_ref().is_none_or(|s| s.is_closed()) {
         *sender = connect(config, c).await;
@@ -333,6 +355,7 @@ async fn send(
         }
     };
     let status = resp.status().as_u16();
+    let retry_after = resp.headers().contains_key("retry-after");
     let bytes = match resp.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => {
@@ -359,6 +382,8 @@ async fn send(
         status,
         order_id: field("orderId"),
         error: field("error"),
+        retry_after,
+        at_s: started.elapsed().as_secs_f64(),
     }
 }
 
@@ -381,6 +406,12 @@ fn tally(out: &mut CrowdResult, a: &Answer, user: &str, sku: &str) {
         (409, _) => out.limit_reached += 1,
         (429, _) => out.rate_limited += 1,
         (425, _) => out.not_started += 1,
+        (503, _) if a.retry_after => {
+            out.server_errors += 1;
+            out.unavailable += 1;
+            out.unavailable_from_s = Some(out.unavailable_from_s.map_or(a.at_s, |f| f.min(a.at_s)));
+            out.unavailable_until_s = Some(out.unavailable_until_s.map_or(a.at_s, |u| u.max(a.at_s)));
+        }
         (s, _) if s >= 500 => out.server_errors += 1,
         _ => out.other_client_errors += 1,
     }

@@ -49,6 +49,16 @@ impl Durability {
         }
     }
 
+    /// Without an explicit choice: `replica` on a Redis Cluster (it has
+    /// replicas, and failover is routine there), `local` on a standalone
+    /// server (whose replicas, if any, the data plane does not see).
+    pub fn default_for(mode: crate::redis_conn::RedisMode) -> Self {
+        match mode {
+            crate::redis_conn::RedisMode::Cluster => Self::Replica,
+            crate::redis_conn::RedisMode::Standalone => Self::Local,
+        }
+    }
+
     /// `Some(settings)` when writes must be confirmed by a replica.
     pub fn wait(self, timeout: Duration) -> Option<ReplicaWait> {
         match self {

@@ -22,6 +22,7 @@ pub mod order;
 pub mod payment_timeout;
 pub mod push_bench;
 pub mod ratelimit;
+pub mod redis_conn;
 pub mod scripts;
 pub mod servers;
 pub mod spec;

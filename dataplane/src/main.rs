@@ -12,6 +12,7 @@ use dataplane::consumer::{Consumer, ConsumerSettings};
 use dataplane::crowd::{CrowdConfig, Target};
 use dataplane::durability::Durability;
 use dataplane::gateway::{self, Gateway, GatewaySettings};
+use dataplane::redis_conn::{ConnSettings, RedisConn, RedisMode, RedisTarget};
 use dataplane::spec::SaleDocument;
 use tokio_util::sync::CancellationToken;
 
@@ -102,8 +103,16 @@ struct BenchArgs {
 struct LocalArgs {
     /// The FlashSale YAML (its window is moved to start a few seconds from now).
     sale: PathBuf,
+    /// One URL, or a Redis Cluster's seed node URLs, comma-separated.
     #[arg(long, env = "REDIS_URL")]
     redis_url: Option<String>,
+    /// Default: `cluster` if REDIS_URL lists several URLs, else `standalone`.
+    #[arg(long, env = "REDIS_MODE", value_enum)]
+    redis_mode: Option<RedisMode>,
+    /// Without REDIS_URL: run the sale on a throwaway Redis Cluster (3
+    /// masters, 3 replicas) instead of one Redis server.
+    #[arg(long, conflicts_with = "redis_url")]
+    redis_cluster: bool,
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
     #[arg(long, default_value_t = 20_000)]
@@ -132,13 +141,26 @@ struct SaleConfigArgs {
     /// The sale document (the operator mounts it at /etc/flashsale/sale.yaml).
     #[arg(long, env = "SALE_CONFIG", default_value = "/etc/flashsale/sale.yaml")]
     config: PathBuf,
+    /// One URL, or a Redis Cluster's seed node URLs, comma-separated.
     #[arg(long, env = "REDIS_URL")]
     redis_url: String,
+    /// Default: `cluster` if REDIS_URL lists several URLs, else `standalone`.
+    #[arg(long, env = "REDIS_MODE", value_enum)]
+    redis_mode: Option<RedisMode>,
     /// `replica`: a purchase is answered 202, an entry persisted, a release
     /// applied only once a Redis replica holds it (WAIT 1); `local`: once the
     /// master does.
-    #[arg(long, env = "REDIS_DURABILITY", value_enum, default_value_t = Durability::Local)]
-    redis_durability: Durability,
+    /// Default: `replica` in cluster mode, `local` standalone.
+    #[arg(long, env = "REDIS_DURABILITY", value_enum)]
+    redis_durability: Option<Durability>,
+}
+
+impl SaleConfigArgs {
+    /// A connection to the sale's Redis, checked now.
+    async fn redis(&self) -> Result<RedisConn> {
+        let target = RedisTarget::parse(&self.redis_url, self.redis_mode)?;
+        Ok(target.connect(&ConnSettings::default()).await?)
+    }
 }
 
 #[derive(Args)]
@@ -285,8 +307,12 @@ struct CrowdArgs {
     /// PostgreSQL against every 202 this crowd saw (needs REDIS_URL and DATABASE_URL).
     #[arg(long, value_name = "SALE_YAML")]
     audit: Option<PathBuf>,
+    /// One URL, or a Redis Cluster's seed node URLs, comma-separated.
     #[arg(long, env = "REDIS_URL")]
     redis_url: Option<String>,
+    /// Default: `cluster` if REDIS_URL lists several URLs, else `standalone`.
+    #[arg(long, env = "REDIS_MODE", value_enum)]
+    redis_mode: Option<RedisMode>,
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
 }
@@ -376,6 +402,7 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Gateway(a) => {
             let doc = load(&a.sale.config)?;
             let mut settings = GatewaySettings::new(&a.sale.redis_url, a.token_secret.into_bytes());
+            settings.redis_mode = a.sale.redis_mode;
             settings.redis_timeout = Duration::from_millis(a.redis_timeout_ms);
             settings.client_ip_header = a
                 .client_ip_header
@@ -414,6 +441,7 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Consumer(a) => {
             let doc = load(&a.sale.config)?;
             let mut settings = ConsumerSettings::new(&a.sale.redis_url, &a.database_url);
+            settings.redis_mode = a.sale.redis_mode;
             settings.batch_size = a.batch_size;
             settings.claim_idle = Duration::from_millis(a.claim_idle_ms);
             settings.claim_every = Duration::from_millis(a.claim_every_ms);
@@ -440,8 +468,7 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Crowd(a) => crowd(a).await,
         Command::Audit(a) => {
             let doc = load(&a.sale.config)?;
-            let client = redis::Client::open(a.sale.redis_url.as_str())?;
-            let mut conn = client.get_connection_manager().await?;
+            let mut conn = a.sale.redis().await?;
             let store = dataplane::store::OrderStore::connect(&a.database_url, 2)?;
             let wait = Duration::from_secs_f64(a.wait_seconds.max(0.0));
             if !dataplane::audit::wait_drained(&mut conn, &store, &doc.id(), &doc.spec, wait)
@@ -463,8 +490,7 @@ async fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Warm(a) => {
             let doc = load(&a.sale.config)?;
-            let client = redis::Client::open(a.sale.redis_url.as_str())?;
-            let mut conn = client.get_connection_manager().await?;
+            let mut conn = a.sale.redis().await?;
             let store = dataplane::store::OrderStore::connect(&a.database_url, 2)?;
             store.migrate().await?;
             let now = jiff::Timestamp::now();
@@ -511,6 +537,7 @@ async fn run(command: Command) -> Result<ExitCode> {
             let redis =
                 dataplane::servers::RedisServer::start_with(dataplane::servers::RedisOptions {
                     append_only: true,
+                    ..Default::default()
                 })?;
             let pg = dataplane::servers::PostgresServer::start()?;
             println!("export REDIS_URL={} DATABASE_URL={}", redis.url(), pg.url());
@@ -646,6 +673,8 @@ async fn local(a: LocalArgs) -> Result<ExitCode> {
     let report = dataplane::local::run(dataplane::local::LocalOptions {
         sale_file: a.sale,
         redis_url: a.redis_url,
+        redis_mode: a.redis_mode,
+        redis_cluster: a.redis_cluster,
         database_url: a.database_url,
         users: a.users,
         connections: a.connections,
@@ -695,7 +724,12 @@ async fn crowd(a: CrowdArgs) -> Result<ExitCode> {
     .await?;
     let audit = match &a.audit {
         Some(path) => {
-            Some(audit_crowd(path, a.redis_url.as_deref(), a.database_url.as_deref(), &r).await?)
+            let redis = a
+                .redis_url
+                .as_deref()
+                .map(|u| RedisTarget::parse(u, a.redis_mode))
+                .transpose()?;
+            Some(audit_crowd(path, redis, a.database_url.as_deref(), &r).await?)
         }
         None => None,
     };
@@ -784,17 +818,15 @@ async fn watch(a: WatchArgs) -> Result<ExitCode> {
 /// Waits for the backlog to drain, then audits the sale against the 202s seen.
 async fn audit_crowd(
     path: &std::path::Path,
-    redis_url: Option<&str>,
+    redis: Option<RedisTarget>,
     database_url: Option<&str>,
     r: &dataplane::crowd::CrowdResult,
 ) -> Result<dataplane::audit::AuditReport> {
     let doc = load(path)?;
-    let (Some(redis_url), Some(database_url)) = (redis_url, database_url) else {
+    let (Some(redis), Some(database_url)) = (redis, database_url) else {
         bail!("--audit needs --redis-url/REDIS_URL and --database-url/DATABASE_URL");
     };
-    let mut conn = redis::Client::open(redis_url)?
-        .get_connection_manager()
-        .await?;
+    let mut conn = redis.connect(&ConnSettings::default()).await?;
     let store = dataplane::store::OrderStore::connect(database_url, 2)?;
     let drained = dataplane::audit::wait_drained(
         &mut conn,

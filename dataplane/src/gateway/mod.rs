@@ -21,13 +21,14 @@ use axum::Router;
 use axum::http::HeaderName;
 use axum::routing::{get, post};
 use futures::FutureExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken as Shutdown;
 
 use crate::breaker::Breaker;
+use crate::durability::Durability;
 use crate::keys::ProductKeys;
 use crate::ratelimit::RateLimiters;
+use crate::redis_conn::{ConnSettings, RedisConn, RedisConnError, RedisMode, RedisTarget};
 use crate::spec::{Phase, SaleDocument, SaleId, SaleSpec};
 use crate::token::TokenVerifier;
 
@@ -35,6 +36,8 @@ use crate::token::TokenVerifier;
 #[derive(Clone, Debug)]
 pub struct GatewaySettings {
     pub redis_url: String,
+    /// `None`: a cluster if `redis_url` lists several seeds (`RedisTarget::parse`).
+    pub redis_mode: Option<RedisMode>,
     pub token_secret: Vec<u8>,
     /// This pod's name in load reports.
     pub pod: String,
@@ -48,8 +51,9 @@ pub struct GatewaySettings {
     pub push: push::PushSettings,
     /// Payment callbacks are taken only with a provider key and an order store.
     pub payment: Option<payment::PaymentSettings>,
-    /// `replica`: a purchase is answered 202 only once a replica holds it.
-    pub durability: crate::durability::Durability,
+    /// `replica`: a purchase is answered 202 only once a replica holds it
+    /// (default: `replica` in cluster mode, `local` standalone).
+    pub durability: Option<Durability>,
     /// Longest a purchase batch waits for a replica (below `redis_timeout`).
     pub replica_wait: Duration,
     /// Most purchases of one product confirmed by one WAIT.
@@ -60,6 +64,7 @@ impl GatewaySettings {
     pub fn new(redis_url: impl Into<String>, token_secret: impl Into<Vec<u8>>) -> Self {
         Self {
             redis_url: redis_url.into(),
+            redis_mode: None,
             token_secret: token_secret.into(),
             pod: default_pod_name(),
             redis_timeout: Duration::from_millis(250),
@@ -67,7 +72,7 @@ impl GatewaySettings {
             clock_skew: Duration::from_secs(1),
             push: push::PushSettings::default(),
             payment: None,
-            durability: crate::durability::Durability::Local,
+            durability: None,
             replica_wait: Duration::from_millis(100),
             commit_batch: commit::DEFAULT_MAX_BATCH,
         }
@@ -194,7 +199,7 @@ pub struct Gateway {
     /// operator publishes (`live`), without a restart.
     pub spec: ArcSwap<SaleSpec>,
     pub products: HashMap<String, ProductRuntime>,
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub verifier: TokenVerifier,
     pub limits: RateLimiters,
     pub breaker: Breaker,
@@ -222,16 +227,13 @@ pub struct Gateway {
     pub replica_wait: Option<crate::durability::ReplicaWait>,
     /// The committers' loops, spawned with the background work.
     committers: std::sync::Mutex<Vec<commit::Worker>>,
-    redis_url: String,
+    redis_target: RedisTarget,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("redis url {url:?}: {source}")]
-    RedisUrl {
-        url: String,
-        source: redis::RedisError,
-    },
+    #[error(transparent)]
+    Redis(#[from] RedisConnError),
     #[error("bind {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -253,51 +255,50 @@ impl Gateway {
             return Err(GatewayError::EmptySecret);
         }
         let sale = doc.id();
-        let client = redis::Client::open(settings.redis_url.as_str()).map_err(|source| {
-            GatewayError::RedisUrl {
-                url: settings.redis_url.clone(),
-                source,
-            }
-        })?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(settings.redis_timeout))
-            .set_connection_timeout(Some(settings.redis_timeout.max(Duration::from_millis(500))))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        let redis = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
-            .map_err(|source| GatewayError::RedisUrl {
-                url: settings.redis_url.clone(),
-                source,
-            })?;
-        let replica_wait = settings.durability.wait(settings.replica_wait);
+        let redis_target = RedisTarget::parse(&settings.redis_url, settings.redis_mode)?;
+        let conn_settings = ConnSettings {
+            response_timeout: settings.redis_timeout,
+            connection_timeout: settings.redis_timeout.max(Duration::from_millis(500)),
+            retries: 1,
+            max_delay: Duration::from_secs(1),
+        };
+        let replica_wait = settings
+            .durability
+            .unwrap_or_else(|| Durability::default_for(redis_target.mode))
+            .wait(settings.replica_wait);
+        // Committers' own connections: a WAIT blocks the connection it runs
+        // on, so each product's batch confirms in parallel with the others'
+        // (products beyond COMMIT_CONNECTIONS share them round-robin).
+        // No re-routed retries on them: a purchase pipeline retried after its
+        // node failed mid-way may already have run (and replicated), and a
+        // second run would make a second order for a request without an
+        // Idempotency-Key. A failure is a 503; the client's retry decides.
+        let commit_settings = ConnSettings {
+            retries: 0,
+            ..conn_settings.clone()
+        };
+        let commit_conns = match replica_wait {
+            Some(_) => (0..doc.spec.products.len().min(COMMIT_CONNECTIONS))
+                .map(|_| redis_target.connect_lazy(&commit_settings))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => Vec::new(),
+        };
+        let redis = redis_target.connect_lazy(&conn_settings)?;
         let mut committers = Vec::new();
         let products = doc
             .spec
             .products
             .iter()
-            .map(|p| {
+            .enumerate()
+            .map(|(i, p)| {
                 let k = ProductKeys::new(&sale, &p.sku);
-                // Its own connection per product: a WAIT blocks the
-                // connection it runs on, so products confirm in parallel.
-                let committer = match replica_wait {
-                    Some(wait) => {
-                        let conn =
-                            ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
-                                .map_err(|source| GatewayError::RedisUrl {
-                                    url: settings.redis_url.clone(),
-                                    source,
-                                })?;
-                        let (c, worker) = commit::Committer::new(
-                            k.purchase_keys(),
-                            conn,
-                            wait,
-                            settings.commit_batch,
-                        );
-                        committers.push(worker);
-                        Some(c)
-                    }
-                    None => None,
-                };
+                let committer = replica_wait.map(|wait| {
+                    let conn = commit_conns[i % commit_conns.len()].clone();
+                    let (c, worker) =
+                        commit::Committer::new(k.purchase_keys(), conn, wait, settings.commit_batch);
+                    committers.push(worker);
+                    c
+                });
                 let runtime = ProductRuntime {
                     sku: p.sku.clone(),
                     limit: AtomicU32::new(p.per_user_limit),
@@ -315,9 +316,9 @@ impl Gateway {
                     .and_then(Result::ok)
                     .unwrap_or_default(),
                 };
-                Ok((p.sku.clone(), runtime))
+                (p.sku.clone(), runtime)
             })
-            .collect::<Result<_, GatewayError>>()?;
+            .collect();
         let (accepted, accepted_rx) = tokio::sync::mpsc::channel(ACCEPTED_QUEUE);
         Ok(Arc::new(Self {
             limits: RateLimiters::new(&doc.spec.rate_limits),
@@ -346,7 +347,7 @@ impl Gateway {
                 .as_ref()
                 .map(payment::Payments::new)
                 .transpose()?,
-            redis_url: settings.redis_url.clone(),
+            redis_target,
             idempotency_key: crate::keys::SaleKeys::new(&sale).idempotency(),
             replica_wait,
             committers: std::sync::Mutex::new(committers),
@@ -405,7 +406,7 @@ impl Gateway {
         tokio::spawn(refresh_sold_out(Arc::clone(self), shutdown.clone()));
         tokio::spawn(push::subscribe(
             Arc::clone(self),
-            self.redis_url.clone(),
+            self.redis_target.clone(),
             shutdown.clone(),
         ));
         tokio::spawn(push::refresh_registry(Arc::clone(self), shutdown.clone()));
@@ -457,6 +458,9 @@ impl Gateway {
             .is_some_and(|p| p.sold_out.load(Ordering::Relaxed))
     }
 }
+
+/// Connections the purchase committers of one gateway use at most.
+const COMMIT_CONNECTIONS: usize = 8;
 
 /// Queued `order.accepted` events at most; beyond it they are dropped (a
 /// push is best effort: the 202 told the buyer, and a resume shows the order).
@@ -523,7 +527,7 @@ async fn refresh_sold_out(gw: Arc<Gateway>, shutdown: Shutdown) {
 /// from memory, and a 202 is a promise.
 async fn load_replays(
     p: &ProductRuntime,
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     replica_wait: Option<crate::durability::ReplicaWait>,
 ) {
     let len: Result<usize, _> = redis::cmd("HLEN")
@@ -543,7 +547,8 @@ async fn load_replays(
                     pipe.ignore_errors();
                     wait.mark_and_wait(&mut pipe, &p.layout.wait_mark());
                     let started = std::time::Instant::now();
-                    match pipe.query_async(conn).await {
+                    let key = p.idempotency_key();
+                    match pipe.query_async(&mut conn.on_master_of(key)).await {
                         Ok(replies) => {
                             let (mut replies, held) = crate::durability::split_wait(
                                 crate::durability::WaitPath::Replay,

@@ -428,7 +428,7 @@ async fn bounded<T>(
 /// leaves a binding without an order, which a retry completes.
 async fn claim_key(
     gw: &Gateway,
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::redis_conn::RedisConn,
     field: &str,
     key: &str,
     sku: &str,
