@@ -387,8 +387,7 @@ impl Consumer {
         let mut last_claim = Instant::now();
         let mut backoff = Backoff::new();
         let mut finishing: Option<tokio::task::JoinHandle<redis::RedisResult<()>>> = None;
-        let mut prefetch: Option<tokio::task::JoinHandle<Result<Vec<Entry>, ConsumerError>>> =
-            None;
+        let mut prefetch: Option<tokio::task::JoinHandle<Result<Vec<Entry>, ConsumerError>>> = None;
         while !shutdown.is_cancelled() {
             if last_claim.elapsed() >= self.settings.claim_every {
                 last_claim = Instant::now();

@@ -274,14 +274,36 @@ async fn connection(
         let key = format!("{:032x}", rng.random::<u128>());
         let token = &tokens[usize::try_from(user).unwrap_or(0) % tokens.len().max(1)];
         let body = format!(r#"{{"sku":"{sku}","quantity":1}}"#);
-        let first = send(&mut sender, started, &config, c, &path, token, &key, &body, &mut out).await;
+        let first = send(
+            &mut sender,
+            started,
+            &config,
+            c,
+            &path,
+            token,
+            &key,
+            &body,
+            &mut out,
+        )
+        .await;
         out.sent += 1;
         tally(&mut out, &first, &format!("user-{user}"), sku);
         if config.target == Target::Purchase
             && first.status != 0
             && rng.random_bool(config.retry_fraction.clamp(0.0, 1.0))
         {
-            let again = send(&mut sender, started, &config, c, &path, token, &key, &body, &mut out).await;
+            let again = send(
+                &mut sender,
+                started,
+                &config,
+                c,
+                &path,
+                token,
+                &key,
+                &body,
+                &mut out,
+            )
+            .await;
             out.retries += 1;
             match (&first.order_id, first.status, &again.order_id, again.status) {
                 (Some(a), 202, Some(b), 202) if a == b => out.idempotent_replays += 1,
@@ -410,7 +432,8 @@ fn tally(out: &mut CrowdResult, a: &Answer, user: &str, sku: &str) {
             out.server_errors += 1;
             out.unavailable += 1;
             out.unavailable_from_s = Some(out.unavailable_from_s.map_or(a.at_s, |f| f.min(a.at_s)));
-            out.unavailable_until_s = Some(out.unavailable_until_s.map_or(a.at_s, |u| u.max(a.at_s)));
+            out.unavailable_until_s =
+                Some(out.unavailable_until_s.map_or(a.at_s, |u| u.max(a.at_s)));
         }
         (s, _) if s >= 500 => out.server_errors += 1,
         _ => out.other_client_errors += 1,

@@ -351,30 +351,31 @@ impl Sweeper {
         // the unit out of Redis' stock for good. Applying again is a no-op
         // (release.lua moves an order once).
         let wait = self.settings.replica_wait;
-        let results = futures::future::try_join_all(per_product.into_iter().map(|(mine, mut pipe)| {
-            let mut redis = redis.clone();
-            async move {
-                if let (Some(w), Some(r)) = (wait, mine.first()) {
-                    w.mark_and_wait(&mut pipe, &self.wait_mark(&r.sku));
-                }
-                let started = std::time::Instant::now();
-                let mut values: Vec<redis::Value> = pipe.query_async(&mut redis).await?;
-                if wait.is_some() {
-                    let waited = values.pop().unwrap_or(redis::Value::Nil);
-                    let path = crate::durability::WaitPath::SweeperRelease;
-                    if !crate::durability::confirmed(path, &Ok(waited), started) {
-                        return Err(SweepError::Unreplicated { rows: mine.len() });
+        let results =
+            futures::future::try_join_all(per_product.into_iter().map(|(mine, mut pipe)| {
+                let mut redis = redis.clone();
+                async move {
+                    if let (Some(w), Some(r)) = (wait, mine.first()) {
+                        w.mark_and_wait(&mut pipe, &self.wait_mark(&r.sku));
                     }
+                    let started = std::time::Instant::now();
+                    let mut values: Vec<redis::Value> = pipe.query_async(&mut redis).await?;
+                    if wait.is_some() {
+                        let waited = values.pop().unwrap_or(redis::Value::Nil);
+                        let path = crate::durability::WaitPath::SweeperRelease;
+                        if !crate::durability::confirmed(path, &Ok(waited), started) {
+                            return Err(SweepError::Unreplicated { rows: mine.len() });
+                        }
+                    }
+                    let results: Vec<(String, String)> = values
+                        .into_iter()
+                        .map(redis::from_redis_value)
+                        .collect::<Result<_, _>>()
+                        .map_err(redis::RedisError::from)?;
+                    Ok::<_, SweepError>((mine, results))
                 }
-                let results: Vec<(String, String)> = values
-                    .into_iter()
-                    .map(redis::from_redis_value)
-                    .collect::<Result<_, _>>()
-                    .map_err(redis::RedisError::from)?;
-                Ok::<_, SweepError>((mine, results))
-            }
-        }))
-        .await?;
+            }))
+            .await?;
         let mut events = Vec::new();
         let applied = results
             .into_iter()

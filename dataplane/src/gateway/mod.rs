@@ -294,8 +294,12 @@ impl Gateway {
                 let k = ProductKeys::new(&sale, &p.sku);
                 let committer = replica_wait.map(|wait| {
                     let conn = commit_conns[i % commit_conns.len()].clone();
-                    let (c, worker) =
-                        commit::Committer::new(k.purchase_keys(), conn, wait, settings.commit_batch);
+                    let (c, worker) = commit::Committer::new(
+                        k.purchase_keys(),
+                        conn,
+                        wait,
+                        settings.commit_batch,
+                    );
                     committers.push(worker);
                     c
                 });
