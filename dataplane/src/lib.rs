@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod bench;
 pub mod breaker;
+pub mod cluster_bench;
 pub mod consumer;
 pub mod counters;
 pub mod crowd;

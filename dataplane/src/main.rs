@@ -69,7 +69,9 @@ struct BenchArgs {
     /// of the purchase script and of an empty one; Redis memory per order),
     /// `sold-out` (sold-out answers vs trivial endpoint), `persist`
     /// (consumer vs raw batched INSERT), `ws-memory` (gateway RSS per idle
-    /// WebSocket) or `push-latency` (purchase → pushed event at a steady rate).
+    /// WebSocket), `push-latency` (purchase → pushed event at a steady rate)
+    /// or `redis-modes` (accept path on one Redis vs a Redis Cluster,
+    /// durability local vs replica, decisions/s on one master vs three).
     which: String,
     #[arg(long, default_value_t = 100_000)]
     requests: u64,
@@ -647,6 +649,28 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
             );
             serde_json::to_string_pretty(&r)?
         }
+        "redis-modes" => {
+            let r =
+                dataplane::cluster_bench::redis_modes(a.requests, a.connections, a.rounds).await?;
+            for v in &r.variants {
+                println!(
+                    "accept path, {} connections, {} / durability {} / WAIT batch {}: {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms), {:.2}× standalone local",
+                    r.connections,
+                    v.variant.mode,
+                    v.variant.durability,
+                    v.variant.commit_batch,
+                    v.load.throughput_rps,
+                    v.load.p50_ms,
+                    v.load.p99_ms,
+                    v.vs_standalone_local
+                );
+            }
+            println!(
+                "decisions/s, three products, pipelined purchase scripts: one master {:.0}, three masters {:.0}: {:.2}×",
+                r.decisions_one_master, r.decisions_three_masters, r.three_vs_one_master
+            );
+            serde_json::to_string_pretty(&r)?
+        }
         "ws-memory" => serde_json::to_string_pretty(
             &dataplane::push_bench::ws_memory(&a.ws_connections).await?,
         )?,
@@ -655,7 +679,9 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
                 .await?,
         )?,
         other => {
-            bail!("bench takes accept, sold-out, persist, ws-memory or push-latency, not {other:?}")
+            bail!(
+                "bench takes accept, sold-out, persist, ws-memory, push-latency or redis-modes, not {other:?}"
+            )
         }
     };
     println!("{json}");
