@@ -25,7 +25,17 @@ use serde::{Deserialize, Serialize};
 
 /// How the data plane reaches Redis.
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema, clap::ValueEnum,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "camelCase")]
 pub enum RedisMode {
@@ -313,10 +323,10 @@ pub struct OnMasterOf<'a> {
 impl ConnectionLike for OnMasterOf<'_> {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match &mut *self.conn {
-            RedisConn::Standalone(c) => c.req_packed_command(cmd),
             RedisConn::Cluster(c) => {
                 Box::pin(c.route_command(cmd.clone(), RoutingInfo::SingleNode(master_of(self.key))))
             }
+            standalone => standalone.req_packed_command(cmd),
         }
     }
 
@@ -327,10 +337,10 @@ impl ConnectionLike for OnMasterOf<'_> {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match &mut *self.conn {
-            RedisConn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
             RedisConn::Cluster(c) => {
                 Box::pin(c.route_pipeline(pipeline.clone(), offset, count, master_of(self.key)))
             }
+            standalone => standalone.req_packed_commands(pipeline, offset, count),
         }
     }
 
