@@ -173,11 +173,7 @@ impl RunningGateway {
         servers: &impl Stores,
         pod: &str,
     ) -> Result<Self, gateway::GatewayError> {
-        let target = servers.redis_target();
-        let mut settings = GatewaySettings::new(target.url(), SECRET.to_vec());
-        settings.redis_mode = Some(target.mode);
-        settings.pod = pod.to_string();
-        Self::start_with(doc, &settings).await
+        Self::start_with(doc, &gateway_settings(servers, pod)).await
     }
 
     pub async fn start_with(
@@ -208,6 +204,15 @@ impl RunningGateway {
         self.shutdown.cancel();
         let _ = self.task.await;
     }
+}
+
+/// A gateway's settings for `servers`' Redis, in its mode.
+pub fn gateway_settings(servers: &impl Stores, pod: &str) -> GatewaySettings {
+    let target = servers.redis_target();
+    let mut settings = GatewaySettings::new(target.url(), SECRET.to_vec());
+    settings.redis_mode = Some(target.mode);
+    settings.pod = pod.to_string();
+    settings
 }
 
 /// Consumers run in this process.
