@@ -667,6 +667,65 @@ async fn warmed_live_sale(stores: &Stores) -> anyhow::Result<(Arc<Context>, ApiS
     Ok((ctx, server, sale))
 }
 
+/// The operator's own connections follow `redis.mode`: a sale on a Redis
+/// Cluster is warmed through the seed nodes its Secret lists, and its pods
+/// are told the mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_on_a_redis_cluster_is_warmed_through_its_seeds() -> anyhow::Result<()> {
+    use dataplane::redis_conn::{ConnSettings, RedisMode, RedisTarget};
+    let cluster = tokio::task::spawn_blocking(dataplane::servers::RedisCluster::start).await??;
+    let pg = PostgresServer::start()?;
+    let urls = Urls {
+        redis: cluster.url(),
+        database: pg.url(),
+    };
+    let now = Timestamp::now();
+    let mut sale = live_sale(now);
+    sale.spec.redis.mode = RedisMode::Cluster;
+    let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
+
+    let task = run(&sale, &ctx);
+    let applied = serve_children(&mut server, &urls, 2, ALL).await;
+    let status = serve_status(&mut server, &mut sale).await?;
+    server.expect_event("Normal", "Active", "Active").await;
+    server
+        .expect_event(
+            "Normal",
+            "RedisWarmed",
+            "phone-17: 1000 units; earbuds-pro: 3000 units; charger-65w: 500 units",
+        )
+        .await;
+    finish(task).await?;
+    assert_eq!(status["warmedGeneration"], json!(1));
+    assert_eq!(status["remaining"], json!(4500));
+    for (i, (_, is_deployment)) in CHILDREN.into_iter().enumerate() {
+        if is_deployment {
+            let env = &applied[i]["spec"]["template"]["spec"]["containers"][0]["env"];
+            let mode = env
+                .as_array()
+                .and_then(|all| all.iter().find(|e| e["name"] == json!("REDIS_MODE")));
+            assert_eq!(mode.map(|e| &e["value"]), Some(&json!("cluster")), "{env}");
+        }
+    }
+
+    let mut conn = RedisTarget::parse(&cluster.url(), Some(RedisMode::Cluster))?
+        .connect(&ConnSettings::default())
+        .await?;
+    let sale_id = dataplane::spec::SaleId::new("shop", "singles-day");
+    for (sku, stock) in [
+        ("phone-17", 1000),
+        ("earbuds-pro", 3000),
+        ("charger-65w", 500),
+    ] {
+        let remaining: i64 = redis::cmd("GET")
+            .arg(ProductKeys::new(&sale_id, sku).stock())
+            .query_async(&mut conn)
+            .await?;
+        assert_eq!(remaining, stock, "{sku}");
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn warming_twice_leaves_stock_unchanged() -> anyhow::Result<()> {
     let stores = Stores::start()?;
