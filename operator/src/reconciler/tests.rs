@@ -51,6 +51,9 @@ const CHILDREN: [(&str, bool); 6] = [
     ),
 ];
 
+/// The `RedisWarmed` event's note for the fixture sale's first warming.
+const WARMED_NOTE: &str = "phone-17: 1000 units; earbuds-pro: 3000 units; charger-65w: 500 units";
+
 /// Which children a reconcile writes (indexes into [`CHILDREN`]).
 const ALL: &[usize] = &[0, 1, 2, 3, 4, 5];
 /// None: everything is as this process last applied it.
@@ -558,11 +561,7 @@ async fn phases_change_at_their_instants_and_requeue_for_the_next() -> anyhow::R
         .expect_event("Normal", "Warming", "Pending → Warming")
         .await;
     server
-        .expect_event(
-            "Normal",
-            "RedisWarmed",
-            "phone-17: 1000 units; earbuds-pro: 3000 units; charger-65w: 500 units",
-        )
+        .expect_event("Normal", "RedisWarmed", WARMED_NOTE)
         .await;
     assert_eq!(
         finish(task).await?,
@@ -655,11 +654,7 @@ async fn warmed_live_sale(stores: &Stores) -> anyhow::Result<(Arc<Context>, ApiS
         ALL,
         &[
             ("Normal", "Active", "Active"),
-            (
-                "Normal",
-                "RedisWarmed",
-                "phone-17: 1000 units; earbuds-pro: 3000 units; charger-65w: 500 units",
-            ),
+            ("Normal", "RedisWarmed", WARMED_NOTE),
         ],
     )
     .await?;
@@ -689,11 +684,7 @@ async fn a_sale_on_a_redis_cluster_is_warmed_through_its_seeds() -> anyhow::Resu
     let status = serve_status(&mut server, &mut sale).await?;
     server.expect_event("Normal", "Active", "Active").await;
     server
-        .expect_event(
-            "Normal",
-            "RedisWarmed",
-            "phone-17: 1000 units; earbuds-pro: 3000 units; charger-65w: 500 units",
-        )
+        .expect_event("Normal", "RedisWarmed", WARMED_NOTE)
         .await;
     finish(task).await?;
     assert_eq!(status["warmedGeneration"], json!(1));
