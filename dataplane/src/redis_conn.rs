@@ -18,7 +18,9 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -302,6 +304,23 @@ impl RedisConn {
         }
     }
 
+    /// `PING`: answered by the server, or in a cluster by any master. (A
+    /// plain `PING` goes to every master of a cluster and fails while one is
+    /// down; a process whose other products still sell is not unready.)
+    pub async fn ping(&mut self) -> redis::RedisResult<()> {
+        let ping = redis::cmd("PING");
+        match self {
+            Self::Standalone(c) => ping.exec_async(c).await,
+            Self::Cluster(c) => {
+                let any_master = RoutingInfo::MultiNode((
+                    MultipleNodeRoutingInfo::AllMasters,
+                    Some(ResponsePolicy::OneSucceeded),
+                ));
+                c.route_command(ping, any_master).await.map(drop)
+            }
+        }
+    }
+
     /// This connection, with every command and pipeline sent to the master
     /// serving `key`'s slot, keyless ones (`WAIT`) included:
     /// `redis::cmd("WAIT").arg(1).arg(100).query_async(&mut conn.on_master_of(key))`.
@@ -439,6 +458,8 @@ mod tests {
         assert_eq!(acked, 1);
 
         let killed = cluster.kill_master_of(key)?;
+        // Another master still answers: the process is not unready.
+        tokio::time::timeout(Duration::from_secs(2), conn.ping()).await??;
         let promoted = tokio::task::spawn_blocking(move || killed.wait_promoted(20)).await??;
         let mut value = None;
         for _ in 0..100 {
