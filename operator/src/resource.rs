@@ -98,10 +98,11 @@ pub struct ConnectionSpec {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RedisSpec {
-    /// `standalone`: one URL. `cluster`: the Secret's value lists seed node
-    /// URLs of a Redis Cluster, comma-separated (one is enough; more ride
-    /// out a dead seed at start).
+    /// The Secret key holding one URL (`standalone`), or a Redis Cluster's
+    /// seed node URLs, comma-separated (`cluster`; list several: a gateway's
+    /// push subscription moves along them when its node dies).
     pub url_secret_ref: SecretKeyRef,
+    /// `standalone` (one Redis server) or `cluster` (a Redis Cluster).
     #[serde(default)]
     pub mode: RedisMode,
 }
