@@ -58,9 +58,17 @@ enum Command {
     /// Start a throwaway Redis (AOF on) and PostgreSQL, print their URLs as an
     /// `export` line, and keep them until this process gets Ctrl-C or SIGTERM
     /// (for the README tour and manual testing).
-    Servers,
+    Servers(ServersArgs),
     /// Measure side by side on this machine and print figures (and JSON).
     Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ServersArgs {
+    /// A Redis Cluster (3 masters, 3 replicas) instead of one Redis server;
+    /// the export line then sets REDIS_MODE=cluster too.
+    #[arg(long)]
+    redis_cluster: bool,
 }
 
 #[derive(Args)]
@@ -535,14 +543,26 @@ async fn run(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(a) => bench(a).await,
-        Command::Servers => {
-            let redis =
-                dataplane::servers::RedisServer::start_with(dataplane::servers::RedisOptions {
+        Command::Servers(a) => {
+            use dataplane::servers::{ClusterOptions, RedisCluster, RedisOptions, RedisServer};
+            // Kept until the signal: dropping them stops the servers.
+            let (_server, _cluster, redis) = if a.redis_cluster {
+                let c = RedisCluster::start_with(ClusterOptions {
                     append_only: true,
-                    ..Default::default()
+                    ..ClusterOptions::default()
                 })?;
+                let env = format!("{} REDIS_MODE=cluster", c.url());
+                (None, Some(c), env)
+            } else {
+                let s = RedisServer::start_with(RedisOptions {
+                    append_only: true,
+                    ..RedisOptions::default()
+                })?;
+                let url = s.url();
+                (Some(s), None, url)
+            };
             let pg = dataplane::servers::PostgresServer::start()?;
-            println!("export REDIS_URL={} DATABASE_URL={}", redis.url(), pg.url());
+            println!("export REDIS_URL={redis} DATABASE_URL={}", pg.url());
             println!(
                 "# Redis and PostgreSQL are up; stopping this process (Ctrl-C, or kill {}) stops and removes them.",
                 std::process::id()

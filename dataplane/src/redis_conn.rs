@@ -18,14 +18,26 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// How the data plane reaches Redis.
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema, clap::ValueEnum,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "camelCase")]
 pub enum RedisMode {
@@ -292,6 +304,23 @@ impl RedisConn {
         }
     }
 
+    /// `PING`: answered by the server, or in a cluster by any master. (A
+    /// plain `PING` goes to every master of a cluster and fails while one is
+    /// down; a process whose other products still sell is not unready.)
+    pub async fn ping(&mut self) -> redis::RedisResult<()> {
+        let ping = redis::cmd("PING");
+        match self {
+            Self::Standalone(c) => ping.exec_async(c).await,
+            Self::Cluster(c) => {
+                let any_master = RoutingInfo::MultiNode((
+                    MultipleNodeRoutingInfo::AllMasters,
+                    Some(ResponsePolicy::OneSucceeded),
+                ));
+                c.route_command(ping, any_master).await.map(drop)
+            }
+        }
+    }
+
     /// This connection, with every command and pipeline sent to the master
     /// serving `key`'s slot, keyless ones (`WAIT`) included:
     /// `redis::cmd("WAIT").arg(1).arg(100).query_async(&mut conn.on_master_of(key))`.
@@ -313,10 +342,10 @@ pub struct OnMasterOf<'a> {
 impl ConnectionLike for OnMasterOf<'_> {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match &mut *self.conn {
-            RedisConn::Standalone(c) => c.req_packed_command(cmd),
             RedisConn::Cluster(c) => {
                 Box::pin(c.route_command(cmd.clone(), RoutingInfo::SingleNode(master_of(self.key))))
             }
+            standalone => standalone.req_packed_command(cmd),
         }
     }
 
@@ -327,10 +356,10 @@ impl ConnectionLike for OnMasterOf<'_> {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match &mut *self.conn {
-            RedisConn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
             RedisConn::Cluster(c) => {
                 Box::pin(c.route_pipeline(pipeline.clone(), offset, count, master_of(self.key)))
             }
+            standalone => standalone.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -429,6 +458,8 @@ mod tests {
         assert_eq!(acked, 1);
 
         let killed = cluster.kill_master_of(key)?;
+        // Another master still answers: the process is not unready.
+        tokio::time::timeout(Duration::from_secs(2), conn.ping()).await??;
         let promoted = tokio::task::spawn_blocking(move || killed.wait_promoted(20)).await??;
         let mut value = None;
         for _ in 0..100 {
