@@ -119,15 +119,15 @@ impl Reader {
         let each =
             |block: bool| {
                 let reader = &self;
-                futures::future::try_join_all(reader.conns.iter().enumerate().map(
-                    move |(i, conn)| reader.read_streams(conn.clone(), i..i + 1, history, block),
-                ))
+                futures::future::join_all(reader.conns.iter().enumerate().map(move |(i, conn)| {
+                    reader.read_streams(conn.clone(), i..i + 1, history, block)
+                }))
             };
-        let entries: Vec<Entry> = each(false).await?.into_iter().flatten().collect();
+        let entries = merge(each(false).await)?;
         if !entries.is_empty() || history {
             return Ok(entries);
         }
-        Ok(each(true).await?.into_iter().flatten().collect())
+        merge(each(true).await)
     }
 
     /// One XREADGROUP over the streams at `streams` (indexes into `names`).
@@ -170,6 +170,30 @@ impl Reader {
             }
         }
         Ok(out)
+    }
+}
+
+/// The entries of per-stream reads. A stream whose read failed (its master
+/// is failing over) is read again on the next call and does not hold back
+/// the others; only when every read failed is it an error.
+fn merge(
+    reads: Vec<Result<Vec<Entry>, redis::RedisError>>,
+) -> Result<Vec<Entry>, redis::RedisError> {
+    let mut entries = Vec::new();
+    let mut failed = None;
+    for read in reads {
+        match read {
+            Ok(mut e) => entries.append(&mut e),
+            Err(e) => failed = Some(e),
+        }
+    }
+    match failed {
+        Some(e) if entries.is_empty() => Err(e),
+        Some(e) => {
+            tracing::warn!(error = %e, "reading one stream failed; the others go on");
+            Ok(entries)
+        }
+        None => Ok(entries),
     }
 }
 
@@ -379,6 +403,9 @@ impl Consumer {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "reading streams failed");
+                    // A read that failed may still have delivered entries
+                    // (a reply lost to a timeout): they are ours now.
+                    history = true;
                     if !backoff.wait(&shutdown).await {
                         break;
                     }
