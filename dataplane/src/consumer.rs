@@ -120,6 +120,8 @@ struct Reader {
     wait: Option<ReplicaWait>,
     /// Per stream, the product's wait mark written before that WAIT.
     marks: std::sync::Arc<Vec<String>>,
+    /// Set when one stream's read failed while others' succeeded.
+    reread: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Reader {
@@ -134,15 +136,15 @@ impl Reader {
         let each =
             |block: bool| {
                 let reader = &self;
-                futures::future::try_join_all(reader.conns.iter().enumerate().map(
-                    move |(i, conn)| reader.read_streams(conn.clone(), i..i + 1, history, block),
-                ))
+                futures::future::join_all(reader.conns.iter().enumerate().map(move |(i, conn)| {
+                    reader.read_streams(conn.clone(), i..i + 1, history, block)
+                }))
             };
-        let entries: Vec<Entry> = each(false).await?.into_iter().flatten().collect();
+        let entries = merge(each(false).await, &self.reread)?;
         if !entries.is_empty() || history {
             return Ok(entries);
         }
-        Ok(each(true).await?.into_iter().flatten().collect())
+        merge(each(true).await, &self.reread)
     }
 
     /// One XREADGROUP over the streams at `streams` (indexes into `names`).
@@ -208,6 +210,34 @@ impl Reader {
             }
         }
         Ok(out)
+    }
+}
+
+/// The entries of per-stream reads. A stream whose read failed (its master
+/// is failing over) is read again on the next call and does not hold back
+/// the others; only when every read failed is it an error.
+fn merge(
+    reads: Vec<Result<Vec<Entry>, ConsumerError>>,
+    reread: &std::sync::atomic::AtomicBool,
+) -> Result<Vec<Entry>, ConsumerError> {
+    let mut entries = Vec::new();
+    let mut failed = None;
+    for read in reads {
+        match read {
+            Ok(mut e) => entries.append(&mut e),
+            Err(e) => failed = Some(e),
+        }
+    }
+    match failed {
+        Some(e) if entries.is_empty() => Err(e),
+        Some(e) => {
+            tracing::warn!(error = %e, "reading one stream failed; the others go on");
+            // What it delivered (or left unconfirmed) is pending here: the
+            // next read is of this consumer's history.
+            reread.store(true, std::sync::atomic::Ordering::Relaxed);
+            Ok(entries)
+        }
+        None => Ok(entries),
     }
 }
 
@@ -279,6 +309,7 @@ impl Consumer {
                 .unwrap_or_else(|| Durability::default_for(target.mode))
                 .wait(settings.replica_wait),
             marks: std::sync::Arc::new(streams.iter().map(|s| s.keys.wait_mark()).collect()),
+            reread: std::sync::Arc::default(),
         };
         let mut consumer = Self {
             sale,
@@ -417,6 +448,13 @@ impl Consumer {
                     }
                 }
             };
+            if self
+                .reader
+                .reread
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+            {
+                history = true;
+            }
             let entries = match read {
                 Ok(e) => {
                     backoff.reset();
@@ -424,8 +462,9 @@ impl Consumer {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "reading streams failed");
-                    // What the failed read delivered (or left unconfirmed) is
-                    // pending here: read it again from history.
+                    // A read that failed may still have delivered entries
+                    // (a reply lost to a timeout), or delivered entries no
+                    // replica confirmed: they are ours now, read them again.
                     history = true;
                     if !backoff.wait(&shutdown).await {
                         break;
