@@ -357,6 +357,11 @@ async fn push_survives_the_death_of_the_subscribed_cluster_node() -> TestResult 
     seeds.insert(0, master.url());
     let mut settings = dataplane::gateway::GatewaySettings::new(seeds.join(","), SECRET.to_vec());
     settings.pod = "gw-a".into();
+    // The promoted master has no replica of its own here (the dead node stays
+    // dead), so under the cluster default (`replica`) its purchases would be
+    // 503 replication_pending until one is attached (tests/redis_failover.rs);
+    // this test is about the push subscription, so it accepts on the master.
+    settings.durability = Some(dataplane::durability::Durability::Local);
     let gw = RunningGateway::start_with(&doc, &settings).await?;
     let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
 
