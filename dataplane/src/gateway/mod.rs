@@ -8,6 +8,7 @@ pub mod orders;
 pub mod payment;
 pub mod purchase;
 pub mod push;
+pub mod storefront;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -339,6 +340,7 @@ impl Gateway {
                 "/v1/ping",
                 get(observability::ping).post(observability::ping),
             )
+            .route("/shop/{sale}", get(storefront::page))
             .route("/openapi.json", get(openapi::serve))
             .fallback(observability::not_found)
             .with_state(Arc::clone(self))

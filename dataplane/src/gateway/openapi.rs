@@ -16,7 +16,8 @@ use utoipa::{Modify, OpenApi};
         super::purchase::purchase,
         super::orders::get_order,
         super::push::ws,
-        super::payment::callback
+        super::payment::callback,
+        super::storefront::page
     ),
     components(schemas(
         super::purchase::PurchaseRequest,

@@ -110,8 +110,17 @@ impl RunningGateway {
         doc: &SaleDocument,
         settings: &GatewaySettings,
     ) -> Result<Self, gateway::GatewayError> {
+        Self::start_at(doc, settings, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// On a given public address: a restarted gateway where its clients were.
+    pub async fn start_at(
+        doc: &SaleDocument,
+        settings: &GatewaySettings,
+        public: SocketAddr,
+    ) -> Result<Self, gateway::GatewayError> {
         let gw = Gateway::new(doc, settings)?;
-        let public = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let public = gateway::bind(public).await?;
         let admin = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let addr = public.local_addr().map_err(gateway::GatewayError::Serve)?;
         let admin_addr = admin.local_addr().map_err(gateway::GatewayError::Serve)?;
