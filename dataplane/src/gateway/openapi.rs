@@ -13,12 +13,17 @@ use utoipa::{Modify, OpenApi};
         description = "Buy in a flash sale: one purchase call decides atomically; losers are answered at once, winners get an order id and its updates by push."
     ),
     paths(
+        super::sale_page::get_sale,
         super::purchase::purchase,
         super::orders::get_order,
         super::push::ws,
         super::payment::callback
     ),
     components(schemas(
+        super::sale_page::SaleView,
+        super::sale_page::SalePhase,
+        super::sale_page::PurchaseTicketView,
+        super::sale_page::ProductView,
         super::purchase::PurchaseRequest,
         super::purchase::PurchaseAccepted,
         super::orders::OrderView,
