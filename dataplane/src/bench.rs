@@ -392,19 +392,26 @@ struct RedisFigures {
     calls: u64,
 }
 
+/// One `name:value` line of `INFO`.
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// Calls of `command` (lower case) so far, from `INFO commandstats`.
+fn command_calls(info: &str, command: &str) -> u64 {
+    info_field(info, &format!("cmdstat_{command}"))
+        .and_then(|v| v.split(',').find_map(|kv| kv.strip_prefix("calls=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Main-thread CPU seconds, `used_memory` and EVALSHA calls so far, from INFO.
 fn redis_figures(conn: &mut redis::Connection) -> Result<RedisFigures, BenchError> {
     let info: String = redis::cmd("INFO").arg("everything").query(conn)?;
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .map(str::trim)
-    };
-    let num = |name: &str| field(name).and_then(|v| v.parse::<f64>().ok());
-    let calls = field("cmdstat_evalsha")
-        .and_then(|v| v.split(',').find_map(|kv| kv.strip_prefix("calls=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let num = |name: &str| info_field(&info, name).and_then(|v| v.parse::<f64>().ok());
+    let calls = command_calls(&info, "evalsha");
     match (
         num("used_cpu_user_main_thread"),
         num("used_cpu_sys_main_thread"),
@@ -474,6 +481,136 @@ pub async fn sold_out(
         trivial,
         sold_out_vs_trivial: median_f(&ratios),
     })
+}
+
+/// Commands Redis has processed so far: all of them, and `GET`s (the sale
+/// page refresher's only command).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct RedisCommands {
+    pub total: u64,
+    pub get: u64,
+}
+
+pub async fn redis_commands<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+) -> Result<RedisCommands, redis::RedisError> {
+    let info: String = redis::cmd("INFO")
+        .arg("everything")
+        .query_async(conn)
+        .await?;
+    Ok(RedisCommands {
+        total: info_field(&info, "total_commands_processed")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        get: command_calls(&info, "get"),
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReadPathReport {
+    pub connections: usize,
+    pub products: usize,
+    pub sale_page: LoadFigures,
+    pub trivial: LoadFigures,
+    pub sale_page_vs_trivial: f64,
+    /// Redis' command rate with no reads at all, for reference.
+    pub idle: RedisRate,
+    /// Read storms of growing size, and what Redis did meanwhile.
+    pub storms: Vec<ReadStorm>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RedisRate {
+    pub seconds: f64,
+    pub commands_per_s: f64,
+    pub gets_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReadStorm {
+    pub connections: usize,
+    pub load: LoadFigures,
+    pub redis: RedisRate,
+}
+
+/// Sale products of the read-path bench: a page like a real sale's.
+const READ_PATH_PRODUCTS: [(&str, i64); 3] =
+    [("phone", 1_000), ("earbuds", 3_000), ("charger", 500)];
+
+/// Read path: the sale page vs the trivial endpoint, both `GET` (paired
+/// rounds, medians), then Redis' command rate idle and during read storms
+/// on `connections` and 4× as many connections.
+pub async fn read_path(
+    requests: u64,
+    connections: usize,
+    rounds: usize,
+) -> Result<ReadPathReport, BenchError> {
+    let doc = doc("page", &READ_PATH_PRODUCTS)?;
+    let rig = rig(&doc).await?;
+    let addr = rig.addr;
+    let page = |n: u64, c: usize| crowd_config(addr, "page", "", Target::SalePage, n, c, None);
+    let ping = || {
+        crowd_config(
+            addr,
+            "page",
+            "",
+            Target::PingGet,
+            requests,
+            connections,
+            None,
+        )
+    };
+    // Until the first snapshot is up (the refresher's first tick is at once).
+    for _ in 0..50 {
+        if crowd::run(page(100, 4)).await?.ok == 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    crowd::run(page(requests / 10, connections)).await?;
+    let (sale_page, trivial, ratios) =
+        paired(rounds.max(1), || page(requests, connections), ping).await?;
+
+    let mut conn = redis::Client::open(rig.redis.url())?
+        .get_connection_manager()
+        .await?;
+    let idle_window = Duration::from_secs(3);
+    let before = redis_commands(&mut conn).await?;
+    let started = Instant::now();
+    tokio::time::sleep(idle_window).await;
+    let idle = redis_rate(before, redis_commands(&mut conn).await?, started);
+    let mut storms = Vec::new();
+    for c in [connections, connections * 4] {
+        let before = redis_commands(&mut conn).await?;
+        let started = Instant::now();
+        let load = LoadFigures::from(&crowd::run(page(requests, c)).await?);
+        let redis = redis_rate(before, redis_commands(&mut conn).await?, started);
+        storms.push(ReadStorm {
+            connections: c,
+            load,
+            redis,
+        });
+    }
+    rig.shutdown.cancel();
+    Ok(ReadPathReport {
+        connections,
+        products: READ_PATH_PRODUCTS.len(),
+        sale_page,
+        trivial,
+        sale_page_vs_trivial: median_f(&ratios),
+        idle,
+        storms,
+    })
+}
+
+fn redis_rate(before: RedisCommands, after: RedisCommands, since: Instant) -> RedisRate {
+    let seconds = since.elapsed().as_secs_f64().max(1e-9);
+    RedisRate {
+        seconds,
+        // Less the INFO that read `after`.
+        commands_per_s: after.total.saturating_sub(before.total + 1) as f64 / seconds,
+        gets_per_s: after.get.saturating_sub(before.get) as f64 / seconds,
+    }
 }
 
 #[derive(Debug, Serialize)]

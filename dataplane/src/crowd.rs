@@ -25,6 +25,10 @@ pub enum Target {
     /// `POST /v1/ping`, the trivial endpoint, with the same request, for
     /// side-by-side benchmarks.
     Ping,
+    /// `GET /v1/sales/{sale}`, the sale page, anonymous.
+    SalePage,
+    /// `GET /v1/ping`, the trivial endpoint, with the same request as `SalePage`.
+    PingGet,
 }
 
 #[derive(Clone, Debug)]
@@ -227,7 +231,10 @@ async fn connection(
     };
     let mut rng = rand::rngs::SmallRng::from_rng(&mut rand::rng());
     let mut sender = connect(&config, c).await;
-    let path = format!("/v1/sales/{}/purchase", config.sale);
+    let path = match config.target {
+        Target::SalePage => format!("/v1/sales/{}", config.sale),
+        _ => format!("/v1/sales/{}/purchase", config.sale),
+    };
     let per_conn_interval = config
         .rate
         .filter(|r| *r > 0.0)
@@ -312,15 +319,20 @@ async fn send(
     // The trivial endpoint gets the very same request (headers and body), so
     // a side-by-side run differs only in what the server does with it.
     let uri = match config.target {
-        Target::Purchase => path,
-        Target::Ping => "/v1/ping",
+        Target::Purchase | Target::SalePage => path,
+        Target::Ping | Target::PingGet => "/v1/ping",
     };
-    let req = Request::post(uri)
-        .header("host", "gateway")
-        .header("authorization", format!("Bearer {token}"))
-        .header("idempotency-key", key)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())));
+    let req = match config.target {
+        Target::Purchase | Target::Ping => Request::post(uri)
+            .header("host", "gateway")
+            .header("authorization", format!("Bearer {token}"))
+            .header("idempotency-key", key)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string()))),
+        Target::SalePage | Target::PingGet => Request::get(uri)
+            .header("host", "gateway")
+            .body(Full::new(Bytes::new())),
+    };
     let Ok(req) = req else {
         return failed;
     };

@@ -65,7 +65,8 @@ enum Command {
 struct BenchArgs {
     /// `accept` (purchase vs trivial endpoint vs redis-benchmark EVALSHA -P 16
     /// of the purchase script and of an empty one; Redis memory per order),
-    /// `sold-out` (sold-out answers vs trivial endpoint), `persist`
+    /// `sold-out` (sold-out answers vs trivial endpoint), `read-path` (the
+    /// sale page vs trivial GET; Redis commands/s during read storms), `persist`
     /// (consumer vs raw batched INSERT), `ws-memory` (gateway RSS per idle
     /// WebSocket) or `push-latency` (purchase → pushed event at a steady rate).
     which: String,
@@ -585,6 +586,36 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
             );
             serde_json::to_string_pretty(&r)?
         }
+        "read-path" => {
+            let r = bench::read_path(a.requests, a.connections, a.rounds).await?;
+            println!(
+                "read path, {} connections, {} products: sale page {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms) vs trivial GET {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms): ratio {:.2}",
+                r.connections,
+                r.products,
+                r.sale_page.throughput_rps,
+                r.sale_page.p50_ms,
+                r.sale_page.p99_ms,
+                r.trivial.throughput_rps,
+                r.trivial.p50_ms,
+                r.trivial.p99_ms,
+                r.sale_page_vs_trivial
+            );
+            println!(
+                "Redis idle: {:.1} commands/s ({:.1} GET/s)",
+                r.idle.commands_per_s, r.idle.gets_per_s
+            );
+            for s in &r.storms {
+                println!(
+                    "read storm, {} connections: {:.0} req/s for {:.1} s; Redis {:.1} commands/s ({:.1} GET/s)",
+                    s.connections,
+                    s.load.throughput_rps,
+                    s.redis.seconds,
+                    s.redis.commands_per_s,
+                    s.redis.gets_per_s
+                );
+            }
+            serde_json::to_string_pretty(&r)?
+        }
         "persist" => {
             let r = bench::persist(a.orders, a.batch_size).await?;
             println!(
@@ -605,7 +636,9 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
                 .await?,
         )?,
         other => {
-            bail!("bench takes accept, sold-out, persist, ws-memory or push-latency, not {other:?}")
+            bail!(
+                "bench takes accept, sold-out, read-path, persist, ws-memory or push-latency, not {other:?}"
+            )
         }
     };
     println!("{json}");

@@ -87,6 +87,27 @@ pub const GATEWAY: &[Metric] = &[
         &[("scope", &["ip", "user", "global"])],
     ),
     metric(
+        "flashsale_gateway_sale_page_requests_total",
+        Counter,
+        "Sale page answers (GET /v1/sales/{sale}) by outcome",
+        &[(
+            "outcome",
+            &["ok", "not_modified", "unknown_sale", "not_ready"],
+        )],
+    ),
+    metric(
+        "flashsale_gateway_sale_page_refreshes_total",
+        Counter,
+        "The sale page refresher's stock reads from Redis, by result",
+        &[("result", &["ok", "failed"])],
+    ),
+    metric(
+        "flashsale_gateway_sale_page_stock_age_seconds",
+        Gauge,
+        "Age of the stock figures the sale page serves (under 0.3 normally; grows while Redis is unreachable)",
+        &[],
+    ),
+    metric(
         "flashsale_gateway_load_report_timestamp_seconds",
         Gauge,
         "Unix time of the last load report this gateway published to Redis (0: none yet)",

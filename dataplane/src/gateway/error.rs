@@ -56,6 +56,11 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, code, message)
     }
 
+    /// A sale this gateway does not serve (it serves one).
+    pub fn unknown_sale(sale: &str) -> Self {
+        Self::not_found("unknown_sale", format!("no sale named {sale:?} here")).with("sale", sale)
+    }
+
     pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message).retry_after(1)
     }

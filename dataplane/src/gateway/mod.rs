@@ -8,6 +8,7 @@ pub mod orders;
 pub mod payment;
 pub mod purchase;
 pub mod push;
+pub mod sale_page;
 pub mod storefront;
 
 use std::collections::HashMap;
@@ -207,6 +208,8 @@ pub struct Gateway {
     pub payments: Option<payment::Payments>,
     /// The sale's Idempotency-Key records (`SaleKeys::idempotency`).
     pub idempotency_key: String,
+    /// The sale page's snapshot, rebuilt by `sale_page::refresh`.
+    pub sale_page: sale_page::SalePage,
     redis_url: String,
 }
 
@@ -310,6 +313,7 @@ impl Gateway {
                 .transpose()?,
             redis_url: settings.redis_url.clone(),
             idempotency_key: crate::keys::SaleKeys::new(&sale).idempotency(),
+            sale_page: sale_page::SalePage::new(),
             sale,
         }))
     }
@@ -332,6 +336,7 @@ impl Gateway {
     /// The public API.
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
+            .route("/v1/sales/{sale}", get(sale_page::get_sale))
             .route("/v1/sales/{sale}/purchase", post(purchase::purchase))
             .route("/v1/orders/{id}", get(orders::get_order))
             .route("/v1/ws", get(push::ws))
@@ -352,7 +357,8 @@ impl Gateway {
     }
 
     /// Background work: load reports (which also re-split the global rate
-    /// limit), sold-out flag refresh, rate-limiter housekeeping, the push
+    /// limit), the sale page's snapshot (which also moves the sold-out
+    /// flags), replay snapshots and rate-limiter housekeeping, the push
     /// channel subscription and registry refresh.
     pub fn spawn_background(self: &Arc<Self>, shutdown: Shutdown) {
         tokio::spawn(load_report::run(Arc::clone(self), shutdown.clone()));
@@ -363,7 +369,8 @@ impl Gateway {
             shutdown.clone(),
             move |live| gw.apply_live(&live.spec),
         ));
-        tokio::spawn(refresh_sold_out(Arc::clone(self), shutdown.clone()));
+        tokio::spawn(sale_page::refresh(Arc::clone(self), shutdown.clone()));
+        tokio::spawn(load_replay_snapshots(Arc::clone(self), shutdown.clone()));
         tokio::spawn(push::subscribe(
             Arc::clone(self),
             self.redis_url.clone(),
@@ -431,10 +438,11 @@ async fn route_accepted(
     }
 }
 
-/// Sold-out flags are cleared when stock comes back (a failed or cancelled
-/// order returns it): one GET per flagged product per pod every 500 ms. A
-/// flagged product's replay snapshot is loaded here too.
-async fn refresh_sold_out(gw: Arc<Gateway>, shutdown: Shutdown) {
+/// A flagged product's replay snapshot is loaded here, once per flag (the
+/// flags themselves follow the sale page's stock reads, `sale_page::refresh`,
+/// which drops the snapshot when stock comes back); and the rate limiters'
+/// housekeeping runs every 10 s.
+async fn load_replay_snapshots(gw: Arc<Gateway>, shutdown: Shutdown) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut housekeeping = 0u32;
     loop {
@@ -447,23 +455,8 @@ async fn refresh_sold_out(gw: Arc<Gateway>, shutdown: Shutdown) {
             gw.limits.housekeeping();
         }
         for p in gw.products.values() {
-            if !p.sold_out.load(Ordering::Relaxed) {
-                continue;
-            }
-            let mut conn = gw.redis.clone();
-            let remaining: Result<Option<i64>, _> = redis::cmd("GET")
-                .arg(p.stock_key())
-                .query_async(&mut conn)
-                .await;
-            if let Ok(Some(n)) = remaining
-                && n > 0
-            {
-                tracing::info!(sku = %p.sku, remaining = n, "stock returned; sold-out flag cleared");
-                p.sold_out.store(false, Ordering::Relaxed);
-                p.replays.store(None);
-                continue;
-            }
-            if p.replays.load().is_none() {
+            if p.sold_out.load(Ordering::Relaxed) && p.replays.load().is_none() {
+                let mut conn = gw.redis.clone();
                 load_replays(p, &mut conn).await;
             }
         }

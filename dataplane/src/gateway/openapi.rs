@@ -13,6 +13,7 @@ use utoipa::{Modify, OpenApi};
         description = "Buy in a flash sale: one purchase call decides atomically; losers are answered at once, winners get an order id and its updates by push."
     ),
     paths(
+        super::sale_page::get_sale,
         super::purchase::purchase,
         super::orders::get_order,
         super::push::ws,
@@ -20,6 +21,10 @@ use utoipa::{Modify, OpenApi};
         super::storefront::page
     ),
     components(schemas(
+        super::sale_page::SaleView,
+        super::sale_page::SalePhase,
+        super::sale_page::PurchaseTicketView,
+        super::sale_page::ProductView,
         super::purchase::PurchaseRequest,
         super::purchase::PurchaseAccepted,
         super::orders::OrderView,

@@ -180,11 +180,7 @@ async fn handle(
     // 2. Which sale and what is asked (cheap, local; the body's SKU is
     // borrowed from the request bytes unless it holds escapes).
     if sale != gw.sale.name {
-        return fail(
-            BAD_REQUEST,
-            ApiError::not_found("unknown_sale", format!("no sale named {sale:?} here"))
-                .with("sale", sale),
-        );
+        return fail(BAD_REQUEST, ApiError::unknown_sale(sale));
     }
     let req: PurchaseBody = match serde_json::from_slice(&bytes) {
         Ok(r) => r,
