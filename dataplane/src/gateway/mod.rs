@@ -8,6 +8,7 @@ pub mod orders;
 pub mod payment;
 pub mod purchase;
 pub mod push;
+pub mod tickets;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -184,6 +185,8 @@ pub struct Gateway {
     pub products: HashMap<String, ProductRuntime>,
     pub redis: ConnectionManager,
     pub verifier: TokenVerifier,
+    /// Issues and checks this sale's purchase tickets.
+    pub tickets: crate::ticket::TicketSigner,
     pub limits: RateLimiters,
     pub breaker: Breaker,
     pub redis_timeout: Duration,
@@ -225,6 +228,8 @@ pub enum GatewayError {
     Serve(std::io::Error),
     #[error("the token secret is empty; set TOKEN_SECRET")]
     EmptySecret,
+    #[error(transparent)]
+    TicketKey(#[from] crate::ticket::KeyError),
     #[error("payment order store: {0}")]
     PaymentStore(#[from] crate::store::StoreError),
 }
@@ -286,6 +291,7 @@ impl Gateway {
             products,
             redis,
             verifier: TokenVerifier::new(&settings.token_secret),
+            tickets: crate::ticket::TicketSigner::new(&settings.token_secret, &sale)?,
             breaker: Breaker::new(5, Duration::from_secs(1)),
             redis_timeout: settings.redis_timeout,
             client_ip_header: settings.client_ip_header.clone(),
@@ -332,6 +338,7 @@ impl Gateway {
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/v1/sales/{sale}/purchase", post(purchase::purchase))
+            .route("/v1/sales/{sale}/tickets", post(tickets::issue))
             .route("/v1/orders/{id}", get(orders::get_order))
             .route("/v1/ws", get(push::ws))
             .route("/v1/payments/callback", post(payment::callback))
@@ -380,8 +387,9 @@ impl Gateway {
         });
     }
 
-    /// Takes a new spec from the operator: window, rate limits and per-user
-    /// limits change in place (stock and price live in Redis already).
+    /// Takes a new spec from the operator: window, rate limits, per-user
+    /// limits and purchase tickets change in place (stock and price live in
+    /// Redis already).
     pub fn apply_live(&self, next: &SaleSpec) {
         for p in &next.products {
             if let Some(runtime) = self.products.get(&p.sku) {

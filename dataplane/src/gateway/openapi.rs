@@ -14,6 +14,7 @@ use utoipa::{Modify, OpenApi};
     ),
     paths(
         super::purchase::purchase,
+        super::tickets::issue,
         super::orders::get_order,
         super::push::ws,
         super::payment::callback
@@ -21,6 +22,7 @@ use utoipa::{Modify, OpenApi};
     components(schemas(
         super::purchase::PurchaseRequest,
         super::purchase::PurchaseAccepted,
+        super::tickets::TicketIssued,
         super::orders::OrderView,
         super::error::ErrorBody,
         crate::events::OrderEvent,
