@@ -27,5 +27,6 @@ pub mod spec;
 pub mod stock;
 pub mod store;
 pub mod telemetry;
+pub mod ticket;
 pub mod token;
 pub mod warm;

@@ -64,9 +64,17 @@ pub const GATEWAY: &[Metric] = &[
                 "rate_limited",
                 "bad_request",
                 "unauthenticated",
+                "ticket_required",
+                "ticket_invalid",
                 "unavailable",
             ],
         )],
+    ),
+    metric(
+        "flashsale_gateway_tickets_total",
+        Counter,
+        "Purchase ticket requests by outcome",
+        &[("outcome", crate::gateway::tickets::outcome::ALL)],
     ),
     metric(
         "flashsale_gateway_request_duration_seconds",

@@ -10,6 +10,7 @@ pub mod purchase;
 pub mod push;
 pub mod sale_page;
 pub mod storefront;
+pub mod tickets;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -186,6 +187,8 @@ pub struct Gateway {
     pub products: HashMap<String, ProductRuntime>,
     pub redis: ConnectionManager,
     pub verifier: TokenVerifier,
+    /// Issues and checks this sale's purchase tickets.
+    pub tickets: crate::ticket::TicketSigner,
     pub limits: RateLimiters,
     pub breaker: Breaker,
     pub redis_timeout: Duration,
@@ -229,6 +232,8 @@ pub enum GatewayError {
     Serve(std::io::Error),
     #[error("the token secret is empty; set TOKEN_SECRET")]
     EmptySecret,
+    #[error(transparent)]
+    TicketKey(#[from] crate::ticket::KeyError),
     #[error("payment order store: {0}")]
     PaymentStore(#[from] crate::store::StoreError),
 }
@@ -290,6 +295,7 @@ impl Gateway {
             products,
             redis,
             verifier: TokenVerifier::new(&settings.token_secret),
+            tickets: crate::ticket::TicketSigner::new(&settings.token_secret, &sale)?,
             breaker: Breaker::new(5, Duration::from_secs(1)),
             redis_timeout: settings.redis_timeout,
             client_ip_header: settings.client_ip_header.clone(),
@@ -338,6 +344,7 @@ impl Gateway {
         Router::new()
             .route("/v1/sales/{sale}", get(sale_page::get_sale))
             .route("/v1/sales/{sale}/purchase", post(purchase::purchase))
+            .route("/v1/sales/{sale}/tickets", post(tickets::issue))
             .route("/v1/orders/{id}", get(orders::get_order))
             .route("/v1/ws", get(push::ws))
             .route("/v1/payments/callback", post(payment::callback))
@@ -389,8 +396,9 @@ impl Gateway {
         });
     }
 
-    /// Takes a new spec from the operator: window, rate limits and per-user
-    /// limits change in place (stock and price live in Redis already).
+    /// Takes a new spec from the operator: window, rate limits, per-user
+    /// limits and purchase tickets change in place (stock and price live in
+    /// Redis already).
     pub fn apply_live(&self, next: &SaleSpec) {
         for p in &next.products {
             if let Some(runtime) = self.products.get(&p.sku) {

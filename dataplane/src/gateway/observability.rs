@@ -72,6 +72,8 @@ impl PurchaseMetrics {
             RATE_LIMITED,
             BAD_REQUEST,
             UNAUTHENTICATED,
+            TICKET_REQUIRED,
+            TICKET_INVALID,
             UNAVAILABLE,
         ]
         .into_iter()

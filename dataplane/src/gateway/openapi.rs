@@ -15,6 +15,7 @@ use utoipa::{Modify, OpenApi};
     paths(
         super::sale_page::get_sale,
         super::purchase::purchase,
+        super::tickets::issue,
         super::orders::get_order,
         super::push::ws,
         super::payment::callback,
@@ -27,6 +28,7 @@ use utoipa::{Modify, OpenApi};
         super::sale_page::ProductView,
         super::purchase::PurchaseRequest,
         super::purchase::PurchaseAccepted,
+        super::tickets::TicketIssued,
         super::orders::OrderView,
         super::error::ErrorBody,
         crate::events::OrderEvent,

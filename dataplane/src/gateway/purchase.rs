@@ -18,9 +18,11 @@ use tracing::Instrument;
 
 use super::Gateway;
 use super::error::{ApiError, ErrorBody};
+use super::tickets;
 use crate::order::new_order_id;
 use crate::scripts;
 use crate::spec::Phase;
+use crate::ticket::TicketError;
 
 /// Largest request body accepted; a purchase is a few dozen bytes.
 pub const MAX_BODY_BYTES: usize = 1024;
@@ -70,6 +72,8 @@ pub mod outcome {
     pub const RATE_LIMITED: &str = "rate_limited";
     pub const BAD_REQUEST: &str = "bad_request";
     pub const UNAUTHENTICATED: &str = "unauthenticated";
+    pub const TICKET_REQUIRED: &str = "ticket_required";
+    pub const TICKET_INVALID: &str = "ticket_invalid";
     pub const UNAVAILABLE: &str = "unavailable";
 }
 
@@ -79,11 +83,21 @@ pub mod outcome {
 /// header limits (413, 400); the sale name, the JSON body, the SKU and the
 /// quantity (404, 400); the sale window by the gateway's clock (425, 410
 /// `ended`); the gateway's sold-out flag for the SKU (410 `sold_out`); the
-/// bearer token (401); rate limits (429); then the atomic decision in Redis.
-/// "Sold out" is public, so a request for a product this gateway already
-/// knows is sold out is answered before its token is checked, unless it
-/// carries an `Idempotency-Key` that a winner used: that may be a winner's
-/// retry, answered with its order, which needs the verified user.
+/// bearer token (401); the purchase ticket, when the sale requires one (403
+/// `ticket_required` without the header, `ticket_invalid` for a bad
+/// signature, another buyer's or sale's ticket, or an expired one); rate
+/// limits (429); then the atomic decision in Redis, where an idempotent
+/// replay comes first, then the sale window by Redis' clock, then the
+/// ticket's single use (403 `ticket_invalid`, reason `used`), then stock and
+/// limit. "Sold out" is public, so a request for a product this gateway
+/// already knows is sold out is answered before its token and ticket are
+/// checked, unless it carries an `Idempotency-Key` that a winner used: that
+/// may be a winner's retry, answered with its order, which needs the
+/// verified user (and, on a ticket sale, a valid ticket). A ticket is spent
+/// by the first stock decision it reaches for a product (won, sold out or
+/// limit reached), so it is usable once per product; a retry with the same
+/// `Idempotency-Key` and ticket still gets its order. A refused ticket
+/// touches no stock.
 #[utoipa::path(
     post,
     path = "/v1/sales/{sale}/purchase",
@@ -92,6 +106,8 @@ pub mod outcome {
         ("sale" = String, Path, description = "The FlashSale's name"),
         ("Idempotency-Key" = Option<String>, Header,
             description = "A retry with the same key and the same request returns the same order, never a second one; the key is the buyer's for the whole sale, and the same key with another SKU or quantity is 422 (1-128 visible ASCII characters)"),
+        ("Purchase-Ticket" = Option<String>, Header,
+            description = "A ticket from POST /v1/sales/{sale}/tickets; required when the sale uses purchase tickets, ignored otherwise (at most 1024 bytes)"),
     ),
     request_body = PurchaseRequest,
     security(("bearer" = [])),
@@ -99,6 +115,7 @@ pub mod outcome {
         (status = 202, description = "Won: the order is accepted", body = PurchaseAccepted),
         (status = 400, description = "Malformed request (invalid_json, invalid_quantity, bad_header)", body = ErrorBody),
         (status = 401, description = "Missing, forged or expired token (checked after the sold-out flag, see above)", body = ErrorBody),
+        (status = 403, description = "ticket_required: the sale requires a Purchase-Ticket header; ticket_invalid: the ticket's signature does not verify, or it is another buyer's or another sale's, expired, or already spent on this product (reason: malformed, bad_signature, other_buyer, other_sale, expired, used). No stock is touched", body = ErrorBody),
         (status = 404, description = "Unknown sale or SKU", body = ErrorBody),
         (status = 409, description = "Per-user limit reached", body = ErrorBody),
         (status = 410, description = "Sold out, or the sale has ended", body = ErrorBody),
@@ -251,6 +268,21 @@ async fn handle(
         .user_from_header(auth)
         .map_err(|e| refuse(UNAUTHENTICATED)(ApiError::unauthorized(e.to_string())))?;
     tracing::Span::current().record("user", user.as_str());
+    // 5b. Purchase ticket, when the sale requires one: signature, buyer,
+    // sale and expiry here, single use in the script.
+    let ticket = if gw.spec.load().purchase_ticket.enabled {
+        let checked = tickets::check(gw, headers, &user).map_err(|e| {
+            let label = match e.code {
+                "ticket_required" => TICKET_REQUIRED,
+                "ticket_invalid" => TICKET_INVALID,
+                _ => BAD_REQUEST,
+            };
+            refuse(label)(e)
+        })?;
+        Some(checked)
+    } else {
+        None
+    };
     if flagged && let Some(k) = idem {
         let replay = product
             .replays
@@ -297,7 +329,15 @@ async fn handle(
     }
     let order_id = new_order_id(sku);
     let redis_started = Instant::now();
-    let invocation = scripts::purchase(&product.keys, &user, req.quantity, &order_id, &idem_field);
+    let mut invocation =
+        scripts::purchase(&product.keys, &user, req.quantity, &order_id, &idem_field);
+    if let Some(t) = &ticket {
+        scripts::with_ticket(
+            &mut invocation,
+            &product.layout.ticket(&t.id),
+            t.expires_at_ms,
+        );
+    }
     let call = invocation.invoke_async::<(String, String, String)>(&mut conn);
     let answer = bounded(gw, "purchase script", call).await;
     gw.metrics
@@ -331,6 +371,14 @@ async fn handle(
             )
             .with("held", a.parse::<i64>().unwrap_or(0))
             .with("limit", b.parse::<i64>().unwrap_or(0)),
+        ),
+        "ticket" => fail(
+            TICKET_INVALID,
+            tickets::invalid(if a == "used" {
+                TicketError::Used
+            } else {
+                TicketError::Expired
+            }),
         ),
         "early" => fail(NOT_STARTED, not_started(ms_to_rfc3339(&a))),
         "ended" => fail(ENDED, ended(ms_to_rfc3339(&a))),
@@ -497,7 +545,7 @@ fn not_started(starts_at: String) -> ApiError {
     .with("startsAt", starts_at)
 }
 
-fn ended(ended_at: String) -> ApiError {
+pub(super) fn ended(ended_at: String) -> ApiError {
     ApiError::new(
         StatusCode::GONE,
         "ended",

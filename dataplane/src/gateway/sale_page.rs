@@ -87,10 +87,11 @@ pub struct PurchaseTicketView {
 }
 
 /// The page's ticket block, from the sale's spec.
-pub fn purchase_ticket(_spec: &SaleSpec) -> PurchaseTicketView {
+pub fn purchase_ticket(spec: &SaleSpec) -> PurchaseTicketView {
+    let t = spec.purchase_ticket;
     PurchaseTicketView {
-        required: false,
-        ttl_seconds: 0,
+        required: t.enabled,
+        ttl_seconds: if t.enabled { t.ttl_seconds } else { 0 },
     }
 }
 
