@@ -7,9 +7,9 @@
 //!
 //! Needs `chromium` and `chromium-driver` (`CHROMIUM` / `CHROMEDRIVER` override
 //! the paths). Without them the test says so and passes, except under CI
-//! (`CI` set), where it fails. `STOREFRONT_SCREENSHOT=docs/img/storefront.png`
-//! writes the page's screenshot there (it always goes to the test's target
-//! temp dir).
+//! (`CI` set), where it fails. The page's screenshots (counting down, and
+//! after the purchase) go to the test's target temp dir, and to
+//! `STOREFRONT_SCREENSHOTS` when set (`=docs/img` renews the docs' pictures).
 
 mod common;
 
@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use common::*;
 use dataplane::gateway::GatewaySettings;
+use dataplane::spec::PurchaseTicketSpec;
 use fantoccini::wd::WebDriverCompatibleCommand;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
@@ -85,7 +86,7 @@ impl Browser {
             "--headless=new",
             "--disable-gpu",
             "--disable-dev-shm-usage",
-            "--window-size=900,720",
+            "--window-size=900,860",
         ];
         // Chromium's sandbox refuses to run as root (CI runs as root).
         if unsafe { libc::geteuid() } == 0 {
@@ -208,6 +209,18 @@ fn shows(page: &Value, sku: &str, field: &str, value: Value) -> bool {
     product(page, sku)[field] == value
 }
 
+/// Saves what the browser shows as `name`, where the module doc says.
+async fn screenshot(client: &Client, name: &str) -> Result<(), Error> {
+    let png = client.screenshot().await?;
+    let mut dirs = vec![PathBuf::from(env!("CARGO_TARGET_TMPDIR"))];
+    dirs.extend(std::env::var_os("STOREFRONT_SCREENSHOTS").map(PathBuf::from));
+    for dir in dirs {
+        std::fs::write(dir.join(name), &png)?;
+        eprintln!("screenshot: {}", dir.join(name).display());
+    }
+    Ok(())
+}
+
 async fn purchase(gw: &RunningGateway, user: &str, sku: &str) -> Result<u16, Error> {
     let response = http()
         .post(gw.url("/v1/sales/storefront/purchase"))
@@ -218,10 +231,10 @@ async fn purchase(gw: &RunningGateway, user: &str, sku: &str) -> Result<u16, Err
     Ok(response.status().as_u16())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn storefront_counts_down_buys_and_shows_the_pushed_confirmation() -> TestResult {
+/// A browser whose `Date` is an hour behind, or `None` (skipped) without Chromium.
+async fn open_browser() -> Result<Option<(Browser, tempfile::TempDir)>, Error> {
     let Some((chromium, driver)) = browser_binaries()? else {
-        return Ok(());
+        return Ok(None);
     };
     let dir = tempfile::tempdir()?;
     let browser = Browser::start(&chromium, &driver, &dir.path().join("chromedriver.log")).await?;
@@ -231,6 +244,14 @@ async fn storefront_counts_down_buys_and_shows_the_pushed_confirmation() -> Test
             json!({ "source": SKEWED_CLOCK }),
         )
         .await?;
+    Ok(Some((browser, dir)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storefront_counts_down_buys_and_shows_the_pushed_confirmation() -> TestResult {
+    let Some((browser, _dir)) = open_browser().await? else {
+        return Ok(());
+    };
 
     // A sale starting in a few seconds (the browser is up already, so the
     // page loads well before): one phone per buyer, a last unit, and a
@@ -282,6 +303,7 @@ async fn storefront_counts_down_buys_and_shows_the_pushed_confirmation() -> Test
             && shows(&page, "charger-65w", "button", json!("Sold out")),
         "a product without stock shows sold out: {page:#}"
     );
+    screenshot(client, "storefront-countdown.png").await?;
     assert!(
         !client.current_url().await?.as_str().contains("token="),
         "the page takes the token out of the address bar"
@@ -356,18 +378,71 @@ async fn storefront_counts_down_buys_and_shows_the_pushed_confirmation() -> Test
         "{page:#}"
     );
 
+    // The page follows the remaining stock (re-read every ~2 s).
+    browser
+        .wait_for("last-one at zero", Duration::from_secs(15), |p| {
+            product(p, "last-one")["facts"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("0 of 1 left"))
+        })
+        .await?;
+
     // PostgreSQL holds alice's one phone and bob's last unit, nothing more.
     let store = servers.store().await?;
     let (rows, distinct) = order_rows(&store, "test/storefront").await?;
     assert_eq!((rows, distinct), (2, 2));
 
-    let screenshot = client.screenshot().await?;
-    let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("storefront.png");
-    std::fs::write(&target, &screenshot)?;
-    if let Some(path) = std::env::var_os("STOREFRONT_SCREENSHOT") {
-        std::fs::write(path, &screenshot)?;
+    screenshot(client, "storefront.png").await?;
+
+    browser.client.clone().close().await?;
+    consumers.stop().await;
+    gateway.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storefront_fetches_purchase_tickets_when_the_sale_requires_them() -> TestResult {
+    let Some((browser, _dir)) = open_browser().await? else {
+        return Ok(());
+    };
+    let servers = Servers::start()?;
+    let mut doc = sale("ticketed", &[("phone-17", 5, 1), ("earbuds-pro", 5, 1)]);
+    doc.spec.purchase_ticket = PurchaseTicketSpec {
+        enabled: true,
+        ttl_seconds: 10,
+    };
+    warm(&servers, &doc).await?;
+    let gateway = RunningGateway::start(&doc, &servers.redis.url(), "storefront-tickets").await?;
+    let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
+
+    // A purchase without a ticket is refused; the page's presses carry one
+    // each (a ticket is spent by its first stock decision), so both win.
+    let direct = http()
+        .post(gateway.url("/v1/sales/ticketed/purchase"))
+        .bearer_auth(token("carol"))
+        .json(&json!({ "sku": "phone-17", "quantity": 1 }))
+        .send()
+        .await?;
+    assert_eq!(direct.status().as_u16(), 403);
+    browser
+        .client
+        .goto(&gateway.url(&format!("/shop/ticketed#token={}", token("carol"))))
+        .await?;
+    for sku in ["phone-17", "earbuds-pro"] {
+        browser
+            .wait_for("the sale open", Duration::from_secs(15), |p| {
+                p["phase"] == "active" && p["products"][sku]["disabled"] == false
+            })
+            .await?;
+        browser.click_buy(sku).await?;
+        browser
+            .wait_for(&format!("{sku} confirmed"), Duration::from_secs(30), |p| {
+                shows(p, sku, "status", json!("confirmed"))
+            })
+            .await?;
     }
-    eprintln!("screenshot: {}", target.display());
+    let store = servers.store().await?;
+    assert_eq!(order_rows(&store, "test/ticketed").await?, (2, 2));
 
     browser.client.clone().close().await?;
     consumers.stop().await;
