@@ -315,8 +315,10 @@ async fn storefront_counts_down_buys_and_shows_the_pushed_confirmation() -> Test
             p["phase"] == "active" && p["products"]["phone-17"]["disabled"] == false
         })
         .await?;
+    // The snapshot's serverTimeMs may be ~0.3 s old, so the page may open a
+    // moment early (a press then gets 425 and is retried); never by more.
     assert!(
-        jiff::Timestamp::now() >= start - jiff::SignedDuration::from_millis(250),
+        jiff::Timestamp::now() >= start - jiff::SignedDuration::from_secs(1),
         "the buy button was enabled before the sale started: {page:#}"
     );
     assert!(
