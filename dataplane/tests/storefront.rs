@@ -403,7 +403,7 @@ async fn storefront_counts_down_buys_and_shows_the_pushed_confirmation() -> Test
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn storefront_fetches_purchase_tickets_when_the_sale_requires_them() -> TestResult {
+async fn storefront_fetches_purchase_tickets_and_retries_a_press_through_503() -> TestResult {
     let Some((browser, _dir)) = open_browser().await? else {
         return Ok(());
     };
@@ -418,7 +418,8 @@ async fn storefront_fetches_purchase_tickets_when_the_sale_requires_them() -> Te
     let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
 
     // A purchase without a ticket is refused; the page's presses carry one
-    // each (a ticket is spent by its first stock decision), so both win.
+    // each (a ticket is spent by its first stock decision), so both win,
+    // the second through a Redis stall.
     let direct = http()
         .post(gateway.url("/v1/sales/ticketed/purchase"))
         .bearer_auth(token("carol"))
@@ -436,10 +437,33 @@ async fn storefront_fetches_purchase_tickets_when_the_sale_requires_them() -> Te
                 p["phase"] == "active" && p["products"][sku]["disabled"] == false
             })
             .await?;
+        if sku == "earbuds-pro" {
+            // Redis holds writes for 2.5 s: the gateway answers the press 503
+            // after its 250 ms Redis timeout (the script may still run when
+            // the pause ends: an answer lost). The page retries after
+            // Retry-After with the same key and ticket, and gets one order.
+            let mut redis = servers.redis_conn().await?;
+            let _: () = redis::cmd("CLIENT")
+                .arg("PAUSE")
+                .arg(2500)
+                .arg("WRITE")
+                .query_async(&mut redis)
+                .await?;
+        }
         browser.click_buy(sku).await?;
+        if sku == "earbuds-pro" {
+            browser
+                .wait_for("the press retried", Duration::from_secs(15), |p| {
+                    product(p, sku)["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("Busy, retrying in 1 s"))
+                        && shows(p, sku, "button", json!("Buying…"))
+                })
+                .await?;
+        }
         browser
             .wait_for(&format!("{sku} confirmed"), Duration::from_secs(30), |p| {
-                shows(p, sku, "status", json!("confirmed"))
+                shows(p, sku, "status", json!("confirmed")) && shows(p, sku, "message", json!(""))
             })
             .await?;
     }
