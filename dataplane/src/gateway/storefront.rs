@@ -65,9 +65,7 @@ fn inline_hash(page: &str, open: &str, close: &str) -> String {
 )]
 pub async fn page(State(gw): State<Arc<Gateway>>, Path(sale): Path<String>) -> Response {
     if sale != gw.sale.name {
-        return ApiError::not_found("unknown_sale", format!("no sale named {sale:?} here"))
-            .with("sale", sale)
-            .into_response();
+        return ApiError::unknown_sale(&sale).into_response();
     }
     (
         [
