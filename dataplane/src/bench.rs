@@ -95,6 +95,7 @@ pub(crate) fn doc(name: &str, products: &[(&str, i64)]) -> Result<SaleDocument, 
 struct Rig {
     redis: RedisServer,
     addr: SocketAddr,
+    gateway: std::sync::Arc<Gateway>,
     shutdown: CancellationToken,
 }
 
@@ -111,10 +112,11 @@ async fn rig(doc: &SaleDocument) -> Result<Rig, BenchError> {
     let admin = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let addr = public.local_addr().map_err(gateway::GatewayError::Serve)?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(gateway::serve(gw, public, admin, shutdown.clone()));
+    tokio::spawn(gateway::serve(gw.clone(), public, admin, shutdown.clone()));
     Ok(Rig {
         redis,
         addr,
+        gateway: gw,
         shutdown,
     })
 }
@@ -217,6 +219,9 @@ pub struct AcceptReport {
     pub half_rate: LoadFigures,
 }
 
+/// A purchase's ARGV for `redis-benchmark`: a new buyer and order id per call.
+const PURCHASE_ARGS: &[&str] = &["user:__rand_int__", "1", "item.order:__rand_int__", ""];
+
 /// Same keys and arguments as a purchase, no work: what any script call costs.
 const EMPTY_SCRIPT: &str = "return {'ok', ARGV[3], '0'}";
 
@@ -280,8 +285,14 @@ pub async fn accept(
         let port = rig.redis.port();
         let keys = ProductKeys::new(&doc.id(), "item").purchase_keys();
         let (r, e) = tokio::task::spawn_blocking(move || {
-            let r = redis_benchmark_script(port, crate::scripts::PURCHASE_SOURCE, &keys, 200_000)?;
-            let e = redis_benchmark_script(port, EMPTY_SCRIPT, &keys, 200_000)?;
+            let r = redis_benchmark_script(
+                port,
+                crate::scripts::PURCHASE_SOURCE,
+                &keys,
+                PURCHASE_ARGS,
+                200_000,
+            )?;
+            let e = redis_benchmark_script(port, EMPTY_SCRIPT, &keys, PURCHASE_ARGS, 200_000)?;
             Ok::<_, BenchError>((r, e))
         })
         .await
@@ -337,6 +348,7 @@ fn redis_benchmark_script(
     port: u16,
     source: &str,
     keys: &[String],
+    args: &[&str],
     n: u64,
 ) -> Result<ScriptRun, BenchError> {
     let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?.get_connection()?;
@@ -361,7 +373,7 @@ fn redis_benchmark_script(
         .args(["-n", &n.to_string(), "-r", "100000000"])
         .args(["EVALSHA", &sha, &keys.len().to_string()])
         .args(keys)
-        .args(["user:__rand_int__", "1", "item.order:__rand_int__", ""])
+        .args(args)
         .output()
         .map_err(|e| BenchError::RedisBenchmark(format!("{e} (apt-get install -y redis-tools)")))?;
     let after = redis_figures(&mut conn)?;
@@ -426,6 +438,132 @@ fn redis_figures(conn: &mut redis::Connection) -> Result<RedisFigures, BenchErro
             "INFO lacks used_cpu_*_main_thread or used_memory".into(),
         )),
     }
+}
+
+#[derive(Debug, Serialize)]
+pub struct TicketsReport {
+    pub connections: usize,
+    /// Purchases on the sale without tickets.
+    pub without_ticket: LoadFigures,
+    /// Buys on the same sale with tickets switched on (live): each fetches a
+    /// ticket, then purchases with it. Throughput counts buys; latency is
+    /// the purchase request's alone.
+    pub with_ticket: LoadFigures,
+    /// HTTP requests/s of the ticket run (ticket fetches and purchases).
+    pub with_ticket_http_rps: f64,
+    /// Buys/s with tickets over purchases/s without (median of rounds).
+    pub with_vs_without: f64,
+    /// `redis-benchmark` of `purchase.lua` (as in `accept`) without and with
+    /// a ticket key: calls/s and Redis CPU per call.
+    pub script_calls_per_s_without: f64,
+    pub script_calls_per_s_with: f64,
+    pub redis_cpu_us_per_call_without: f64,
+    pub redis_cpu_us_per_call_with: f64,
+}
+
+/// Accept path without and with purchase tickets, one gateway and one Redis,
+/// tickets switched by the live spec between interleaved runs.
+pub async fn tickets(
+    requests: u64,
+    connections: usize,
+    rounds: usize,
+) -> Result<TicketsReport, BenchError> {
+    let doc = doc("tickets", &[("item", 100_000_000)])?;
+    let rig = rig(&doc).await?;
+    let addr = rig.addr;
+    let mut conn = redis::Client::open(rig.redis.url())?
+        .get_connection_manager()
+        .await?;
+    warm_up(addr, "tickets", requests / 10, connections).await?;
+    let config =
+        |target| crowd_config(addr, "tickets", "item", target, requests, connections, None);
+    let keys = ProductKeys::new(&doc.id(), "item");
+    let plain_keys = keys.purchase_keys();
+    let ticket_keys: Vec<String> = plain_keys
+        .iter()
+        .cloned()
+        .chain([keys.ticket("__rand_int__")])
+        .collect();
+    let mut without = Vec::new();
+    let mut with = Vec::new();
+    let mut http_rps = Vec::new();
+    let mut ratios = Vec::new();
+    let mut scripts = Vec::new();
+    for _ in 0..rounds.max(1) {
+        set_tickets(&mut conn, &rig.gateway, &doc, false).await?;
+        let plain = LoadFigures::from(&crowd::run(config(Target::Purchase)).await?);
+        set_tickets(&mut conn, &rig.gateway, &doc, true).await?;
+        let run = crowd::run(config(Target::TicketedPurchase)).await?;
+        let ticketed = LoadFigures::from(&run);
+        if run.ticket_refused > 0 || run.tickets_fetched < run.sent {
+            return Err(BenchError::Setup(format!(
+                "ticket run: {} tickets for {} buys, {} refused for their ticket",
+                run.tickets_fetched, run.sent, run.ticket_refused
+            )));
+        }
+        http_rps.push((run.sent + run.retries + run.tickets_fetched) as f64 / run.elapsed_s);
+        ratios.push(ticketed.throughput_rps / plain.throughput_rps.max(1e-9));
+        without.push(plain);
+        with.push(ticketed);
+        let port = rig.redis.port();
+        let (plain_keys, ticket_keys) = (plain_keys.to_vec(), ticket_keys.clone());
+        let far = (jiff::Timestamp::now().as_millisecond() + 3_600_000).to_string();
+        scripts.push(
+            tokio::task::spawn_blocking(move || {
+                let src = crate::scripts::PURCHASE_SOURCE;
+                let a = redis_benchmark_script(port, src, &plain_keys, PURCHASE_ARGS, 200_000)?;
+                let args: Vec<&str> = PURCHASE_ARGS
+                    .iter()
+                    .copied()
+                    .chain([far.as_str()])
+                    .collect();
+                let b = redis_benchmark_script(port, src, &ticket_keys, &args, 200_000)?;
+                Ok::<_, BenchError>((a, b))
+            })
+            .await
+            .map_err(|e| BenchError::RedisBenchmark(e.to_string()))??,
+        );
+    }
+    rig.shutdown.cancel();
+    let pick = |f: fn(&(ScriptRun, ScriptRun)) -> f64| {
+        median_f(&scripts.iter().map(f).collect::<Vec<_>>())
+    };
+    Ok(TicketsReport {
+        connections,
+        without_ticket: median(without),
+        with_ticket: median(with),
+        with_ticket_http_rps: median_f(&http_rps),
+        with_vs_without: median_f(&ratios),
+        script_calls_per_s_without: pick(|s| s.0.calls_per_s),
+        script_calls_per_s_with: pick(|s| s.1.calls_per_s),
+        redis_cpu_us_per_call_without: pick(|s| s.0.cpu_us_per_call),
+        redis_cpu_us_per_call_with: pick(|s| s.1.cpu_us_per_call),
+    })
+}
+
+/// Switches the sale's purchase tickets through its live spec, as the
+/// operator would, and waits until the gateway follows.
+async fn set_tickets(
+    conn: &mut redis::aio::ConnectionManager,
+    gw: &Gateway,
+    doc: &SaleDocument,
+    enabled: bool,
+) -> Result<(), BenchError> {
+    let mut spec = doc.spec.clone();
+    spec.purchase_ticket.enabled = enabled;
+    crate::live::publish(conn, &doc.id(), &spec)
+        .await
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.spec.load().purchase_ticket.enabled != enabled {
+        if Instant::now() > deadline {
+            return Err(BenchError::Setup(
+                "the gateway did not follow the live spec".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Serialize)]
