@@ -359,8 +359,13 @@ async fn send(
                 .max(1),
         );
     }
-    // Parsed for both targets, so a side-by-side run costs the client the same.
-    let json: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+    // Parsed for both POST targets, so a side-by-side run costs the client
+    // the same; the GET pair returns bodies of different sizes (the page's
+    // hundreds of bytes, ping's 15), so neither is parsed: both are read whole.
+    let json: Option<serde_json::Value> = match config.target {
+        Target::Purchase | Target::Ping => serde_json::from_slice(&bytes).ok(),
+        Target::SalePage | Target::PingGet => None,
+    };
     let field = |name: &str| {
         json.as_ref()
             .and_then(|j| j.get(name))
