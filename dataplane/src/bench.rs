@@ -651,6 +651,8 @@ pub struct ReadPathReport {
     pub sale_page: LoadFigures,
     pub trivial: LoadFigures,
     pub sale_page_vs_trivial: f64,
+    /// Each round's ratio, in order.
+    pub round_ratios: Vec<f64>,
     /// Redis' command rate with no reads at all, for reference.
     pub idle: RedisRate,
     /// Read storms of growing size, and what Redis did meanwhile.
@@ -736,6 +738,7 @@ pub async fn read_path(
         sale_page,
         trivial,
         sale_page_vs_trivial: median_f(&ratios),
+        round_ratios: ratios,
         idle,
         storms,
     })

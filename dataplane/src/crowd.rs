@@ -454,8 +454,14 @@ async fn send(
         }
     };
     let elapsed = t0.elapsed();
-    // Parsed for both targets, so a side-by-side run costs the client the same.
-    let json: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+    // Parsed for the POST targets, so a side-by-side run costs the client the
+    // same; the GET pair returns bodies of different sizes (the page's
+    // hundreds of bytes, ping's 15), so neither is parsed: both are read whole.
+    let json: Option<serde_json::Value> = if config.target.reads() {
+        None
+    } else {
+        serde_json::from_slice(&bytes).ok()
+    };
     let field = |name: &str| {
         json.as_ref()
             .and_then(|j| j.get(name))

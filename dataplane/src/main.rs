@@ -626,6 +626,7 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
                 r.trivial.p99_ms,
                 r.sale_page_vs_trivial
             );
+            println!("per round: {:.2?}", r.round_ratios);
             println!(
                 "Redis idle: {:.1} commands/s ({:.1} GET/s)",
                 r.idle.commands_per_s, r.idle.gets_per_s

@@ -223,7 +223,8 @@ fn answer(gw: &Gateway, sale: &str, headers: &HeaderMap) -> Response {
         );
         return resp;
     }
-    let Some(snap) = page.current.load_full() else {
+    let current = page.current.load();
+    let Some(snap) = current.as_deref() else {
         page.metrics.not_ready.increment(1);
         let mut resp = ApiError::unavailable(
             "sale_page_not_ready",
