@@ -7,8 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use dataplane::gateway::GatewaySettings;
-use dataplane::gateway::payment::{self, PaymentSettings};
+use dataplane::gateway::payment;
 use dataplane::keys::ProductKeys;
 use dataplane::order::{OrderRecord, OrderStatus};
 use dataplane::spec::SaleDocument;
@@ -32,14 +31,7 @@ async fn rig(name: &str, timeout_seconds: u32) -> Result<Rig, Error> {
     let mut doc = sale(name, &[("item", 10, 1)]);
     doc.spec.payment.timeout_seconds = timeout_seconds;
     warm(&servers, &doc).await?;
-    let (private, public) = payment::keygen();
-    let mut settings = GatewaySettings::new(servers.redis.url(), SECRET.to_vec());
-    settings.pod = "gw".into();
-    settings.payment = Some(PaymentSettings {
-        public_key: payment::parse_public_key(&public)?,
-        database_url: servers.pg.url(),
-        currency: "USD".into(),
-    });
+    let (settings, private) = settings_with_payments(&servers)?;
     let gw = RunningGateway::start_with(&doc, &settings).await?;
     Ok(Rig {
         servers,
