@@ -71,7 +71,7 @@ async fn the_gateway_keeps_its_openapi_contract() -> TestResult {
     .arg(&document)
     .args(["--url", &gw.url("")])
     .args(["--max-examples", &examples])
-    .args(["--workers", "2", "--request-timeout", "10"])
+    .args(["--workers", "1", "--request-timeout", "10"])
     .args(["--report", "junit", "--report-dir"])
     .arg(work.path())
     .env("SCHEMATHESIS_HOOKS", contract_dir().join("hooks.py"))

@@ -155,6 +155,34 @@ async fn callbacks_are_verified_checked_and_idempotent() -> Result<(), Error> {
         0,
         "nothing recorded for forged callbacks"
     );
+    // Signed but out of bounds (a NUL, which PostgreSQL text refuses, or a
+    // currency that is no ISO code): a 400 naming it, not a 503; nothing recorded.
+    for bad in [
+        body("p\u{0}1", &o1, "19.99", "succeeded"),
+        body("p1", &format!("{o1}\u{0}"), "19.99", "succeeded"),
+        json!({"paymentId": "p1", "orderId": o1, "amount": "19.99", "currency": "usd\u{0}", "status": "succeeded"}).to_string(),
+    ] {
+        let (status, answer) = pay(&rig, &bad).await?;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (400, Some("invalid_callback")),
+            "{bad}: {answer}"
+        );
+    }
+    let text = body("p-text", &o1, "19.99", "succeeded");
+    let resp = http()
+        .post(rig.gw.url("/v1/payments/callback"))
+        .header("content-type", "text/plain")
+        .header("x-signature", payment::sign(&rig.key, text.as_bytes()))
+        .body(text)
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 415);
+    assert_eq!(
+        payments_rows(&rig).await?,
+        0,
+        "nothing recorded for bad callbacks"
+    );
 
     // Wrong amount: rejected and recorded; the order stays unpaid. A replay answers the same.
     let wrong = body("p-wrong", &o1, "9.99", "succeeded");

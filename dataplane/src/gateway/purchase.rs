@@ -146,7 +146,7 @@ pub mod outcome {
         (status = 202, description = "Won: the order is accepted (or, for a retry with the same Idempotency-Key, the order it won)", body = PurchaseAccepted),
         (status = 400, description = "Malformed request: invalid_json (not JSON, a missing or unknown field, a wrong type), invalid_quantity (below 1), bad_header (Authorization over 4096 bytes, an Idempotency-Key that is not 1-128 visible ASCII, a header that is not text)", body = ErrorBody),
         (status = 401, description = "unauthenticated: missing, malformed, forged or expired token, or a subject that is not a user id (checked after the sold-out flag, see above)", body = ErrorBody),
-        (status = 404, description = "unknown_sale (no sale of that name on this gateway) or unknown_sku", body = ErrorBody),
+        (status = 404, description = "unknown_sale (no sale of that name on this gateway; `sale`), unknown_sku (`sku`), or not_found (an empty sale name: no route)", body = ErrorBody),
         (status = 409, description = "limit_reached: the quantity is above the product's per-user limit, or with what the buyer already holds it would be; the body carries `limit` and `held` or `quantity`", body = ErrorBody),
         (status = 410, description = "sold_out (the body names the `sku`), or ended (the body carries `endedAt`)", body = ErrorBody),
         (status = 413, description = "body_too_large: the body is over 1024 bytes", body = ErrorBody),
