@@ -78,7 +78,8 @@ async fn the_gateway_keeps_its_openapi_contract() -> TestResult {
     .env("FLASHSALE_TOKEN_SECRET", String::from_utf8_lossy(SECRET).as_ref())
     .env("FLASHSALE_SALE", &doc.metadata.name)
     .env("FLASHSALE_SKUS", skus.join(","))
-    .env("FLASHSALE_PRICE", "19.99")
+    // Every product of the test sale has one price.
+    .env("FLASHSALE_PRICE", doc.spec.products[0].price.to_string())
     .env("FLASHSALE_CURRENCY", CURRENCY)
     .env("FLASHSALE_PAYMENT_KEY", &private)
     .env("NO_COLOR", "1")
