@@ -121,10 +121,12 @@ pub mod outcome {
 /// the sale name (404 `unknown_sale`); the JSON body (400 `invalid_json`); the
 /// SKU (404 `unknown_sku`); the quantity (400 `invalid_quantity` below 1, 409
 /// `limit_reached` above the product's per-user limit); the sale window by the
-/// gateway's clock (425 `not_started`, 410 `ended`); the gateway's sold-out
-/// flag for the SKU (410 `sold_out`); the bearer token (401
-/// `unauthenticated`); rate limits (429 `rate_limited`); the Idempotency-Key's
-/// first use in this sale (422 `idempotency_key_reused`); then the atomic
+/// gateway's clock, with a 1 s allowance for clock skew (425 `not_started`,
+/// 410 `ended`); the gateway's sold-out flag for the SKU (410 `sold_out`); the
+/// bearer token (401 `unauthenticated`); rate limits (429 `rate_limited`); the
+/// circuit breaker, open for 1 s after 5 Redis failures in a row (503
+/// `store_unavailable`); the Idempotency-Key's first use in this sale (422
+/// `idempotency_key_reused`); then the atomic
 /// decision in Redis (202, or 410 `sold_out`, 409 `limit_reached`, 425,
 /// 410 `ended`, 503). "Sold out" is public, so a request for a product this
 /// gateway already knows is sold out is answered before its token is checked,
