@@ -121,7 +121,7 @@ pub mod outcome {
 /// the sale name (404 `unknown_sale`); the JSON body (400 `invalid_json`); the
 /// SKU (404 `unknown_sku`); the quantity (400 `invalid_quantity` below 1, 409
 /// `limit_reached` above the product's per-user limit); the sale window by the
-/// gateway's clock, with a 1 s allowance for clock skew (425 `not_started`,
+/// gateway's clock, with an allowance for clock skew, 1 s by default (425 `not_started`,
 /// 410 `ended`); the gateway's sold-out flag for the SKU (410 `sold_out`); the
 /// bearer token (401 `unauthenticated`); rate limits (429 `rate_limited`); the
 /// circuit breaker, open for 1 s after 5 Redis failures in a row (503
