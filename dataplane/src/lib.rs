@@ -20,6 +20,7 @@ pub mod metric_catalog;
 pub mod order;
 pub mod payment_timeout;
 pub mod push_bench;
+pub mod pyenv;
 pub mod ratelimit;
 pub mod scripts;
 pub mod servers;

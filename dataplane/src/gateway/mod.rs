@@ -350,11 +350,12 @@ impl Gateway {
             .route("/v1/payments/callback", post(payment::callback))
             .route(
                 "/v1/ping",
-                get(observability::ping).post(observability::ping),
+                get(observability::ping).post(observability::ping_post),
             )
             .route("/shop/{sale}", get(storefront::page))
             .route("/openapi.json", get(openapi::serve))
             .fallback(observability::not_found)
+            .method_not_allowed_fallback(observability::method_not_allowed)
             .with_state(Arc::clone(self))
     }
 

@@ -233,6 +233,26 @@ pub fn spawn_consumer_process_with(
         .spawn()
 }
 
+/// The currency of the test gateways' payments.
+pub const CURRENCY: &str = "USD";
+
+/// Gateway settings (pod `gw`) with payments on, in [`CURRENCY`], and the
+/// payment provider's private key (base64) to sign callbacks with.
+pub fn settings_with_payments(
+    servers: &Servers,
+) -> Result<(GatewaySettings, String), dataplane::gateway::payment::KeyError> {
+    use dataplane::gateway::payment;
+    let (private, public) = payment::keygen();
+    let mut settings = GatewaySettings::new(servers.redis.url(), SECRET.to_vec());
+    settings.pod = "gw".into();
+    settings.payment = Some(payment::PaymentSettings {
+        public_key: payment::parse_public_key(&public)?,
+        database_url: servers.pg.url(),
+        currency: CURRENCY.into(),
+    });
+    Ok((settings, private))
+}
+
 pub fn token(user: &str) -> String {
     match dataplane::token::issue(SECRET, user, 3600) {
         Ok(t) => t,
