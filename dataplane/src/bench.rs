@@ -121,7 +121,7 @@ async fn rig(doc: &SaleDocument) -> Result<Rig, BenchError> {
     })
 }
 
-fn crowd_config(
+pub(crate) fn crowd_config(
     addr: SocketAddr,
     sale: &str,
     sku: &str,
@@ -185,12 +185,12 @@ async fn paired(
     Ok((median(fa), median(fb), ratios))
 }
 
-fn median(mut v: Vec<LoadFigures>) -> LoadFigures {
+pub(crate) fn median(mut v: Vec<LoadFigures>) -> LoadFigures {
     v.sort_by(|x, y| x.throughput_rps.total_cmp(&y.throughput_rps));
     v[v.len() / 2].clone()
 }
 
-fn median_f(v: &[f64]) -> f64 {
+pub(crate) fn median_f(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)

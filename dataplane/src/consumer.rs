@@ -8,13 +8,14 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamId, StreamReadOptions, StreamReadReply};
 use tokio_util::sync::CancellationToken;
 
+use crate::durability::{self, Durability, ReplicaWait, WaitPath};
 use crate::events::{OrderEvent, Publisher};
 use crate::keys::{CONSUMER_GROUP, ProductKeys};
 use crate::order::OrderStatus;
+use crate::redis_conn::{ConnSettings, RedisConn, RedisConnError, RedisMode, RedisTarget};
 use crate::scripts;
 use crate::spec::{SaleDocument, SaleId};
 use crate::store::{OrderRow, OrderStore, StoreError};
@@ -22,6 +23,8 @@ use crate::store::{OrderRow, OrderStore, StoreError};
 #[derive(Clone, Debug)]
 pub struct ConsumerSettings {
     pub redis_url: String,
+    /// `None`: a cluster if `redis_url` lists several seeds (`RedisTarget::parse`).
+    pub redis_mode: Option<RedisMode>,
     pub database_url: String,
     /// This consumer's name in the group (the pod name in a cluster).
     pub name: String,
@@ -40,12 +43,19 @@ pub struct ConsumerSettings {
     pub db_connections: usize,
     /// The payment timeout sweeper run next to the consumer loop (`None`: not here).
     pub sweeper: Option<crate::payment_timeout::SweeperSettings>,
+    /// `replica`: entries are persisted only once a replica holds them, and
+    /// confirmations and releases count only once a replica holds them
+    /// (default: `replica` in cluster mode, `local` standalone).
+    pub durability: Option<crate::durability::Durability>,
+    /// Longest one WAIT blocks.
+    pub replica_wait: Duration,
 }
 
 impl ConsumerSettings {
     pub fn new(redis_url: impl Into<String>, database_url: impl Into<String>) -> Self {
         Self {
             redis_url: redis_url.into(),
+            redis_mode: None,
             database_url: database_url.into(),
             name: crate::gateway::default_pod_name(),
             batch_size: 500,
@@ -56,6 +66,8 @@ impl ConsumerSettings {
             max_data_failures: 3,
             db_connections: 4,
             sweeper: Some(crate::payment_timeout::SweeperSettings::default()),
+            durability: None,
+            replica_wait: Duration::from_secs(1),
         }
     }
 }
@@ -64,8 +76,12 @@ impl ConsumerSettings {
 pub enum ConsumerError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    RedisTarget(#[from] RedisConnError),
     #[error("order store: {0}")]
     Store(#[from] StoreError),
+    #[error("no replica confirmed {entries} entries in time; they stay pending and are read again")]
+    Unreplicated { entries: usize },
 }
 
 /// One product stream and the keys its entries touch.
@@ -82,36 +98,101 @@ struct Entry {
     row: Option<OrderRow>,
 }
 
-/// Reads batches with XREADGROUP on its own connection; cheap to clone, so
-/// the next batch can be read while the current one is being inserted.
+/// Reads batches with XREADGROUP on its own connection(s); cheap to clone,
+/// so the next batch can be read while the current one is being inserted.
+///
+/// Standalone, one XREADGROUP reads every stream. In a cluster each stream
+/// is in its own slot and one XREADGROUP cannot span slots, so each stream
+/// is read on its own connection (a blocked read holds its connection): all
+/// of them without blocking first, and only when every stream is empty, all
+/// of them blocking at once. Every call reads every stream, so a busy
+/// product never starves a quiet one.
 #[derive(Clone)]
 struct Reader {
-    conn: ConnectionManager,
+    /// One connection (standalone), or one per stream (cluster).
+    conns: std::sync::Arc<Vec<RedisConn>>,
     names: std::sync::Arc<Vec<String>>,
     skus: std::sync::Arc<Vec<String>>,
     consumer: String,
     batch: usize,
     block_ms: usize,
+    /// Under `replica`: the WAIT that closes each read.
+    wait: Option<ReplicaWait>,
+    /// Per stream, the product's wait mark written before that WAIT.
+    marks: std::sync::Arc<Vec<String>>,
 }
 
 impl Reader {
     /// New entries (`>`, blocking) or this consumer's own pending ones (`0`).
-    async fn read(mut self, history: bool) -> Result<Vec<Entry>, redis::RedisError> {
+    async fn read(self, history: bool) -> Result<Vec<Entry>, ConsumerError> {
+        if let [conn] = self.conns.as_slice() {
+            let all = 0..self.names.len();
+            return self
+                .read_streams(conn.clone(), all, history, !history)
+                .await;
+        }
+        let each =
+            |block: bool| {
+                let reader = &self;
+                futures::future::try_join_all(reader.conns.iter().enumerate().map(
+                    move |(i, conn)| reader.read_streams(conn.clone(), i..i + 1, history, block),
+                ))
+            };
+        let entries: Vec<Entry> = each(false).await?.into_iter().flatten().collect();
+        if !entries.is_empty() || history {
+            return Ok(entries);
+        }
+        Ok(each(true).await?.into_iter().flatten().collect())
+    }
+
+    /// One XREADGROUP over the streams at `streams` (indexes into `names`).
+    ///
+    /// Under `replica` the read, the wait mark and `WAIT` go in one pipeline
+    /// on the reader's connection to the slot's master, and entries no
+    /// replica holds yet are not returned (they stay pending here and are
+    /// read again from history): a row in PostgreSQL whose Redis purchase a
+    /// failover then loses would let Redis sell the unit twice.
+    async fn read_streams(
+        &self,
+        mut conn: RedisConn,
+        streams: std::ops::Range<usize>,
+        history: bool,
+        block: bool,
+    ) -> Result<Vec<Entry>, ConsumerError> {
+        let mark = &self.marks[streams.start];
         let id = if history { "0" } else { ">" };
-        let ids = vec![id; self.names.len()];
+        let ids = vec![id; streams.len()];
+        let names = &self.names[streams];
+        let per_stream = self.batch.div_ceil(self.conns.len()).max(1);
         let mut opts = StreamReadOptions::default()
             .group(CONSUMER_GROUP, &self.consumer)
-            .count(self.batch);
-        if !history {
+            .count(per_stream);
+        if block {
             opts = opts.block(self.block_ms);
         }
-        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-            .arg(&opts)
-            .arg("STREAMS")
-            .arg(self.names.as_slice())
-            .arg(&ids)
-            .query_async(&mut self.conn)
-            .await?;
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg(&opts).arg("STREAMS").arg(names).arg(&ids);
+        let reply: Option<StreamReadReply> = match self.wait {
+            None => read.query_async(&mut conn).await?,
+            Some(wait) => {
+                let mut pipe = redis::pipe();
+                pipe.add_command(read);
+                wait.mark_and_wait(&mut pipe, mark);
+                let started = Instant::now();
+                let (read, waited): (redis::Value, redis::Value) =
+                    pipe.query_async(&mut conn.on_master_of(mark)).await?;
+                let held = durability::confirmed(WaitPath::ConsumerRead, &Ok(waited), started);
+                let reply: Option<StreamReadReply> =
+                    redis::from_redis_value(read).map_err(redis::RedisError::from)?;
+                let entries = reply
+                    .as_ref()
+                    .map_or(0, |r| r.keys.iter().map(|k| k.ids.len()).sum());
+                if !held && entries > 0 {
+                    return Err(ConsumerError::Unreplicated { entries });
+                }
+                reply
+            }
+        };
         let mut out = Vec::new();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             let Some(stream) = self.names.iter().position(|n| *n == key.key) else {
@@ -133,7 +214,7 @@ impl Reader {
 pub struct Consumer {
     sale: SaleId,
     streams: Vec<Stream>,
-    redis: ConnectionManager,
+    redis: RedisConn,
     reader: Reader,
     store: OrderStore,
     settings: ConsumerSettings,
@@ -151,21 +232,27 @@ impl Consumer {
         shutdown: &CancellationToken,
     ) -> Result<Option<Self>, ConsumerError> {
         let sale = doc.id();
-        let client = redis::Client::open(settings.redis_url.as_str())?;
-        let base = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_max_delay(Duration::from_secs(2));
-        let redis = ConnectionManager::new_lazy_with_config(
-            client.clone(),
-            base.clone()
-                .set_response_timeout(Some(Duration::from_secs(5))),
-        )?;
-        // Blocking reads get their own connection so they never stall the
+        let target = RedisTarget::parse(&settings.redis_url, settings.redis_mode)?;
+        let base = ConnSettings {
+            connection_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(5),
+            retries: 6,
+            max_delay: Duration::from_secs(2),
+        };
+        let redis = target.connect_lazy(&base)?;
+        // Blocking reads get their own connection(s) so they never stall the
         // acks and status updates queued behind them.
-        let reader = ConnectionManager::new_lazy_with_config(
-            client,
-            base.set_response_timeout(Some(settings.block + Duration::from_secs(5))),
-        )?;
+        let reading = ConnSettings {
+            response_timeout: settings.block + Duration::from_secs(5),
+            ..base
+        };
+        let readers = match target.mode {
+            RedisMode::Standalone => 1,
+            RedisMode::Cluster => doc.spec.products.len().max(1),
+        };
+        let reader_conns = (0..readers)
+            .map(|_| target.connect_lazy(&reading))
+            .collect::<Result<Vec<_>, _>>()?;
         let store = OrderStore::connect(&settings.database_url, settings.db_connections)?;
         let streams: Vec<Stream> = doc
             .spec
@@ -181,12 +268,17 @@ impl Consumer {
             })
             .collect();
         let reader = Reader {
-            conn: reader,
+            conns: std::sync::Arc::new(reader_conns),
             names: std::sync::Arc::new(streams.iter().map(|s: &Stream| s.name.clone()).collect()),
             skus: std::sync::Arc::new(streams.iter().map(|s: &Stream| s.sku.clone()).collect()),
             consumer: settings.name.clone(),
             batch: settings.batch_size,
             block_ms: usize::try_from(settings.block.as_millis()).unwrap_or(500),
+            wait: settings
+                .durability
+                .unwrap_or_else(|| Durability::default_for(target.mode))
+                .wait(settings.replica_wait),
+            marks: std::sync::Arc::new(streams.iter().map(|s| s.keys.wait_mark()).collect()),
         };
         let mut consumer = Self {
             sale,
@@ -199,7 +291,9 @@ impl Consumer {
             publisher: Publisher::new(&doc.id()),
             sweeper: None,
         };
-        consumer.sweeper = consumer.settings.sweeper.clone().map(|s| {
+        let replica_wait = consumer.reader.wait;
+        consumer.sweeper = consumer.settings.sweeper.clone().map(|mut s| {
+            s.replica_wait = replica_wait;
             crate::payment_timeout::Sweeper::new(
                 doc,
                 consumer.store.clone(),
@@ -293,7 +387,7 @@ impl Consumer {
         let mut last_claim = Instant::now();
         let mut backoff = Backoff::new();
         let mut finishing: Option<tokio::task::JoinHandle<redis::RedisResult<()>>> = None;
-        let mut prefetch: Option<tokio::task::JoinHandle<redis::RedisResult<Vec<Entry>>>> = None;
+        let mut prefetch: Option<tokio::task::JoinHandle<Result<Vec<Entry>, ConsumerError>>> = None;
         while !shutdown.is_cancelled() {
             if last_claim.elapsed() >= self.settings.claim_every {
                 last_claim = Instant::now();
@@ -330,6 +424,9 @@ impl Consumer {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "reading streams failed");
+                    // What the failed read delivered (or left unconfirmed) is
+                    // pending here: read it again from history.
+                    history = true;
                     if !backoff.wait(&shutdown).await {
                         break;
                     }
@@ -551,59 +648,56 @@ impl Consumer {
     /// The Redis half of a committed batch: confirm each order (accepted →
     /// confirmed, never over a later state; the script counts the units as
     /// persisted), then acknowledge; the orders that moved are then pushed as
-    /// `order.confirmed`.
+    /// `order.confirmed`. One pipeline per stream: its keys share one slot.
     fn finish_pipeline(&self, entries: &[Entry]) -> Finish {
-        let mut pipe = redis::pipe();
-        let mut confirming: Vec<Vec<(String, String, String)>> = Vec::new();
-        pipe.load_script(&scripts::TRANSITION).ignore();
-        // One script call per stream confirms the whole batch.
-        let invocations: Vec<_> = self
+        let slots = self
             .streams
             .iter()
             .enumerate()
             .filter_map(|(i, s)| {
-                let rows: Vec<&OrderRow> = entries
+                // Entries without a row never get here (they are dead-lettered).
+                let mine: Vec<&Entry> = entries
                     .iter()
-                    .filter(|e| e.stream == i)
-                    .filter_map(|e| e.row.as_ref())
+                    .filter(|e| e.stream == i && e.row.is_some())
                     .collect();
-                if rows.is_empty() {
+                if mine.is_empty() {
                     return None;
                 }
+                let rows: Vec<&OrderRow> = mine.iter().filter_map(|e| e.row.as_ref()).collect();
+                let mut pipe = redis::pipe();
+                pipe.load_script(&scripts::TRANSITION).ignore();
                 let ids: Vec<&str> = rows.iter().map(|r| r.order_id.as_str()).collect();
-                confirming.push(
-                    rows.iter()
-                        .map(|r| (r.order_id.clone(), r.user_id.clone(), r.sku.clone()))
-                        .collect(),
-                );
                 let mut inv = scripts::TRANSITION.prepare_invoke();
                 inv.key(s.keys.orders())
                     .key(s.keys.info())
                     .arg(OrderStatus::Confirmed.as_str())
                     .arg(OrderStatus::Accepted.as_str())
                     .arg(ids);
-                Some(inv)
-            })
-            .collect();
-        // Not ignored: each answers the statuses its orders had before.
-        for inv in &invocations {
-            pipe.invoke_script(inv);
-        }
-        for (i, s) in self.streams.iter().enumerate() {
-            let ids: Vec<&str> = entries
-                .iter()
-                .filter(|e| e.stream == i)
-                .map(|e| e.id.as_str())
-                .collect();
-            if !ids.is_empty() {
+                // Not ignored: it answers the statuses its orders had before.
+                pipe.invoke_script(&inv);
+                let acks: Vec<&str> = mine.iter().map(|e| e.id.as_str()).collect();
                 pipe.cmd("XACK")
                     .arg(&s.name)
                     .arg(CONSUMER_GROUP)
-                    .arg(ids)
+                    .arg(acks)
                     .ignore();
-            }
+                // A confirmation no replica holds is not relied on: the batch
+                // is read again from history (re-insert is a no-op) and
+                // confirmed again, and its orders are not announced yet.
+                if let Some(wait) = self.reader.wait {
+                    wait.mark_and_wait(&mut pipe, &s.keys.wait_mark());
+                }
+                let confirming = rows
+                    .iter()
+                    .map(|r| (r.order_id.clone(), r.user_id.clone(), r.sku.clone()))
+                    .collect();
+                Some(SlotFinish { pipe, confirming })
+            })
+            .collect();
+        Finish {
+            slots,
+            waited: self.reader.wait.is_some(),
         }
-        Finish { pipe, confirming }
     }
 
     /// Gives up on an entry: copy it to the dead-letter stream, fail its order
@@ -727,23 +821,49 @@ impl Consumer {
 
 /// The Redis half of one committed batch, and who to tell.
 struct Finish {
+    slots: Vec<SlotFinish>,
+    /// Each pipeline ends in the wait mark and WAIT (`replica`).
+    waited: bool,
+}
+
+/// One stream's part of a [`Finish`].
+struct SlotFinish {
+    /// SCRIPT LOAD, one transition call, XACK.
     pipe: redis::Pipeline,
-    /// Per transition call in `pipe`: (order id, user, sku) in argument order.
-    confirming: Vec<Vec<(String, String, String)>>,
+    /// (order id, user, sku) in the transition call's argument order.
+    confirming: Vec<(String, String, String)>,
 }
 
 impl Finish {
-    async fn run(
-        self,
-        redis: &mut ConnectionManager,
-        publisher: &Publisher,
-    ) -> redis::RedisResult<()> {
-        let before: Vec<Vec<String>> = self.pipe.query_async(redis).await?;
+    async fn run(self, redis: &mut RedisConn, publisher: &Publisher) -> redis::RedisResult<()> {
+        let runs = self.slots.iter().map(|slot| {
+            let mut redis = redis.clone();
+            async move {
+                let started = Instant::now();
+                let mut values: Vec<redis::Value> = slot.pipe.query_async(&mut redis).await?;
+                if self.waited {
+                    let waited = values.pop().unwrap_or(redis::Value::Nil);
+                    let path = WaitPath::ConsumerConfirm;
+                    if !durability::confirmed(path, &Ok(waited), started) {
+                        return Err(redis::RedisError::from((
+                            redis::ErrorKind::Io,
+                            "no replica confirmed the batch's confirmations in time",
+                        )));
+                    }
+                }
+                let before: Vec<String> = match values.pop() {
+                    Some(v) => redis::from_redis_value(v).map_err(redis::RedisError::from)?,
+                    None => Vec::new(),
+                };
+                Ok(before)
+            }
+        });
+        let before = futures::future::try_join_all(runs).await?;
         let events: Vec<(String, OrderEvent)> = self
-            .confirming
+            .slots
             .into_iter()
             .zip(before)
-            .flat_map(|(orders, before)| orders.into_iter().zip(before))
+            .flat_map(|(slot, before)| slot.confirming.into_iter().zip(before))
             .filter(|(_, prev)| prev == OrderStatus::Accepted.as_str())
             .map(|((id, user, sku), _)| {
                 let event = OrderEvent::new(&id, &sku, OrderStatus::Confirmed, None);

@@ -114,7 +114,14 @@ pub struct CrowdResult {
     /// Tickets fetched (`TicketedPurchase`).
     pub tickets_fetched: u64,
     pub other_client_errors: u64,
+    /// Every 5xx answer, the 503s below included.
     pub server_errors: u64,
+    /// 503 answers that carried Retry-After (a store outage, a failover,
+    /// replication_pending): the gateway's "try again shortly".
+    pub unavailable: u64,
+    /// Seconds from the start to the first and the last such 503.
+    pub unavailable_from_s: Option<f64>,
+    pub unavailable_until_s: Option<f64>,
     pub transport_errors: u64,
     pub ok: u64,
     pub elapsed_s: f64,
@@ -153,6 +160,15 @@ impl CrowdResult {
         self.tickets_fetched += o.tickets_fetched;
         self.other_client_errors += o.other_client_errors;
         self.server_errors += o.server_errors;
+        self.unavailable += o.unavailable;
+        self.unavailable_from_s = match (self.unavailable_from_s, o.unavailable_from_s) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.unavailable_until_s = match (self.unavailable_until_s, o.unavailable_until_s) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
         self.transport_errors += o.transport_errors;
         self.ok += o.ok;
         self.orders.extend(o.orders);
@@ -186,6 +202,9 @@ struct Answer {
     error: Option<String>,
     /// A ticket endpoint's `ticket`.
     ticket: Option<String>,
+    retry_after: bool,
+    /// Seconds from the crowd's start to the answer.
+    at_s: f64,
 }
 
 /// Runs the crowd and returns the tally.
@@ -303,7 +322,7 @@ async fn connection(
         let body = format!(r#"{{"sku":"{sku}","quantity":1}}"#);
         let ticket = if config.target == Target::TicketedPurchase {
             let t = Call::new(&tickets_path, token, "");
-            let (answer, _) = send(&mut sender, &config, c, &t).await;
+            let (answer, _) = send(&mut sender, started, &config, c, &t).await;
             match answer.ticket {
                 Some(ticket) if answer.status == 201 => {
                     out.tickets_fetched += 1;
@@ -324,14 +343,14 @@ async fn connection(
             ticket: ticket.as_deref(),
             ..Call::new(&path, token, &body)
         };
-        let first = timed(&mut sender, &config, c, &call, &mut out).await;
+        let first = timed(&mut sender, started, &config, c, &call, &mut out).await;
         out.sent += 1;
         tally(&mut out, &first, &format!("user-{user}"), sku);
         if config.target.buys()
             && first.status != 0
             && rng.random_bool(config.retry_fraction.clamp(0.0, 1.0))
         {
-            let again = timed(&mut sender, &config, c, &call, &mut out).await;
+            let again = timed(&mut sender, started, &config, c, &call, &mut out).await;
             out.retries += 1;
             match (&first.order_id, first.status, &again.order_id, again.status) {
                 (Some(a), 202, Some(b), 202) if a == b => out.idempotent_replays += 1,
@@ -376,12 +395,13 @@ impl<'a> Call<'a> {
 /// `send`, with the answer's latency recorded.
 async fn timed(
     sender: &mut Option<Sender>,
+    started: Instant,
     config: &CrowdConfig,
     c: usize,
     call: &Call<'_>,
     out: &mut CrowdResult,
 ) -> Answer {
-    let (answer, elapsed) = send(sender, config, c, call).await;
+    let (answer, elapsed) = send(sender, started, config, c, call).await;
     if let (Some(h), Some(e)) = (out.latency_us.as_mut(), elapsed) {
         let _ = h.record(u64::try_from(e.as_micros()).unwrap_or(u64::MAX).max(1));
     }
@@ -392,6 +412,7 @@ async fn timed(
 /// status 0 is no answer. Also returns how long the answer took.
 async fn send(
     sender: &mut Option<Sender>,
+    started: Instant,
     config: &CrowdConfig,
     c: usize,
     call: &Call<'_>,
@@ -402,6 +423,8 @@ async fn send(
             order_id: None,
             error: None,
             ticket: None,
+            retry_after: false,
+            at_s: 0.0,
         },
         None,
     );
@@ -446,6 +469,7 @@ async fn send(
         }
     };
     let status = resp.status().as_u16();
+    let retry_after = resp.headers().contains_key("retry-after");
     let bytes = match resp.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => {
@@ -474,6 +498,8 @@ async fn send(
             order_id: field("orderId"),
             error: field("error"),
             ticket: field("ticket"),
+            retry_after,
+            at_s: started.elapsed().as_secs_f64(),
         },
         Some(elapsed),
     )
@@ -499,6 +525,13 @@ fn tally(out: &mut CrowdResult, a: &Answer, user: &str, sku: &str) {
         (409, _) => out.limit_reached += 1,
         (429, _) => out.rate_limited += 1,
         (425, _) => out.not_started += 1,
+        (503, _) if a.retry_after => {
+            out.server_errors += 1;
+            out.unavailable += 1;
+            out.unavailable_from_s = Some(out.unavailable_from_s.map_or(a.at_s, |f| f.min(a.at_s)));
+            out.unavailable_until_s =
+                Some(out.unavailable_until_s.map_or(a.at_s, |u| u.max(a.at_s)));
+        }
         (s, _) if s >= 500 => out.server_errors += 1,
         _ => out.other_client_errors += 1,
     }

@@ -75,6 +75,13 @@ impl ProductKeys {
         format!("{}:ticket:{id}", self.base)
     }
 
+    /// String written just before a `WAIT` under `redis.durability: replica`,
+    /// so the WAIT covers every write of the product the master held then,
+    /// not only the writes of the waiting connection (`durability`).
+    pub fn wait_mark(&self) -> String {
+        self.key("wait")
+    }
+
     /// The purchase script's KEYS, in the order `purchase.lua` reads them:
     /// info, stock, buyers, users, idem, orders, stream, clock (a purchase
     /// with a ticket adds `ticket` as the ninth).
@@ -95,6 +102,7 @@ impl ProductKeys {
     pub fn all(&self) -> Vec<String> {
         let mut keys = self.purchase_keys().to_vec();
         keys.push(self.dead_letter());
+        keys.push(self.wait_mark());
         keys
     }
 }

@@ -14,7 +14,8 @@ use crate::audit::{AuditReport, audit, wait_drained};
 use crate::consumer::{Consumer, ConsumerSettings};
 use crate::crowd::{self, CrowdConfig, CrowdResult, Target};
 use crate::gateway::{self, Gateway, GatewaySettings};
-use crate::servers::{PostgresServer, RedisOptions, RedisServer};
+use crate::redis_conn::{ConnSettings, RedisMode, RedisTarget};
+use crate::servers::{ClusterOptions, PostgresServer, RedisCluster, RedisOptions, RedisServer};
 use crate::spec::SaleDocument;
 use crate::store::OrderStore;
 
@@ -22,6 +23,11 @@ use crate::store::OrderStore;
 pub struct LocalOptions {
     pub sale_file: PathBuf,
     pub redis_url: Option<String>,
+    /// How to read `redis_url` (default: a cluster if it lists several URLs).
+    pub redis_mode: Option<RedisMode>,
+    /// Without `redis_url`: start a 3-master, 3-replica Redis Cluster
+    /// instead of one Redis server.
+    pub redis_cluster: bool,
     pub database_url: Option<String>,
     pub users: u32,
     pub connections: usize,
@@ -89,6 +95,8 @@ pub enum LocalError {
     Server(#[from] crate::servers::ServerError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    RedisTarget(#[from] crate::redis_conn::RedisConnError),
     #[error("warming: {0}")]
     Warm(#[from] crate::warm::WarmError),
     #[error("gateway: {0}")]
@@ -126,15 +134,29 @@ pub async fn run(opts: LocalOptions) -> Result<LocalReport, LocalError> {
         .map_err(|e| LocalError::Window(e.to_string()))?;
     let sale = doc.id();
 
-    let (_redis_server, redis_url) = match &opts.redis_url {
-        Some(u) => (None, u.clone()),
+    // Kept until the run ends: dropping them stops the servers.
+    let (_redis_server, _redis_cluster, redis) = match &opts.redis_url {
+        Some(u) => (None, None, RedisTarget::parse(u, opts.redis_mode)?),
+        None if opts.redis_cluster => {
+            eprintln!("starting a Redis Cluster (3 masters, 3 replicas, AOF on) ...");
+            let c = RedisCluster::start_with(ClusterOptions {
+                append_only: true,
+                ..ClusterOptions::default()
+            })?;
+            let target = RedisTarget::parse(&c.url(), Some(RedisMode::Cluster))?;
+            (None, Some(c), target)
+        }
         None => {
             eprintln!("starting redis-server (AOF on) ...");
-            let s = RedisServer::start_with(RedisOptions { append_only: true })?;
-            let u = s.url();
-            (Some(s), u)
+            let s = RedisServer::start_with(RedisOptions {
+                append_only: true,
+                ..Default::default()
+            })?;
+            let target = RedisTarget::standalone(s.url());
+            (Some(s), None, target)
         }
     };
+    let redis_url = redis.url();
     let (_pg_server, database_url) = match &opts.database_url {
         Some(u) => (None, u.clone()),
         None => {
@@ -144,8 +166,7 @@ pub async fn run(opts: LocalOptions) -> Result<LocalReport, LocalError> {
             (Some(s), u)
         }
     };
-    let client = redis::Client::open(redis_url.as_str())?;
-    let mut conn = client.get_connection_manager().await?;
+    let mut conn = redis.connect(&ConnSettings::default()).await?;
     // A local run is a fresh sale: clear what an earlier run left under the same name.
     let skus: Vec<String> = doc.spec.products.iter().map(|p| p.sku.clone()).collect();
     crate::warm::clear_sale(&mut conn, &sale, &skus).await?;
@@ -161,7 +182,9 @@ pub async fn run(opts: LocalOptions) -> Result<LocalReport, LocalError> {
 
     let secret: Vec<u8> = b"local-sale-secret".to_vec();
     let shutdown = CancellationToken::new();
-    let gw = Gateway::new(&doc, &GatewaySettings::new(&redis_url, secret.clone()))?;
+    let mut gateway_settings = GatewaySettings::new(&redis_url, secret.clone());
+    gateway_settings.redis_mode = Some(redis.mode);
+    let gw = Gateway::new(&doc, &gateway_settings)?;
     let public = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let admin = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let gw_addr = public.local_addr().map_err(gateway::GatewayError::Serve)?;
@@ -170,6 +193,7 @@ pub async fn run(opts: LocalOptions) -> Result<LocalReport, LocalError> {
     let mut consumer_tasks = Vec::new();
     for i in 0..opts.consumers.max(1) {
         let mut settings = ConsumerSettings::new(&redis_url, &database_url);
+        settings.redis_mode = Some(redis.mode);
         settings.name = format!("local-consumer-{i}");
         if let Some(c) = Consumer::start(&doc, settings, &shutdown).await? {
             consumer_tasks.push(tokio::spawn(c.run(shutdown.clone())));

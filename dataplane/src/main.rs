@@ -10,7 +10,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use dataplane::consumer::{Consumer, ConsumerSettings};
 use dataplane::crowd::{CrowdConfig, Target};
+use dataplane::durability::Durability;
 use dataplane::gateway::{self, Gateway, GatewaySettings};
+use dataplane::redis_conn::{ConnSettings, RedisConn, RedisMode, RedisTarget};
 use dataplane::spec::SaleDocument;
 use tokio_util::sync::CancellationToken;
 
@@ -56,9 +58,17 @@ enum Command {
     /// Start a throwaway Redis (AOF on) and PostgreSQL, print their URLs as an
     /// `export` line, and keep them until this process gets Ctrl-C or SIGTERM
     /// (for the README tour and manual testing).
-    Servers,
+    Servers(ServersArgs),
     /// Measure side by side on this machine and print figures (and JSON).
     Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ServersArgs {
+    /// A Redis Cluster (3 masters, 3 replicas) instead of one Redis server;
+    /// the export line then sets REDIS_MODE=cluster too.
+    #[arg(long)]
+    redis_cluster: bool,
 }
 
 #[derive(Args)]
@@ -70,7 +80,9 @@ struct BenchArgs {
     /// `sold-out` (sold-out answers vs trivial endpoint), `read-path` (the
     /// sale page vs trivial GET; Redis commands/s during read storms), `persist`
     /// (consumer vs raw batched INSERT), `ws-memory` (gateway RSS per idle
-    /// WebSocket) or `push-latency` (purchase → pushed event at a steady rate).
+    /// WebSocket), `push-latency` (purchase → pushed event at a steady rate)
+    /// or `redis-modes` (accept path on one Redis vs a Redis Cluster,
+    /// durability local vs replica, decisions/s on one master vs three).
     which: String,
     #[arg(long, default_value_t = 100_000)]
     requests: u64,
@@ -104,8 +116,16 @@ struct BenchArgs {
 struct LocalArgs {
     /// The FlashSale YAML (its window is moved to start a few seconds from now).
     sale: PathBuf,
+    /// One URL, or a Redis Cluster's seed node URLs, comma-separated.
     #[arg(long, env = "REDIS_URL")]
     redis_url: Option<String>,
+    /// Default: `cluster` if REDIS_URL lists several URLs, else `standalone`.
+    #[arg(long, env = "REDIS_MODE", value_enum)]
+    redis_mode: Option<RedisMode>,
+    /// Without REDIS_URL: run the sale on a throwaway Redis Cluster (3
+    /// masters, 3 replicas) instead of one Redis server.
+    #[arg(long, conflicts_with = "redis_url")]
+    redis_cluster: bool,
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
     #[arg(long, default_value_t = 20_000)]
@@ -134,8 +154,26 @@ struct SaleConfigArgs {
     /// The sale document (the operator mounts it at /etc/flashsale/sale.yaml).
     #[arg(long, env = "SALE_CONFIG", default_value = "/etc/flashsale/sale.yaml")]
     config: PathBuf,
+    /// One URL, or a Redis Cluster's seed node URLs, comma-separated.
     #[arg(long, env = "REDIS_URL")]
     redis_url: String,
+    /// Default: `cluster` if REDIS_URL lists several URLs, else `standalone`.
+    #[arg(long, env = "REDIS_MODE", value_enum)]
+    redis_mode: Option<RedisMode>,
+    /// `replica`: a purchase is answered 202, an entry persisted, a release
+    /// applied only once a Redis replica holds it (WAIT 1); `local`: once the
+    /// master does.
+    /// Default: `replica` in cluster mode, `local` standalone.
+    #[arg(long, env = "REDIS_DURABILITY", value_enum)]
+    redis_durability: Option<Durability>,
+}
+
+impl SaleConfigArgs {
+    /// A connection to the sale's Redis, checked now.
+    async fn redis(&self) -> Result<RedisConn> {
+        let target = RedisTarget::parse(&self.redis_url, self.redis_mode)?;
+        Ok(target.connect(&ConnSettings::default()).await?)
+    }
 }
 
 #[derive(Args)]
@@ -166,6 +204,15 @@ struct GatewayArgs {
     /// WebSocket ping interval; a peer silent for two intervals is dropped.
     #[arg(long, default_value_t = 20)]
     ws_ping_seconds: u64,
+    /// Under `--redis-durability replica`: longest a purchase waits for a
+    /// replica before it is answered 503 replication_pending (keep it below
+    /// --redis-timeout-ms).
+    #[arg(long, default_value_t = 100)]
+    replica_wait_ms: u64,
+    /// Most purchases of one product one replica acknowledgement confirms
+    /// (1: one WAIT per purchase; benchmarks compare).
+    #[arg(long, default_value_t = dataplane::gateway::commit::DEFAULT_MAX_BATCH, hide = true)]
+    commit_batch: usize,
 }
 
 #[derive(Args)]
@@ -195,6 +242,9 @@ struct ConsumerArgs {
     /// Pause between a sweep's commit and its Redis apply (fault tests).
     #[arg(long, default_value_t = 0, hide = true)]
     sweep_apply_delay_ms: u64,
+    /// Under `--redis-durability replica`: longest one WAIT for a replica blocks.
+    #[arg(long, default_value_t = 1_000)]
+    replica_wait_ms: u64,
 }
 
 #[derive(Args)]
@@ -271,8 +321,12 @@ struct CrowdArgs {
     /// PostgreSQL against every 202 this crowd saw (needs REDIS_URL and DATABASE_URL).
     #[arg(long, value_name = "SALE_YAML")]
     audit: Option<PathBuf>,
+    /// One URL, or a Redis Cluster's seed node URLs, comma-separated.
     #[arg(long, env = "REDIS_URL")]
     redis_url: Option<String>,
+    /// Default: `cluster` if REDIS_URL lists several URLs, else `standalone`.
+    #[arg(long, env = "REDIS_MODE", value_enum)]
+    redis_mode: Option<RedisMode>,
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
 }
@@ -362,6 +416,7 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Gateway(a) => {
             let doc = load(&a.sale.config)?;
             let mut settings = GatewaySettings::new(&a.sale.redis_url, a.token_secret.into_bytes());
+            settings.redis_mode = a.sale.redis_mode;
             settings.redis_timeout = Duration::from_millis(a.redis_timeout_ms);
             settings.client_ip_header = a
                 .client_ip_header
@@ -369,6 +424,9 @@ async fn run(command: Command) -> Result<ExitCode> {
                 .transpose()
                 .context("--client-ip-header is not a header name")?;
             settings.push.ping_interval = Duration::from_secs(a.ws_ping_seconds.max(1));
+            settings.durability = a.sale.redis_durability;
+            settings.replica_wait = Duration::from_millis(a.replica_wait_ms.max(1));
+            settings.commit_batch = a.commit_batch.max(1);
             settings.payment = match (a.payment_public_key, a.database_url) {
                 (Some(key), Some(database_url)) => Some(gateway::payment::PaymentSettings {
                     public_key: gateway::payment::parse_public_key(&key)
@@ -397,9 +455,12 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Consumer(a) => {
             let doc = load(&a.sale.config)?;
             let mut settings = ConsumerSettings::new(&a.sale.redis_url, &a.database_url);
+            settings.redis_mode = a.sale.redis_mode;
             settings.batch_size = a.batch_size;
             settings.claim_idle = Duration::from_millis(a.claim_idle_ms);
             settings.claim_every = Duration::from_millis(a.claim_every_ms);
+            settings.durability = a.sale.redis_durability;
+            settings.replica_wait = Duration::from_millis(a.replica_wait_ms.max(1));
             settings.sweeper =
                 (!a.no_sweeper).then(|| dataplane::payment_timeout::SweeperSettings {
                     every: Duration::from_millis(a.sweep_every_ms.max(10)),
@@ -421,8 +482,7 @@ async fn run(command: Command) -> Result<ExitCode> {
         Command::Crowd(a) => crowd(a).await,
         Command::Audit(a) => {
             let doc = load(&a.sale.config)?;
-            let client = redis::Client::open(a.sale.redis_url.as_str())?;
-            let mut conn = client.get_connection_manager().await?;
+            let mut conn = a.sale.redis().await?;
             let store = dataplane::store::OrderStore::connect(&a.database_url, 2)?;
             let wait = Duration::from_secs_f64(a.wait_seconds.max(0.0));
             if !dataplane::audit::wait_drained(&mut conn, &store, &doc.id(), &doc.spec, wait)
@@ -444,8 +504,7 @@ async fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Warm(a) => {
             let doc = load(&a.sale.config)?;
-            let client = redis::Client::open(a.sale.redis_url.as_str())?;
-            let mut conn = client.get_connection_manager().await?;
+            let mut conn = a.sale.redis().await?;
             let store = dataplane::store::OrderStore::connect(&a.database_url, 2)?;
             store.migrate().await?;
             let now = jiff::Timestamp::now();
@@ -488,13 +547,26 @@ async fn run(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(a) => bench(a).await,
-        Command::Servers => {
-            let redis =
-                dataplane::servers::RedisServer::start_with(dataplane::servers::RedisOptions {
+        Command::Servers(a) => {
+            use dataplane::servers::{ClusterOptions, RedisCluster, RedisOptions, RedisServer};
+            // Kept until the signal: dropping them stops the servers.
+            let (_server, _cluster, redis) = if a.redis_cluster {
+                let c = RedisCluster::start_with(ClusterOptions {
                     append_only: true,
+                    ..ClusterOptions::default()
                 })?;
+                let env = format!("{} REDIS_MODE=cluster", c.url());
+                (None, Some(c), env)
+            } else {
+                let s = RedisServer::start_with(RedisOptions {
+                    append_only: true,
+                    ..RedisOptions::default()
+                })?;
+                let url = s.url();
+                (Some(s), None, url)
+            };
             let pg = dataplane::servers::PostgresServer::start()?;
-            println!("export REDIS_URL={} DATABASE_URL={}", redis.url(), pg.url());
+            println!("export REDIS_URL={redis} DATABASE_URL={}", pg.url());
             println!(
                 "# Redis and PostgreSQL are up; stopping this process (Ctrl-C, or kill {}) stops and removes them.",
                 std::process::id()
@@ -655,6 +727,28 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
             );
             serde_json::to_string_pretty(&r)?
         }
+        "redis-modes" => {
+            let r =
+                dataplane::cluster_bench::redis_modes(a.requests, a.connections, a.rounds).await?;
+            for v in &r.variants {
+                println!(
+                    "accept path, {} connections, {} / durability {} / WAIT batch {}: {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms), {:.2}× standalone local",
+                    r.connections,
+                    v.variant.mode,
+                    v.variant.durability,
+                    v.variant.commit_batch,
+                    v.load.throughput_rps,
+                    v.load.p50_ms,
+                    v.load.p99_ms,
+                    v.vs_standalone_local
+                );
+            }
+            println!(
+                "decisions/s, three products, pipelined purchase scripts: one master {:.0}, three masters {:.0}: {:.2}×",
+                r.decisions_one_master, r.decisions_three_masters, r.three_vs_one_master
+            );
+            serde_json::to_string_pretty(&r)?
+        }
         "ws-memory" => serde_json::to_string_pretty(
             &dataplane::push_bench::ws_memory(&a.ws_connections).await?,
         )?,
@@ -664,7 +758,7 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
         )?,
         other => {
             bail!(
-                "bench takes accept, tickets, sold-out, read-path, persist, ws-memory or push-latency, not {other:?}"
+                "bench takes accept, tickets, sold-out, read-path, persist, ws-memory, push-latency or redis-modes, not {other:?}"
             )
         }
     };
@@ -683,6 +777,8 @@ async fn local(a: LocalArgs) -> Result<ExitCode> {
     let report = dataplane::local::run(dataplane::local::LocalOptions {
         sale_file: a.sale,
         redis_url: a.redis_url,
+        redis_mode: a.redis_mode,
+        redis_cluster: a.redis_cluster,
         database_url: a.database_url,
         users: a.users,
         connections: a.connections,
@@ -733,7 +829,12 @@ async fn crowd(a: CrowdArgs) -> Result<ExitCode> {
     .await?;
     let audit = match &a.audit {
         Some(path) => {
-            Some(audit_crowd(path, a.redis_url.as_deref(), a.database_url.as_deref(), &r).await?)
+            let redis = a
+                .redis_url
+                .as_deref()
+                .map(|u| RedisTarget::parse(u, a.redis_mode))
+                .transpose()?;
+            Some(audit_crowd(path, redis, a.database_url.as_deref(), &r).await?)
         }
         None => None,
     };
@@ -822,17 +923,15 @@ async fn watch(a: WatchArgs) -> Result<ExitCode> {
 /// Waits for the backlog to drain, then audits the sale against the 202s seen.
 async fn audit_crowd(
     path: &std::path::Path,
-    redis_url: Option<&str>,
+    redis: Option<RedisTarget>,
     database_url: Option<&str>,
     r: &dataplane::crowd::CrowdResult,
 ) -> Result<dataplane::audit::AuditReport> {
     let doc = load(path)?;
-    let (Some(redis_url), Some(database_url)) = (redis_url, database_url) else {
+    let (Some(redis), Some(database_url)) = (redis, database_url) else {
         bail!("--audit needs --redis-url/REDIS_URL and --database-url/DATABASE_URL");
     };
-    let mut conn = redis::Client::open(redis_url)?
-        .get_connection_manager()
-        .await?;
+    let mut conn = redis.connect(&ConnSettings::default()).await?;
     let store = dataplane::store::OrderStore::connect(database_url, 2)?;
     let drained = dataplane::audit::wait_drained(
         &mut conn,

@@ -45,8 +45,33 @@ const PUBLISHED: Metric = metric(
     &[("routed", &["yes", "no"])],
 );
 
+const REPLICA_WAIT: Metric = metric(
+    "flashsale_redis_replica_wait_total",
+    Counter,
+    "WAITs issued under redis.durability: replica, by where and outcome: confirmed (a replica holds the writes), pending (none did within the timeout; nothing relied on them), error (the pipeline failed)",
+    &[
+        ("path", &crate::durability::WaitPath::ALL),
+        ("outcome", &crate::durability::OUTCOMES),
+    ],
+);
+
+const REPLICA_WAIT_SECONDS: Metric = metric(
+    "flashsale_redis_replica_wait_seconds",
+    Histogram,
+    "Round trip of a pipeline that ends in WAIT (the writes, then the replica's acknowledgement)",
+    &[("path", &crate::durability::WaitPath::ALL)],
+);
+
 /// What a gateway exports.
 pub const GATEWAY: &[Metric] = &[
+    REPLICA_WAIT,
+    REPLICA_WAIT_SECONDS,
+    metric(
+        "flashsale_gateway_commit_batch_size",
+        Histogram,
+        "Purchases one replica acknowledgement (WAIT) confirmed together, per product (group commit)",
+        &[],
+    ),
     metric(
         "flashsale_gateway_requests_total",
         Counter,
@@ -67,6 +92,7 @@ pub const GATEWAY: &[Metric] = &[
                 "ticket_required",
                 "ticket_invalid",
                 "unavailable",
+                "replication_pending",
             ],
         )],
     ),
@@ -165,6 +191,8 @@ pub const GATEWAY: &[Metric] = &[
 
 /// What a consumer exports (its payment timeout sweeper included).
 pub const CONSUMER: &[Metric] = &[
+    REPLICA_WAIT,
+    REPLICA_WAIT_SECONDS,
     metric(
         "flashsale_consumer_orders_persisted_total",
         Counter,
@@ -242,7 +270,10 @@ pub fn register(metrics: &[Metric]) {
         match m.kind {
             Kind::Counter => metrics::describe_counter!(m.name, m.help),
             Kind::Gauge => metrics::describe_gauge!(m.name, m.help),
-            Kind::Histogram => metrics::describe_histogram!(m.name, Unit::Seconds, m.help),
+            Kind::Histogram if m.name.ends_with("_seconds") => {
+                metrics::describe_histogram!(m.name, Unit::Seconds, m.help)
+            }
+            Kind::Histogram => metrics::describe_histogram!(m.name, Unit::Count, m.help),
         }
         for labels in combinations(m.labels) {
             match m.kind {

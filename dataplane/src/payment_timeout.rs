@@ -15,12 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::{OrderEvent, Publisher};
 use crate::keys::ProductKeys;
 use crate::order::OrderStatus;
+use crate::redis_conn::RedisConn;
 use crate::scripts;
 use crate::spec::{SaleDocument, SaleId};
 use crate::store::{OrderStore, StoreError};
@@ -40,6 +40,9 @@ pub struct SweeperSettings {
     /// Pause between commit and apply. Only fault tests set it, to widen the
     /// window in which a crash leaves outbox rows unapplied.
     pub apply_delay: Duration,
+    /// Under `redis.durability: replica`: releases count as applied only
+    /// once a replica holds them (set by the consumer that runs the sweeper).
+    pub replica_wait: Option<crate::durability::ReplicaWait>,
 }
 
 impl Default for SweeperSettings {
@@ -49,6 +52,7 @@ impl Default for SweeperSettings {
             batch: 500,
             grace: Duration::from_secs(2),
             apply_delay: Duration::ZERO,
+            replica_wait: None,
         }
     }
 }
@@ -61,6 +65,10 @@ pub enum SweepError {
     Db(#[from] tokio_postgres::Error),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(
+        "no replica confirmed {rows} releases in time; their outbox rows stay unapplied and are applied again"
+    )]
+    Unreplicated { rows: usize },
 }
 
 impl From<deadpool_postgres::PoolError> for SweepError {
@@ -94,7 +102,7 @@ pub struct Sweeper {
     /// `payment.timeoutSeconds`, which follows the sale's live spec.
     timeout_seconds: Arc<AtomicU32>,
     store: OrderStore,
-    redis: ConnectionManager,
+    redis: RedisConn,
     publisher: Publisher,
     settings: SweeperSettings,
 }
@@ -103,7 +111,7 @@ impl Sweeper {
     pub fn new(
         doc: &SaleDocument,
         store: OrderStore,
-        redis: ConnectionManager,
+        redis: RedisConn,
         settings: SweeperSettings,
     ) -> Self {
         let sale = doc.id();
@@ -306,38 +314,73 @@ impl Sweeper {
         }
     }
 
-    /// Releases each order in Redis (pipelined) and tells the users whose
-    /// order this call moved. Returns how many moved.
+    /// Releases each order in Redis (one pipeline per product, since each
+    /// product is its own Redis Cluster slot) and tells the users whose order
+    /// this call moved. Returns how many moved.
     async fn apply(&self, rows: &[Release]) -> Result<u64, SweepError> {
         let mut redis = self.redis.clone();
-        let mut pipe = redis::pipe();
-        pipe.load_script(&scripts::RELEASE).ignore();
-        let mut applied = Vec::with_capacity(rows.len());
-        let invocations: Vec<_> = rows
+        let per_product: Vec<(Vec<&Release>, redis::Pipeline)> = self
+            .products
             .iter()
-            .filter_map(|r| {
-                let (_, keys) = self.products.iter().find(|(s, _)| *s == r.sku)?;
-                let mut inv = scripts::RELEASE.prepare_invoke();
-                inv.key(keys.orders())
-                    .key(keys.stock())
-                    .key(keys.buyers())
-                    .key(keys.info())
-                    .arg(&r.order_id)
-                    .arg(OrderStatus::Cancelled.as_str())
-                    .arg(REASON);
-                applied.push(r);
-                Some(inv)
+            .filter_map(|(sku, keys)| {
+                let mine: Vec<&Release> = rows.iter().filter(|r| r.sku == *sku).collect();
+                if mine.is_empty() {
+                    return None;
+                }
+                let mut pipe = redis::pipe();
+                pipe.load_script(&scripts::RELEASE).ignore();
+                for r in &mine {
+                    let mut inv = scripts::RELEASE.prepare_invoke();
+                    inv.key(keys.orders())
+                        .key(keys.stock())
+                        .key(keys.buyers())
+                        .key(keys.info())
+                        .arg(&r.order_id)
+                        .arg(OrderStatus::Cancelled.as_str())
+                        .arg(REASON);
+                    pipe.invoke_script(&inv);
+                }
+                Some((mine, pipe))
             })
             .collect();
-        if invocations.is_empty() {
+        if per_product.is_empty() {
             return Ok(0);
         }
-        for inv in &invocations {
-            pipe.invoke_script(inv);
-        }
-        let results: Vec<(String, String)> = pipe.query_async(&mut redis).await?;
+        // Under `replica` the outbox rows are marked applied only once a
+        // replica holds the releases: a release a failover lost would leave
+        // the unit out of Redis' stock for good. Applying again is a no-op
+        // (release.lua moves an order once).
+        let wait = self.settings.replica_wait;
+        let results =
+            futures::future::try_join_all(per_product.into_iter().map(|(mine, mut pipe)| {
+                let mut redis = redis.clone();
+                async move {
+                    if let (Some(w), Some(r)) = (wait, mine.first()) {
+                        w.mark_and_wait(&mut pipe, &self.wait_mark(&r.sku));
+                    }
+                    let started = std::time::Instant::now();
+                    let mut values: Vec<redis::Value> = pipe.query_async(&mut redis).await?;
+                    if wait.is_some() {
+                        let waited = values.pop().unwrap_or(redis::Value::Nil);
+                        let path = crate::durability::WaitPath::SweeperRelease;
+                        if !crate::durability::confirmed(path, &Ok(waited), started) {
+                            return Err(SweepError::Unreplicated { rows: mine.len() });
+                        }
+                    }
+                    let results: Vec<(String, String)> = values
+                        .into_iter()
+                        .map(redis::from_redis_value)
+                        .collect::<Result<_, _>>()
+                        .map_err(redis::RedisError::from)?;
+                    Ok::<_, SweepError>((mine, results))
+                }
+            }))
+            .await?;
         let mut events = Vec::new();
-        for (r, (outcome, detail)) in applied.into_iter().zip(results) {
+        let applied = results
+            .into_iter()
+            .flat_map(|(mine, results)| mine.into_iter().zip(results));
+        for (r, (outcome, detail)) in applied {
             match outcome.as_str() {
                 "released" => events.push((
                     r.user_id.clone(),
@@ -358,6 +401,14 @@ impl Sweeper {
             tracing::debug!(error = %e, "order.cancelled not pushed");
         }
         Ok(events.len() as u64)
+    }
+
+    fn wait_mark(&self, sku: &str) -> String {
+        self.products
+            .iter()
+            .find(|(s, _)| s == sku)
+            .map(|(_, keys)| keys.wait_mark())
+            .unwrap_or_default()
     }
 
     async fn mark_applied(&self, ids: &[i64]) -> Result<(), SweepError> {

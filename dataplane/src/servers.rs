@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+mod cluster;
+pub use cluster::{ClusterNode, ClusterOptions, KilledMaster, RedisCluster};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("{binary} not found on PATH{extra}; install it: {hint}")]
@@ -47,14 +50,14 @@ pub fn free_port() -> Result<u16, ServerError> {
     Ok(port)
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
 
-fn tail(path: &Path, lines: usize) -> String {
+pub(crate) fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -75,6 +78,9 @@ pub struct RedisOptions {
     /// AOF with `appendfsync everysec`: at most about one second of writes is
     /// lost on a crash of the machine; a crash of the process loses none.
     pub append_only: bool,
+    /// Runs the node with `cluster-enabled yes` and this `cluster-node-timeout`
+    /// (ms); [`RedisCluster`] joins such nodes into a cluster.
+    pub cluster_node_timeout_ms: Option<u64>,
 }
 
 /// A `redis-server` child process.
@@ -131,6 +137,16 @@ impl RedisServer {
         if self.options.append_only {
             cmd.args(["--appendonly", "yes", "--appendfsync", "everysec"]);
         }
+        if let Some(timeout) = self.options.cluster_node_timeout_ms {
+            cmd.args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])
+            .arg("--cluster-node-timeout")
+            .arg(timeout.to_string());
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -159,6 +175,11 @@ impl RedisServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// False once killed (and until restarted).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     pub fn url(&self) -> String {

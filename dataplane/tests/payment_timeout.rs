@@ -266,3 +266,58 @@ async fn thousand_unpaid_orders_time_out_once_across_three_sweepers_one_killed()
     gw.stop().await;
     Ok(())
 }
+
+/// On a Redis Cluster one sweep releases orders of products on different
+/// masters (one pipeline per product's slot): every unit comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpaid_orders_of_products_on_different_masters_time_out_on_a_redis_cluster()
+-> Result<(), Error> {
+    let servers = tokio::task::spawn_blocking(ClusterServers::start).await??;
+    // These two products hash to slots served by different masters.
+    let skus = ["small", "large"];
+    let mut doc = sale("crowd-cluster", &[(skus[0], 5, 1), (skus[1], 5, 1)]);
+    let masters: Vec<u16> = skus
+        .iter()
+        .map(|sku| {
+            let key = ProductKeys::new(&doc.id(), sku).stock();
+            servers.cluster.master_of(&key).map(|m| m.port)
+        })
+        .collect::<Result<_, _>>()?;
+    assert_ne!(masters[0], masters[1]);
+    doc.spec.payment.timeout_seconds = 3;
+    warm(&servers, &doc).await?;
+    let gw = RunningGateway::start_on(&doc, &servers, "gw").await?;
+    let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
+    let client = http();
+    for sku in skus {
+        for i in 0..5 {
+            let resp = client
+                .post(gw.url("/v1/sales/crowd-cluster/purchase"))
+                .bearer_auth(token(&format!("{sku}-{i}")))
+                .json(&json!({"sku": sku, "quantity": 1}))
+                .send()
+                .await?;
+            assert_eq!(resp.status(), 202);
+        }
+    }
+    let mut conn = redis_conn_of(&servers).await?;
+    let all_back = eventually(Duration::from_secs(30), || {
+        let (mut conn, doc) = (conn.clone(), doc.clone());
+        async move {
+            dataplane::counters::product_counters(&mut conn, &doc.id(), &doc.spec)
+                .await
+                .is_ok_and(|c| {
+                    c.iter().all(|p| {
+                        p.as_ref()
+                            .is_some_and(|p| p.remaining == 5 && p.cancelled == 5)
+                    })
+                })
+        }
+    })
+    .await;
+    let counters = dataplane::counters::product_counters(&mut conn, &doc.id(), &doc.spec).await?;
+    assert!(all_back, "{counters:?}");
+    consumers.stop().await;
+    gw.stop().await;
+    Ok(())
+}

@@ -340,3 +340,62 @@ async fn a_peer_that_never_answers_pings_is_dropped() -> TestResult {
     gw.stop().await;
     Ok(())
 }
+
+/// On a Redis Cluster a gateway subscribes on one node; when that node dies
+/// (here the master of the product's slot, so its replica takes over) the
+/// gateway subscribes on another seed and events reach the buyer again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_survives_the_death_of_the_subscribed_cluster_node() -> TestResult {
+    let mut servers = tokio::task::spawn_blocking(ClusterServers::start).await??;
+    let doc = sale("push-cluster", &[("item", 10, 3)]);
+    warm(&servers, &doc).await?;
+    let stock_key = ProductKeys::new(&doc.id(), "item").stock();
+    // The gateway subscribes on the first seed: make it the product's master.
+    let master = servers.cluster.master_of(&stock_key)?;
+    let mut seeds = servers.cluster.seed_urls();
+    seeds.retain(|u| *u != master.url());
+    seeds.insert(0, master.url());
+    let mut settings = dataplane::gateway::GatewaySettings::new(seeds.join(","), SECRET.to_vec());
+    settings.pod = "gw-a".into();
+    let gw = RunningGateway::start_with(&doc, &settings).await?;
+    let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
+
+    let mut socket = connect(&gw, "frank", "").await?;
+    assert_eq!(next_json(&mut socket).await?["type"], "synced");
+    let order = buy(&gw, "push-cluster", "frank", "item").await?;
+    let accepted = next_json(&mut socket).await?;
+    assert_eq!(accepted["orderId"], order.as_str(), "{accepted}");
+
+    let killed = servers.cluster.kill_master_of(&stock_key)?;
+    tokio::task::spawn_blocking(move || killed.wait_promoted(20)).await??;
+    let received = gw.gateway.push.counters.received.load(Ordering::Relaxed);
+    // The gateway's next purchase succeeds once its client sees the new master.
+    let mut second = None;
+    for _ in 0..100 {
+        let resp = http()
+            .post(gw.url("/v1/sales/push-cluster/purchase"))
+            .bearer_auth(token("frank"))
+            .json(&serde_json::json!({"sku": "item", "quantity": 1}))
+            .send()
+            .await?;
+        if resp.status() == 202 {
+            let body: Value = resp.json().await?;
+            second = body["orderId"].as_str().map(str::to_string);
+            break;
+        }
+        assert_eq!(resp.status(), 503, "only 503 while the master is away");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let second = second.ok_or("no purchase after the failover")?;
+    // Its event arrives by the new subscription (a resync may come first).
+    loop {
+        let msg = next_json(&mut socket).await?;
+        if msg["orderId"] == second.as_str() {
+            break;
+        }
+    }
+    assert!(gw.gateway.push.counters.received.load(Ordering::Relaxed) > received);
+    consumers.stop().await;
+    gw.stop().await;
+    Ok(())
+}

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use dataplane::redis_conn::RedisMode;
 use dataplane::spec::{DocumentMetadata, SaleDocument, SaleSpec};
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
@@ -136,11 +137,18 @@ pub fn build(
         gateway_env.push(secret_env("PAYMENT_PUBLIC_KEY", key));
         gateway_env.push(secret_env("DATABASE_URL", &spec.database.url_secret_ref));
     }
-    let consumer_env = vec![
+    let mut consumer_env = vec![
         secret_env("REDIS_URL", &spec.redis.url_secret_ref),
         secret_env("DATABASE_URL", &spec.database.url_secret_ref),
         pod_name_env(),
     ];
+    // Standalone is what the binaries assume without it; naming only the
+    // other mode keeps existing pods' templates (no roll on upgrade).
+    if spec.redis.mode != RedisMode::Standalone {
+        let mode = value_env("REDIS_MODE", spec.redis.mode.as_str());
+        gateway_env.push(mode.clone());
+        consumer_env.push(mode);
+    }
     let gateway = owned.deployment(Workload {
         component: Component::Gateway,
         image: spec.gateway.image.as_deref().unwrap_or(default_image),
@@ -383,6 +391,14 @@ fn secret_env(name: &str, secret: &SecretKeyRef) -> EnvVar {
     }
 }
 
+fn value_env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value: Some(value.to_string()),
+        ..Default::default()
+    }
+}
+
 fn pod_name_env() -> EnvVar {
     EnvVar {
         name: "POD_NAME".to_string(),
@@ -486,15 +502,18 @@ mod tests {
             name: "payment-provider".into(),
             key: "public-key".into(),
         });
+        let with_payments = [
+            "REDIS_URL",
+            "TOKEN_SECRET",
+            "POD_NAME",
+            "PAYMENT_PUBLIC_KEY",
+            "DATABASE_URL",
+        ];
+        assert_eq!(env_names(&sale)?, with_payments);
+        sale.spec.redis.mode = RedisMode::Cluster;
         assert_eq!(
             env_names(&sale)?,
-            [
-                "REDIS_URL",
-                "TOKEN_SECRET",
-                "POD_NAME",
-                "PAYMENT_PUBLIC_KEY",
-                "DATABASE_URL"
-            ]
+            [&with_payments[..], &["REDIS_MODE"]].concat()
         );
         Ok(())
     }

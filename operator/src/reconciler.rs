@@ -807,7 +807,7 @@ async fn sync_stores(
         spec: spec.clone(),
         trouble: true,
     };
-    let mut conn = match ctx.redis.get(&urls.redis).await {
+    let mut conn = match ctx.redis.for_sale(&sale.spec.redis, &urls.redis).await {
         Ok(c) => c,
         Err(e) => {
             redis_unavailable(report, &e);
@@ -1071,17 +1071,19 @@ async fn cleanup(
         .iter()
         .map(|p| p.sku.clone())
         .collect();
+    let redis_error = |source| Error::Redis {
+        sale: id.to_string(),
+        source,
+    };
     if let Some(url) = &clear_with {
-        let mut conn = ctx.redis.get(url).await.map_err(|source| Error::Redis {
-            sale: id.to_string(),
-            source,
-        })?;
+        let mut conn = ctx
+            .redis
+            .for_sale(&sale.spec.redis, url)
+            .await
+            .map_err(redis_error)?;
         let backlog = redis_store::unpersisted(&mut conn, &id, &sale.spec.sale)
             .await
-            .map_err(|source| Error::Redis {
-                sale: id.to_string(),
-                source,
-            })?;
+            .map_err(redis_error)?;
         if backlog > 0 {
             let waited = deletion_age(sale, ctx.clock.now());
             if waited < ctx.settings.drain_timeout {
@@ -1116,16 +1118,14 @@ async fn cleanup(
     }
 
     if let Some(url) = &clear_with {
-        let mut conn = ctx.redis.get(url).await.map_err(|source| Error::Redis {
-            sale: id.to_string(),
-            source,
-        })?;
+        let mut conn = ctx
+            .redis
+            .for_sale(&sale.spec.redis, url)
+            .await
+            .map_err(redis_error)?;
         let deleted = warm::clear_sale(&mut conn, &id, &skus)
             .await
-            .map_err(|source| Error::Redis {
-                sale: id.to_string(),
-                source,
-            })?;
+            .map_err(redis_error)?;
         info!(deleted, "redis keys cleared");
         publish(
             "RedisCleared",

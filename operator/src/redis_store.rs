@@ -1,35 +1,42 @@
-//! Connections to the sales' Redis servers, one multiplexed connection per
-//! URL, reused across reconciles (sales usually share one Redis).
+//! Connections to the sales' Redis servers (standalone or cluster), one per
+//! URL and mode, reused across reconciles (sales usually share one Redis).
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use dataplane::lag;
+use dataplane::redis_conn::{ConnSettings, RedisConn, RedisTarget};
 use dataplane::spec::{SaleId, SaleSpec};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Mutex;
+
+use crate::resource::RedisSpec;
 
 #[derive(Default)]
 pub struct RedisConnections {
-    by_url: Mutex<HashMap<String, ConnectionManager>>,
+    by_target: Mutex<HashMap<(String, dataplane::redis_conn::RedisMode), RedisConn>>,
 }
 
 impl RedisConnections {
-    /// A connection to `url`, opened on first use. Short timeouts: a
-    /// reconcile reports an unreachable Redis as a condition instead of hanging.
-    pub async fn get(&self, url: &str) -> Result<ConnectionManager, redis::RedisError> {
-        let mut by_url = self.by_url.lock().await;
-        if let Some(conn) = by_url.get(url) {
+    /// A connection to `target`, opened on first use. Short timeouts (the
+    /// defaults of `ConnSettings`): a reconcile reports an unreachable Redis
+    /// as a condition instead of hanging.
+    pub async fn get(&self, target: &RedisTarget) -> Result<RedisConn, redis::RedisError> {
+        let key = (target.url(), target.mode);
+        let mut by_target = self.by_target.lock().await;
+        if let Some(conn) = by_target.get(&key) {
             return Ok(conn.clone());
         }
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client, config).await?;
-        by_url.insert(url.to_string(), conn.clone());
+        let conn = target.connect(&ConnSettings::default()).await?;
+        by_target.insert(key, conn.clone());
         Ok(conn)
+    }
+
+    /// The connection for a sale's Redis spec and the URL its Secret holds.
+    pub async fn for_sale(
+        &self,
+        spec: &RedisSpec,
+        url: &str,
+    ) -> Result<RedisConn, redis::RedisError> {
+        self.get(&spec.target(url)?).await
     }
 }
 

@@ -6,6 +6,7 @@
 //! cluster needs: connection Secrets, gateway and consumer settings, and the
 //! scaling behaviour the autoscaler follows.
 
+use dataplane::redis_conn::{RedisConnError, RedisMode, RedisTarget};
 use dataplane::spec::{Phase, SaleSpec};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::ResourceRequirements;
@@ -44,7 +45,7 @@ pub struct FlashSaleSpec {
     #[serde(flatten)]
     pub sale: SaleSpec,
     /// Where stock, buyers and order streams live.
-    pub redis: ConnectionSpec,
+    pub redis: RedisSpec,
     /// Where orders are persisted (PostgreSQL); the operator never deletes orders.
     pub database: ConnectionSpec,
     /// The HMAC secret the shop's login signs user tokens with.
@@ -91,6 +92,26 @@ fn sale_schema_rules(schema: &mut schemars::Schema) {
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionSpec {
     pub url_secret_ref: SecretKeyRef,
+}
+
+/// The sale's Redis: a URL kept in a Secret, and how to use it.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisSpec {
+    /// The Secret key holding one URL (`standalone`), or a Redis Cluster's
+    /// seed node URLs, comma-separated (`cluster`; list several: a gateway's
+    /// push subscription moves along them when its node dies).
+    pub url_secret_ref: SecretKeyRef,
+    /// `standalone` (one Redis server) or `cluster` (a Redis Cluster).
+    #[serde(default)]
+    pub mode: RedisMode,
+}
+
+impl RedisSpec {
+    /// The Redis the Secret's `url` names, read in this spec's mode.
+    pub fn target(&self, url: &str) -> Result<RedisTarget, RedisConnError> {
+        RedisTarget::parse(url, Some(self.mode))
+    }
 }
 
 /// One key of a Secret in the sale's namespace.

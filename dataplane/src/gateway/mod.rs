@@ -1,5 +1,6 @@
 //! The gateway: takes the crowd, decides winners in Redis, answers losers at once.
 
+pub mod commit;
 pub mod error;
 pub mod load_report;
 pub mod observability;
@@ -23,13 +24,14 @@ use axum::Router;
 use axum::http::HeaderName;
 use axum::routing::{get, post};
 use futures::FutureExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken as Shutdown;
 
 use crate::breaker::Breaker;
+use crate::durability::Durability;
 use crate::keys::ProductKeys;
 use crate::ratelimit::RateLimiters;
+use crate::redis_conn::{ConnSettings, RedisConn, RedisConnError, RedisMode, RedisTarget};
 use crate::spec::{Phase, SaleDocument, SaleId, SaleSpec};
 use crate::token::TokenVerifier;
 
@@ -37,6 +39,8 @@ use crate::token::TokenVerifier;
 #[derive(Clone, Debug)]
 pub struct GatewaySettings {
     pub redis_url: String,
+    /// `None`: a cluster if `redis_url` lists several seeds (`RedisTarget::parse`).
+    pub redis_mode: Option<RedisMode>,
     pub token_secret: Vec<u8>,
     /// This pod's name in load reports.
     pub pod: String,
@@ -50,12 +54,20 @@ pub struct GatewaySettings {
     pub push: push::PushSettings,
     /// Payment callbacks are taken only with a provider key and an order store.
     pub payment: Option<payment::PaymentSettings>,
+    /// `replica`: a purchase is answered 202 only once a replica holds it
+    /// (default: `replica` in cluster mode, `local` standalone).
+    pub durability: Option<Durability>,
+    /// Longest a purchase batch waits for a replica (below `redis_timeout`).
+    pub replica_wait: Duration,
+    /// Most purchases of one product confirmed by one WAIT.
+    pub commit_batch: usize,
 }
 
 impl GatewaySettings {
     pub fn new(redis_url: impl Into<String>, token_secret: impl Into<Vec<u8>>) -> Self {
         Self {
             redis_url: redis_url.into(),
+            redis_mode: None,
             token_secret: token_secret.into(),
             pod: default_pod_name(),
             redis_timeout: Duration::from_millis(250),
@@ -63,6 +75,9 @@ impl GatewaySettings {
             clock_skew: Duration::from_secs(1),
             push: push::PushSettings::default(),
             payment: None,
+            durability: None,
+            replica_wait: Duration::from_millis(100),
+            commit_batch: commit::DEFAULT_MAX_BATCH,
         }
     }
 }
@@ -83,6 +98,8 @@ pub struct ProductRuntime {
     /// info, stock, buyers, users, idem, orders, stream, clock (the script's KEYS).
     pub keys: [String; 8],
     pub layout: ProductKeys,
+    /// Under `redis.durability: replica`, the product's group committer.
+    pub committer: Option<commit::Committer>,
     pub sold_out: AtomicBool,
     /// Once sold out, a snapshot of the product's idempotency records, so a
     /// client retrying a winning request is answered with its order from
@@ -185,7 +202,7 @@ pub struct Gateway {
     /// operator publishes (`live`), without a restart.
     pub spec: ArcSwap<SaleSpec>,
     pub products: HashMap<String, ProductRuntime>,
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub verifier: TokenVerifier,
     /// Issues and checks this sale's purchase tickets.
     pub tickets: crate::ticket::TicketSigner,
@@ -213,16 +230,17 @@ pub struct Gateway {
     pub idempotency_key: String,
     /// The sale page's snapshot, rebuilt by `sale_page::refresh`.
     pub sale_page: sale_page::SalePage,
-    redis_url: String,
+    /// Replica acknowledgement of writes that carry a promise (`None`: local).
+    pub replica_wait: Option<crate::durability::ReplicaWait>,
+    /// The committers' loops, spawned with the background work.
+    committers: std::sync::Mutex<Vec<commit::Worker>>,
+    redis_target: RedisTarget,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("redis url {url:?}: {source}")]
-    RedisUrl {
-        url: String,
-        source: redis::RedisError,
-    },
+    #[error(transparent)]
+    Redis(#[from] RedisConnError),
     #[error("bind {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -246,34 +264,60 @@ impl Gateway {
             return Err(GatewayError::EmptySecret);
         }
         let sale = doc.id();
-        let client = redis::Client::open(settings.redis_url.as_str()).map_err(|source| {
-            GatewayError::RedisUrl {
-                url: settings.redis_url.clone(),
-                source,
-            }
-        })?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(settings.redis_timeout))
-            .set_connection_timeout(Some(settings.redis_timeout.max(Duration::from_millis(500))))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        let redis = ConnectionManager::new_lazy_with_config(client, config).map_err(|source| {
-            GatewayError::RedisUrl {
-                url: settings.redis_url.clone(),
-                source,
-            }
-        })?;
+        let redis_target = RedisTarget::parse(&settings.redis_url, settings.redis_mode)?;
+        let conn_settings = ConnSettings {
+            response_timeout: settings.redis_timeout,
+            connection_timeout: settings.redis_timeout.max(Duration::from_millis(500)),
+            retries: 1,
+            max_delay: Duration::from_secs(1),
+        };
+        let replica_wait = settings
+            .durability
+            .unwrap_or_else(|| Durability::default_for(redis_target.mode))
+            .wait(settings.replica_wait);
+        // Committers' own connections: a WAIT blocks the connection it runs
+        // on, so each product's batch confirms in parallel with the others'
+        // (products beyond COMMIT_CONNECTIONS share them round-robin).
+        // No re-routed retries on them: a purchase pipeline retried after its
+        // node failed mid-way may already have run (and replicated), and a
+        // second run would make a second order for a request without an
+        // Idempotency-Key. A failure is a 503; the client's retry decides.
+        let commit_settings = ConnSettings {
+            retries: 0,
+            ..conn_settings.clone()
+        };
+        let commit_conns = match replica_wait {
+            Some(_) => (0..doc.spec.products.len().min(COMMIT_CONNECTIONS))
+                .map(|_| redis_target.connect_lazy(&commit_settings))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => Vec::new(),
+        };
+        let redis = redis_target.connect_lazy(&conn_settings)?;
+        let mut committers = Vec::new();
         let products = doc
             .spec
             .products
             .iter()
-            .map(|p| {
+            .enumerate()
+            .map(|(i, p)| {
                 let k = ProductKeys::new(&sale, &p.sku);
+                let committer = replica_wait.map(|wait| {
+                    let conn = commit_conns[i % commit_conns.len()].clone();
+                    let (c, worker) = commit::Committer::new(
+                        k.purchase_keys(),
+                        conn,
+                        wait,
+                        settings.commit_batch,
+                    );
+                    committers.push(worker);
+                    c
+                });
                 let runtime = ProductRuntime {
                     sku: p.sku.clone(),
                     limit: AtomicU32::new(p.per_user_limit),
                     keys: k.purchase_keys(),
                     layout: k,
+                    committer,
                     sold_out: AtomicBool::new(false),
                     replays: ArcSwapOption::empty(),
                     sold_out_body: axum::body::to_bytes(
@@ -317,9 +361,11 @@ impl Gateway {
                 .as_ref()
                 .map(payment::Payments::new)
                 .transpose()?,
-            redis_url: settings.redis_url.clone(),
+            redis_target,
             idempotency_key: crate::keys::SaleKeys::new(&sale).idempotency(),
             sale_page: sale_page::SalePage::new(),
+            replica_wait,
+            committers: std::sync::Mutex::new(committers),
             sale,
         }))
     }
@@ -381,10 +427,18 @@ impl Gateway {
         tokio::spawn(load_replay_snapshots(Arc::clone(self), shutdown.clone()));
         tokio::spawn(push::subscribe(
             Arc::clone(self),
-            self.redis_url.clone(),
+            self.redis_target.clone(),
             shutdown.clone(),
         ));
         tokio::spawn(push::refresh_registry(Arc::clone(self), shutdown.clone()));
+        let workers = self
+            .committers
+            .lock()
+            .map(|mut w| std::mem::take(&mut *w))
+            .unwrap_or_default();
+        for worker in workers {
+            worker.spawn();
+        }
         let queued = self.accepted_rx.lock().ok().and_then(|mut rx| rx.take());
         if let Some(rx) = queued {
             tokio::spawn(route_accepted(Arc::clone(self), rx));
@@ -427,6 +481,9 @@ impl Gateway {
     }
 }
 
+/// Connections the purchase committers of one gateway use at most.
+const COMMIT_CONNECTIONS: usize = 8;
+
 /// Queued `order.accepted` events at most; beyond it they are dropped (a
 /// push is best effort: the 202 told the buyer, and a resume shows the order).
 const ACCEPTED_QUEUE: usize = 10_000;
@@ -466,26 +523,67 @@ async fn load_replay_snapshots(gw: Arc<Gateway>, shutdown: Shutdown) {
         for p in gw.products.values() {
             if p.sold_out.load(Ordering::Relaxed) && p.replays.load().is_none() {
                 let mut conn = gw.redis.clone();
-                load_replays(p, &mut conn).await;
+                load_replays(p, &mut conn, gw.replica_wait).await;
             }
         }
     }
 }
 
-async fn load_replays(p: &ProductRuntime, conn: &mut ConnectionManager) {
+/// Loads a sold-out product's replay snapshot. Under `replica` the records
+/// are read in a pipeline that ends in the product's wait mark and WAIT, and
+/// the snapshot is used only if a replica holds them: it answers retries 202
+/// from memory, and a 202 is a promise.
+async fn load_replays(
+    p: &ProductRuntime,
+    conn: &mut RedisConn,
+    replica_wait: Option<crate::durability::ReplicaWait>,
+) {
     let len: Result<usize, _> = redis::cmd("HLEN")
         .arg(p.idempotency_key())
         .query_async(conn)
         .await;
     match len {
         Ok(n) if n <= MAX_REPLAY_SNAPSHOT => {
-            let all: Result<HashMap<String, String>, _> = redis::cmd("HGETALL")
-                .arg(p.idempotency_key())
-                .query_async(conn)
-                .await;
-            if let Ok(map) = all {
-                tracing::debug!(sku = %p.sku, records = map.len(), "replay snapshot loaded");
-                p.replays.store(Some(Arc::new(Replays::new(map))));
+            let mut pipe = redis::pipe();
+            pipe.cmd("HGETALL").arg(p.idempotency_key());
+            let all: Result<HashMap<String, String>, _> = match replica_wait {
+                None => pipe
+                    .query_async::<(HashMap<String, String>,)>(conn)
+                    .await
+                    .map(|(m,)| m),
+                Some(wait) => {
+                    pipe.ignore_errors();
+                    wait.mark_and_wait(&mut pipe, &p.layout.wait_mark());
+                    let started = std::time::Instant::now();
+                    let key = p.idempotency_key();
+                    match pipe.query_async(&mut conn.on_master_of(key)).await {
+                        Ok(replies) => {
+                            let (mut replies, held) = crate::durability::split_wait(
+                                crate::durability::WaitPath::Replay,
+                                replies,
+                                started,
+                            );
+                            match (held, replies.pop()) {
+                                (true, Some(Ok(v))) => {
+                                    redis::from_redis_value(v).map_err(redis::RedisError::from)
+                                }
+                                (true, Some(Err(e))) => Err(e),
+                                _ => Err(redis::RedisError::from((
+                                    redis::ErrorKind::Io,
+                                    "no replica confirmed the replay snapshot",
+                                ))),
+                            }
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            match all {
+                Ok(map) => {
+                    tracing::debug!(sku = %p.sku, records = map.len(), "replay snapshot loaded");
+                    p.replays.store(Some(Arc::new(Replays::new(map))));
+                }
+                Err(e) => tracing::debug!(error = %e, "replay snapshot not loaded"),
             }
         }
         Ok(n) => {

@@ -23,16 +23,15 @@ pub fn admin_router(gw: Arc<Gateway>) -> Router {
         .with_state(gw)
 }
 
-/// Ready when Redis answers a PING in time and the breaker is closed: a pod
-/// that cannot reach Redis is taken out of the Service rather than failing requests.
+/// Ready when Redis answers a PING in time (on a Redis Cluster, any master)
+/// and the breaker is closed: a pod that cannot reach Redis is taken out of
+/// the Service rather than failing requests.
 async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
     if gw.breaker.is_open() {
         return (StatusCode::SERVICE_UNAVAILABLE, "redis circuit open").into_response();
     }
     let mut conn = gw.redis.clone();
-    let cmd = redis::cmd("PING");
-    let ping = cmd.query_async::<String>(&mut conn);
-    match tokio::time::timeout(Duration::from_secs(1), ping).await {
+    match tokio::time::timeout(Duration::from_secs(1), conn.ping()).await {
         Ok(Ok(_)) => "ready".into_response(),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("redis: {e}")).into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "redis: timeout").into_response(),
@@ -93,6 +92,7 @@ impl PurchaseMetrics {
             TICKET_REQUIRED,
             TICKET_INVALID,
             UNAVAILABLE,
+            REPLICATION_PENDING,
         ]
         .into_iter()
         .map(|o| {

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
 use super::Gateway;
+use super::commit::Decision;
 use super::error::{ApiError, ErrorBody};
 use super::tickets;
 use crate::order::new_order_id;
@@ -113,6 +114,7 @@ pub mod outcome {
     pub const TICKET_REQUIRED: &str = "ticket_required";
     pub const TICKET_INVALID: &str = "ticket_invalid";
     pub const UNAVAILABLE: &str = "unavailable";
+    pub const REPLICATION_PENDING: &str = "replication_pending";
 }
 
 /// Buy units of one product.
@@ -173,7 +175,7 @@ pub mod outcome {
         (status = 425, description = "not_started: the sale has not started (the body carries `startsAt`)", body = ErrorBody),
         (status = 429, description = "rate_limited (per user, per IP or global, named in `scope`); retry after Retry-After seconds", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "store_unavailable or store_timeout (Redis unreachable or slow), sale_not_ready (not warmed yet), store_protocol; retry after Retry-After seconds", body = ErrorBody,
+        (status = 503, description = "store_unavailable or store_timeout (Redis unreachable or slow), sale_not_ready (not warmed yet), store_protocol, or, under redis.durability: replica, replication_pending: the order (orderId) is taken on the Redis master but no replica confirmed it in time (a retry with the same Idempotency-Key returns that order, a retry without one may make a second order); retry after Retry-After seconds", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
@@ -388,22 +390,42 @@ async fn handle(
     }
     let order_id = new_order_id(sku);
     let redis_started = Instant::now();
-    let mut invocation =
-        scripts::purchase(&product.keys, &user, req.quantity, &order_id, &idem_field);
-    if let Some(t) = &ticket {
-        scripts::with_ticket(
-            &mut invocation,
-            &product.layout.ticket(&t.id),
-            t.expires_at_ms,
-        );
-    }
-    let call = invocation.invoke_async::<(String, String, String)>(&mut conn);
-    let answer = bounded(gw, "purchase script", call).await;
+    let ticket = ticket.map(|t| (product.layout.ticket(&t.id), t.expires_at_ms));
+    let answer = match &product.committer {
+        // redis.durability: replica — the script and a WAIT, batched per product.
+        Some(committer) => {
+            let call = committer.submit(&user, req.quantity, &order_id, &idem_field, ticket);
+            bounded(gw, "purchase script", call).await
+        }
+        None => {
+            let mut invocation =
+                scripts::purchase(&product.keys, &user, req.quantity, &order_id, &idem_field);
+            if let Some((key, expires_at_ms)) = &ticket {
+                scripts::with_ticket(&mut invocation, key, *expires_at_ms);
+            }
+            let call = invocation.invoke_async::<(String, String, String)>(&mut conn);
+            bounded(gw, "purchase script", call)
+                .await
+                .map(|verdict| Decision {
+                    verdict,
+                    replicated: true,
+                })
+        }
+    };
     gw.metrics
         .redis_duration
         .record(redis_started.elapsed().as_secs_f64());
-    let (verdict, a, b) = answer?;
+    let Decision {
+        verdict: (verdict, a, b),
+        replicated,
+    } = answer?;
     match verdict.as_str() {
+        "ok" | "dup" if !replicated => {
+            if b == "0" {
+                product.sold_out.store(true, Ordering::Relaxed);
+            }
+            fail(REPLICATION_PENDING, replication_pending(a))
+        }
         "ok" => {
             if b == "0" {
                 product.sold_out.store(true, Ordering::Relaxed);
@@ -505,7 +527,7 @@ async fn bounded<T>(
 /// leaves a binding without an order, which a retry completes.
 async fn claim_key(
     gw: &Gateway,
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::redis_conn::RedisConn,
     field: &str,
     key: &str,
     sku: &str,
@@ -589,6 +611,19 @@ fn accepted(id: String) -> PurchaseAccepted {
         order_id: id,
         status: "accepted".into(),
     }
+}
+
+/// The order exists on the Redis master, but no replica confirmed it in
+/// time: not a 202 (a 202 survives a failover). If the master survives, the
+/// order is persisted like any other; a retry with the same Idempotency-Key
+/// returns this order (202 once a replica holds it) and never makes a second.
+fn replication_pending(order_id: String) -> ApiError {
+    ApiError::unavailable(
+        "replication_pending",
+        "the order is taken but not yet held by a replica; retry with the same Idempotency-Key to confirm it",
+    )
+    .with("orderId", order_id)
+    .retry_after(1)
 }
 
 pub(super) fn sold_out(sku: &str) -> ApiError {

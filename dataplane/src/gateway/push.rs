@@ -32,6 +32,7 @@ use super::error::{ApiError, ErrorBody};
 use crate::events::{self, OrderEvent};
 use crate::keys::SaleKeys;
 use crate::order::{OrderRecord, OrderStatus};
+use crate::redis_conn::RedisTarget;
 use crate::scripts;
 
 /// Push tuning, chosen for many idle connections.
@@ -612,13 +613,20 @@ async fn user_orders(
 /// Keeps this pod subscribed to its channel and routes what arrives to
 /// local sockets. After a re-subscription every socket resyncs, since
 /// events sent while unsubscribed are gone.
-pub(super) async fn subscribe(gw: Arc<Gateway>, redis_url: String, shutdown: CancellationToken) {
+///
+/// In a Redis Cluster a PUBLISH reaches every node, so any node will do:
+/// each attempt takes the next seed, and a subscriber whose node died
+/// moves on to another.
+pub(super) async fn subscribe(gw: Arc<Gateway>, redis: RedisTarget, shutdown: CancellationToken) {
     let hub = &gw.push;
     let mut delay = Duration::from_millis(100);
     let mut subscribed_before = false;
+    let mut attempts = 0usize;
     loop {
+        let url = redis.pubsub_url(attempts);
+        attempts = attempts.wrapping_add(1);
         let attempt = async {
-            let client = redis::Client::open(redis_url.as_str())?;
+            let client = redis::Client::open(url)?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&hub.channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
@@ -629,7 +637,7 @@ pub(super) async fn subscribe(gw: Arc<Gateway>, redis_url: String, shutdown: Can
         };
         match pubsub {
             Ok(Ok(pubsub)) => {
-                tracing::info!(channel = %hub.channel, "push channel subscribed");
+                tracing::info!(channel = %hub.channel, url, "push channel subscribed");
                 delay = Duration::from_millis(100);
                 if subscribed_before {
                     hub.resync_all();

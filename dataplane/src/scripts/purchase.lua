@@ -17,7 +17,13 @@
 local user, q, oid, idem = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if idem ~= '' then
   local prev = redis.call('HGET', KEYS[5], idem)
-  if prev then return {'dup', prev, ''} end
+  if prev then
+    -- Rewritten with itself: a replicated write, so a WAIT after this call
+    -- covers the original order too, whichever connection wrote it
+    -- (redis.durability: replica answers a replay only once a replica holds it).
+    redis.call('HSET', KEYS[5], idem, prev)
+    return {'dup', prev, ''}
+  end
 end
 local info = redis.call('HMGET', KEYS[1], 'start_ms', 'end_ms', 'limit', 'price')
 if not info[1] then return {'nosale', '', ''} end

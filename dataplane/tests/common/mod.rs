@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use dataplane::consumer::{Consumer, ConsumerSettings};
 use dataplane::gateway::{self, Gateway, GatewaySettings};
-use dataplane::servers::{PostgresServer, RedisServer};
+use dataplane::redis_conn::{ConnSettings, RedisConn, RedisTarget};
+use dataplane::servers::{PostgresServer, RedisCluster, RedisServer};
 use dataplane::spec::SaleDocument;
 use dataplane::store::OrderStore;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +45,66 @@ impl Servers {
         store.migrate().await?;
         Ok(store)
     }
+}
+
+/// Where a test's Redis and PostgreSQL are: [`Servers`] (one Redis server)
+/// or [`ClusterServers`] (a Redis Cluster).
+pub trait Stores {
+    fn redis_target(&self) -> RedisTarget;
+    fn database_url(&self) -> String;
+}
+
+impl Stores for Servers {
+    fn redis_target(&self) -> RedisTarget {
+        RedisTarget::standalone(self.redis.url())
+    }
+    fn database_url(&self) -> String {
+        self.pg.url()
+    }
+}
+
+/// A Redis Cluster (3 masters, 3 replicas) and a PostgreSQL of this test's own.
+pub struct ClusterServers {
+    pub cluster: RedisCluster,
+    pub pg: PostgresServer,
+}
+
+impl ClusterServers {
+    pub fn start() -> Result<Self, dataplane::servers::ServerError> {
+        Ok(Self {
+            cluster: RedisCluster::start()?,
+            pg: PostgresServer::start()?,
+        })
+    }
+}
+
+impl Stores for ClusterServers {
+    fn redis_target(&self) -> RedisTarget {
+        RedisTarget {
+            mode: dataplane::redis_conn::RedisMode::Cluster,
+            urls: self.cluster.seed_urls(),
+        }
+    }
+    fn database_url(&self) -> String {
+        self.pg.url()
+    }
+}
+
+/// A connection to `servers`' Redis, in its mode.
+pub async fn redis_conn_of(
+    servers: &impl Stores,
+) -> Result<RedisConn, dataplane::redis_conn::RedisConnError> {
+    servers
+        .redis_target()
+        .connect(&ConnSettings::default())
+        .await
+}
+
+/// `servers`' order store, migrated.
+pub async fn store_of(servers: &impl Stores) -> Result<OrderStore, dataplane::store::StoreError> {
+    let store = OrderStore::connect(&servers.database_url(), 2)?;
+    store.migrate().await?;
+    Ok(store)
 }
 
 /// A sale open from one second ago for ten minutes, with `(sku, stock, limit)` products.
@@ -80,8 +141,8 @@ pub fn sale_window(
     }
 }
 
-pub async fn warm(servers: &Servers, doc: &SaleDocument) -> TestResult {
-    let mut conn = servers.redis_conn().await?;
+pub async fn warm(servers: &impl Stores, doc: &SaleDocument) -> TestResult {
+    let mut conn = redis_conn_of(servers).await?;
     dataplane::warm::warm_sale(&mut conn, &doc.id(), &doc.spec).await?;
     Ok(())
 }
@@ -104,6 +165,15 @@ impl RunningGateway {
         let mut settings = GatewaySettings::new(redis_url, SECRET.to_vec());
         settings.pod = pod.to_string();
         Self::start_with(doc, &settings).await
+    }
+
+    /// A gateway on `servers`' Redis, in its mode.
+    pub async fn start_on(
+        doc: &SaleDocument,
+        servers: &impl Stores,
+        pod: &str,
+    ) -> Result<Self, gateway::GatewayError> {
+        Self::start_with(doc, &gateway_settings(servers, pod)).await
     }
 
     pub async fn start_with(
@@ -145,6 +215,15 @@ impl RunningGateway {
     }
 }
 
+/// A gateway's settings for `servers`' Redis, in its mode.
+pub fn gateway_settings(servers: &impl Stores, pod: &str) -> GatewaySettings {
+    let target = servers.redis_target();
+    let mut settings = GatewaySettings::new(target.url(), SECRET.to_vec());
+    settings.redis_mode = Some(target.mode);
+    settings.pod = pod.to_string();
+    settings
+}
+
 /// Consumers run in this process.
 pub struct RunningConsumers {
     pub shutdown: CancellationToken,
@@ -154,13 +233,15 @@ pub struct RunningConsumers {
 impl RunningConsumers {
     pub async fn start(
         doc: &SaleDocument,
-        servers: &Servers,
+        servers: &impl Stores,
         n: usize,
     ) -> Result<Self, dataplane::consumer::ConsumerError> {
         let shutdown = CancellationToken::new();
+        let target = servers.redis_target();
         let mut tasks = Vec::new();
         for i in 0..n {
-            let mut settings = ConsumerSettings::new(servers.redis.url(), servers.pg.url());
+            let mut settings = ConsumerSettings::new(target.url(), servers.database_url());
+            settings.redis_mode = Some(target.mode);
             settings.name = format!("test-consumer-{i}");
             settings.claim_idle = Duration::from_secs(2);
             settings.claim_every = Duration::from_millis(500);

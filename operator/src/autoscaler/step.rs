@@ -5,13 +5,13 @@ use std::collections::HashMap;
 
 use dataplane::gateway::load_report;
 use dataplane::lag::{self, LagReading};
+use dataplane::redis_conn::RedisConn;
 use dataplane::spec::{Phase, SaleId};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
-use redis::aio::ConnectionManager;
 use tracing::{debug, info, warn};
 
 use super::status::ScalerStatus;
@@ -384,7 +384,7 @@ impl SaleMemory {
         ns: &str,
         sale: &FlashSale,
         now: Timestamp,
-    ) -> Option<ConnectionManager> {
+    ) -> Option<RedisConn> {
         let cached = self
             .redis_url
             .as_ref()
@@ -411,7 +411,7 @@ impl SaleMemory {
                 }
             }
         };
-        match ctx.redis.get(&url).await {
+        match ctx.redis.for_sale(&sale.spec.redis, &url).await {
             Ok(conn) => Some(conn),
             Err(e) => {
                 warn!(error = %e, "cannot reach Redis; scaling on the schedule alone");

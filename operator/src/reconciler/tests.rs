@@ -51,6 +51,9 @@ const CHILDREN: [(&str, bool); 6] = [
     ),
 ];
 
+/// The `RedisWarmed` event's note for the fixture sale's first warming.
+const WARMED_NOTE: &str = "phone-17: 1000 units; earbuds-pro: 3000 units; charger-65w: 500 units";
+
 /// Which children a reconcile writes (indexes into [`CHILDREN`]).
 const ALL: &[usize] = &[0, 1, 2, 3, 4, 5];
 /// None: everything is as this process last applied it.
@@ -558,11 +561,7 @@ async fn phases_change_at_their_instants_and_requeue_for_the_next() -> anyhow::R
         .expect_event("Normal", "Warming", "Pending → Warming")
         .await;
     server
-        .expect_event(
-            "Normal",
-            "RedisWarmed",
-            "phone-17: 1000 units; earbuds-pro: 3000 units; charger-65w: 500 units",
-        )
+        .expect_event("Normal", "RedisWarmed", WARMED_NOTE)
         .await;
     assert_eq!(
         finish(task).await?,
@@ -655,16 +654,67 @@ async fn warmed_live_sale(stores: &Stores) -> anyhow::Result<(Arc<Context>, ApiS
         ALL,
         &[
             ("Normal", "Active", "Active"),
-            (
-                "Normal",
-                "RedisWarmed",
-                "phone-17: 1000 units; earbuds-pro: 3000 units; charger-65w: 500 units",
-            ),
+            ("Normal", "RedisWarmed", WARMED_NOTE),
         ],
     )
     .await?;
     assert_eq!(status["warmedGeneration"], json!(1));
     Ok((ctx, server, sale))
+}
+
+/// The operator's own connections follow `redis.mode`: a sale on a Redis
+/// Cluster is warmed through the seed nodes its Secret lists, and its pods
+/// are told the mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_on_a_redis_cluster_is_warmed_through_its_seeds() -> anyhow::Result<()> {
+    use dataplane::redis_conn::{ConnSettings, RedisMode, RedisTarget};
+    let cluster = tokio::task::spawn_blocking(dataplane::servers::RedisCluster::start).await??;
+    let pg = PostgresServer::start()?;
+    let urls = Urls {
+        redis: cluster.url(),
+        database: pg.url(),
+    };
+    let now = Timestamp::now();
+    let mut sale = live_sale(now);
+    sale.spec.redis.mode = RedisMode::Cluster;
+    let (ctx, mut server) = fixtures::context(Arc::new(ManualClock::new(now)));
+
+    let task = run(&sale, &ctx);
+    let applied = serve_children(&mut server, &urls, 2, ALL).await;
+    let status = serve_status(&mut server, &mut sale).await?;
+    server.expect_event("Normal", "Active", "Active").await;
+    server
+        .expect_event("Normal", "RedisWarmed", WARMED_NOTE)
+        .await;
+    finish(task).await?;
+    assert_eq!(status["warmedGeneration"], json!(1));
+    assert_eq!(status["remaining"], json!(4500));
+    for (i, (_, is_deployment)) in CHILDREN.into_iter().enumerate() {
+        if is_deployment {
+            let env = &applied[i]["spec"]["template"]["spec"]["containers"][0]["env"];
+            let mode = env
+                .as_array()
+                .and_then(|all| all.iter().find(|e| e["name"] == json!("REDIS_MODE")));
+            assert_eq!(mode.map(|e| &e["value"]), Some(&json!("cluster")), "{env}");
+        }
+    }
+
+    let mut conn = RedisTarget::parse(&cluster.url(), Some(RedisMode::Cluster))?
+        .connect(&ConnSettings::default())
+        .await?;
+    let sale_id = dataplane::spec::SaleId::new("shop", "singles-day");
+    for (sku, stock) in [
+        ("phone-17", 1000),
+        ("earbuds-pro", 3000),
+        ("charger-65w", 500),
+    ] {
+        let remaining: i64 = redis::cmd("GET")
+            .arg(ProductKeys::new(&sale_id, sku).stock())
+            .query_async(&mut conn)
+            .await?;
+        assert_eq!(remaining, stock, "{sku}");
+    }
+    Ok(())
 }
 
 #[tokio::test]
