@@ -120,6 +120,16 @@ struct Reader {
     wait: Option<ReplicaWait>,
     /// Per stream, the product's wait mark written before that WAIT.
     marks: std::sync::Arc<Vec<String>>,
+    /// Set when one stream's read failed while others succeeded: its
+    /// entries are pending here and the next read must go through history.
+    reread: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Reader {
+    /// Whether a partly failed read left entries to re-read (and clears it).
+    fn take_reread(&self) -> bool {
+        self.reread.swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Reader {
@@ -134,15 +144,15 @@ impl Reader {
         let each =
             |block: bool| {
                 let reader = &self;
-                futures::future::try_join_all(reader.conns.iter().enumerate().map(
-                    move |(i, conn)| reader.read_streams(conn.clone(), i..i + 1, history, block),
-                ))
+                futures::future::join_all(reader.conns.iter().enumerate().map(move |(i, conn)| {
+                    reader.read_streams(conn.clone(), i..i + 1, history, block)
+                }))
             };
-        let entries: Vec<Entry> = each(false).await?.into_iter().flatten().collect();
+        let entries = merge(each(false).await, &self.reread)?;
         if !entries.is_empty() || history {
             return Ok(entries);
         }
-        Ok(each(true).await?.into_iter().flatten().collect())
+        merge(each(true).await, &self.reread)
     }
 
     /// One XREADGROUP over the streams at `streams` (indexes into `names`).
@@ -208,6 +218,34 @@ impl Reader {
             }
         }
         Ok(out)
+    }
+}
+
+/// The entries of per-stream reads. A stream whose read failed (its master
+/// is failing over) is read again on the next call and does not hold back
+/// the others; only when every read failed is it an error.
+fn merge<E: std::fmt::Display>(
+    reads: Vec<Result<Vec<Entry>, E>>,
+    reread: &std::sync::atomic::AtomicBool,
+) -> Result<Vec<Entry>, E> {
+    let mut entries = Vec::new();
+    let mut failed = None;
+    for read in reads {
+        match read {
+            Ok(mut e) => entries.append(&mut e),
+            Err(e) => failed = Some(e),
+        }
+    }
+    match failed {
+        Some(e) if entries.is_empty() => Err(e),
+        Some(e) => {
+            // What the failed read delivered (or left unconfirmed) is
+            // pending here: the next read goes through history.
+            tracing::warn!(error = %e, "reading one stream failed; the others go on");
+            reread.store(true, std::sync::atomic::Ordering::Relaxed);
+            Ok(entries)
+        }
+        None => Ok(entries),
     }
 }
 
@@ -279,6 +317,7 @@ impl Consumer {
                 .unwrap_or_else(|| Durability::default_for(target.mode))
                 .wait(settings.replica_wait),
             marks: std::sync::Arc::new(streams.iter().map(|s| s.keys.wait_mark()).collect()),
+            reread: Default::default(),
         };
         let mut consumer = Self {
             sale,
@@ -424,8 +463,9 @@ impl Consumer {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "reading streams failed");
-                    // What the failed read delivered (or left unconfirmed) is
-                    // pending here: read it again from history.
+                    // What the failed read delivered (a reply lost to a
+                    // timeout) or left unconfirmed is pending here: read it
+                    // again from history.
                     history = true;
                     if !backoff.wait(&shutdown).await {
                         break;
@@ -433,11 +473,14 @@ impl Consumer {
                     continue;
                 }
             };
+            // One stream's read failed while others delivered: its entries
+            // are pending here, so the next read goes through history.
+            let reread = self.reader.take_reread();
             if entries.is_empty() {
-                history = false;
+                history = reread;
                 continue;
             }
-            if !history {
+            if !history && !reread {
                 prefetch = Some(tokio::spawn(self.reader.clone().read(false)));
             }
             let mut committed = Vec::new();
@@ -460,6 +503,9 @@ impl Consumer {
                     }
                     Ok(())
                 }));
+            }
+            if reread {
+                history = true;
             }
             if let Err(e) = result {
                 tracing::warn!(error = %e, "batch left pending; it will be read again");

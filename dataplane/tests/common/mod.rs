@@ -2,6 +2,8 @@
 //! sale documents, in-process gateways and consumers, consumer processes.
 #![allow(dead_code)]
 
+pub mod crowd;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
