@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use dataplane::durability::Durability;
 use dataplane::redis_conn::RedisMode;
 use dataplane::spec::{DocumentMetadata, SaleDocument, SaleSpec};
 use k8s_openapi::api::apps::v1::{
@@ -148,6 +149,15 @@ pub fn build(
         let mode = value_env("REDIS_MODE", spec.redis.mode.as_str());
         gateway_env.push(mode.clone());
         consumer_env.push(mode);
+    }
+    // Only a choice the mode's default would not make is named (existing
+    // pods' templates stay as they are).
+    if let Some(d) = spec.redis.durability
+        && d != Durability::default_for(spec.redis.mode)
+    {
+        let durability = value_env("REDIS_DURABILITY", d.as_str());
+        gateway_env.push(durability.clone());
+        consumer_env.push(durability);
     }
     let gateway = owned.deployment(Workload {
         component: Component::Gateway,
@@ -514,6 +524,12 @@ mod tests {
         assert_eq!(
             env_names(&sale)?,
             [&with_payments[..], &["REDIS_MODE"]].concat()
+        );
+        // `local` on a cluster is not the mode's default: named.
+        sale.spec.redis.durability = Some(Durability::Local);
+        assert_eq!(
+            env_names(&sale)?,
+            [&with_payments[..], &["REDIS_MODE", "REDIS_DURABILITY"]].concat()
         );
         Ok(())
     }

@@ -6,6 +6,7 @@
 //! cluster needs: connection Secrets, gateway and consumer settings, and the
 //! scaling behaviour the autoscaler follows.
 
+use dataplane::durability::Durability;
 use dataplane::redis_conn::{RedisConnError, RedisMode, RedisTarget};
 use dataplane::spec::{Phase, SaleSpec};
 use jiff::Timestamp;
@@ -105,9 +106,22 @@ pub struct RedisSpec {
     /// `standalone` (one Redis server) or `cluster` (a Redis Cluster).
     #[serde(default)]
     pub mode: RedisMode,
+    /// When a purchase, a persisted entry or a release counts: `replica`
+    /// once a replica holds it (`WAIT 1`; a 202 survives a failover, and a
+    /// shard with no replica cannot sell), `local` once the master does (a
+    /// failover can lose the last 202s). Default: `replica` in cluster mode,
+    /// `local` standalone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durability: Option<Durability>,
 }
 
 impl RedisSpec {
+    /// The durability in force: the spec's, else the mode's default.
+    pub fn durability(&self) -> Durability {
+        self.durability
+            .unwrap_or_else(|| Durability::default_for(self.mode))
+    }
+
     /// The Redis the Secret's `url` names, read in this spec's mode.
     pub fn target(&self, url: &str) -> Result<RedisTarget, RedisConnError> {
         RedisTarget::parse(url, Some(self.mode))
