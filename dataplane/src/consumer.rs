@@ -128,7 +128,8 @@ struct Reader {
 impl Reader {
     /// Whether a partly failed read left entries to re-read (and clears it).
     fn take_reread(&self) -> bool {
-        self.reread.swap(false, std::sync::atomic::Ordering::Relaxed)
+        self.reread
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 }
 
