@@ -370,11 +370,15 @@ async fn push_survives_the_death_of_the_subscribed_cluster_node() -> TestResult 
     tokio::task::spawn_blocking(move || killed.wait_promoted(20)).await??;
     let received = gw.gateway.push.counters.received.load(Ordering::Relaxed);
     // The gateway's next purchase succeeds once its client sees the new master.
+    // A 503 may come from a script that ran but answered too late, so the
+    // retries carry one Idempotency-Key, as a client's should: they can only
+    // ever make one order.
     let mut second = None;
     for _ in 0..100 {
         let resp = http()
             .post(gw.url("/v1/sales/push-cluster/purchase"))
             .bearer_auth(token("frank"))
+            .header("Idempotency-Key", "frank-after-failover")
             .json(&serde_json::json!({"sku": "item", "quantity": 1}))
             .send()
             .await?;
