@@ -28,6 +28,8 @@ pub struct LocalOptions {
     /// Without `redis_url`: start a 3-master, 3-replica Redis Cluster
     /// instead of one Redis server.
     pub redis_cluster: bool,
+    /// Default: `replica` on a cluster, `local` on one server.
+    pub redis_durability: Option<crate::durability::Durability>,
     pub database_url: Option<String>,
     pub users: u32,
     pub connections: usize,
@@ -184,6 +186,7 @@ pub async fn run(opts: LocalOptions) -> Result<LocalReport, LocalError> {
     let shutdown = CancellationToken::new();
     let mut gateway_settings = GatewaySettings::new(&redis_url, secret.clone());
     gateway_settings.redis_mode = Some(redis.mode);
+    gateway_settings.durability = opts.redis_durability;
     let gw = Gateway::new(&doc, &gateway_settings)?;
     let public = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let admin = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
@@ -194,6 +197,7 @@ pub async fn run(opts: LocalOptions) -> Result<LocalReport, LocalError> {
     for i in 0..opts.consumers.max(1) {
         let mut settings = ConsumerSettings::new(&redis_url, &database_url);
         settings.redis_mode = Some(redis.mode);
+        settings.durability = opts.redis_durability;
         settings.name = format!("local-consumer-{i}");
         if let Some(c) = Consumer::start(&doc, settings, &shutdown).await? {
             consumer_tasks.push(tokio::spawn(c.run(shutdown.clone())));

@@ -126,6 +126,10 @@ struct LocalArgs {
     /// masters, 3 replicas) instead of one Redis server.
     #[arg(long, conflicts_with = "redis_url")]
     redis_cluster: bool,
+    /// Default: `replica` in cluster mode (a 202 once a replica holds the
+    /// order), `local` standalone.
+    #[arg(long, env = "REDIS_DURABILITY", value_enum)]
+    redis_durability: Option<Durability>,
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
     #[arg(long, default_value_t = 20_000)]
@@ -779,6 +783,7 @@ async fn local(a: LocalArgs) -> Result<ExitCode> {
         redis_url: a.redis_url,
         redis_mode: a.redis_mode,
         redis_cluster: a.redis_cluster,
+        redis_durability: a.redis_durability,
         database_url: a.database_url,
         users: a.users,
         connections: a.connections,
