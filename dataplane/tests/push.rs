@@ -357,6 +357,10 @@ async fn push_survives_the_death_of_the_subscribed_cluster_node() -> TestResult 
     seeds.insert(0, master.url());
     let mut settings = dataplane::gateway::GatewaySettings::new(seeds.join(","), SECRET.to_vec());
     settings.pod = "gw-a".into();
+    // This test is about the push subscription. Under `replica` durability
+    // the promoted master could not sell until the dead node rejoins as its
+    // replica (tests/redis_failover.rs covers that), and nothing restarts it here.
+    settings.durability = Some(dataplane::durability::Durability::Local);
     let gw = RunningGateway::start_with(&doc, &settings).await?;
     let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
 
