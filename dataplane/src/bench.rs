@@ -95,6 +95,7 @@ pub(crate) fn doc(name: &str, products: &[(&str, i64)]) -> Result<SaleDocument, 
 struct Rig {
     redis: RedisServer,
     addr: SocketAddr,
+    gateway: std::sync::Arc<Gateway>,
     shutdown: CancellationToken,
 }
 
@@ -111,10 +112,11 @@ async fn rig(doc: &SaleDocument) -> Result<Rig, BenchError> {
     let admin = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let addr = public.local_addr().map_err(gateway::GatewayError::Serve)?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(gateway::serve(gw, public, admin, shutdown.clone()));
+    tokio::spawn(gateway::serve(gw.clone(), public, admin, shutdown.clone()));
     Ok(Rig {
         redis,
         addr,
+        gateway: gw,
         shutdown,
     })
 }
@@ -217,6 +219,9 @@ pub struct AcceptReport {
     pub half_rate: LoadFigures,
 }
 
+/// A purchase's ARGV for `redis-benchmark`: a new buyer and order id per call.
+const PURCHASE_ARGS: &[&str] = &["user:__rand_int__", "1", "item.order:__rand_int__", ""];
+
 /// Same keys and arguments as a purchase, no work: what any script call costs.
 const EMPTY_SCRIPT: &str = "return {'ok', ARGV[3], '0'}";
 
@@ -280,8 +285,14 @@ pub async fn accept(
         let port = rig.redis.port();
         let keys = ProductKeys::new(&doc.id(), "item").purchase_keys();
         let (r, e) = tokio::task::spawn_blocking(move || {
-            let r = redis_benchmark_script(port, crate::scripts::PURCHASE_SOURCE, &keys, 200_000)?;
-            let e = redis_benchmark_script(port, EMPTY_SCRIPT, &keys, 200_000)?;
+            let r = redis_benchmark_script(
+                port,
+                crate::scripts::PURCHASE_SOURCE,
+                &keys,
+                PURCHASE_ARGS,
+                200_000,
+            )?;
+            let e = redis_benchmark_script(port, EMPTY_SCRIPT, &keys, PURCHASE_ARGS, 200_000)?;
             Ok::<_, BenchError>((r, e))
         })
         .await
@@ -337,6 +348,7 @@ fn redis_benchmark_script(
     port: u16,
     source: &str,
     keys: &[String],
+    args: &[&str],
     n: u64,
 ) -> Result<ScriptRun, BenchError> {
     let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?.get_connection()?;
@@ -361,7 +373,7 @@ fn redis_benchmark_script(
         .args(["-n", &n.to_string(), "-r", "100000000"])
         .args(["EVALSHA", &sha, &keys.len().to_string()])
         .args(keys)
-        .args(["user:__rand_int__", "1", "item.order:__rand_int__", ""])
+        .args(args)
         .output()
         .map_err(|e| BenchError::RedisBenchmark(format!("{e} (apt-get install -y redis-tools)")))?;
     let after = redis_figures(&mut conn)?;
@@ -392,19 +404,26 @@ struct RedisFigures {
     calls: u64,
 }
 
+/// One `name:value` line of `INFO`.
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// Calls of `command` (lower case) so far, from `INFO commandstats`.
+fn command_calls(info: &str, command: &str) -> u64 {
+    info_field(info, &format!("cmdstat_{command}"))
+        .and_then(|v| v.split(',').find_map(|kv| kv.strip_prefix("calls=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Main-thread CPU seconds, `used_memory` and EVALSHA calls so far, from INFO.
 fn redis_figures(conn: &mut redis::Connection) -> Result<RedisFigures, BenchError> {
     let info: String = redis::cmd("INFO").arg("everything").query(conn)?;
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .map(str::trim)
-    };
-    let num = |name: &str| field(name).and_then(|v| v.parse::<f64>().ok());
-    let calls = field("cmdstat_evalsha")
-        .and_then(|v| v.split(',').find_map(|kv| kv.strip_prefix("calls=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let num = |name: &str| info_field(&info, name).and_then(|v| v.parse::<f64>().ok());
+    let calls = command_calls(&info, "evalsha");
     match (
         num("used_cpu_user_main_thread"),
         num("used_cpu_sys_main_thread"),
@@ -419,6 +438,132 @@ fn redis_figures(conn: &mut redis::Connection) -> Result<RedisFigures, BenchErro
             "INFO lacks used_cpu_*_main_thread or used_memory".into(),
         )),
     }
+}
+
+#[derive(Debug, Serialize)]
+pub struct TicketsReport {
+    pub connections: usize,
+    /// Purchases on the sale without tickets.
+    pub without_ticket: LoadFigures,
+    /// Buys on the same sale with tickets switched on (live): each fetches a
+    /// ticket, then purchases with it. Throughput counts buys; latency is
+    /// the purchase request's alone.
+    pub with_ticket: LoadFigures,
+    /// HTTP requests/s of the ticket run (ticket fetches and purchases).
+    pub with_ticket_http_rps: f64,
+    /// Buys/s with tickets over purchases/s without (median of rounds).
+    pub with_vs_without: f64,
+    /// `redis-benchmark` of `purchase.lua` (as in `accept`) without and with
+    /// a ticket key: calls/s and Redis CPU per call.
+    pub script_calls_per_s_without: f64,
+    pub script_calls_per_s_with: f64,
+    pub redis_cpu_us_per_call_without: f64,
+    pub redis_cpu_us_per_call_with: f64,
+}
+
+/// Accept path without and with purchase tickets, one gateway and one Redis,
+/// tickets switched by the live spec between interleaved runs.
+pub async fn tickets(
+    requests: u64,
+    connections: usize,
+    rounds: usize,
+) -> Result<TicketsReport, BenchError> {
+    let doc = doc("tickets", &[("item", 100_000_000)])?;
+    let rig = rig(&doc).await?;
+    let addr = rig.addr;
+    let mut conn = redis::Client::open(rig.redis.url())?
+        .get_connection_manager()
+        .await?;
+    warm_up(addr, "tickets", requests / 10, connections).await?;
+    let config =
+        |target| crowd_config(addr, "tickets", "item", target, requests, connections, None);
+    let keys = ProductKeys::new(&doc.id(), "item");
+    let plain_keys = keys.purchase_keys();
+    let ticket_keys: Vec<String> = plain_keys
+        .iter()
+        .cloned()
+        .chain([keys.ticket("__rand_int__")])
+        .collect();
+    let mut without = Vec::new();
+    let mut with = Vec::new();
+    let mut http_rps = Vec::new();
+    let mut ratios = Vec::new();
+    let mut scripts = Vec::new();
+    for _ in 0..rounds.max(1) {
+        set_tickets(&mut conn, &rig.gateway, &doc, false).await?;
+        let plain = LoadFigures::from(&crowd::run(config(Target::Purchase)).await?);
+        set_tickets(&mut conn, &rig.gateway, &doc, true).await?;
+        let run = crowd::run(config(Target::TicketedPurchase)).await?;
+        let ticketed = LoadFigures::from(&run);
+        if run.ticket_refused > 0 || run.tickets_fetched < run.sent {
+            return Err(BenchError::Setup(format!(
+                "ticket run: {} tickets for {} buys, {} refused for their ticket",
+                run.tickets_fetched, run.sent, run.ticket_refused
+            )));
+        }
+        http_rps.push((run.sent + run.retries + run.tickets_fetched) as f64 / run.elapsed_s);
+        ratios.push(ticketed.throughput_rps / plain.throughput_rps.max(1e-9));
+        without.push(plain);
+        with.push(ticketed);
+        let port = rig.redis.port();
+        let (plain_keys, ticket_keys) = (plain_keys.to_vec(), ticket_keys.clone());
+        let far = (jiff::Timestamp::now().as_millisecond() + 3_600_000).to_string();
+        scripts.push(
+            tokio::task::spawn_blocking(move || {
+                let src = crate::scripts::PURCHASE_SOURCE;
+                let a = redis_benchmark_script(port, src, &plain_keys, PURCHASE_ARGS, 200_000)?;
+                let args: Vec<&str> = PURCHASE_ARGS
+                    .iter()
+                    .copied()
+                    .chain([far.as_str()])
+                    .collect();
+                let b = redis_benchmark_script(port, src, &ticket_keys, &args, 200_000)?;
+                Ok::<_, BenchError>((a, b))
+            })
+            .await
+            .map_err(|e| BenchError::RedisBenchmark(e.to_string()))??,
+        );
+    }
+    rig.shutdown.cancel();
+    let pick = |f: fn(&(ScriptRun, ScriptRun)) -> f64| {
+        median_f(&scripts.iter().map(f).collect::<Vec<_>>())
+    };
+    Ok(TicketsReport {
+        connections,
+        without_ticket: median(without),
+        with_ticket: median(with),
+        with_ticket_http_rps: median_f(&http_rps),
+        with_vs_without: median_f(&ratios),
+        script_calls_per_s_without: pick(|s| s.0.calls_per_s),
+        script_calls_per_s_with: pick(|s| s.1.calls_per_s),
+        redis_cpu_us_per_call_without: pick(|s| s.0.cpu_us_per_call),
+        redis_cpu_us_per_call_with: pick(|s| s.1.cpu_us_per_call),
+    })
+}
+
+/// Switches the sale's purchase tickets through its live spec, as the
+/// operator would, and waits until the gateway follows.
+async fn set_tickets(
+    conn: &mut redis::aio::ConnectionManager,
+    gw: &Gateway,
+    doc: &SaleDocument,
+    enabled: bool,
+) -> Result<(), BenchError> {
+    let mut spec = doc.spec.clone();
+    spec.purchase_ticket.enabled = enabled;
+    crate::live::publish(conn, &doc.id(), &spec)
+        .await
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.spec.load().purchase_ticket.enabled != enabled {
+        if Instant::now() > deadline {
+            return Err(BenchError::Setup(
+                "the gateway did not follow the live spec".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Serialize)]
@@ -474,6 +619,139 @@ pub async fn sold_out(
         trivial,
         sold_out_vs_trivial: median_f(&ratios),
     })
+}
+
+/// Commands Redis has processed so far: all of them, and `GET`s (the sale
+/// page refresher's only command).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct RedisCommands {
+    pub total: u64,
+    pub get: u64,
+}
+
+pub async fn redis_commands<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+) -> Result<RedisCommands, redis::RedisError> {
+    let info: String = redis::cmd("INFO")
+        .arg("everything")
+        .query_async(conn)
+        .await?;
+    Ok(RedisCommands {
+        total: info_field(&info, "total_commands_processed")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        get: command_calls(&info, "get"),
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReadPathReport {
+    pub connections: usize,
+    pub products: usize,
+    pub sale_page: LoadFigures,
+    pub trivial: LoadFigures,
+    pub sale_page_vs_trivial: f64,
+    /// Each round's ratio, in order.
+    pub round_ratios: Vec<f64>,
+    /// Redis' command rate with no reads at all, for reference.
+    pub idle: RedisRate,
+    /// Read storms of growing size, and what Redis did meanwhile.
+    pub storms: Vec<ReadStorm>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RedisRate {
+    pub seconds: f64,
+    pub commands_per_s: f64,
+    pub gets_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReadStorm {
+    pub connections: usize,
+    pub load: LoadFigures,
+    pub redis: RedisRate,
+}
+
+/// Sale products of the read-path bench: a page like a real sale's.
+const READ_PATH_PRODUCTS: [(&str, i64); 3] =
+    [("phone", 1_000), ("earbuds", 3_000), ("charger", 500)];
+
+/// Read path: the sale page vs the trivial endpoint, both `GET` (paired
+/// rounds, medians), then Redis' command rate idle and during read storms
+/// on `connections` and 4× as many connections.
+pub async fn read_path(
+    requests: u64,
+    connections: usize,
+    rounds: usize,
+) -> Result<ReadPathReport, BenchError> {
+    let doc = doc("page", &READ_PATH_PRODUCTS)?;
+    let rig = rig(&doc).await?;
+    let addr = rig.addr;
+    let page = |n: u64, c: usize| crowd_config(addr, "page", "", Target::SalePage, n, c, None);
+    let ping = || {
+        crowd_config(
+            addr,
+            "page",
+            "",
+            Target::PingGet,
+            requests,
+            connections,
+            None,
+        )
+    };
+    // Until the first snapshot is up (the refresher's first tick is at once).
+    for _ in 0..50 {
+        if crowd::run(page(100, 4)).await?.ok == 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    crowd::run(page(requests / 10, connections)).await?;
+    let (sale_page, trivial, ratios) =
+        paired(rounds.max(1), || page(requests, connections), ping).await?;
+
+    let mut conn = redis::Client::open(rig.redis.url())?
+        .get_connection_manager()
+        .await?;
+    let idle_window = Duration::from_secs(3);
+    let before = redis_commands(&mut conn).await?;
+    let started = Instant::now();
+    tokio::time::sleep(idle_window).await;
+    let idle = redis_rate(before, redis_commands(&mut conn).await?, started);
+    let mut storms = Vec::new();
+    for c in [connections, connections * 4] {
+        let before = redis_commands(&mut conn).await?;
+        let started = Instant::now();
+        let load = LoadFigures::from(&crowd::run(page(requests, c)).await?);
+        let redis = redis_rate(before, redis_commands(&mut conn).await?, started);
+        storms.push(ReadStorm {
+            connections: c,
+            load,
+            redis,
+        });
+    }
+    rig.shutdown.cancel();
+    Ok(ReadPathReport {
+        connections,
+        products: READ_PATH_PRODUCTS.len(),
+        sale_page,
+        trivial,
+        sale_page_vs_trivial: median_f(&ratios),
+        round_ratios: ratios,
+        idle,
+        storms,
+    })
+}
+
+fn redis_rate(before: RedisCommands, after: RedisCommands, since: Instant) -> RedisRate {
+    let seconds = since.elapsed().as_secs_f64().max(1e-9);
+    RedisRate {
+        seconds,
+        // Less the INFO that read `after`.
+        commands_per_s: after.total.saturating_sub(before.total + 1) as f64 / seconds,
+        gets_per_s: after.get.saturating_sub(before.get) as f64 / seconds,
+    }
 }
 
 #[derive(Debug, Serialize)]

@@ -120,8 +120,17 @@ struct Reader {
     wait: Option<ReplicaWait>,
     /// Per stream, the product's wait mark written before that WAIT.
     marks: std::sync::Arc<Vec<String>>,
-    /// Set when one stream's read failed while others' succeeded.
+    /// Set when one stream's read failed while others succeeded: its
+    /// entries are pending here and the next read must go through history.
     reread: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Reader {
+    /// Whether a partly failed read left entries to re-read (and clears it).
+    fn take_reread(&self) -> bool {
+        self.reread
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Reader {
@@ -216,10 +225,10 @@ impl Reader {
 /// The entries of per-stream reads. A stream whose read failed (its master
 /// is failing over) is read again on the next call and does not hold back
 /// the others; only when every read failed is it an error.
-fn merge(
-    reads: Vec<Result<Vec<Entry>, ConsumerError>>,
+fn merge<E: std::fmt::Display>(
+    reads: Vec<Result<Vec<Entry>, E>>,
     reread: &std::sync::atomic::AtomicBool,
-) -> Result<Vec<Entry>, ConsumerError> {
+) -> Result<Vec<Entry>, E> {
     let mut entries = Vec::new();
     let mut failed = None;
     for read in reads {
@@ -231,9 +240,9 @@ fn merge(
     match failed {
         Some(e) if entries.is_empty() => Err(e),
         Some(e) => {
+            // What the failed read delivered (or left unconfirmed) is
+            // pending here: the next read goes through history.
             tracing::warn!(error = %e, "reading one stream failed; the others go on");
-            // What it delivered (or left unconfirmed) is pending here: the
-            // next read is of this consumer's history.
             reread.store(true, std::sync::atomic::Ordering::Relaxed);
             Ok(entries)
         }
@@ -309,7 +318,7 @@ impl Consumer {
                 .unwrap_or_else(|| Durability::default_for(target.mode))
                 .wait(settings.replica_wait),
             marks: std::sync::Arc::new(streams.iter().map(|s| s.keys.wait_mark()).collect()),
-            reread: std::sync::Arc::default(),
+            reread: Default::default(),
         };
         let mut consumer = Self {
             sale,
@@ -448,13 +457,6 @@ impl Consumer {
                     }
                 }
             };
-            if self
-                .reader
-                .reread
-                .swap(false, std::sync::atomic::Ordering::Relaxed)
-            {
-                history = true;
-            }
             let entries = match read {
                 Ok(e) => {
                     backoff.reset();
@@ -462,9 +464,9 @@ impl Consumer {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "reading streams failed");
-                    // A read that failed may still have delivered entries
-                    // (a reply lost to a timeout), or delivered entries no
-                    // replica confirmed: they are ours now, read them again.
+                    // What the failed read delivered (a reply lost to a
+                    // timeout) or left unconfirmed is pending here: read it
+                    // again from history.
                     history = true;
                     if !backoff.wait(&shutdown).await {
                         break;
@@ -472,11 +474,14 @@ impl Consumer {
                     continue;
                 }
             };
+            // One stream's read failed while others delivered: its entries
+            // are pending here, so the next read goes through history.
+            let reread = self.reader.take_reread();
             if entries.is_empty() {
-                history = false;
+                history = reread;
                 continue;
             }
-            if !history {
+            if !history && !reread {
                 prefetch = Some(tokio::spawn(self.reader.clone().read(false)));
             }
             let mut committed = Vec::new();
@@ -499,6 +504,9 @@ impl Consumer {
                     }
                     Ok(())
                 }));
+            }
+            if reread {
+                history = true;
             }
             if let Err(e) = result {
                 tracing::warn!(error = %e, "batch left pending; it will be read again");

@@ -1,6 +1,7 @@
 //! The crowd generator: many users on many keep-alive connections pressing
-//! "buy" against any gateway URL, with a share of client retries that reuse
-//! their Idempotency-Key, and a tally of every answer.
+//! "buy" against any gateway URL (fetching a purchase ticket first when the
+//! sale wants one), with a share of client retries that reuse their
+//! Idempotency-Key (and ticket), and a tally of every answer.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -18,13 +19,43 @@ use serde::Serialize;
 use tokio::net::TcpSocket;
 
 /// What to send.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
     /// `POST /v1/sales/{sale}/purchase`.
     Purchase,
+    /// `POST /v1/sales/{sale}/tickets`, then the purchase with that ticket
+    /// (for a sale with `purchaseTicket.enabled`). The ticket fetch is not
+    /// in the latency figures, only the purchase; throughput counts buys.
+    TicketedPurchase,
     /// `POST /v1/ping`, the trivial endpoint, with the same request, for
     /// side-by-side benchmarks.
     Ping,
+    /// `GET /v1/sales/{sale}`, the sale page, anonymous.
+    SalePage,
+    /// `GET /v1/ping`, the trivial endpoint, with the same request as `SalePage`.
+    PingGet,
+}
+
+impl Target {
+    /// Whether this target buys (and so needs SKUs and takes retries).
+    pub fn buys(self) -> bool {
+        matches!(self, Self::Purchase | Self::TicketedPurchase)
+    }
+
+    /// Whether this target is an anonymous GET (the sale page, or the
+    /// trivial endpoint beside it).
+    pub fn reads(self) -> bool {
+        matches!(self, Self::SalePage | Self::PingGet)
+    }
+
+    /// The purchase target a sale needs: with a ticket when it requires one.
+    pub fn purchase_for(spec: &crate::spec::SaleSpec) -> Self {
+        if spec.purchase_ticket.enabled {
+            Self::TicketedPurchase
+        } else {
+            Self::Purchase
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -78,6 +109,10 @@ pub struct CrowdResult {
     pub rate_limited: u64,
     pub not_started: u64,
     pub ended: u64,
+    /// Purchases refused for their ticket (403 `ticket_required` / `ticket_invalid`).
+    pub ticket_refused: u64,
+    /// Tickets fetched (`TicketedPurchase`).
+    pub tickets_fetched: u64,
     pub other_client_errors: u64,
     /// Every 5xx answer, the 503s below included.
     pub server_errors: u64,
@@ -121,6 +156,8 @@ impl CrowdResult {
         self.rate_limited += o.rate_limited;
         self.not_started += o.not_started;
         self.ended += o.ended;
+        self.ticket_refused += o.ticket_refused;
+        self.tickets_fetched += o.tickets_fetched;
         self.other_client_errors += o.other_client_errors;
         self.server_errors += o.server_errors;
         self.unavailable += o.unavailable;
@@ -163,6 +200,8 @@ struct Answer {
     status: u16,
     order_id: Option<String>,
     error: Option<String>,
+    /// A ticket endpoint's `ticket`.
+    ticket: Option<String>,
     retry_after: bool,
     /// Seconds from the crowd's start to the answer.
     at_s: f64,
@@ -173,7 +212,7 @@ pub async fn run(config: CrowdConfig) -> Result<CrowdResult, CrowdError> {
     if config.gateways.is_empty() {
         return Err(CrowdError::NoGateway);
     }
-    if config.skus.is_empty() && config.target == Target::Purchase {
+    if config.skus.is_empty() && config.target.buys() {
         return Err(CrowdError::NoSku);
     }
     let tokens: Vec<String> = (0..config.users)
@@ -246,7 +285,14 @@ async fn connection(
     };
     let mut rng = rand::rngs::SmallRng::from_rng(&mut rand::rng());
     let mut sender = connect(&config, c).await;
-    let path = format!("/v1/sales/{}/purchase", config.sale);
+    let path = match config.target {
+        Target::Ping | Target::PingGet => "/v1/ping".to_string(),
+        Target::SalePage => format!("/v1/sales/{}", config.sale),
+        Target::Purchase | Target::TicketedPurchase => {
+            format!("/v1/sales/{}/purchase", config.sale)
+        }
+    };
+    let tickets_path = format!("/v1/sales/{}/tickets", config.sale);
     let per_conn_interval = config
         .rate
         .filter(|r| *r > 0.0)
@@ -274,36 +320,37 @@ async fn connection(
         let key = format!("{:032x}", rng.random::<u128>());
         let token = &tokens[usize::try_from(user).unwrap_or(0) % tokens.len().max(1)];
         let body = format!(r#"{{"sku":"{sku}","quantity":1}}"#);
-        let first = send(
-            &mut sender,
-            started,
-            &config,
-            c,
-            &path,
-            token,
-            &key,
-            &body,
-            &mut out,
-        )
-        .await;
+        let ticket = if config.target == Target::TicketedPurchase {
+            let t = Call::new(&tickets_path, token, "");
+            let (answer, _) = send(&mut sender, started, &config, c, &t).await;
+            match answer.ticket {
+                Some(ticket) if answer.status == 201 => {
+                    out.tickets_fetched += 1;
+                    Some(ticket)
+                }
+                // No ticket (too early, ended, ...): that answer is the buy's.
+                _ => {
+                    out.sent += 1;
+                    tally(&mut out, &answer, "", sku);
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let call = Call {
+            idempotency_key: &key,
+            ticket: ticket.as_deref(),
+            ..Call::new(&path, token, &body)
+        };
+        let first = timed(&mut sender, started, &config, c, &call, &mut out).await;
         out.sent += 1;
         tally(&mut out, &first, &format!("user-{user}"), sku);
-        if config.target == Target::Purchase
+        if config.target.buys()
             && first.status != 0
             && rng.random_bool(config.retry_fraction.clamp(0.0, 1.0))
         {
-            let again = send(
-                &mut sender,
-                started,
-                &config,
-                c,
-                &path,
-                token,
-                &key,
-                &body,
-                &mut out,
-            )
-            .await;
+            let again = timed(&mut sender, started, &config, c, &call, &mut out).await;
             out.retries += 1;
             match (&first.order_id, first.status, &again.order_id, again.status) {
                 (Some(a), 202, Some(b), 202) if a == b => out.idempotent_replays += 1,
@@ -324,25 +371,63 @@ async fn connection(
     Ok(out)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One request: the path, the buyer's token, the body and the optional headers.
+struct Call<'a> {
+    path: &'a str,
+    token: &'a str,
+    body: &'a str,
+    idempotency_key: &'a str,
+    ticket: Option<&'a str>,
+}
+
+impl<'a> Call<'a> {
+    fn new(path: &'a str, token: &'a str, body: &'a str) -> Self {
+        Self {
+            path,
+            token,
+            body,
+            idempotency_key: "",
+            ticket: None,
+        }
+    }
+}
+
+/// `send`, with the answer's latency recorded.
+async fn timed(
+    sender: &mut Option<Sender>,
+    started: Instant,
+    config: &CrowdConfig,
+    c: usize,
+    call: &Call<'_>,
+    out: &mut CrowdResult,
+) -> Answer {
+    let (answer, elapsed) = send(sender, started, config, c, call).await;
+    if let (Some(h), Some(e)) = (out.latency_us.as_mut(), elapsed) {
+        let _ = h.record(u64::try_from(e.as_micros()).unwrap_or(u64::MAX).max(1));
+    }
+    answer
+}
+
+/// Sends one request on this connection (reconnecting when it dropped);
+/// status 0 is no answer. Also returns how long the answer took.
 async fn send(
     sender: &mut Option<Sender>,
     started: Instant,
     config: &CrowdConfig,
     c: usize,
-    path: &str,
-    token: &str,
-    key: &str,
-    body: &str,
-    out: &mut CrowdResult,
-) -> Answer {
-    let failed = Answer {
-        status: 0,
-        order_id: None,
-        error: None,
-        retry_after: false,
-        at_s: 0.0,
-    };
+    call: &Call<'_>,
+) -> (Answer, Option<Duration>) {
+    let failed = (
+        Answer {
+            status: 0,
+            order_id: None,
+            error: None,
+            ticket: None,
+            retry_after: false,
+            at_s: 0.0,
+        },
+        None,
+    );
     if sender.as_ref().is_none_or(|s| s.is_closed()) {
         *sender = connect(config, c).await;
     }
@@ -355,16 +440,23 @@ async fn send(
     }
     // The trivial endpoint gets the very same request (headers and body), so
     // a side-by-side run differs only in what the server does with it.
-    let uri = match config.target {
-        Target::Purchase => path,
-        Target::Ping => "/v1/ping",
+    let req = if config.target.reads() {
+        Request::get(call.path)
+            .header("host", "gateway")
+            .body(Full::new(Bytes::new()))
+    } else {
+        let mut req = Request::post(call.path)
+            .header("host", "gateway")
+            .header("authorization", format!("Bearer {}", call.token))
+            .header("content-type", "application/json");
+        if !call.idempotency_key.is_empty() {
+            req = req.header("idempotency-key", call.idempotency_key);
+        }
+        if let Some(t) = call.ticket {
+            req = req.header("purchase-ticket", t);
+        }
+        req.body(Full::new(Bytes::from(call.body.to_string())))
     };
-    let req = Request::post(uri)
-        .header("host", "gateway")
-        .header("authorization", format!("Bearer {token}"))
-        .header("idempotency-key", key)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())));
     let Ok(req) = req else {
         return failed;
     };
@@ -385,28 +477,32 @@ async fn send(
             return failed;
         }
     };
-    if let Some(h) = out.latency_us.as_mut() {
-        let _ = h.record(
-            u64::try_from(t0.elapsed().as_micros())
-                .unwrap_or(u64::MAX)
-                .max(1),
-        );
-    }
-    // Parsed for both targets, so a side-by-side run costs the client the same.
-    let json: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+    let elapsed = t0.elapsed();
+    // Parsed for the POST targets, so a side-by-side run costs the client the
+    // same; the GET pair returns bodies of different sizes (the page's
+    // hundreds of bytes, ping's 15), so neither is parsed: both are read whole.
+    let json: Option<serde_json::Value> = if config.target.reads() {
+        None
+    } else {
+        serde_json::from_slice(&bytes).ok()
+    };
     let field = |name: &str| {
         json.as_ref()
             .and_then(|j| j.get(name))
             .and_then(|v| v.as_str())
             .map(str::to_string)
     };
-    Answer {
-        status,
-        order_id: field("orderId"),
-        error: field("error"),
-        retry_after,
-        at_s: started.elapsed().as_secs_f64(),
-    }
+    (
+        Answer {
+            status,
+            order_id: field("orderId"),
+            error: field("error"),
+            ticket: field("ticket"),
+            retry_after,
+            at_s: started.elapsed().as_secs_f64(),
+        },
+        Some(elapsed),
+    )
 }
 
 fn tally(out: &mut CrowdResult, a: &Answer, user: &str, sku: &str) {
@@ -424,6 +520,7 @@ fn tally(out: &mut CrowdResult, a: &Answer, user: &str, sku: &str) {
             }
         }
         (410, Some("ended")) => out.ended += 1,
+        (403, Some("ticket_required" | "ticket_invalid")) => out.ticket_refused += 1,
         (410, _) => out.sold_out += 1,
         (409, _) => out.limit_reached += 1,
         (429, _) => out.rate_limited += 1,

@@ -66,6 +66,15 @@ impl ProductKeys {
     pub fn dead_letter(&self) -> String {
         self.key("dead")
     }
+    /// String, one per spent purchase ticket (`ticket::Ticket::id`): the
+    /// purchase script sets it (`SET NX PXAT <ticket expiry>`) when the ticket
+    /// reaches a stock decision for this product, so a second use is refused;
+    /// it expires with the ticket (at most `purchaseTicket.ttlSeconds` after
+    /// the start or its issue), so a deleted sale's leave on their own.
+    pub fn ticket(&self, id: &str) -> String {
+        format!("{}:ticket:{id}", self.base)
+    }
+
     /// String written just before a `WAIT` under `redis.durability: replica`,
     /// so the WAIT covers every write of the product the master held then,
     /// not only the writes of the waiting connection (`durability`).
@@ -74,7 +83,8 @@ impl ProductKeys {
     }
 
     /// The purchase script's KEYS, in the order `purchase.lua` reads them:
-    /// info, stock, buyers, users, idem, orders, stream, clock.
+    /// info, stock, buyers, users, idem, orders, stream, clock (a purchase
+    /// with a ticket adds `ticket` as the ninth).
     pub fn purchase_keys(&self) -> [String; 8] {
         [
             self.info(),
@@ -173,7 +183,11 @@ mod tests {
     #[test]
     fn product_keys_share_one_hash_tag() {
         let k = ProductKeys::new(&SaleId::new("shop", "sd"), "phone-17");
-        for key in k.all() {
+        for key in k
+            .all()
+            .into_iter()
+            .chain([k.ticket("01ARZ3NDEKTSV4RRFFQ69G5FAV")])
+        {
             assert!(key.starts_with("fs:{shop/sd/phone-17}:"), "{key}");
         }
         assert_eq!(

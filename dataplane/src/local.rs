@@ -54,6 +54,11 @@ pub struct LocalReport {
     pub rate_limited: u64,
     pub not_started: u64,
     pub ended: u64,
+    /// Purchase tickets fetched (a sale with `purchaseTicket.enabled`).
+    pub tickets_fetched: u64,
+    /// Purchases refused for their ticket: the crowd fetches a valid one
+    /// before each buy, so any is a problem.
+    pub ticket_refused: u64,
     pub errors: u64,
     pub duplicates_found: u64,
     pub idempotent_replays: u64,
@@ -222,7 +227,7 @@ pub async fn run(opts: LocalOptions) -> Result<LocalReport, LocalError> {
         retry_fraction: opts.retry_fraction,
         rate: None,
         token_secret: secret,
-        target: Target::Purchase,
+        target: Target::purchase_for(&doc.spec),
         source_ips: 32,
     })
     .await?;
@@ -281,6 +286,12 @@ fn build_report(
     if !drained {
         problems.push("orders still in flight after 60 s".into());
     }
+    if r.ticket_refused > 0 {
+        problems.push(format!(
+            "{} purchases refused for their freshly fetched ticket",
+            r.ticket_refused
+        ));
+    }
     LocalReport {
         sale: doc.id().to_string(),
         stock: doc.spec.products.iter().map(|p| p.stock).sum(),
@@ -291,6 +302,8 @@ fn build_report(
         rate_limited: r.rate_limited,
         not_started: r.not_started,
         ended: r.ended,
+        tickets_fetched: r.tickets_fetched,
+        ticket_refused: r.ticket_refused,
         errors: r.server_errors + r.transport_errors + r.other_client_errors,
         duplicates_found: a.duplicates_found,
         idempotent_replays: r.idempotent_replays,
@@ -312,7 +325,7 @@ fn build_report(
         },
         elapsed_s: r.elapsed_s,
         drain_s,
-        passed: a.passed() && drained,
+        passed: a.passed() && drained && r.ticket_refused == 0,
         problems,
         products: a.products.clone(),
     }
@@ -348,6 +361,12 @@ impl LocalReport {
             self.not_started,
             self.ended
         );
+        if self.tickets_fetched > 0 || self.ticket_refused > 0 {
+            s += &format!(
+                "  tickets         {:>9}   fetched; purchases refused for their ticket {}\n",
+                self.tickets_fetched, self.ticket_refused
+            );
+        }
         s += &format!("  errors          {:>9}\n", self.errors);
         s += &format!(
             "  persisted       {:>9}   drained in {:.2} s after the crowd\n\n",

@@ -75,7 +75,10 @@ struct ServersArgs {
 struct BenchArgs {
     /// `accept` (purchase vs trivial endpoint vs redis-benchmark EVALSHA -P 16
     /// of the purchase script and of an empty one; Redis memory per order),
-    /// `sold-out` (sold-out answers vs trivial endpoint), `persist`
+    /// `tickets` (purchases without vs with purchase tickets, switched live
+    /// on one gateway, and the script without vs with a ticket key),
+    /// `sold-out` (sold-out answers vs trivial endpoint), `read-path` (the
+    /// sale page vs trivial GET; Redis commands/s during read storms), `persist`
     /// (consumer vs raw batched INSERT), `ws-memory` (gateway RSS per idle
     /// WebSocket), `push-latency` (purchase → pushed event at a steady rate)
     /// or `redis-modes` (accept path on one Redis vs a Redis Cluster,
@@ -307,7 +310,8 @@ struct CrowdArgs {
     /// Pace at this many requests per second in total (default: as fast as answered).
     #[arg(long)]
     rate: Option<f64>,
-    /// `purchase`, or `ping` for the trivial endpoint.
+    /// `purchase`; `ticketed` to fetch a purchase ticket before each buy (a
+    /// sale with `purchaseTicket.enabled`); or `ping` for the trivial endpoint.
     #[arg(long, default_value = "purchase")]
     target: String,
     #[arg(long, default_value_t = 32)]
@@ -646,6 +650,29 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
             );
             serde_json::to_string_pretty(&r)?
         }
+        "tickets" => {
+            let r = bench::tickets(a.requests, a.connections, a.rounds).await?;
+            println!(
+                "accept path, {} connections: without tickets {:.0} purchases/s (p50 {:.2} ms, p99 {:.2} ms); with tickets {:.0} buys/s = {:.0} HTTP req/s with the ticket fetches (purchase p50 {:.2} ms, p99 {:.2} ms): ratio {:.2}",
+                r.connections,
+                r.without_ticket.throughput_rps,
+                r.without_ticket.p50_ms,
+                r.without_ticket.p99_ms,
+                r.with_ticket.throughput_rps,
+                r.with_ticket_http_rps,
+                r.with_ticket.p50_ms,
+                r.with_ticket.p99_ms,
+                r.with_vs_without
+            );
+            println!(
+                "redis-benchmark EVALSHA purchase.lua -c 50 -P 16: without a ticket {:.0} calls/s, {:.2} us Redis CPU per call; with a ticket key {:.0} calls/s, {:.2} us",
+                r.script_calls_per_s_without,
+                r.redis_cpu_us_per_call_without,
+                r.script_calls_per_s_with,
+                r.redis_cpu_us_per_call_with
+            );
+            serde_json::to_string_pretty(&r)?
+        }
         "sold-out" => {
             let r = bench::sold_out(a.requests, a.connections, a.rounds).await?;
             println!(
@@ -659,6 +686,37 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
                 r.trivial.p99_ms,
                 r.sold_out_vs_trivial
             );
+            serde_json::to_string_pretty(&r)?
+        }
+        "read-path" => {
+            let r = bench::read_path(a.requests, a.connections, a.rounds).await?;
+            println!(
+                "read path, {} connections, {} products: sale page {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms) vs trivial GET {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms): ratio {:.2}",
+                r.connections,
+                r.products,
+                r.sale_page.throughput_rps,
+                r.sale_page.p50_ms,
+                r.sale_page.p99_ms,
+                r.trivial.throughput_rps,
+                r.trivial.p50_ms,
+                r.trivial.p99_ms,
+                r.sale_page_vs_trivial
+            );
+            println!("per round: {:.2?}", r.round_ratios);
+            println!(
+                "Redis idle: {:.1} commands/s ({:.1} GET/s)",
+                r.idle.commands_per_s, r.idle.gets_per_s
+            );
+            for s in &r.storms {
+                println!(
+                    "read storm, {} connections: {:.0} req/s for {:.1} s; Redis {:.1} commands/s ({:.1} GET/s)",
+                    s.connections,
+                    s.load.throughput_rps,
+                    s.redis.seconds,
+                    s.redis.commands_per_s,
+                    s.redis.gets_per_s
+                );
+            }
             serde_json::to_string_pretty(&r)?
         }
         "persist" => {
@@ -704,7 +762,7 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
         )?,
         other => {
             bail!(
-                "bench takes accept, sold-out, persist, ws-memory, push-latency or redis-modes, not {other:?}"
+                "bench takes accept, tickets, sold-out, read-path, persist, ws-memory, push-latency or redis-modes, not {other:?}"
             )
         }
     };
@@ -755,8 +813,9 @@ async fn local(a: LocalArgs) -> Result<ExitCode> {
 async fn crowd(a: CrowdArgs) -> Result<ExitCode> {
     let target = match a.target.as_str() {
         "purchase" => Target::Purchase,
+        "ticketed" => Target::TicketedPurchase,
         "ping" => Target::Ping,
-        other => bail!("--target must be purchase or ping, not {other:?}"),
+        other => bail!("--target must be purchase, ticketed or ping, not {other:?}"),
     };
     let r = dataplane::crowd::run(CrowdConfig {
         gateways: a.gateways,

@@ -89,10 +89,18 @@ pub const GATEWAY: &[Metric] = &[
                 "rate_limited",
                 "bad_request",
                 "unauthenticated",
+                "ticket_required",
+                "ticket_invalid",
                 "unavailable",
                 "replication_pending",
             ],
         )],
+    ),
+    metric(
+        "flashsale_gateway_tickets_total",
+        Counter,
+        "Purchase ticket requests by outcome",
+        &[("outcome", crate::gateway::tickets::outcome::ALL)],
     ),
     metric(
         "flashsale_gateway_request_duration_seconds",
@@ -111,6 +119,27 @@ pub const GATEWAY: &[Metric] = &[
         Counter,
         "Purchases refused by a rate limit, by bucket",
         &[("scope", &["ip", "user", "global"])],
+    ),
+    metric(
+        "flashsale_gateway_sale_page_requests_total",
+        Counter,
+        "Sale page answers (GET /v1/sales/{sale}) by outcome",
+        &[(
+            "outcome",
+            &["ok", "not_modified", "unknown_sale", "not_ready"],
+        )],
+    ),
+    metric(
+        "flashsale_gateway_sale_page_refreshes_total",
+        Counter,
+        "The sale page refresher's stock reads from Redis, by result",
+        &[("result", &["ok", "failed"])],
+    ),
+    metric(
+        "flashsale_gateway_sale_page_stock_age_seconds",
+        Gauge,
+        "Age of the stock figures the sale page serves (under 0.3 normally; grows while Redis is unreachable)",
+        &[],
     ),
     metric(
         "flashsale_gateway_load_report_timestamp_seconds",

@@ -67,3 +67,14 @@ pub fn purchase<'a>(
         .arg(idempotency_field);
     inv
 }
+
+/// Adds a purchase ticket to a purchase call: its key
+/// (`ProductKeys::ticket`, the ninth KEY) and expiry (Unix ms, the fifth
+/// ARGV). A call without them is the no-ticket path, unchanged.
+pub fn with_ticket(
+    invocation: &mut redis::ScriptInvocation<'_>,
+    ticket_key: &str,
+    expires_at_ms: i64,
+) {
+    invocation.key(ticket_key).arg(expires_at_ms);
+}

@@ -32,6 +32,11 @@ pub struct SaleSpec {
     pub rate_limits: RateLimits,
     #[serde(default)]
     pub payment: PaymentSpec,
+    /// Purchase tickets (动态令牌): when enabled, a purchase needs a ticket
+    /// from `POST /v1/sales/{sale}/tickets`. Live: it can be switched and
+    /// retimed mid-sale.
+    #[serde(default)]
+    pub purchase_ticket: PurchaseTicketSpec,
 }
 
 fn default_warmup_seconds() -> u32 {
@@ -108,6 +113,36 @@ impl Default for PaymentSpec {
 fn default_payment_timeout() -> u32 {
     600
 }
+
+/// Opt-in purchase tickets: short-lived, single-use, bound to buyer and sale.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PurchaseTicketSpec {
+    /// Whether a purchase must carry a ticket (`Purchase-Ticket` header).
+    #[serde(default)]
+    pub enabled: bool,
+    /// How long a ticket stays valid, counted from its issue or from the
+    /// sale's start, whichever is later.
+    #[serde(default = "default_ticket_ttl")]
+    #[schemars(range(min = 1, max = 300))]
+    pub ttl_seconds: u32,
+}
+
+impl Default for PurchaseTicketSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ttl_seconds: default_ticket_ttl(),
+        }
+    }
+}
+
+fn default_ticket_ttl() -> u32 {
+    10
+}
+
+/// Longest ticket validity: a ticket is a "press now" pass, not a session.
+pub const MAX_TICKET_TTL_SECONDS: u32 = 300;
 
 /// Which sale: the `FlashSale`'s namespace and name. It prefixes every Redis
 /// key and every order row.
@@ -215,6 +250,15 @@ impl SaleSpec {
                     message: format!("rateLimits.{name} needs requestsPerSecond and burst above 0"),
                 });
             }
+        }
+        let ttl = self.purchase_ticket.ttl_seconds;
+        if ttl == 0 || ttl > MAX_TICKET_TTL_SECONDS {
+            problems.push(SpecProblem {
+                reason: "InvalidPurchaseTicket",
+                message: format!(
+                    "purchaseTicket.ttlSeconds is {ttl}; it must be 1 to {MAX_TICKET_TTL_SECONDS}"
+                ),
+            });
         }
         if problems.is_empty() {
             Ok(())
@@ -367,6 +411,27 @@ mod tests {
         let problems = s.validate().err().unwrap_or_default();
         let reasons: Vec<_> = problems.iter().map(|p| p.reason).collect();
         assert_eq!(reasons, ["EndBeforeStart", "DuplicateSku", "NegativeStock"]);
+    }
+
+    #[test]
+    fn purchase_ticket_defaults_off_and_bounds_its_ttl() {
+        let mut s = spec();
+        assert_eq!(s.purchase_ticket, PurchaseTicketSpec::default());
+        assert!(!s.purchase_ticket.enabled);
+        assert_eq!(s.purchase_ticket.ttl_seconds, 10);
+        for bad in [0, MAX_TICKET_TTL_SECONDS + 1] {
+            s.purchase_ticket.ttl_seconds = bad;
+            let reasons: Vec<_> = s
+                .validate()
+                .err()
+                .unwrap_or_default()
+                .iter()
+                .map(|p| p.reason)
+                .collect();
+            assert_eq!(reasons, ["InvalidPurchaseTicket"], "ttlSeconds {bad}");
+        }
+        s.purchase_ticket.ttl_seconds = MAX_TICKET_TTL_SECONDS;
+        assert!(s.validate().is_ok());
     }
 
     #[test]

@@ -35,7 +35,10 @@ pub struct TokenVerifier {
 impl TokenVerifier {
     pub fn new(secret: &[u8]) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 5;
+        // `exp` is honoured exactly: a token is accepted while the gateway's
+        // clock, in whole Unix seconds, is at or before `exp`. The shop's
+        // login sets `exp`; a leeway would silently extend every token.
+        validation.leeway = 0;
         validation.set_required_spec_claims(&["exp", "sub"]);
         Self {
             key: DecodingKey::from_secret(secret),
@@ -125,6 +128,20 @@ mod tests {
             &EncodingKey::from_secret(b"s3cret"),
         )?;
         assert_eq!(v.user(&expired), Err(TokenError::Expired));
+        // No leeway: one second past `exp` is expired.
+        let now = jsonwebtoken::get_current_timestamp();
+        let at = |exp: u64| {
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &Claims {
+                    sub: "alice".into(),
+                    exp,
+                },
+                &EncodingKey::from_secret(b"s3cret"),
+            )
+        };
+        assert_eq!(v.user(&at(now - 1)?), Err(TokenError::Expired));
+        assert_eq!(v.user(&at(now + 2)?), Ok("alice".into()));
         let bad = issue(b"s3cret", "a,b", 60)?;
         assert_eq!(v.user(&bad), Err(TokenError::BadSubject));
         Ok(())

@@ -7,8 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use dataplane::gateway::GatewaySettings;
-use dataplane::gateway::payment::{self, PaymentSettings};
+use dataplane::gateway::payment;
 use dataplane::keys::ProductKeys;
 use dataplane::order::{OrderRecord, OrderStatus};
 use dataplane::spec::SaleDocument;
@@ -32,14 +31,7 @@ async fn rig(name: &str, timeout_seconds: u32) -> Result<Rig, Error> {
     let mut doc = sale(name, &[("item", 10, 1)]);
     doc.spec.payment.timeout_seconds = timeout_seconds;
     warm(&servers, &doc).await?;
-    let (private, public) = payment::keygen();
-    let mut settings = GatewaySettings::new(servers.redis.url(), SECRET.to_vec());
-    settings.pod = "gw".into();
-    settings.payment = Some(PaymentSettings {
-        public_key: payment::parse_public_key(&public)?,
-        database_url: servers.pg.url(),
-        currency: "USD".into(),
-    });
+    let (settings, private) = settings_with_payments(&servers)?;
     let gw = RunningGateway::start_with(&doc, &settings).await?;
     Ok(Rig {
         servers,
@@ -162,6 +154,34 @@ async fn callbacks_are_verified_checked_and_idempotent() -> Result<(), Error> {
         payments_rows(&rig).await?,
         0,
         "nothing recorded for forged callbacks"
+    );
+    // Signed but out of bounds (a NUL, which PostgreSQL text refuses, or a
+    // currency that is no ISO code): a 400 naming it, not a 503; nothing recorded.
+    for bad in [
+        body("p\u{0}1", &o1, "19.99", "succeeded"),
+        body("p1", &format!("{o1}\u{0}"), "19.99", "succeeded"),
+        json!({"paymentId": "p1", "orderId": o1, "amount": "19.99", "currency": "usd\u{0}", "status": "succeeded"}).to_string(),
+    ] {
+        let (status, answer) = pay(&rig, &bad).await?;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (400, Some("invalid_callback")),
+            "{bad}: {answer}"
+        );
+    }
+    let text = body("p-text", &o1, "19.99", "succeeded");
+    let resp = http()
+        .post(rig.gw.url("/v1/payments/callback"))
+        .header("content-type", "text/plain")
+        .header("x-signature", payment::sign(&rig.key, text.as_bytes()))
+        .body(text)
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 415);
+    assert_eq!(
+        payments_rows(&rig).await?,
+        0,
+        "nothing recorded for bad callbacks"
     );
 
     // Wrong amount: rejected and recorded; the order stays unpaid. A replay answers the same.

@@ -357,10 +357,9 @@ async fn push_survives_the_death_of_the_subscribed_cluster_node() -> TestResult 
     seeds.insert(0, master.url());
     let mut settings = dataplane::gateway::GatewaySettings::new(seeds.join(","), SECRET.to_vec());
     settings.pod = "gw-a".into();
-    // The promoted master has no replica of its own here (the dead node stays
-    // dead), so under the cluster default (`replica`) its purchases would be
-    // 503 replication_pending until one is attached (tests/redis_failover.rs);
-    // this test is about the push subscription, so it accepts on the master.
+    // This test is about the push subscription. Under `replica` durability
+    // the promoted master could not sell until the dead node rejoins as its
+    // replica (tests/redis_failover.rs covers that), and nothing restarts it here.
     settings.durability = Some(dataplane::durability::Durability::Local);
     let gw = RunningGateway::start_with(&doc, &settings).await?;
     let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
@@ -375,11 +374,15 @@ async fn push_survives_the_death_of_the_subscribed_cluster_node() -> TestResult 
     tokio::task::spawn_blocking(move || killed.wait_promoted(20)).await??;
     let received = gw.gateway.push.counters.received.load(Ordering::Relaxed);
     // The gateway's next purchase succeeds once its client sees the new master.
+    // A 503 may come from a script that ran but answered too late, so the
+    // retries carry one Idempotency-Key, as a client's should: they can only
+    // ever make one order.
     let mut second = None;
     for _ in 0..100 {
         let resp = http()
             .post(gw.url("/v1/sales/push-cluster/purchase"))
             .bearer_auth(token("frank"))
+            .header("Idempotency-Key", "frank-after-failover")
             .json(&serde_json::json!({"sku": "item", "quantity": 1}))
             .send()
             .await?;

@@ -559,12 +559,15 @@ mod tests {
         let mut sale = fixtures::sale();
         let before = template(&sale)?;
         assert!(before["metadata"]["annotations"][PRODUCTS_ANNOTATION].is_string());
-        // Live settings: stock, price, limits, window, rate limits, payment.
+        // Live settings: stock, price, limits, window, rate limits, payment,
+        // purchase tickets.
         sale.spec.sale.products[0].stock += 100;
         sale.spec.sale.products[0].per_user_limit += 1;
         sale.spec.sale.products[0].price = "6000.00".parse()?;
         sale.spec.sale.end_time += jiff::SignedDuration::from_hours(1);
         sale.spec.sale.payment.timeout_seconds += 60;
+        sale.spec.sale.purchase_ticket.enabled = true;
+        sale.spec.sale.purchase_ticket.ttl_seconds = 30;
         sale.spec.sale.rate_limits.per_user = Some(dataplane::spec::RateLimit {
             requests_per_second: 9,
             burst: 9,

@@ -163,6 +163,17 @@ mod tests {
             spec["properties"]["products"]["x-kubernetes-list-map-keys"],
             serde_json::json!(["sku"])
         );
+        // Purchase tickets: optional, off by default, a TTL the server bounds.
+        let ticket = &spec["properties"]["purchaseTicket"];
+        assert_eq!(
+            ticket["default"],
+            serde_json::json!({"enabled": false, "ttlSeconds": 10})
+        );
+        let ttl = &ticket["properties"]["ttlSeconds"];
+        assert_eq!(
+            (ttl["minimum"].as_f64(), ttl["maximum"].as_f64()),
+            (Some(1.0), Some(300.0))
+        );
         assert_eq!(versions[0]["subresources"]["status"], serde_json::json!({}));
         let columns: Vec<&str> = versions[0]["additionalPrinterColumns"]
             .as_array()

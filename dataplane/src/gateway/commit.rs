@@ -33,6 +33,8 @@ struct Job {
     quantity: i64,
     order_id: String,
     idempotency_field: String,
+    /// The spent-ticket key and the ticket's expiry, on a ticket sale.
+    ticket: Option<(String, i64)>,
     reply: oneshot::Sender<redis::RedisResult<Decision>>,
 }
 
@@ -67,6 +69,7 @@ impl Committer {
         quantity: i64,
         order_id: &str,
         idempotency_field: &str,
+        ticket: Option<(String, i64)>,
     ) -> redis::RedisResult<Decision> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
@@ -74,6 +77,7 @@ impl Committer {
             quantity,
             order_id: order_id.to_string(),
             idempotency_field: idempotency_field.to_string(),
+            ticket,
             reply,
         };
         self.queue.send(job).await.map_err(|_| stopped())?;
@@ -122,13 +126,12 @@ async fn commit<C: ConnectionLike>(
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for j in &jobs {
-            pipe.invoke_script(&scripts::purchase(
-                keys,
-                &j.user,
-                j.quantity,
-                &j.order_id,
-                &j.idempotency_field,
-            ));
+            let mut invocation =
+                scripts::purchase(keys, &j.user, j.quantity, &j.order_id, &j.idempotency_field);
+            if let Some((key, expires_at_ms)) = &j.ticket {
+                scripts::with_ticket(&mut invocation, key, *expires_at_ms);
+            }
+            pipe.invoke_script(&invocation);
         }
         wait.append(&mut pipe);
         let started = Instant::now();

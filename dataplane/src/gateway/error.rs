@@ -14,13 +14,52 @@ pub struct ApiError {
     pub retry_after_secs: Option<u64>,
 }
 
-/// The JSON error body, as documented in the OpenAPI document.
+/// The JSON error body, as documented in the OpenAPI document: `error` and
+/// `message` always, and the details a code carries (each route's responses
+/// name which).
 #[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct ErrorBody {
     /// Machine-readable code, e.g. `sold_out`, `limit_reached`, `invalid_json`.
     pub error: String,
     /// What went wrong, for people.
     pub message: String,
+    /// unknown_sale: the sale asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sale: Option<String>,
+    /// unknown_sku, sold_out, idempotency_key_reused: the SKU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sku: Option<String>,
+    /// invalid_quantity, limit_reached (above the limit), idempotency_key_reused: the quantity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantity: Option<i64>,
+    /// limit_reached: the per-user limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+    /// limit_reached (decided in Redis): units the buyer already holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<i64>,
+    /// sold_out (decided in Redis): units left (0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<i64>,
+    /// idempotency_key_reused: the order the key's first request made, if it won.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
+    /// payment_id_reused: the payment id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payment_id: Option<String>,
+    /// not_started: the sale's start, RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub starts_at: Option<String>,
+    /// ended: the sale's end, RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
+    /// rate_limited: which limit, `user`, `ip` or `global`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// unsupported_media_type: the Content-Type sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
 }
 
 impl ApiError {
@@ -54,6 +93,11 @@ impl ApiError {
 
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    /// A sale this gateway does not serve (it serves one).
+    pub fn unknown_sale(sale: &str) -> Self {
+        Self::not_found("unknown_sale", format!("no sale named {sale:?} here")).with("sale", sale)
     }
 
     pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {

@@ -9,6 +9,9 @@ pub mod orders;
 pub mod payment;
 pub mod purchase;
 pub mod push;
+pub mod sale_page;
+pub mod storefront;
+pub mod tickets;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -201,6 +204,8 @@ pub struct Gateway {
     pub products: HashMap<String, ProductRuntime>,
     pub redis: RedisConn,
     pub verifier: TokenVerifier,
+    /// Issues and checks this sale's purchase tickets.
+    pub tickets: crate::ticket::TicketSigner,
     pub limits: RateLimiters,
     pub breaker: Breaker,
     pub redis_timeout: Duration,
@@ -223,6 +228,8 @@ pub struct Gateway {
     pub payments: Option<payment::Payments>,
     /// The sale's Idempotency-Key records (`SaleKeys::idempotency`).
     pub idempotency_key: String,
+    /// The sale page's snapshot, rebuilt by `sale_page::refresh`.
+    pub sale_page: sale_page::SalePage,
     /// Replica acknowledgement of writes that carry a promise (`None`: local).
     pub replica_wait: Option<crate::durability::ReplicaWait>,
     /// The committers' loops, spawned with the background work.
@@ -243,6 +250,8 @@ pub enum GatewayError {
     Serve(std::io::Error),
     #[error("the token secret is empty; set TOKEN_SECRET")]
     EmptySecret,
+    #[error(transparent)]
+    TicketKey(#[from] crate::ticket::KeyError),
     #[error("payment order store: {0}")]
     PaymentStore(#[from] crate::store::StoreError),
 }
@@ -330,6 +339,7 @@ impl Gateway {
             products,
             redis,
             verifier: TokenVerifier::new(&settings.token_secret),
+            tickets: crate::ticket::TicketSigner::new(&settings.token_secret, &sale)?,
             breaker: Breaker::new(5, Duration::from_secs(1)),
             redis_timeout: settings.redis_timeout,
             client_ip_header: settings.client_ip_header.clone(),
@@ -353,6 +363,7 @@ impl Gateway {
                 .transpose()?,
             redis_target,
             idempotency_key: crate::keys::SaleKeys::new(&sale).idempotency(),
+            sale_page: sale_page::SalePage::new(),
             replica_wait,
             committers: std::sync::Mutex::new(committers),
             sale,
@@ -377,16 +388,20 @@ impl Gateway {
     /// The public API.
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
+            .route("/v1/sales/{sale}", get(sale_page::get_sale))
             .route("/v1/sales/{sale}/purchase", post(purchase::purchase))
+            .route("/v1/sales/{sale}/tickets", post(tickets::issue))
             .route("/v1/orders/{id}", get(orders::get_order))
             .route("/v1/ws", get(push::ws))
             .route("/v1/payments/callback", post(payment::callback))
             .route(
                 "/v1/ping",
-                get(observability::ping).post(observability::ping),
+                get(observability::ping).post(observability::ping_post),
             )
+            .route("/shop/{sale}", get(storefront::page))
             .route("/openapi.json", get(openapi::serve))
             .fallback(observability::not_found)
+            .method_not_allowed_fallback(observability::method_not_allowed)
             .with_state(Arc::clone(self))
     }
 
@@ -396,7 +411,8 @@ impl Gateway {
     }
 
     /// Background work: load reports (which also re-split the global rate
-    /// limit), sold-out flag refresh, rate-limiter housekeeping, the push
+    /// limit), the sale page's snapshot (which also moves the sold-out
+    /// flags), replay snapshots and rate-limiter housekeeping, the push
     /// channel subscription and registry refresh.
     pub fn spawn_background(self: &Arc<Self>, shutdown: Shutdown) {
         tokio::spawn(load_report::run(Arc::clone(self), shutdown.clone()));
@@ -407,7 +423,8 @@ impl Gateway {
             shutdown.clone(),
             move |live| gw.apply_live(&live.spec),
         ));
-        tokio::spawn(refresh_sold_out(Arc::clone(self), shutdown.clone()));
+        tokio::spawn(sale_page::refresh(Arc::clone(self), shutdown.clone()));
+        tokio::spawn(load_replay_snapshots(Arc::clone(self), shutdown.clone()));
         tokio::spawn(push::subscribe(
             Arc::clone(self),
             self.redis_target.clone(),
@@ -434,8 +451,9 @@ impl Gateway {
         });
     }
 
-    /// Takes a new spec from the operator: window, rate limits and per-user
-    /// limits change in place (stock and price live in Redis already).
+    /// Takes a new spec from the operator: window, rate limits, per-user
+    /// limits and purchase tickets change in place (stock and price live in
+    /// Redis already).
     pub fn apply_live(&self, next: &SaleSpec) {
         for p in &next.products {
             if let Some(runtime) = self.products.get(&p.sku) {
@@ -486,10 +504,11 @@ async fn route_accepted(
     }
 }
 
-/// Sold-out flags are cleared when stock comes back (a failed or cancelled
-/// order returns it): one GET per flagged product per pod every 500 ms. A
-/// flagged product's replay snapshot is loaded here too.
-async fn refresh_sold_out(gw: Arc<Gateway>, shutdown: Shutdown) {
+/// A flagged product's replay snapshot is loaded here, once per flag (the
+/// flags themselves follow the sale page's stock reads, `sale_page::refresh`,
+/// which drops the snapshot when stock comes back); and the rate limiters'
+/// housekeeping runs every 10 s.
+async fn load_replay_snapshots(gw: Arc<Gateway>, shutdown: Shutdown) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut housekeeping = 0u32;
     loop {
@@ -502,23 +521,8 @@ async fn refresh_sold_out(gw: Arc<Gateway>, shutdown: Shutdown) {
             gw.limits.housekeeping();
         }
         for p in gw.products.values() {
-            if !p.sold_out.load(Ordering::Relaxed) {
-                continue;
-            }
-            let mut conn = gw.redis.clone();
-            let remaining: Result<Option<i64>, _> = redis::cmd("GET")
-                .arg(p.stock_key())
-                .query_async(&mut conn)
-                .await;
-            if let Ok(Some(n)) = remaining
-                && n > 0
-            {
-                tracing::info!(sku = %p.sku, remaining = n, "stock returned; sold-out flag cleared");
-                p.sold_out.store(false, Ordering::Relaxed);
-                p.replays.store(None);
-                continue;
-            }
-            if p.replays.load().is_none() {
+            if p.sold_out.load(Ordering::Relaxed) && p.replays.load().is_none() {
+                let mut conn = gw.redis.clone();
                 load_replays(p, &mut conn, gw.replica_wait).await;
             }
         }

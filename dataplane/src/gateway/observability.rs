@@ -40,12 +40,30 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
 
 /// The trivial endpoint benchmarks compare the purchase path against: a
 /// small JSON answer, so the client parses a body as for a purchase.
+#[utoipa::path(
+    get,
+    path = "/v1/ping",
+    tag = "meta",
+    responses((status = 200, description = "Always `{\"status\":\"ok\"}`", body = Ping))
+)]
 pub async fn ping() -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         r#"{"status":"ok"}"#,
     )
         .into_response()
+}
+
+/// The trivial endpoint by POST (any body and headers, ignored): the same
+/// answer as GET.
+#[utoipa::path(
+    post,
+    path = "/v1/ping",
+    tag = "meta",
+    responses((status = 200, description = "Always `{\"status\":\"ok\"}`", body = Ping))
+)]
+pub async fn ping_post() -> Response {
+    ping().await
 }
 
 /// The purchase path's metric handles, registered once: the hot path only
@@ -71,6 +89,8 @@ impl PurchaseMetrics {
             RATE_LIMITED,
             BAD_REQUEST,
             UNAUTHENTICATED,
+            TICKET_REQUIRED,
+            TICKET_INVALID,
             UNAVAILABLE,
             REPLICATION_PENDING,
         ]
@@ -104,6 +124,23 @@ impl Default for PurchaseMetrics {
     }
 }
 
+/// The ping's answer.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Ping {
+    /// Always `ok`.
+    pub status: String,
+}
+
 pub async fn not_found() -> ApiError {
     ApiError::not_found("not_found", "no such route; see /openapi.json")
+}
+
+/// A known path with a method it does not take: JSON like every refusal
+/// (axum's `Allow` header is kept).
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method; see /openapi.json",
+    )
 }

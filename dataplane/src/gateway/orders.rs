@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -47,13 +47,15 @@ impl OrderView {
     get,
     path = "/v1/orders/{id}",
     tag = "orders",
-    params(("id" = String, Path, description = "The order id from the 202 answer")),
+    params(("id" = String, Path, description = "The order id from the 202 answer (`<sku>.<ULID>`)")),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The order", body = OrderView),
-        (status = 401, description = "Missing, forged or expired token", body = ErrorBody),
-        (status = 404, description = "No such order for this user", body = ErrorBody),
-        (status = 503, description = "Redis unreachable or slow", body = ErrorBody),
+        (status = 400, description = "bad_header: Authorization over 4096 bytes or not text", body = ErrorBody),
+        (status = 401, description = "unauthenticated: missing, malformed, forged or expired token", body = ErrorBody),
+        (status = 404, description = "unknown_order: no such order for this user (another user's order is reported the same way)", body = ErrorBody),
+        (status = 503, description = "store_unavailable or store_timeout: Redis unreachable or slow; retry after Retry-After seconds", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
 pub async fn get_order(
@@ -68,9 +70,7 @@ pub async fn get_order(
 }
 
 async fn lookup(gw: &Gateway, id: &str, headers: &HeaderMap) -> Result<OrderView, ApiError> {
-    let auth = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
+    let auth = super::purchase::authorization(headers)?;
     let user = gw
         .verifier
         .user_from_header(auth)

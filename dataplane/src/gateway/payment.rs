@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -130,17 +130,24 @@ pub fn sign(key: &SigningKey, body: &[u8]) -> String {
 
 /// The provider's report of one payment.
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PaymentCallback {
-    /// The provider's id of this payment; a repeat with the same id is
-    /// answered as the first time.
+    /// The provider's id of this payment, 1-128 visible ASCII characters; a
+    /// repeat with the same id is answered as the first time.
+    #[schema(min_length = 1, max_length = 128, pattern = "^[!-~]{1,128}$")]
     pub payment_id: String,
+    /// The order paid for, 1-200 visible ASCII characters (an id that names
+    /// no order is recorded as refund_due unknown_order).
+    #[schema(min_length = 1, max_length = 200, pattern = "^[!-~]{1,200}$")]
     pub order_id: String,
-    /// Amount paid as a decimal string, e.g. "5999.00".
-    #[schema(value_type = String)]
+    /// Amount paid as a decimal string, non-negative, below 10^12, at most
+    /// 2 places, e.g. "5999.00".
+    #[schema(value_type = String, max_length = 15, pattern = "^[0-9]{1,12}(\\.[0-9]{1,2})?$")]
     #[serde(with = "rust_decimal::serde::str")]
     pub amount: Decimal,
-    /// ISO 4217 code.
+    /// ISO 4217 code, 3 capital letters (another currency than the gateway's
+    /// is 422 currency_mismatch).
+    #[schema(min_length = 3, max_length = 3, pattern = "^[A-Z]{3}$")]
     pub currency: String,
     pub status: ProviderStatus,
 }
@@ -208,30 +215,40 @@ pub struct PaymentAnswer {
     pub reason: Option<String>,
 }
 
+/// The payment provider's callback. Checks, in order: payments configured
+/// (503 `payments_disabled`); the body's size (413 `body_too_large`, over
+/// 4096 bytes); the content type (415 `unsupported_media_type` unless
+/// `application/json` or absent); the signature (401 `unauthenticated`); the
+/// JSON body (400 `invalid_json`) and its fields (400 `invalid_callback`);
+/// then the decision in PostgreSQL.
 #[utoipa::path(
     post,
     path = "/v1/payments/callback",
     tag = "payments",
-    params(("X-Signature" = String, Header,
-        description = "Base64 Ed25519 signature of the raw body by the provider's private key")),
-    request_body = PaymentCallback,
+    params(("X-Signature" = String, Header, min_length = 1, max_length = 88, pattern = "^[A-Za-z0-9+/]{86}==$",
+        description = "Base64 Ed25519 signature (64 bytes) of the raw body by the provider's private key")),
+    request_body(content = PaymentCallback, content_type = "application/json",
+        description = "At most 4096 bytes (413 body_too_large). Content-Type application/json (parameters allowed) or none; any other type is 415 unsupported_media_type"),
     responses(
-        (status = 200, description = "Recorded: paid, refund_due (cancelled, unknown or already paid order), or rejected with reason payment_failed. A repeat answers the same", body = PaymentAnswer),
-        (status = 400, description = "Malformed body", body = ErrorBody),
-        (status = 401, description = "Missing or forged signature; nothing recorded", body = ErrorBody),
-        (status = 409, description = "not_persisted: the order is not in the order store yet, retry (Retry-After); or payment_id_reused with a different body", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 200, description = "Recorded: paid, refund_due (cancelled, unknown, failed or already paid order), or rejected with reason payment_failed. A repeat answers the same", body = PaymentAnswer),
+        (status = 400, description = "invalid_json (not JSON, a missing or unknown field, a wrong type) or invalid_callback (a field outside its stated bounds)", body = ErrorBody),
+        (status = 401, description = "unauthenticated: missing or forged signature; nothing recorded", body = ErrorBody),
+        (status = 409, description = "not_persisted: the order is not in the order store yet, retry after Retry-After seconds; or payment_id_reused: the payment id was recorded with a different body (`paymentId`)", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait (not_persisted)"))),
+        (status = 413, description = "body_too_large: the body is over 4096 bytes", body = ErrorBody),
+        (status = 415, description = "unsupported_media_type: a Content-Type other than application/json", body = ErrorBody),
         (status = 422, description = "Rejected: amount_mismatch or currency_mismatch; recorded, the order is unchanged", body = PaymentAnswer),
-        (status = 503, description = "Payments not configured, or the order store is unavailable; retry", body = ErrorBody),
+        (status = 503, description = "payments_disabled (no payment key or order store configured), or store_unavailable (the order store is unavailable); retry after Retry-After seconds", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
-pub async fn callback(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn callback(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
     let span = tracing::info_span!(
         "payment_callback",
         payment = tracing::field::Empty,
         order = tracing::field::Empty
     );
-    match handle(&gw, &headers, &body).instrument(span).await {
+    match handle(&gw, &headers, body).instrument(span).await {
         Ok((status, answer)) => (status, axum::Json(answer)).into_response(),
         Err(e) => e.into_response(),
     }
@@ -240,7 +257,7 @@ pub async fn callback(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: 
 async fn handle(
     gw: &Gateway,
     headers: &HeaderMap,
-    body: &[u8],
+    body: Body,
 ) -> Result<(StatusCode, PaymentAnswer), ApiError> {
     let Some(payments) = gw.payments.as_ref() else {
         return Err(ApiError::unavailable(
@@ -248,32 +265,25 @@ async fn handle(
             "this gateway has no payment key or order store configured",
         ));
     };
-    if body.len() > MAX_CALLBACK_BYTES {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("a callback must be at most {MAX_CALLBACK_BYTES} bytes"),
-        ));
-    }
-    verify(&payments.key, headers, body)?;
-    let cb: PaymentCallback = serde_json::from_slice(body)
+    // Read at most the limit: a larger body is refused without reading it all.
+    let body = axum::body::to_bytes(body, MAX_CALLBACK_BYTES)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("a callback must be at most {MAX_CALLBACK_BYTES} bytes"),
+            )
+        })?;
+    super::purchase::json_body(headers)?;
+    verify(&payments.key, headers, &body)?;
+    let cb: PaymentCallback = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("callback body: {e}")))?;
     let span = tracing::Span::current();
     span.record("payment", cb.payment_id.as_str());
     span.record("order", cb.order_id.as_str());
-    if cb.payment_id.is_empty()
-        || cb.payment_id.len() > 128
-        || cb.order_id.len() > 200
-        || cb.amount.is_sign_negative()
-        || cb.amount.scale() > 2
-        || cb.amount >= Decimal::from(1_000_000_000_000i64)
-    {
-        return Err(ApiError::bad_request(
-            "invalid_callback",
-            "paymentId must be 1-128 characters and amount a non-negative decimal with at most 2 places",
-        ));
-    }
-    let raw = String::from_utf8_lossy(body).into_owned();
+    check_fields(&cb)?;
+    let raw = String::from_utf8_lossy(&body).into_owned();
     let decided = decide(gw, payments, &cb, &raw).await.map_err(|e| {
         tracing::warn!(error = %e, "payment callback not recorded");
         ApiError::unavailable("store_unavailable", "the order store is unavailable; retry")
@@ -294,6 +304,29 @@ async fn handle(
         mark_paid_in_redis(gw, &cb.order_id, true).await;
     }
     Ok((status, answer))
+}
+
+/// The callback's fields within what the order store takes: ids of visible
+/// ASCII (PostgreSQL text refuses a NUL, which must be a 400, not a 503), an
+/// ISO 4217 currency code, a non-negative amount with at most 2 places.
+fn check_fields(cb: &PaymentCallback) -> Result<(), ApiError> {
+    let id = |s: &str, max: usize| {
+        !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_graphic())
+    };
+    let currency = cb.currency.len() == 3 && cb.currency.bytes().all(|b| b.is_ascii_uppercase());
+    if id(&cb.payment_id, 128)
+        && id(&cb.order_id, 200)
+        && currency
+        && !cb.amount.is_sign_negative()
+        && cb.amount.scale() <= 2
+        && cb.amount < Decimal::from(1_000_000_000_000i64)
+    {
+        return Ok(());
+    }
+    Err(ApiError::bad_request(
+        "invalid_callback",
+        "paymentId must be 1-128 and orderId 1-200 visible ASCII characters, currency 3 capital letters, and amount a non-negative decimal below 10^12 with at most 2 places",
+    ))
 }
 
 fn verify(key: &VerifyingKey, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {

@@ -19,9 +19,11 @@ use tracing::Instrument;
 use super::Gateway;
 use super::commit::Decision;
 use super::error::{ApiError, ErrorBody};
+use super::tickets;
 use crate::order::new_order_id;
 use crate::scripts;
 use crate::spec::Phase;
+use crate::ticket::TicketError;
 
 /// Largest request body accepted; a purchase is a few dozen bytes.
 pub const MAX_BODY_BYTES: usize = 1024;
@@ -36,16 +38,54 @@ const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 struct PurchaseBody<'a> {
     #[serde(borrow)]
     sku: std::borrow::Cow<'a, str>,
+    #[serde(deserialize_with = "whole_number")]
     quantity: i64,
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PurchaseRequest {
-    /// The product's SKU, as in the FlashSale spec.
+    /// The product's SKU, as in the FlashSale spec (a SKU not in this sale is
+    /// 404 unknown_sku).
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[a-z0-9][a-z0-9_-]{0,63}$"
+    )]
     pub sku: String,
-    /// Units to buy, 1 to the product's perUserLimit.
+    /// Units to buy: at least 1 (400 invalid_quantity below); above the
+    /// product's perUserLimit is 409 limit_reached.
+    #[schema(minimum = 1, maximum = 4294967295_i64)]
+    #[serde(deserialize_with = "whole_number")]
     pub quantity: i64,
+}
+
+/// A whole JSON number as i64: `2`, and `2.0` or `2e0` too, which JSON
+/// Schema's `integer` (what the document promises) admits as well.
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    struct Whole;
+    impl serde::de::Visitor<'_> for Whole {
+        type Value = i64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a whole number")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i64, E> {
+            i64::try_from(v)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<i64, E> {
+            // Within ±2^63 a whole f64 converts exactly.
+            if v.fract() == 0.0 && v.abs() < 9.223_372_036_854_776e18 {
+                Ok(v as i64)
+            } else {
+                Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    d.deserialize_any(Whole)
 }
 
 /// The answer to a winner: the order exists and will be persisted or failed
@@ -71,44 +111,72 @@ pub mod outcome {
     pub const RATE_LIMITED: &str = "rate_limited";
     pub const BAD_REQUEST: &str = "bad_request";
     pub const UNAUTHENTICATED: &str = "unauthenticated";
+    pub const TICKET_REQUIRED: &str = "ticket_required";
+    pub const TICKET_INVALID: &str = "ticket_invalid";
     pub const UNAVAILABLE: &str = "unavailable";
     pub const REPLICATION_PENDING: &str = "replication_pending";
 }
 
 /// Buy units of one product.
 ///
-/// Checks run cheapest first, and the first that fails answers: body and
-/// header limits (413, 400); the sale name, the JSON body, the SKU and the
-/// quantity (404, 400); the sale window by the gateway's clock (425, 410
-/// `ended`); the gateway's sold-out flag for the SKU (410 `sold_out`); the
-/// bearer token (401); rate limits (429); then the atomic decision in Redis.
-/// "Sold out" is public, so a request for a product this gateway already
-/// knows is sold out is answered before its token is checked, unless it
-/// carries an `Idempotency-Key` that a winner used: that may be a winner's
-/// retry, answered with its order, which needs the verified user.
+/// Checks run cheapest first, and the first that fails answers: the body's
+/// size (413 `body_too_large`, over 1024 bytes); the `Authorization` and
+/// `Idempotency-Key` headers' sizes and characters (400 `bad_header`); the
+/// content type (415 `unsupported_media_type` unless `application/json`, with
+/// or without parameters, or absent: a body without a type is read as JSON);
+/// the sale name (404 `unknown_sale`); the JSON body (400 `invalid_json`); the
+/// SKU (404 `unknown_sku`); the quantity (400 `invalid_quantity` below 1, 409
+/// `limit_reached` above the product's per-user limit); the sale window by the
+/// gateway's clock, with an allowance for clock skew, 1 s by default (425 `not_started`,
+/// 410 `ended`); the gateway's sold-out flag for the SKU (410 `sold_out`); the
+/// bearer token (401 `unauthenticated`); the purchase ticket, when the sale
+/// requires one (403 `ticket_required` without the header, `ticket_invalid`
+/// for a bad signature, another buyer's or sale's ticket, or an expired one);
+/// rate limits (429 `rate_limited`); the circuit breaker, open for 1 s after 5
+/// Redis failures in a row (503 `store_unavailable`); the Idempotency-Key's
+/// first use in this sale (422 `idempotency_key_reused`); then the atomic
+/// decision in Redis, where an idempotent replay comes first, then the sale
+/// window by Redis' clock, then the ticket's single use (403 `ticket_invalid`,
+/// reason `used`), then stock and limit (202, or 410 `sold_out`, 409
+/// `limit_reached`, 425, 410 `ended`, 503). "Sold out" is public, so a
+/// request for a product this gateway already knows is sold out is answered
+/// before its token and ticket are checked, unless it carries an
+/// `Idempotency-Key` that a winner used: that may be a winner's retry,
+/// answered with its order, which needs the verified user (and, on a ticket
+/// sale, a valid ticket). A ticket is spent by the first stock decision it
+/// reaches for a product (won, sold out or limit reached), so it is usable
+/// once per product; a retry with the same `Idempotency-Key` and ticket still
+/// gets its order. A refused ticket touches no stock.
 #[utoipa::path(
     post,
     path = "/v1/sales/{sale}/purchase",
     tag = "purchase",
     params(
-        ("sale" = String, Path, description = "The FlashSale's name"),
-        ("Idempotency-Key" = Option<String>, Header,
-            description = "A retry with the same key and the same request returns the same order, never a second one; the key is the buyer's for the whole sale, and the same key with another SKU or quantity is 422 (1-128 visible ASCII characters)"),
+        ("sale" = String, Path, max_length = 253, description = "The FlashSale's name (another name: 404 unknown_sale)"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 128, pattern = "^[!-~]{1,128}$",
+            description = "A retry with the same key and the same request returns the same order, never a second one; the key is the buyer's for the whole sale, and the same key with another SKU or quantity is 422. 1-128 visible ASCII characters (0x21-0x7E); anything else is 400 bad_header"),
+        ("Purchase-Ticket" = Option<String>, Header, nullable = false, min_length = 1, max_length = 1024,
+            description = "A ticket from POST /v1/sales/{sale}/tickets; required when the sale uses purchase tickets, ignored otherwise (at most 1024 bytes)"),
     ),
-    request_body = PurchaseRequest,
+    request_body(content = PurchaseRequest, content_type = "application/json",
+        description = "At most 1024 bytes (413 body_too_large). Content-Type application/json (parameters such as charset allowed) or none; any other type is 415 unsupported_media_type"),
     security(("bearer" = [])),
     responses(
-        (status = 202, description = "Won: the order is accepted", body = PurchaseAccepted),
-        (status = 400, description = "Malformed request (invalid_json, invalid_quantity, bad_header)", body = ErrorBody),
-        (status = 401, description = "Missing, forged or expired token (checked after the sold-out flag, see above)", body = ErrorBody),
-        (status = 404, description = "Unknown sale or SKU", body = ErrorBody),
-        (status = 409, description = "Per-user limit reached", body = ErrorBody),
-        (status = 410, description = "Sold out, or the sale has ended", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 202, description = "Won: the order is accepted (or, for a retry with the same Idempotency-Key, the order it won)", body = PurchaseAccepted),
+        (status = 400, description = "Malformed request: invalid_json (not JSON, a missing or unknown field, a wrong type), invalid_quantity (below 1), bad_header (Authorization over 4096 bytes, an Idempotency-Key that is not 1-128 visible ASCII, a header that is not text)", body = ErrorBody),
+        (status = 401, description = "unauthenticated: missing, malformed, forged or expired token, or a subject that is not a user id (checked after the sold-out flag, see above)", body = ErrorBody),
+        (status = 403, description = "ticket_required: the sale requires a Purchase-Ticket header; ticket_invalid: the ticket's signature does not verify, or it is another buyer's or another sale's, expired, or already spent on this product (reason: malformed, bad_signature, other_buyer, other_sale, expired, used). No stock is touched", body = ErrorBody),
+        (status = 404, description = "unknown_sale (no sale of that name on this gateway; `sale`), unknown_sku (`sku`), or not_found (an empty sale name: no route)", body = ErrorBody),
+        (status = 409, description = "limit_reached: the quantity is above the product's per-user limit, or with what the buyer already holds it would be; the body carries `limit` and `held` or `quantity`", body = ErrorBody),
+        (status = 410, description = "sold_out (the body names the `sku`), or ended (the body carries `endedAt`)", body = ErrorBody),
+        (status = 413, description = "body_too_large: the body is over 1024 bytes", body = ErrorBody),
+        (status = 415, description = "unsupported_media_type: a Content-Type other than application/json", body = ErrorBody),
         (status = 422, description = "idempotency_key_reused: this buyer's Idempotency-Key was first used in this sale for another request (another SKU or quantity); the body names that request (sku, quantity) and the order it made (orderId, when it won). A key is the buyer's for the whole sale", body = ErrorBody),
-        (status = 425, description = "The sale has not started", body = ErrorBody),
-        (status = 429, description = "Rate limited; see Retry-After", body = ErrorBody),
-        (status = 503, description = "Redis unreachable or slow (store_unavailable, store_timeout), the sale not warmed (sale_not_ready), or, under redis.durability: replica, replication_pending: the order (orderId) is taken on the Redis master but no replica confirmed it in time; a retry with the same Idempotency-Key returns that order, a retry without one may make a second order. All carry Retry-After", body = ErrorBody),
+        (status = 425, description = "not_started: the sale has not started (the body carries `startsAt`)", body = ErrorBody),
+        (status = 429, description = "rate_limited (per user, per IP or global, named in `scope`); retry after Retry-After seconds", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "store_unavailable or store_timeout (Redis unreachable or slow), sale_not_ready (not warmed yet), store_protocol, or, under redis.durability: replica, replication_pending: the order (orderId) is taken on the Redis master but no replica confirmed it in time (a retry with the same Idempotency-Key returns that order, a retry without one may make a second order); retry after Retry-After seconds", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
 pub async fn purchase(
@@ -160,12 +228,7 @@ async fn handle(
     use outcome::*;
     // 1. Body and header limits.
     let bytes = read_body(body).await.map_err(refuse(BAD_REQUEST))?;
-    let auth = header_str(
-        headers,
-        header::AUTHORIZATION.as_str(),
-        MAX_AUTH_HEADER_BYTES,
-    )
-    .map_err(refuse(BAD_REQUEST))?;
+    let auth = authorization(headers).map_err(refuse(BAD_REQUEST))?;
     let idem = header_str(headers, "idempotency-key", MAX_IDEMPOTENCY_KEY_BYTES)
         .map_err(refuse(BAD_REQUEST))?;
     if let Some(k) = idem
@@ -179,14 +242,11 @@ async fn handle(
             ),
         );
     }
+    json_body(headers).map_err(refuse(BAD_REQUEST))?;
     // 2. Which sale and what is asked (cheap, local; the body's SKU is
     // borrowed from the request bytes unless it holds escapes).
     if sale != gw.sale.name {
-        return fail(
-            BAD_REQUEST,
-            ApiError::not_found("unknown_sale", format!("no sale named {sale:?} here"))
-                .with("sale", sale),
-        );
+        return fail(BAD_REQUEST, ApiError::unknown_sale(sale));
     }
     let req: PurchaseBody = match serde_json::from_slice(&bytes) {
         Ok(r) => r,
@@ -206,17 +266,29 @@ async fn handle(
                 .with("sku", sku),
         );
     };
-    if req.quantity < 1 || req.quantity > i64::from(product.limit()) {
+    if req.quantity < 1 {
         return fail(
             BAD_REQUEST,
-            ApiError::bad_request(
-                "invalid_quantity",
+            ApiError::bad_request("invalid_quantity", "quantity must be at least 1")
+                .with("quantity", req.quantity),
+        );
+    }
+    // Above the per-user limit is not malformed (the limit is the sale's, not
+    // the API's): it is the answer the script would give, without asking it.
+    if req.quantity > i64::from(product.limit()) {
+        return fail(
+            LIMIT,
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "limit_reached",
                 format!(
-                    "quantity must be between 1 and {} (the per-user limit)",
+                    "quantity {} is above the per-user limit of {} for {sku}",
+                    req.quantity,
                     product.limit()
                 ),
             )
-            .with("quantity", req.quantity),
+            .with("quantity", req.quantity)
+            .with("limit", product.limit()),
         );
     }
     // 3. Sale phase from local config (Redis' clock has the last word inside
@@ -257,6 +329,21 @@ async fn handle(
         .user_from_header(auth)
         .map_err(|e| refuse(UNAUTHENTICATED)(ApiError::unauthorized(e.to_string())))?;
     tracing::Span::current().record("user", user.as_str());
+    // 5b. Purchase ticket, when the sale requires one: signature, buyer,
+    // sale and expiry here, single use in the script.
+    let ticket = if gw.spec.load().purchase_ticket.enabled {
+        let checked = tickets::check(gw, headers, &user).map_err(|e| {
+            let label = match e.code {
+                "ticket_required" => TICKET_REQUIRED,
+                "ticket_invalid" => TICKET_INVALID,
+                _ => BAD_REQUEST,
+            };
+            refuse(label)(e)
+        })?;
+        Some(checked)
+    } else {
+        None
+    };
     if flagged && let Some(k) = idem {
         let replay = product
             .replays
@@ -303,15 +390,19 @@ async fn handle(
     }
     let order_id = new_order_id(sku);
     let redis_started = Instant::now();
+    let ticket = ticket.map(|t| (product.layout.ticket(&t.id), t.expires_at_ms));
     let answer = match &product.committer {
         // redis.durability: replica — the script and a WAIT, batched per product.
         Some(committer) => {
-            let call = committer.submit(&user, req.quantity, &order_id, &idem_field);
+            let call = committer.submit(&user, req.quantity, &order_id, &idem_field, ticket);
             bounded(gw, "purchase script", call).await
         }
         None => {
-            let invocation =
+            let mut invocation =
                 scripts::purchase(&product.keys, &user, req.quantity, &order_id, &idem_field);
+            if let Some((key, expires_at_ms)) = &ticket {
+                scripts::with_ticket(&mut invocation, key, *expires_at_ms);
+            }
             let call = invocation.invoke_async::<(String, String, String)>(&mut conn);
             bounded(gw, "purchase script", call)
                 .await
@@ -361,6 +452,14 @@ async fn handle(
             )
             .with("held", a.parse::<i64>().unwrap_or(0))
             .with("limit", b.parse::<i64>().unwrap_or(0)),
+        ),
+        "ticket" => fail(
+            TICKET_INVALID,
+            tickets::invalid(if a == "used" {
+                TicketError::Used
+            } else {
+                TicketError::Expired
+            }),
         ),
         "early" => fail(NOT_STARTED, not_started(ms_to_rfc3339(&a))),
         "ended" => fail(ENDED, ended(ms_to_rfc3339(&a))),
@@ -540,7 +639,7 @@ fn not_started(starts_at: String) -> ApiError {
     .with("startsAt", starts_at)
 }
 
-fn ended(ended_at: String) -> ApiError {
+pub(super) fn ended(ended_at: String) -> ApiError {
     ApiError::new(
         StatusCode::GONE,
         "ended",
@@ -568,6 +667,42 @@ async fn read_body(body: Body) -> Result<Bytes, ApiError> {
                 format!("the request body must be at most {MAX_BODY_BYTES} bytes"),
             )
         })
+}
+
+/// The `Authorization` header's value, at most 4096 bytes of text; absent is `None`.
+pub(super) fn authorization(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    header_str(
+        headers,
+        header::AUTHORIZATION.as_str(),
+        MAX_AUTH_HEADER_BYTES,
+    )
+}
+
+/// A body is JSON: `Content-Type: application/json` (any parameters, e.g.
+/// charset), or no Content-Type at all (the API has no other format, so an
+/// untyped body is read as what it must be). Anything else is 415 rather
+/// than a guess: `text/plain` or a form is not silently parsed as JSON.
+pub(super) fn json_body(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split(';').next())
+        .map(str::trim);
+    match essence {
+        Some(t) if t.eq_ignore_ascii_case("application/json") => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "the body must be JSON (Content-Type: application/json), not {:?}",
+                String::from_utf8_lossy(value.as_bytes())
+            ),
+        )
+        .with("contentType", String::from_utf8_lossy(value.as_bytes()))),
+    }
 }
 
 /// A header's value as text, within a size bound; absent is `None`.
@@ -603,4 +738,53 @@ fn client_ip(
         .and_then(|v| v.split(',').next())
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quantity(body: &str) -> Result<i64, serde_json::Error> {
+        serde_json::from_str::<PurchaseBody>(body).map(|b| b.quantity)
+    }
+
+    #[test]
+    fn a_quantity_is_any_whole_json_number() {
+        assert_eq!(quantity(r#"{"sku":"a","quantity":2}"#).ok(), Some(2));
+        assert_eq!(quantity(r#"{"sku":"a","quantity":2.0}"#).ok(), Some(2));
+        assert_eq!(quantity(r#"{"sku":"a","quantity":2e0}"#).ok(), Some(2));
+        assert_eq!(quantity(r#"{"sku":"a","quantity":-1}"#).ok(), Some(-1));
+        assert!(quantity(r#"{"sku":"a","quantity":1.5}"#).is_err());
+        assert!(quantity(r#"{"sku":"a","quantity":1e300}"#).is_err());
+        assert!(quantity(r#"{"sku":"a","quantity":18446744073709551615}"#).is_err());
+        assert!(quantity(r#"{"sku":"a","quantity":"1"}"#).is_err());
+    }
+
+    #[test]
+    fn json_and_untyped_bodies_pass_other_types_are_415() {
+        let with = |ct: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(ct) = ct
+                && let Ok(v) = header::HeaderValue::from_str(ct)
+            {
+                h.insert(header::CONTENT_TYPE, v);
+            }
+            json_body(&h).map_err(|e| (e.status, e.code))
+        };
+        assert!(with(None).is_ok());
+        assert!(with(Some("application/json")).is_ok());
+        assert!(with(Some("Application/JSON; charset=utf-8")).is_ok());
+        for other in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "application/jsonx",
+            "",
+        ] {
+            assert_eq!(
+                with(Some(other)),
+                Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")),
+                "{other}"
+            );
+        }
+    }
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::Deserialize;
@@ -231,16 +231,33 @@ pub struct WsQuery {
     pub seen: Option<String>,
 }
 
+/// The push socket. Checks, in order: the query (400 `bad_query`), the
+/// `Authorization` header's size (400 `bad_header`), the token (401
+/// `unauthenticated`: from `Authorization: Bearer`, else `?token=`), then the
+/// WebSocket handshake (400 `not_websocket` for a plain GET or a handshake
+/// axum refuses). A valid handshake is answered 101 Switching Protocols with
+/// `Upgrade: websocket`, `Connection: upgrade` and `Sec-WebSocket-Accept`.
 #[utoipa::path(
     get,
     path = "/v1/ws",
     tag = "push",
-    params(WsQuery),
+    params(
+        WsQuery,
+        ("Upgrade" = String, Header, pattern = "^websocket$", description = "The WebSocket handshake (RFC 6455): `websocket` (any letter case)"),
+        ("Connection" = String, Header, pattern = "^Upgrade$", description = "The WebSocket handshake: a list holding the `Upgrade` token"),
+        ("Sec-WebSocket-Version" = String, Header, pattern = "^13$", description = "The WebSocket handshake: `13`"),
+        ("Sec-WebSocket-Key" = String, Header, pattern = "^[A-Za-z0-9+/]{22}==$", description = "The WebSocket handshake: 16 random bytes, base64"),
+    ),
     security(("bearer" = [])),
     responses(
-        (status = 101, description = "WebSocket: the server sends `order.*` events (see OrderEvent) after a snapshot of the user's orders ended by `{\"type\":\"synced\",\"orders\":n}`; the client may send `{\"type\":\"resume\",\"seen\":{\"<orderId>\":\"<status>\"}}` to get the snapshot again"),
-        (status = 400, description = "Not a WebSocket upgrade", body = ErrorBody),
-        (status = 401, description = "Missing, forged or expired token", body = ErrorBody),
+        (status = 101, description = "Switching Protocols: the WebSocket is open. The server sends `order.*` events (see OrderEvent) after a snapshot of the user's orders ended by `{\"type\":\"synced\",\"orders\":n}`; the client may send `{\"type\":\"resume\",\"seen\":{\"<orderId>\":\"<status>\"}}` to get the snapshot again",
+            headers(
+                ("Upgrade" = String, description = "websocket"),
+                ("Connection" = String, description = "upgrade"),
+                ("Sec-WebSocket-Accept" = String, description = "The handshake's answer to Sec-WebSocket-Key"),
+            )),
+        (status = 400, description = "bad_query (an unreadable query string), bad_header (Authorization over 4096 bytes or not text), or not_websocket: a plain GET, or a handshake header missing or wrong (checked after the token)", body = ErrorBody),
+        (status = 401, description = "unauthenticated: missing, malformed, forged or expired token (checked before the handshake)", body = ErrorBody),
     )
 )]
 pub async fn ws(
@@ -253,9 +270,10 @@ pub async fn ws(
         Ok(Query(q)) => q,
         Err(e) => return ApiError::bad_request("bad_query", e.body_text()).into_response(),
     };
-    let auth = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
+    let auth = match super::purchase::authorization(&headers) {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
     let user = match auth {
         Some(h) => gw.verifier.user_from_header(Some(h)),
         None => match query.token.as_deref() {

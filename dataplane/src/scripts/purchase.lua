@@ -1,14 +1,15 @@
 -- Decides one purchase atomically: idempotency, sale window (Redis clock),
 -- stock, per-user limit, then the buyer, the user's sequence and newest order,
 -- the order record and the stream entry.
--- KEYS: 1 info, 2 stock, 3 buyers, 4 users, 5 idem, 6 orders, 7 stream, 8 clock
+-- KEYS: 1 info, 2 stock, 3 buyers, 4 users, 5 idem, 6 orders, 7 stream, 8 clock,
+--       9 ticket (only with a purchase ticket)
 -- ARGV: 1 user (visible ASCII, no space), 2 quantity (decimal), 3 new order id,
---       4 idempotency field ('' for none)
+--       4 idempotency field ('' for none), 5 ticket expiry ms (with KEYS[9])
 -- Returns {outcome, a, b}:
 --   ok      order id, remaining      dup     order id, ''
 --   nosale  '', ''                   early   start_ms, now_ms
 --   ended   end_ms, now_ms           soldout remaining, ''
---   limit   units held, limit
+--   limit   units held, limit        ticket  'expired' | 'used', ''
 -- Cost matters here (one Redis core is one product's budget): every
 -- redis.call is a command dispatch, so the accept path makes seven for a
 -- buyer's first order (nine for a later one) and passes strings, not Lua
@@ -39,6 +40,15 @@ else
 end
 if now < tonumber(info[1]) then return {'early', info[1], string.format('%d', now)} end
 if now >= tonumber(info[2]) then return {'ended', info[2], string.format('%d', now)} end
+-- A purchase ticket is spent by the first stock decision on this product
+-- (win, sold out or limit), after an idempotent replay and the window have
+-- had their say; its record expires with it. No command without a ticket.
+if KEYS[9] then
+  if now >= tonumber(ARGV[5]) then return {'ticket', 'expired', ''} end
+  if not redis.call('SET', KEYS[9], '', 'NX', 'PXAT', ARGV[5]) then
+    return {'ticket', 'used', ''}
+  end
+end
 -- Stock and limit are taken first and given back on refusal: the accept path
 -- is one call each instead of a read and a write (all inside this atomic call,
 -- so nobody sees the intermediate values).

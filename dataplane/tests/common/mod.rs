@@ -182,8 +182,17 @@ impl RunningGateway {
         doc: &SaleDocument,
         settings: &GatewaySettings,
     ) -> Result<Self, gateway::GatewayError> {
+        Self::start_at(doc, settings, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// On a given public address: a restarted gateway where its clients were.
+    pub async fn start_at(
+        doc: &SaleDocument,
+        settings: &GatewaySettings,
+        public: SocketAddr,
+    ) -> Result<Self, gateway::GatewayError> {
         let gw = Gateway::new(doc, settings)?;
-        let public = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let public = gateway::bind(public).await?;
         let admin = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let addr = public.local_addr().map_err(gateway::GatewayError::Serve)?;
         let admin_addr = admin.local_addr().map_err(gateway::GatewayError::Serve)?;
@@ -305,6 +314,26 @@ pub fn spawn_consumer_process_with(
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
+}
+
+/// The currency of the test gateways' payments.
+pub const CURRENCY: &str = "USD";
+
+/// Gateway settings (pod `gw`) with payments on, in [`CURRENCY`], and the
+/// payment provider's private key (base64) to sign callbacks with.
+pub fn settings_with_payments(
+    servers: &Servers,
+) -> Result<(GatewaySettings, String), dataplane::gateway::payment::KeyError> {
+    use dataplane::gateway::payment;
+    let (private, public) = payment::keygen();
+    let mut settings = GatewaySettings::new(servers.redis.url(), SECRET.to_vec());
+    settings.pod = "gw".into();
+    settings.payment = Some(payment::PaymentSettings {
+        public_key: payment::parse_public_key(&public)?,
+        database_url: servers.pg.url(),
+        currency: CURRENCY.into(),
+    });
+    Ok((settings, private))
 }
 
 pub fn token(user: &str) -> String {

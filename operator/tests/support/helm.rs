@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
+use dataplane::pyenv::Venv;
 use serde::Deserialize as _;
 use serde_json::{Value, json};
 
@@ -20,48 +21,14 @@ pub fn chart_dir() -> PathBuf {
     workspace().join("charts/flashsale")
 }
 
-/// The venv's python with helm-python-sdk importable; built once per run.
+/// The venv's python with helm-python-sdk importable; built once, cached in
+/// ~/.cache/flashsale (`dataplane::pyenv`).
 fn python() -> &'static Path {
     static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let ready = PYTHON.get_or_init(|| {
-        let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("helm-venv");
-        let python = venv.join("bin/python");
-        let importable = |p: &Path| {
-            Command::new(p)
-                .args(["-c", "import helm_python"])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        };
-        if importable(&python) {
-            return Ok(python);
-        }
-        let run = |cmd: &mut Command, what: &str| -> Result<(), String> {
-            let out = cmd
-                .output()
-                .map_err(|e| format!("{what}: cannot run: {e}"))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{what} failed:\n{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                ))
-            }
-        };
-        run(
-            Command::new("python3").args(["-m", "venv"]).arg(&venv),
-            "python3 -m venv (install python3 and python3-venv)",
-        )?;
-        run(
-            Command::new(venv.join("bin/pip")).args(["install", "--quiet", SDK]),
-            &format!("pip install {SDK} (needs PyPI)"),
-        )?;
-        if importable(&python) {
-            Ok(python)
-        } else {
-            Err(format!("{SDK} installed but `import helm_python` fails"))
-        }
+        Venv::ensure("helm-venv", &format!("{SDK}\n"), "import helm_python")
+            .map(|v| v.python())
+            .map_err(|e| e.to_string())
     });
     match ready {
         Ok(p) => p,
