@@ -78,3 +78,20 @@ pub fn with_ticket(
 ) {
     invocation.key(ticket_key).arg(expires_at_ms);
 }
+
+/// A request's purchase call: `purchase`, with the spent-ticket key and the
+/// ticket's expiry (`with_ticket`) when the sale requires tickets.
+pub fn purchase_with_ticket<'a>(
+    keys: &[String; 8],
+    user: &str,
+    quantity: i64,
+    order_id: &str,
+    idempotency_field: &str,
+    ticket: Option<(&str, i64)>,
+) -> redis::ScriptInvocation<'a> {
+    let mut invocation = purchase(keys, user, quantity, order_id, idempotency_field);
+    if let Some((key, expires_at_ms)) = ticket {
+        with_ticket(&mut invocation, key, expires_at_ms);
+    }
+    invocation
+}

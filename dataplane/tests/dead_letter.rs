@@ -186,20 +186,13 @@ async fn an_over_delivered_entry_already_persisted_is_confirmed_not_failed() -> 
     }
 
     let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
-    let confirmed = eventually(Duration::from_secs(15), || {
-        let mut conn = conn.clone();
-        let (orders, id) = (keys.orders(), id.clone());
-        async move {
-            let raw: Option<String> = redis::cmd("HGET")
-                .arg(orders)
-                .arg(&id)
-                .query_async(&mut conn)
-                .await
-                .unwrap_or(None);
-            raw.and_then(|r| OrderRecord::decode(&id, &r))
-                .is_some_and(|r| r.status == OrderStatus::Confirmed)
-        }
-    })
+    let confirmed = order_reaches(
+        &conn,
+        &keys.orders(),
+        &id,
+        OrderStatus::Confirmed,
+        Duration::from_secs(15),
+    )
     .await;
     consumers.stop().await;
     let record: Option<String> = redis::cmd("HGET")

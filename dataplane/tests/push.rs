@@ -131,21 +131,7 @@ async fn reconnect_with_what_was_seen_brings_what_was_missed() -> TestResult {
     let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
     let conn = servers.redis_conn().await?;
     let orders_key = ProductKeys::new(&doc.id(), "item").orders();
-    let confirmed = eventually(BOUND, || {
-        let mut conn = conn.clone();
-        let (key, id) = (orders_key.clone(), order.clone());
-        async move {
-            let raw: Option<String> = redis::cmd("HGET")
-                .arg(&key)
-                .arg(&id)
-                .query_async(&mut conn)
-                .await
-                .unwrap_or(None);
-            raw.and_then(|r| OrderRecord::decode(&id, &r))
-                .is_some_and(|r| r.status == OrderStatus::Confirmed)
-        }
-    })
-    .await;
+    let confirmed = order_reaches(&conn, &orders_key, &order, OrderStatus::Confirmed, BOUND).await;
     assert!(confirmed, "the consumer confirmed the order");
     let raw: String = redis::cmd("HGET")
         .arg(&orders_key)

@@ -126,12 +126,14 @@ async fn commit<C: ConnectionLike>(
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for j in &jobs {
-            let mut invocation =
-                scripts::purchase(keys, &j.user, j.quantity, &j.order_id, &j.idempotency_field);
-            if let Some((key, expires_at_ms)) = &j.ticket {
-                scripts::with_ticket(&mut invocation, key, *expires_at_ms);
-            }
-            pipe.invoke_script(&invocation);
+            pipe.invoke_script(&scripts::purchase_with_ticket(
+                keys,
+                &j.user,
+                j.quantity,
+                &j.order_id,
+                &j.idempotency_field,
+                j.ticket.as_ref().map(|(key, at)| (key.as_str(), *at)),
+            ));
         }
         wait.append(&mut pipe);
         let started = Instant::now();

@@ -398,11 +398,14 @@ async fn handle(
             bounded(gw, "purchase script", call).await
         }
         None => {
-            let mut invocation =
-                scripts::purchase(&product.keys, &user, req.quantity, &order_id, &idem_field);
-            if let Some((key, expires_at_ms)) = &ticket {
-                scripts::with_ticket(&mut invocation, key, *expires_at_ms);
-            }
+            let invocation = scripts::purchase_with_ticket(
+                &product.keys,
+                &user,
+                req.quantity,
+                &order_id,
+                &idem_field,
+                ticket.as_ref().map(|(key, at)| (key.as_str(), *at)),
+            );
             let call = invocation.invoke_async::<(String, String, String)>(&mut conn);
             bounded(gw, "purchase script", call)
                 .await

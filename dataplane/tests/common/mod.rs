@@ -385,3 +385,31 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Whether order `id`'s record in `orders` (a product's orders hash) reaches
+/// `status` within `timeout`.
+pub async fn order_reaches<C>(
+    conn: &C,
+    orders: &str,
+    id: &str,
+    status: dataplane::order::OrderStatus,
+    timeout: Duration,
+) -> bool
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync,
+{
+    eventually(timeout, || {
+        let mut conn = conn.clone();
+        async move {
+            let raw: Option<String> = redis::cmd("HGET")
+                .arg(orders)
+                .arg(id)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(None);
+            raw.and_then(|r| dataplane::order::OrderRecord::decode(id, &r))
+                .is_some_and(|r| r.status == status)
+        }
+    })
+    .await
+}
