@@ -948,18 +948,40 @@ async fn finished_ok(task: tokio::task::JoinHandle<redis::RedisResult<()>>) -> b
     }
 }
 
-/// The order row a stream entry (written by purchase.lua) stands for.
+/// The order row a stream entry (written by purchase.lua) stands for: one
+/// field `o`, `"<order id> <user> <qty> <seq> <price> <at ms>"`, or the six
+/// fields of key layout 1, so entries a previous version's gateway left in
+/// the stream are still persisted.
 pub fn parse_entry(sku: &str, e: &StreamId) -> Option<OrderRow> {
-    Some(OrderRow {
-        order_id: e.get("id")?,
+    let row = |order_id, user_id, seq, quantity, unit_price, accepted_at_ms| OrderRow {
+        order_id,
         sku: sku.to_string(),
-        user_id: e.get("user")?,
-        seq: e.get("seq")?,
-        quantity: e.get("qty")?,
-        unit_price: e.get("price")?,
-        accepted_at_ms: e.get("at")?,
+        user_id,
+        seq,
+        quantity,
+        unit_price,
+        accepted_at_ms,
         stream_id: e.id.clone(),
-    })
+    };
+    if let Some(packed) = e.get::<String>("o") {
+        let mut w = packed.split(' ');
+        let mut next = || w.next().filter(|s| !s.is_empty());
+        let (id, user) = (next()?.to_string(), next()?.to_string());
+        let (quantity, seq) = (next()?.parse().ok()?, next()?.parse().ok()?);
+        let (price, at) = (next()?.parse().ok()?, next()?.parse().ok()?);
+        if next().is_some() {
+            return None;
+        }
+        return Some(row(id, user, seq, quantity, price, at));
+    }
+    Some(row(
+        e.get("id")?,
+        e.get("user")?,
+        e.get("seq")?,
+        e.get("qty")?,
+        e.get("price")?,
+        e.get("at")?,
+    ))
 }
 
 /// Exponential backoff, 50 ms to 2 s, that gives up when shutdown comes.
@@ -986,5 +1008,59 @@ impl Backoff {
             _ = tokio::time::sleep(d) => true,
             _ = shutdown.cancelled() => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(fields: &[(&str, &str)]) -> StreamId {
+        StreamId {
+            id: "1-0".into(),
+            map: fields
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        redis::Value::BulkString(v.as_bytes().to_vec()),
+                    )
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn packed_and_layout_1_entries_give_the_same_row() {
+        let packed = entry(&[("o", "tv.01J 4ZL 2 3 19.99 1763700000000")]);
+        let six = entry(&[
+            ("id", "tv.01J"),
+            ("user", "4ZL"),
+            ("qty", "2"),
+            ("seq", "3"),
+            ("price", "19.99"),
+            ("at", "1763700000000"),
+        ]);
+        let row = parse_entry("tv", &packed);
+        assert_eq!(row, parse_entry("tv", &six));
+        let row = row.map(|r| (r.order_id, r.user_id, r.quantity, r.seq, r.unit_price));
+        assert_eq!(
+            row,
+            Some(("tv.01J".into(), "4ZL".into(), 2, 3, "19.99".into()))
+        );
+    }
+
+    #[test]
+    fn a_short_long_or_garbled_entry_is_no_row() {
+        for bad in [
+            "tv.01J 4ZL 2 3 19.99",
+            "tv.01J 4ZL 2 3 19.99 1763700000000 x",
+            "tv.01J 4ZL two 3 19.99 1763700000000",
+            "tv.01J  2 3 19.99 1763700000000",
+        ] {
+            assert_eq!(parse_entry("tv", &entry(&[("o", bad)])), None, "{bad}");
+        }
+        assert_eq!(parse_entry("tv", &entry(&[("garbage", "1")])), None);
     }
 }

@@ -23,9 +23,11 @@ impl ProductKeys {
         format!("{}:{suffix}", self.base)
     }
 
-    /// Hash: `stock` (total), `price`, `limit`, `start_ms`, `end_ms`, and the
-    /// status counters `persisted`, `paid`, `cancelled`, `failed` (units,
-    /// moved by `counters.lua`; see `counters`).
+    /// Hash: `stock` (total), `price`, `limit`, `start_ms`, `end_ms`; `rules`,
+    /// the same for `purchase.lua` in one field: `"<layout> <start_ms>
+    /// <end_ms> <limit> <price>"` (`LAYOUT`, the key layout the product was
+    /// warmed with); and the status counters `persisted`, `paid`,
+    /// `cancelled`, `failed` (units, moved by `counters.lua`; see `counters`).
     pub fn info(&self) -> String {
         self.key("info")
     }
@@ -33,16 +35,15 @@ impl ProductKeys {
     pub fn stock(&self) -> String {
         self.key("stock")
     }
-    /// Hash: user -> units held by active (not failed/cancelled) orders.
+    /// Hash: user -> `"<held> <seq> <newest order id>"` (`BuyerEntry`): units
+    /// held by the user's active (not failed/cancelled) orders, how many
+    /// orders the user ever placed (never decreases; the database's unique
+    /// (sale, sku, user, seq) key uses it) and the newest of them, the head
+    /// of the user's chain of orders (each order record names the one before
+    /// it). One entry per buyer, written once by a buyer's first order: the
+    /// purchase script's only per-buyer insert. An entry outlives its units.
     pub fn buyers(&self) -> String {
         self.key("buyers")
-    }
-    /// Hash: user -> `"<seq> <last order id>"`: how many orders the user
-    /// ever placed (never decreases; the database's unique (sale, sku, user,
-    /// seq) key uses it) and the newest of them, the head of the user's chain
-    /// of orders (each order record names the one before it).
-    pub fn users(&self) -> String {
-        self.key("users")
     }
     /// Hash: `user \x1f idempotency-key` -> order id.
     pub fn idempotency(&self) -> String {
@@ -52,7 +53,9 @@ impl ProductKeys {
     pub fn orders(&self) -> String {
         self.key("orders")
     }
-    /// Stream of accepted order requests, read by the consumers' group.
+    /// Stream of accepted order requests, read by the consumers' group; each
+    /// entry is one field `o`: `"<order id> <user> <qty> <seq> <price> <at ms>"`
+    /// (`consumer::parse_entry`).
     pub fn stream(&self) -> String {
         self.key("stream")
     }
@@ -83,14 +86,13 @@ impl ProductKeys {
     }
 
     /// The purchase script's KEYS, in the order `purchase.lua` reads them:
-    /// info, stock, buyers, users, idem, orders, stream, clock (a purchase
-    /// with a ticket adds `ticket` as the ninth).
-    pub fn purchase_keys(&self) -> [String; 8] {
+    /// info, stock, buyers, idem, orders, stream, clock (a purchase with a
+    /// ticket adds `ticket` as the eighth).
+    pub fn purchase_keys(&self) -> PurchaseKeys {
         [
             self.info(),
             self.stock(),
             self.buyers(),
-            self.users(),
             self.idempotency(),
             self.orders(),
             self.stream(),
@@ -98,12 +100,49 @@ impl ProductKeys {
         ]
     }
 
-    /// Every key of the product, for clearing a deleted sale.
+    /// Every key of the product, for clearing a deleted sale (with layout
+    /// 1's `users` hash, so a sale warmed before layout 2 is cleared whole).
     pub fn all(&self) -> Vec<String> {
         let mut keys = self.purchase_keys().to_vec();
         keys.push(self.dead_letter());
         keys.push(self.wait_mark());
+        keys.push(self.key("users"));
         keys
+    }
+}
+
+/// `ProductKeys::purchase_keys`.
+pub type PurchaseKeys = [String; 7];
+
+/// The version of this key layout, written into a product's `info` (the
+/// first word of `rules`) when it is first warmed, and kept by every later
+/// warm. `purchase.lua` refuses a product warmed with another layout (503
+/// `redis_layout`), so a gateway of a newer data plane never sells a sale an
+/// older one started, and never writes entries that sale's consumers could
+/// not read. Layout 2: `rules`, one `buyers` entry per user (held, seq,
+/// newest order) and one-field stream entries; layout 1 (no `rules` field)
+/// kept `users` apart and six stream fields.
+pub const LAYOUT: &str = "2";
+
+/// One `buyers` hash value: `"<held> <seq> <newest order id>"`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuyerEntry {
+    /// Units held by the buyer's active orders.
+    pub held: i64,
+    /// Orders the buyer ever placed of this product.
+    pub seq: i64,
+    /// The newest of them ('' never happens once an order was placed).
+    pub newest: String,
+}
+
+impl BuyerEntry {
+    pub fn parse(raw: &str) -> Option<Self> {
+        let mut words = raw.splitn(3, ' ');
+        Some(Self {
+            held: words.next()?.parse().ok()?,
+            seq: words.next()?.parse().ok()?,
+            newest: words.next()?.to_string(),
+        })
     }
 }
 
@@ -194,5 +233,20 @@ mod tests {
             SaleKeys::new(&SaleId::new("shop", "sd")).meta(),
             "fs:{shop/sd}:meta"
         );
+    }
+
+    #[test]
+    fn buyer_entries_parse_or_are_refused() {
+        assert_eq!(
+            BuyerEntry::parse("2 3 phone.01ARZ3NDEKTSV4RRFFQ69G5FAV"),
+            Some(BuyerEntry {
+                held: 2,
+                seq: 3,
+                newest: "phone.01ARZ3NDEKTSV4RRFFQ69G5FAV".into()
+            })
+        );
+        // Layout 1's plain unit count is not an entry.
+        assert_eq!(BuyerEntry::parse("2"), None);
+        assert_eq!(BuyerEntry::parse("x 1 o"), None);
     }
 }

@@ -5,6 +5,8 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
+use crate::keys::PurchaseKeys;
+
 /// The purchase decision (`purchase.lua`).
 pub static PURCHASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/purchase.lua")));
@@ -51,7 +53,7 @@ pub static UNREGISTER: LazyLock<Script> =
 /// One call of the purchase script: `keys` from `ProductKeys::purchase_keys`,
 /// an empty `idempotency_field` for a request without a key.
 pub fn purchase<'a>(
-    keys: &[String; 8],
+    keys: &PurchaseKeys,
     user: &str,
     quantity: i64,
     order_id: &str,
@@ -69,7 +71,7 @@ pub fn purchase<'a>(
 }
 
 /// Adds a purchase ticket to a purchase call: its key
-/// (`ProductKeys::ticket`, the ninth KEY) and expiry (Unix ms, the fifth
+/// (`ProductKeys::ticket`, the eighth KEY) and expiry (Unix ms, the fifth
 /// ARGV). A call without them is the no-ticket path, unchanged.
 pub fn with_ticket(
     invocation: &mut redis::ScriptInvocation<'_>,
@@ -82,7 +84,7 @@ pub fn with_ticket(
 /// A request's purchase call: `purchase`, with the spent-ticket key and the
 /// ticket's expiry (`with_ticket`) when the sale requires tickets.
 pub fn purchase_with_ticket<'a>(
-    keys: &[String; 8],
+    keys: &PurchaseKeys,
     user: &str,
     quantity: i64,
     order_id: &str,

@@ -81,6 +81,7 @@ pub(crate) async fn write_products<C: ConnectionLike + Send>(
             .arg(p.per_user_limit)
             .arg(start_ms)
             .arg(end_ms)
+            .arg(crate::keys::LAYOUT)
             .invoke_async(conn)
             .await?;
         let outcome = match outcome.as_str() {

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use dataplane::keys::ProductKeys;
+use dataplane::keys::{BuyerEntry, ProductKeys};
 use dataplane::order::{OrderRecord, OrderStatus, new_order_id};
 use dataplane::scripts;
 
@@ -83,12 +83,13 @@ async fn refused_entry_is_dead_lettered_and_its_stock_returned_once() -> TestRes
         .query_async(&mut conn)
         .await?;
     assert_eq!(stock, 10, "the unit came back");
-    let held: Option<i64> = redis::cmd("HGET")
+    let entry: Option<String> = redis::cmd("HGET")
         .arg(keys.buyers())
         .arg("alice")
         .query_async(&mut conn)
         .await?;
-    assert_eq!(held, None, "alice may buy again");
+    let held = entry.as_deref().and_then(BuyerEntry::parse).map(|e| e.held);
+    assert_eq!(held, Some(0), "alice may buy again");
     let pending: (u64, Option<String>, Option<String>, redis::Value) = redis::cmd("XPENDING")
         .arg(keys.stream())
         .arg("persist")

@@ -71,22 +71,21 @@ async fn buy(
     Ok((status, r.json().await?))
 }
 
-/// What a purchase may have touched: stock left, buyers, users, orders, stream entries.
+/// What a purchase may have touched: stock left, buyers, orders, stream entries.
 async fn footprint(
     conn: &mut redis::aio::ConnectionManager,
     doc: &SaleDocument,
     sku: &str,
-) -> Result<(i64, i64, i64, i64, i64), BoxError> {
+) -> Result<(i64, i64, i64, i64), BoxError> {
     let k = ProductKeys::new(&doc.id(), sku);
-    let (stock, buyers, users, orders, stream): (i64, i64, i64, i64, i64) = redis::pipe()
+    let (stock, buyers, orders, stream): (i64, i64, i64, i64) = redis::pipe()
         .get(k.stock())
         .hlen(k.buyers())
-        .hlen(k.users())
         .hlen(k.orders())
         .xlen(k.stream())
         .query_async(conn)
         .await?;
-    Ok((stock, buyers, users, orders, stream))
+    Ok((stock, buyers, orders, stream))
 }
 
 fn assert_refused(status: u16, body: &serde_json::Value, code: &str, reason: Option<&str>) {
@@ -108,7 +107,7 @@ async fn a_ticket_sale_refuses_bad_tickets_and_wins_once_per_product() -> TestRe
     let gw = RunningGateway::start(&doc, &redis.url(), "gw-tix").await?;
     let client = http();
     let untouched = footprint(&mut conn, &doc, "phone").await?;
-    assert_eq!(untouched, (5, 0, 0, 0, 0));
+    assert_eq!(untouched, (5, 0, 0, 0));
 
     // The ticket endpoint: token required, sale named.
     let r = client.post(gw.url("/v1/sales/tix/tickets")).send().await?;
@@ -171,7 +170,7 @@ async fn a_ticket_sale_refuses_bad_tickets_and_wins_once_per_product() -> TestRe
     let (status, won) = buy(&client, &gw, "tix", "alice", "phone", "k1", Some(&alice)).await?;
     assert_eq!(status, 202, "{won}");
     let after_win = footprint(&mut conn, &doc, "phone").await?;
-    assert_eq!(after_win, (4, 1, 1, 1, 1));
+    assert_eq!(after_win, (4, 1, 1, 1));
     // The retry of that request (same key, same ticket) gets its order.
     let (status, again) = buy(&client, &gw, "tix", "alice", "phone", "k1", Some(&alice)).await?;
     assert_eq!(
@@ -232,7 +231,7 @@ async fn the_script_refuses_a_ticket_expired_by_redis_clock_without_touching_sto
     let past = jiff::Timestamp::now().as_millisecond() - 1_000;
     let (verdict, why, _): (String, String, String) = call(past).invoke_async(&mut conn).await?;
     assert_eq!((verdict.as_str(), why.as_str()), ("ticket", "expired"));
-    assert_eq!(footprint(&mut conn, &doc, "phone").await?, (5, 0, 0, 0, 0));
+    assert_eq!(footprint(&mut conn, &doc, "phone").await?, (5, 0, 0, 0));
     let exists: bool = redis::cmd("EXISTS")
         .arg(k.ticket("01ARZ3NDEKTSV4RRFFQ69G5FAV"))
         .query_async(&mut conn)

@@ -16,6 +16,7 @@ use redis::aio::ConnectionLike;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::durability::{ReplicaWait, WaitPath, split_wait};
+use crate::keys::PurchaseKeys;
 use crate::scripts;
 
 /// Most purchases one pipeline carries.
@@ -52,7 +53,12 @@ impl Committer {
     /// The committer of one product and the task that runs it (spawned with
     /// the gateway's background work). `conn` should be the committer's own
     /// connection: each WAIT blocks it for a replication round trip.
-    pub fn new<C>(keys: [String; 8], conn: C, wait: ReplicaWait, max_batch: usize) -> (Self, Worker)
+    pub fn new<C>(
+        keys: PurchaseKeys,
+        conn: C,
+        wait: ReplicaWait,
+        max_batch: usize,
+    ) -> (Self, Worker)
     where
         C: ConnectionLike + Send + 'static,
     {
@@ -99,7 +105,7 @@ fn stopped() -> redis::RedisError {
 }
 
 async fn run<C: ConnectionLike + Send>(
-    keys: [String; 8],
+    keys: PurchaseKeys,
     mut conn: C,
     mut rx: mpsc::Receiver<Job>,
     wait: ReplicaWait,
@@ -117,7 +123,7 @@ async fn run<C: ConnectionLike + Send>(
 /// the server without it (NOSCRIPT: a restarted or promoted node) did not
 /// run; it is loaded and those purchases go again, with a WAIT of their own.
 async fn commit<C: ConnectionLike>(
-    keys: &[String; 8],
+    keys: &PurchaseKeys,
     conn: &mut C,
     mut jobs: Vec<Job>,
     wait: ReplicaWait,

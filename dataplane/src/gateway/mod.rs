@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken as Shutdown;
 
 use crate::breaker::Breaker;
 use crate::durability::Durability;
-use crate::keys::ProductKeys;
+use crate::keys::{ProductKeys, PurchaseKeys};
 use crate::ratelimit::RateLimiters;
 use crate::redis_conn::{ConnSettings, RedisConn, RedisConnError, RedisMode, RedisTarget};
 use crate::spec::{Phase, SaleDocument, SaleId, SaleSpec};
@@ -95,8 +95,8 @@ pub struct ProductRuntime {
     pub sku: String,
     /// Per-user limit, refreshed from the sale's live spec.
     limit: AtomicU32,
-    /// info, stock, buyers, users, idem, orders, stream, clock (the script's KEYS).
-    pub keys: [String; 8],
+    /// info, stock, buyers, idem, orders, stream, clock (the script's KEYS).
+    pub keys: PurchaseKeys,
     pub layout: ProductKeys,
     /// Under `redis.durability: replica`, the product's group committer.
     pub committer: Option<commit::Committer>,
@@ -119,14 +119,14 @@ impl ProductRuntime {
     pub fn stock_key(&self) -> &str {
         &self.keys[1]
     }
-    pub fn users_key(&self) -> &str {
-        &self.keys[3]
+    pub fn buyers_key(&self) -> &str {
+        &self.keys[2]
     }
     pub fn idempotency_key(&self) -> &str {
-        &self.keys[4]
+        &self.keys[3]
     }
     pub fn orders_key(&self) -> &str {
-        &self.keys[5]
+        &self.keys[4]
     }
 
     pub fn sold_out_response(&self) -> axum::response::Response {

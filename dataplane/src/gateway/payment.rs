@@ -578,7 +578,7 @@ async fn mark_paid_in_redis(gw: &Gateway, order_id: &str, repeat: bool) {
         return;
     };
     let mut redis = gw.redis.clone();
-    // keys[5] holds the orders, keys[0] the info hash with the counters.
+    // The info hash (keys[0]) holds the counters.
     let moved: Result<Vec<String>, _> = scripts::TRANSITION
         .key(product.orders_key())
         .key(&product.keys[0])

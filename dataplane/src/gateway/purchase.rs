@@ -175,7 +175,7 @@ pub mod outcome {
         (status = 425, description = "not_started: the sale has not started (the body carries `startsAt`)", body = ErrorBody),
         (status = 429, description = "rate_limited (per user, per IP or global, named in `scope`); retry after Retry-After seconds", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "store_unavailable or store_timeout (Redis unreachable or slow), sale_not_ready (not warmed yet), store_protocol, or, under redis.durability: replica, replication_pending: the order (orderId) is taken on the Redis master but no replica confirmed it in time (a retry with the same Idempotency-Key returns that order, a retry without one may make a second order); retry after Retry-After seconds", body = ErrorBody,
+        (status = 503, description = "store_unavailable or store_timeout (Redis unreachable or slow), sale_not_ready (not warmed yet), store_protocol, redis_layout (the sale was warmed by a data plane with another Redis key layout: finish it on the version that started it), or, under redis.durability: replica, replication_pending: the order (orderId) is taken on the Redis master but no replica confirmed it in time (a retry with the same Idempotency-Key returns that order, a retry without one may make a second order); retry after Retry-After seconds", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
@@ -474,6 +474,21 @@ async fn handle(
             )
             .retry_after(5),
         ),
+        "layout" => {
+            tracing::error!(
+                found = %a,
+                expected = %b,
+                sku,
+                "the product's Redis data has another key layout; it was warmed by another version of the data plane"
+            );
+            fail(
+                UNAVAILABLE,
+                ApiError::unavailable(
+                    "redis_layout",
+                    "this sale was started by another version of the data plane; this gateway cannot sell it",
+                ),
+            )
+        }
         other => {
             tracing::error!(answer = other, "unexpected answer from purchase.lua");
             fail(

@@ -585,7 +585,7 @@ async fn user_orders(
         let mut redis = gw.redis.clone();
         async move {
             scripts::ORDERS_OF
-                .key(p.users_key())
+                .key(p.buyers_key())
                 .key(p.orders_key())
                 .arg(user)
                 .arg(MAX_SNAPSHOT_ORDERS)

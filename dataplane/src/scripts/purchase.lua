@@ -1,86 +1,103 @@
 -- Decides one purchase atomically: idempotency, sale window (Redis clock),
--- stock, per-user limit, then the buyer, the user's sequence and newest order,
--- the order record and the stream entry.
--- KEYS: 1 info, 2 stock, 3 buyers, 4 users, 5 idem, 6 orders, 7 stream, 8 clock,
---       9 ticket (only with a purchase ticket)
+-- stock, per-user limit, then the buyer's entry, the order record and the
+-- stream entry.
+-- KEYS: 1 info, 2 stock, 3 buyers, 4 idem, 5 orders, 6 stream, 7 clock,
+--       8 ticket (only with a purchase ticket)
 -- ARGV: 1 user (visible ASCII, no space), 2 quantity (decimal), 3 new order id,
---       4 idempotency field ('' for none), 5 ticket expiry ms (with KEYS[9])
+--       4 idempotency field ('' for none), 5 ticket expiry ms (with KEYS[8])
 -- Returns {outcome, a, b}:
 --   ok      order id, remaining      dup     order id, ''
 --   nosale  '', ''                   early   start_ms, now_ms
 --   ended   end_ms, now_ms           soldout remaining, ''
 --   limit   units held, limit        ticket  'expired' | 'used', ''
+--   layout  the product's key layout, this script's
 -- Cost matters here (one Redis core is one product's budget): every
--- redis.call is a command dispatch, so the accept path makes seven for a
--- buyer's first order (nine for a later one) and passes strings, not Lua
--- numbers, as arguments (those are formatted with %.14g).
+-- redis.call is a command dispatch and every argument a Redis string built
+-- from Lua's, so the accept path makes six calls for a buyer's first order
+-- (seven for a later one), passes strings, not Lua numbers (those are
+-- formatted with %.14g), and packs the stream entry into one field.
 local user, q, oid, idem = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if idem ~= '' then
-  local prev = redis.call('HGET', KEYS[5], idem)
+  local prev = redis.call('HGET', KEYS[4], idem)
   if prev then
     -- Rewritten with itself: a replicated write, so a WAIT after this call
     -- covers the original order too, whichever connection wrote it
     -- (redis.durability: replica answers a replay only once a replica holds it).
-    redis.call('HSET', KEYS[5], idem, prev)
+    redis.call('HSET', KEYS[4], idem, prev)
     return {'dup', prev, ''}
   end
 end
-local info = redis.call('HMGET', KEYS[1], 'start_ms', 'end_ms', 'limit', 'price')
-if not info[1] then return {'nosale', '', ''} end
+-- The product's rules, one field written by warm.lua: "<layout> <start_ms>
+-- <end_ms> <limit> <price>" (one reply to read instead of five fields). A
+-- product warmed by a data plane with another key layout (keys::LAYOUT) is
+-- refused before anything is written: its buyer entries and stream would
+-- not read the same, and a script error after the stock decision keeps the
+-- writes made before it.
+local rules = redis.call('HGET', KEYS[1], 'rules')
+if not rules then
+  if redis.call('HEXISTS', KEYS[1], 'stock') == 1 then return {'layout', '1', '2'} end
+  return {'nosale', '', ''}
+end
+local layout, start_ms, end_ms, limit, price = string.match(rules, '^(%d+) (%d+) (%d+) (%d+) (%S+)$')
+if layout ~= '2' then return {'layout', layout or '', '2'} end
 -- Redis' clock: the clock key expires at a fixed instant, so its PTTL is that
 -- instant minus now (an integer reply; TIME answers two strings to parse).
 local now
-local ttl = redis.call('PTTL', KEYS[8])
+local ttl = redis.call('PTTL', KEYS[7])
 if ttl >= 0 then
   now = 4102444800000 - ttl
 else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('SET', KEYS[8], '', 'PXAT', '4102444800000')
+  redis.call('SET', KEYS[7], '', 'PXAT', '4102444800000')
 end
-if now < tonumber(info[1]) then return {'early', info[1], string.format('%d', now)} end
-if now >= tonumber(info[2]) then return {'ended', info[2], string.format('%d', now)} end
+if now < tonumber(start_ms) then return {'early', start_ms, string.format('%d', now)} end
+if now >= tonumber(end_ms) then return {'ended', end_ms, string.format('%d', now)} end
 -- A purchase ticket is spent by the first stock decision on this product
 -- (win, sold out or limit), after an idempotent replay and the window have
 -- had their say; its record expires with it. No command without a ticket.
-if KEYS[9] then
+if KEYS[8] then
   if now >= tonumber(ARGV[5]) then return {'ticket', 'expired', ''} end
-  if not redis.call('SET', KEYS[9], '', 'NX', 'PXAT', ARGV[5]) then
+  if not redis.call('SET', KEYS[8], '', 'NX', 'PXAT', ARGV[5]) then
     return {'ticket', 'used', ''}
   end
 end
--- Stock and limit are taken first and given back on refusal: the accept path
--- is one call each instead of a read and a write (all inside this atomic call,
--- so nobody sees the intermediate values).
+-- Stock is taken first and given back on refusal: the accept path is one
+-- call instead of a read and a write (all inside this atomic call, so nobody
+-- sees the intermediate value).
 local remaining = redis.call('DECRBY', KEYS[2], q)
 if remaining < 0 then
   return {'soldout', string.format('%d', redis.call('INCRBY', KEYS[2], q)), ''}
 end
-local held = redis.call('HINCRBY', KEYS[3], user, q)
-if held > tonumber(info[3]) then
-  redis.call('INCRBY', KEYS[2], q)
-  held = held - tonumber(q)
-  if held > 0 then
-    redis.call('HINCRBY', KEYS[3], user, '-' .. q)
-  else
-    redis.call('HDEL', KEYS[3], user)
-  end
-  return {'limit', string.format('%d', held), info[3]}
-end
--- users: "<seq> <newest order id>"; the new record links to the previous
--- newest, so a user's orders are a chain read from the head (O(1) here).
--- Most orders are a buyer's first of the product: one HSETNX; a later
--- order reads and rewrites the entry.
+-- buyers: "<units held> <orders placed> <newest order id>" per user. Most
+-- orders are a buyer's first of the product: one HSETNX writes the entry
+-- (the new record has no previous order to link to). A later order reads
+-- the entry, checks the limit and rewrites it; the new record links to the
+-- previous newest, so a user's orders are a chain read from the head.
+local n, most = tonumber(q), tonumber(limit)
 local seq, last = '1', ''
-if redis.call('HSETNX', KEYS[4], user, '1 ' .. oid) == 0 then
-  local s, l = string.match(redis.call('HGET', KEYS[4], user), '^(%d+) (.*)$')
-  seq, last = string.format('%d', s + 1), l
-  redis.call('HSET', KEYS[4], user, seq .. ' ' .. oid)
+if n > most or redis.call('HSETNX', KEYS[3], user, q .. ' 1 ' .. oid) == 0 then
+  local held, placed = 0, 0
+  local entry = redis.call('HGET', KEYS[3], user)
+  if entry then
+    local h, p, l = string.match(entry, '^(%d+) (%d+) (%S*)$')
+    if not h then
+      redis.call('INCRBY', KEYS[2], q)
+      return {'layout', 'buyers', '2'}
+    end
+    held, placed, last = tonumber(h), tonumber(p), l
+  end
+  if held + n > most then
+    redis.call('INCRBY', KEYS[2], q)
+    return {'limit', string.format('%d', held), limit}
+  end
+  seq = string.format('%d', placed + 1)
+  redis.call('HSET', KEYS[3], user, string.format('%d', held + n) .. ' ' .. seq .. ' ' .. oid)
 end
-if idem ~= '' then redis.call('HSET', KEYS[5], idem, oid) end
+if idem ~= '' then redis.call('HSET', KEYS[4], idem, oid) end
 local at = string.format('%d', now)
 -- The record: status qty at price user prev [reason] (order::OrderRecord).
-redis.call('HSET', KEYS[6], oid, 'accepted ' .. q .. ' ' .. at .. ' ' .. info[4] .. ' ' .. user .. ' ' .. last)
-redis.call('XADD', KEYS[7], '*', 'id', oid, 'user', user, 'qty', q, 'seq', seq,
-  'price', info[4], 'at', at)
+redis.call('HSET', KEYS[5], oid, 'accepted ' .. q .. ' ' .. at .. ' ' .. price .. ' ' .. user .. ' ' .. last)
+-- The stream entry, one field: "id user qty seq price at" (consumer::parse_entry).
+redis.call('XADD', KEYS[6], '*', 'o', oid .. ' ' .. user .. ' ' .. q .. ' ' .. seq .. ' ' .. price .. ' ' .. at)
 return {'ok', oid, string.format('%d', remaining)}

@@ -16,6 +16,14 @@ count_move(KEYS[4], status, ARGV[2], tonumber(qty))
 redis.call('HSET', KEYS[1], ARGV[1],
   ARGV[2] .. ':' .. now_ms() .. string.sub(raw, #word + 1) .. ' ' .. ARGV[3])
 local remaining = redis.call('INCRBY', KEYS[2], qty)
-local held = redis.call('HINCRBY', KEYS[3], user, '-' .. qty)
-if held <= 0 then redis.call('HDEL', KEYS[3], user) end
+-- The buyer's entry, "<units held> <orders placed> <newest order id>" (see
+-- purchase.lua), gives the units back and stays: its count of orders placed
+-- numbers the buyer's next order and must never go back.
+local entry = redis.call('HGET', KEYS[3], user)
+local held, rest = string.match(entry or '', '^(%d+)( %d+ %S*)$')
+if held then
+  local left = tonumber(held) - tonumber(qty)
+  if left < 0 then left = 0 end
+  redis.call('HSET', KEYS[3], user, string.format('%d', left) .. rest)
+end
 return {'released', string.format('%d', remaining)}
