@@ -199,9 +199,14 @@ pub(crate) fn median_f(v: &[f64]) -> f64 {
 #[derive(Debug, Serialize)]
 pub struct AcceptReport {
     pub connections: usize,
+    /// Each purchase with a new Idempotency-Key (two Redis calls: the key's
+    /// binding in the sale, then the purchase script).
     pub purchase: LoadFigures,
     pub trivial: LoadFigures,
     pub purchase_vs_trivial: f64,
+    /// The same purchases without an Idempotency-Key (one Redis call).
+    pub purchase_unkeyed: LoadFigures,
+    pub purchase_unkeyed_vs_trivial: f64,
     pub redis_benchmark_evalsha_p16_rps: f64,
     pub purchase_vs_redis_benchmark: f64,
     /// `redis-benchmark` of an empty script with the same keys and arguments,
@@ -248,8 +253,10 @@ pub async fn accept(
     // script then of an empty one with the same keys and arguments, on the
     // same server; interleaved so machine noise hits all of them alike.
     let mut purchases = Vec::new();
+    let mut unkeyed = Vec::new();
     let mut trivials = Vec::new();
     let mut vs_trivial = Vec::new();
+    let mut unkeyed_vs_trivial = Vec::new();
     let mut vs_redis = Vec::new();
     let mut redis_rates = Vec::new();
     let mut empty_rates = Vec::new();
@@ -257,31 +264,15 @@ pub async fn accept(
     let mut cpu_purchase = Vec::new();
     let mut cpu_empty = Vec::new();
     let mut memory = Vec::new();
+    // One closed-loop run of `requests` at the gateway.
+    let load = async |target: Target| -> Result<LoadFigures, BenchError> {
+        let config = crowd_config(addr, "accept", "item", target, requests, connections, None);
+        Ok(LoadFigures::from(&crowd::run(config).await?))
+    };
     for _ in 0..rounds.max(1) {
-        let p = LoadFigures::from(
-            &crowd::run(crowd_config(
-                addr,
-                "accept",
-                "item",
-                Target::Purchase,
-                requests,
-                connections,
-                None,
-            ))
-            .await?,
-        );
-        let t = LoadFigures::from(
-            &crowd::run(crowd_config(
-                addr,
-                "accept",
-                "item",
-                Target::Ping,
-                requests,
-                connections,
-                None,
-            ))
-            .await?,
-        );
+        let p = load(Target::Purchase).await?;
+        let u = load(Target::UnkeyedPurchase).await?;
+        let t = load(Target::Ping).await?;
         let port = rig.redis.port();
         let keys = ProductKeys::new(&doc.id(), "item").purchase_keys();
         let (r, e) = tokio::task::spawn_blocking(move || {
@@ -298,6 +289,7 @@ pub async fn accept(
         .await
         .map_err(|e| BenchError::RedisBenchmark(e.to_string()))??;
         vs_trivial.push(p.throughput_rps / t.throughput_rps.max(1e-9));
+        unkeyed_vs_trivial.push(u.throughput_rps / t.throughput_rps.max(1e-9));
         vs_redis.push(p.throughput_rps / r.calls_per_s.max(1e-9));
         vs_empty.push(r.calls_per_s / e.calls_per_s.max(1e-9));
         redis_rates.push(r.calls_per_s);
@@ -306,6 +298,7 @@ pub async fn accept(
         cpu_empty.push(e.cpu_us_per_call);
         memory.push(r.memory_bytes_per_call);
         purchases.push(p);
+        unkeyed.push(u);
         trivials.push(t);
     }
     let purchase = median(purchases);
@@ -330,6 +323,8 @@ pub async fn accept(
         purchase_vs_redis_benchmark: median_f(&vs_redis),
         purchase,
         trivial,
+        purchase_unkeyed: median(unkeyed),
+        purchase_unkeyed_vs_trivial: median_f(&unkeyed_vs_trivial),
         redis_benchmark_evalsha_p16_rps: median_f(&redis_rates),
         redis_benchmark_empty_script_rps: median_f(&empty_rates),
         purchase_script_vs_empty_script: median_f(&vs_empty),

@@ -21,8 +21,12 @@ use tokio::net::TcpSocket;
 /// What to send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
-    /// `POST /v1/sales/{sale}/purchase`.
+    /// `POST /v1/sales/{sale}/purchase`, each with a new Idempotency-Key
+    /// (as a storefront sends it, so a retry finds its order).
     Purchase,
+    /// The same purchase without an Idempotency-Key (a client that never
+    /// retries): one Redis call per purchase instead of two. Never retried.
+    UnkeyedPurchase,
     /// `POST /v1/sales/{sale}/tickets`, then the purchase with that ticket
     /// (for a sale with `purchaseTicket.enabled`). The ticket fetch is not
     /// in the latency figures, only the purchase; throughput counts buys.
@@ -39,7 +43,10 @@ pub enum Target {
 impl Target {
     /// Whether this target buys (and so needs SKUs and takes retries).
     pub fn buys(self) -> bool {
-        matches!(self, Self::Purchase | Self::TicketedPurchase)
+        matches!(
+            self,
+            Self::Purchase | Self::UnkeyedPurchase | Self::TicketedPurchase
+        )
     }
 
     /// Whether this target is an anonymous GET (the sale page, or the
@@ -288,7 +295,7 @@ async fn connection(
     let path = match config.target {
         Target::Ping | Target::PingGet => "/v1/ping".to_string(),
         Target::SalePage => format!("/v1/sales/{}", config.sale),
-        Target::Purchase | Target::TicketedPurchase => {
+        Target::Purchase | Target::UnkeyedPurchase | Target::TicketedPurchase => {
             format!("/v1/sales/{}/purchase", config.sale)
         }
     };
@@ -317,7 +324,10 @@ async fn connection(
             .get(rng.random_range(0..config.skus.len().max(1)))
             .map(String::as_str)
             .unwrap_or("");
-        let key = format!("{:032x}", rng.random::<u128>());
+        let key = match config.target {
+            Target::UnkeyedPurchase => String::new(),
+            _ => format!("{:032x}", rng.random::<u128>()),
+        };
         let token = &tokens[usize::try_from(user).unwrap_or(0) % tokens.len().max(1)];
         let body = format!(r#"{{"sku":"{sku}","quantity":1}}"#);
         let ticket = if config.target == Target::TicketedPurchase {
@@ -347,6 +357,7 @@ async fn connection(
         out.sent += 1;
         tally(&mut out, &first, &format!("user-{user}"), sku);
         if config.target.buys()
+            && !key.is_empty()
             && first.status != 0
             && rng.random_bool(config.retry_fraction.clamp(0.0, 1.0))
         {

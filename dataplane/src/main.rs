@@ -310,8 +310,9 @@ struct CrowdArgs {
     /// Pace at this many requests per second in total (default: as fast as answered).
     #[arg(long)]
     rate: Option<f64>,
-    /// `purchase`; `ticketed` to fetch a purchase ticket before each buy (a
-    /// sale with `purchaseTicket.enabled`); or `ping` for the trivial endpoint.
+    /// `purchase` (each with a new Idempotency-Key); `unkeyed` (without one,
+    /// never retried); `ticketed` to fetch a purchase ticket before each buy
+    /// (a sale with `purchaseTicket.enabled`); or `ping` for the trivial endpoint.
     #[arg(long, default_value = "purchase")]
     target: String,
     #[arg(long, default_value_t = 32)]
@@ -627,6 +628,13 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
                 r.purchase_vs_trivial
             );
             println!(
+                "without an Idempotency-Key: purchase {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms): ratio {:.2}",
+                r.purchase_unkeyed.throughput_rps,
+                r.purchase_unkeyed.p50_ms,
+                r.purchase_unkeyed.p99_ms,
+                r.purchase_unkeyed_vs_trivial
+            );
+            println!(
                 "redis-benchmark EVALSHA purchase.lua -c 50 -P 16: {:.0} calls/s; purchase endpoint / that = {:.2}",
                 r.redis_benchmark_evalsha_p16_rps, r.purchase_vs_redis_benchmark
             );
@@ -813,9 +821,10 @@ async fn local(a: LocalArgs) -> Result<ExitCode> {
 async fn crowd(a: CrowdArgs) -> Result<ExitCode> {
     let target = match a.target.as_str() {
         "purchase" => Target::Purchase,
+        "unkeyed" => Target::UnkeyedPurchase,
         "ticketed" => Target::TicketedPurchase,
         "ping" => Target::Ping,
-        other => bail!("--target must be purchase, ticketed or ping, not {other:?}"),
+        other => bail!("--target must be purchase, unkeyed, ticketed or ping, not {other:?}"),
     };
     let r = dataplane::crowd::run(CrowdConfig {
         gateways: a.gateways,

@@ -99,3 +99,40 @@ async fn a_key_holds_for_the_buyer_across_products_and_quantities() -> TestResul
     consumers.stop().await;
     Ok(())
 }
+
+/// A key's binding expires with the sale: the expiry moves later with a
+/// later end, never earlier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bindings_expire_later_never_earlier() -> TestResult {
+    let redis = dataplane::servers::RedisServer::start()?;
+    let mut conn = redis::Client::open(redis.url())?
+        .get_connection_manager()
+        .await?;
+    let key = "fs:{test/expiry}:idem";
+    let far = jiff::Timestamp::now().as_millisecond() + 3_600_000;
+    let mut expiry_after = async |field: &str, until: i64| -> redis::RedisResult<i64> {
+        let _: (String, String) = dataplane::scripts::CLAIM_KEY
+            .key(key)
+            .arg(field)
+            .arg("item 1")
+            .arg(until)
+            .invoke_async(&mut conn)
+            .await?;
+        redis::cmd("PEXPIRETIME")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+    };
+    assert_eq!(expiry_after("a\x1fk1", far).await?, far);
+    assert_eq!(
+        expiry_after("b\x1fk2", far - 60_000).await?,
+        far,
+        "never earlier"
+    );
+    assert_eq!(
+        expiry_after("c\x1fk3", far + 60_000).await?,
+        far + 60_000,
+        "later"
+    );
+    Ok(())
+}
