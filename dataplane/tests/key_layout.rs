@@ -115,3 +115,45 @@ async fn a_product_of_another_key_layout_is_refused_and_left_untouched() -> Test
     gw.stop().await;
     Ok(())
 }
+
+/// `release.lua` on a sale an earlier data plane started: its buyer entries
+/// are the units alone, and a released order still gives its units back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layout_1_buyer_gets_released_units_back() -> TestResult {
+    let redis = dataplane::servers::RedisServer::start()?;
+    let mut conn = redis::Client::open(redis.url())?
+        .get_connection_manager()
+        .await?;
+    let k = ProductKeys::new(&dataplane::spec::SaleId::new("test", "old"), "item");
+    // What layout 1 left: two orders of one unit, the buyer holding 2.
+    redis::pipe()
+        .hset(k.orders(), "item.a", "accepted 1 1763700000000 9.99 alice ")
+        .hset(k.orders(), "item.b", "accepted 1 1763700000001 9.99 alice ")
+        .hset(k.buyers(), "alice", "2")
+        .set(k.stock(), 3)
+        .exec_async(&mut conn)
+        .await?;
+    let release = async |conn: &mut redis::aio::ConnectionManager, id: &str| {
+        dataplane::scripts::RELEASE
+            .key(k.orders())
+            .key(k.stock())
+            .key(k.buyers())
+            .key(k.info())
+            .arg(id)
+            .arg("failed")
+            .arg("test")
+            .invoke_async::<(String, String)>(conn)
+            .await
+    };
+    assert_eq!(release(&mut conn, "item.a").await?.0, "released");
+    let held = || redis::cmd("HGET").arg(k.buyers()).arg("alice").clone();
+    let entry: Option<String> = held().query_async(&mut conn).await?;
+    assert_eq!(entry.as_deref(), Some("1"));
+    assert_eq!(
+        release(&mut conn, "item.b").await?,
+        ("released".into(), "5".into())
+    );
+    let entry: Option<String> = held().query_async(&mut conn).await?;
+    assert_eq!(entry, None, "a layout-1 entry goes at 0, as it did");
+    Ok(())
+}

@@ -101,6 +101,9 @@ pub struct ProductRuntime {
     /// Under `redis.durability: replica`, the product's group committer.
     pub committer: Option<commit::Committer>,
     pub sold_out: AtomicBool,
+    /// Whether this pod already logged the product's Redis key layout as
+    /// another version's (logged once: every purchase of it is refused).
+    pub layout_refused: AtomicBool,
     /// Once sold out, a snapshot of the product's idempotency records, so a
     /// client retrying a winning request is answered with its order from
     /// memory instead of a false "sold out" (no new record can appear while
@@ -319,6 +322,7 @@ impl Gateway {
                     layout: k,
                     committer,
                     sold_out: AtomicBool::new(false),
+                    layout_refused: AtomicBool::new(false),
                     replays: ArcSwapOption::empty(),
                     sold_out_body: axum::body::to_bytes(
                         axum::response::IntoResponse::into_response(purchase::sold_out(&p.sku))

@@ -475,12 +475,14 @@ async fn handle(
             .retry_after(5),
         ),
         "layout" => {
-            tracing::error!(
-                found = %a,
-                expected = %b,
-                sku,
-                "the product's Redis data has another key layout; it was warmed by another version of the data plane"
-            );
+            if !product.layout_refused.swap(true, Ordering::Relaxed) {
+                tracing::error!(
+                    found = %a,
+                    expected = %b,
+                    sku,
+                    "the product's Redis data has another key layout; it was warmed by another version of the data plane, and this gateway refuses every purchase of it"
+                );
+            }
             fail(
                 UNAVAILABLE,
                 ApiError::unavailable(

@@ -14,7 +14,7 @@
 -- Cost matters here (one Redis core is one product's budget): every
 -- redis.call is a command dispatch and every argument a Redis string built
 -- from Lua's, so the accept path makes six calls for a buyer's first order
--- (seven for a later one), passes strings, not Lua numbers (those are
+-- (eight for a later one), passes strings, not Lua numbers (those are
 -- formatted with %.14g), and packs the stream entry into one field.
 local user, q, oid, idem = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if idem ~= '' then
@@ -38,7 +38,7 @@ if not rules then
   if redis.call('HEXISTS', KEYS[1], 'stock') == 1 then return {'layout', '1', '2'} end
   return {'nosale', '', ''}
 end
-local layout, start_ms, end_ms, limit, price = string.match(rules, '^(%d+) (%d+) (%d+) (%d+) (%S+)$')
+local layout, start_ms, end_ms, limit, price = string.match(rules, '^(%d+) (%-?%d+) (%-?%d+) (%d+) (%S+)$')
 if layout ~= '2' then return {'layout', layout or '', '2'} end
 -- Redis' clock: the clock key expires at a fixed instant, so its PTTL is that
 -- instant minus now (an integer reply; TIME answers two strings to parse).
@@ -82,6 +82,8 @@ if n > most or redis.call('HSETNX', KEYS[3], user, q .. ' 1 ' .. oid) == 0 then
   if entry then
     local h, p, l = string.match(entry, '^(%d+) (%d+) (%S*)$')
     if not h then
+      -- Not this layout's entry (written by an older gateway on this
+      -- product): refused, the stock given back; a ticket stays spent.
       redis.call('INCRBY', KEYS[2], q)
       return {'layout', 'buyers', '2'}
     end

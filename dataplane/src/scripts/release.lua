@@ -25,5 +25,8 @@ if held then
   local left = tonumber(held) - tonumber(qty)
   if left < 0 then left = 0 end
   redis.call('HSET', KEYS[3], user, string.format('%d', left) .. rest)
+elseif entry and string.match(entry, '^%-?%d+$') then
+  -- Key layout 1 (a sale an earlier version started): units alone.
+  if redis.call('HINCRBY', KEYS[3], user, '-' .. qty) <= 0 then redis.call('HDEL', KEYS[3], user) end
 end
 return {'released', string.format('%d', remaining)}

@@ -30,8 +30,10 @@ if total < sold then
 end
 local delta = total - tonumber(old)
 if delta ~= 0 then remaining = redis.call('INCRBY', KEYS[2], delta) end
+-- Rules are rewritten only in this layout; a product of another keeps its
+-- own (and purchase.lua refuses it).
 local rules = redis.call('HGET', KEYS[1], 'rules')
-write_info(rules and string.match(rules, '^%d+'))
+write_info(rules and string.match(rules, '^%d+') == ARGV[6] and ARGV[6] or nil)
 local outcome = 'unchanged'
 if delta ~= 0 then outcome = 'resized' end
 return {outcome, string.format('%d', remaining), string.format('%d', sold), string.format('%d', delta)}
