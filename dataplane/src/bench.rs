@@ -785,6 +785,7 @@ pub async fn persist(orders: u64, batch_size: usize) -> Result<PersistReport, Be
                     1,
                     &crate::order::new_order_id("item"),
                     "",
+                    None,
                 )
             })
             .collect();

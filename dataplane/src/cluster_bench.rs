@@ -258,7 +258,9 @@ async fn decisions(
                         n += 1;
                         let user = format!("u{c}-{n}");
                         let order = crate::order::new_order_id(&sku);
-                        pipe.invoke_script(&crate::scripts::purchase(&keys, &user, 1, &order, ""));
+                        pipe.invoke_script(&crate::scripts::purchase(
+                            &keys, &user, 1, &order, "", None,
+                        ));
                     }
                     let _: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
                     calls += DEPTH as u64;

@@ -121,7 +121,8 @@ pub type PurchaseKeys = [String; 7];
 /// older one started, and never writes entries that sale's consumers could
 /// not read. Layout 2: `rules`, one `buyers` entry per user (held, seq,
 /// newest order) and one-field stream entries; layout 1 (no `rules` field)
-/// kept `users` apart and six stream fields.
+/// kept `users` apart and six stream fields. `purchase.lua` holds the same
+/// constant.
 pub const LAYOUT: &str = "2";
 
 /// One `buyers` hash value: `"<held> <seq> <newest order id>"`.
@@ -233,6 +234,12 @@ mod tests {
             SaleKeys::new(&SaleId::new("shop", "sd")).meta(),
             "fs:{shop/sd}:meta"
         );
+    }
+
+    #[test]
+    fn the_purchase_script_refuses_by_this_layout() {
+        let line = format!("local LAYOUT = '{LAYOUT}'");
+        assert!(crate::scripts::PURCHASE_SOURCE.contains(&line), "{line}");
     }
 
     #[test]

@@ -51,13 +51,17 @@ pub static UNREGISTER: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/unregister.lua")));
 
 /// One call of the purchase script: `keys` from `ProductKeys::purchase_keys`,
-/// an empty `idempotency_field` for a request without a key.
+/// an empty `idempotency_field` for a request without a key, and on a ticket
+/// sale the ticket to spend: its key (`ProductKeys::ticket`, the eighth KEY)
+/// and expiry (Unix ms, the fifth ARGV). Without one the script runs no
+/// ticket command.
 pub fn purchase<'a>(
     keys: &PurchaseKeys,
     user: &str,
     quantity: i64,
     order_id: &str,
     idempotency_field: &str,
+    ticket: Option<&(String, i64)>,
 ) -> redis::ScriptInvocation<'a> {
     let mut inv = PURCHASE.prepare_invoke();
     for k in keys {
@@ -67,33 +71,8 @@ pub fn purchase<'a>(
         .arg(quantity)
         .arg(order_id)
         .arg(idempotency_field);
-    inv
-}
-
-/// Adds a purchase ticket to a purchase call: its key
-/// (`ProductKeys::ticket`, the eighth KEY) and expiry (Unix ms, the fifth
-/// ARGV). A call without them is the no-ticket path, unchanged.
-pub fn with_ticket(
-    invocation: &mut redis::ScriptInvocation<'_>,
-    ticket_key: &str,
-    expires_at_ms: i64,
-) {
-    invocation.key(ticket_key).arg(expires_at_ms);
-}
-
-/// A request's purchase call: `purchase`, with the spent-ticket key and the
-/// ticket's expiry (`with_ticket`) when the sale requires tickets.
-pub fn purchase_with_ticket<'a>(
-    keys: &PurchaseKeys,
-    user: &str,
-    quantity: i64,
-    order_id: &str,
-    idempotency_field: &str,
-    ticket: Option<(&str, i64)>,
-) -> redis::ScriptInvocation<'a> {
-    let mut invocation = purchase(keys, user, quantity, order_id, idempotency_field);
     if let Some((key, expires_at_ms)) = ticket {
-        with_ticket(&mut invocation, key, expires_at_ms);
+        inv.key(key).arg(*expires_at_ms);
     }
-    invocation
+    inv
 }

@@ -104,10 +104,7 @@ async fn a_key_holds_for_the_buyer_across_products_and_quantities() -> TestResul
 /// later end, never earlier.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bindings_expire_later_never_earlier() -> TestResult {
-    let redis = dataplane::servers::RedisServer::start()?;
-    let mut conn = redis::Client::open(redis.url())?
-        .get_connection_manager()
-        .await?;
+    let (_redis, mut conn) = lone_redis().await?;
     let key = "fs:{test/expiry}:idem";
     let far = jiff::Timestamp::now().as_millisecond() + 3_600_000;
     let mut expiry_after = async |field: &str, until: i64| -> redis::RedisResult<i64> {

@@ -40,10 +40,7 @@ async fn footprint(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_product_of_another_key_layout_is_refused_and_left_untouched() -> TestResult {
-    let redis = dataplane::servers::RedisServer::start()?;
-    let mut conn = redis::Client::open(redis.url())?
-        .get_connection_manager()
-        .await?;
+    let (redis, mut conn) = lone_redis().await?;
     let doc = sale("layout", &[("old", 5, 2), ("new", 5, 2)]);
     dataplane::warm::warm_sale(&mut conn, &doc.id(), &doc.spec).await?;
     let old = ProductKeys::new(&doc.id(), "old");
@@ -120,10 +117,7 @@ async fn a_product_of_another_key_layout_is_refused_and_left_untouched() -> Test
 /// are the units alone, and a released order still gives its units back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_layout_1_buyer_gets_released_units_back() -> TestResult {
-    let redis = dataplane::servers::RedisServer::start()?;
-    let mut conn = redis::Client::open(redis.url())?
-        .get_connection_manager()
-        .await?;
+    let (_redis, mut conn) = lone_redis().await?;
     let k = ProductKeys::new(&dataplane::spec::SaleId::new("test", "old"), "item");
     // What layout 1 left: two orders of one unit, the buyer holding 2.
     redis::pipe()

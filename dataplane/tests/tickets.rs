@@ -211,22 +211,14 @@ fn ticket_id(ticket: &str) -> Result<String, BoxError> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_script_refuses_a_ticket_expired_by_redis_clock_without_touching_stock() -> TestResult {
-    let redis = dataplane::servers::RedisServer::start()?;
+    let (_redis, mut conn) = lone_redis().await?;
     let doc = with_tickets(sale("clock", &[("phone", 5, 3)]));
-    let mut conn = redis::Client::open(redis.url())?
-        .get_connection_manager()
-        .await?;
     dataplane::warm::warm_sale(&mut conn, &doc.id(), &doc.spec).await?;
     let k = ProductKeys::new(&doc.id(), "phone");
     let keys = k.purchase_keys();
     let call = |expires_at_ms: i64| {
-        let mut inv = dataplane::scripts::purchase(&keys, "alice", 1, "phone.x", "");
-        dataplane::scripts::with_ticket(
-            &mut inv,
-            &k.ticket("01ARZ3NDEKTSV4RRFFQ69G5FAV"),
-            expires_at_ms,
-        );
-        inv
+        let ticket = (k.ticket("01ARZ3NDEKTSV4RRFFQ69G5FAV"), expires_at_ms);
+        dataplane::scripts::purchase(&keys, "alice", 1, "phone.x", "", Some(&ticket))
     };
     let past = jiff::Timestamp::now().as_millisecond() - 1_000;
     let (verdict, why, _): (String, String, String) = call(past).invoke_async(&mut conn).await?;

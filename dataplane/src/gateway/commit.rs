@@ -132,13 +132,13 @@ async fn commit<C: ConnectionLike>(
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for j in &jobs {
-            pipe.invoke_script(&scripts::purchase_with_ticket(
+            pipe.invoke_script(&scripts::purchase(
                 keys,
                 &j.user,
                 j.quantity,
                 &j.order_id,
                 &j.idempotency_field,
-                j.ticket.as_ref().map(|(key, at)| (key.as_str(), *at)),
+                j.ticket.as_ref(),
             ));
         }
         wait.append(&mut pipe);

@@ -398,13 +398,13 @@ async fn handle(
             bounded(gw, "purchase script", call).await
         }
         None => {
-            let invocation = scripts::purchase_with_ticket(
+            let invocation = scripts::purchase(
                 &product.keys,
                 &user,
                 req.quantity,
                 &order_id,
                 &idem_field,
-                ticket.as_ref().map(|(key, at)| (key.as_str(), *at)),
+                ticket.as_ref(),
             );
             let call = invocation.invoke_async::<(String, String, String)>(&mut conn);
             bounded(gw, "purchase script", call)

@@ -17,6 +17,7 @@
 -- (eight for a later one), passes strings, not Lua numbers (those are
 -- formatted with %.14g), and packs the stream entry into one field.
 local user, q, oid, idem = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local LAYOUT = '2' -- keys::LAYOUT
 if idem ~= '' then
   local prev = redis.call('HGET', KEYS[4], idem)
   if prev then
@@ -35,11 +36,11 @@ end
 -- writes made before it.
 local rules = redis.call('HGET', KEYS[1], 'rules')
 if not rules then
-  if redis.call('HEXISTS', KEYS[1], 'stock') == 1 then return {'layout', '1', '2'} end
+  if redis.call('HEXISTS', KEYS[1], 'stock') == 1 then return {'layout', '1', LAYOUT} end
   return {'nosale', '', ''}
 end
 local layout, start_ms, end_ms, limit, price = string.match(rules, '^(%d+) (%-?%d+) (%-?%d+) (%d+) (%S+)$')
-if layout ~= '2' then return {'layout', layout or '', '2'} end
+if layout ~= LAYOUT then return {'layout', layout or '', LAYOUT} end
 -- Redis' clock: the clock key expires at a fixed instant, so its PTTL is that
 -- instant minus now (an integer reply; TIME answers two strings to parse).
 local now
@@ -85,7 +86,7 @@ if n > most or redis.call('HSETNX', KEYS[3], user, q .. ' 1 ' .. oid) == 0 then
       -- Not this layout's entry (written by an older gateway on this
       -- product): refused, the stock given back; a ticket stays spent.
       redis.call('INCRBY', KEYS[2], q)
-      return {'layout', 'buyers', '2'}
+      return {'layout', 'buyers', LAYOUT}
     end
     held, placed, last = tonumber(h), tonumber(p), l
   end

@@ -102,6 +102,17 @@ pub async fn redis_conn_of(
         .await
 }
 
+/// A Redis of this test's own (no PostgreSQL) and a connection to it, for
+/// tests that drive the scripts directly.
+pub async fn lone_redis()
+-> Result<(RedisServer, redis::aio::ConnectionManager), Box<dyn std::error::Error + Send + Sync>> {
+    let redis = RedisServer::start()?;
+    let conn = redis::Client::open(redis.url())?
+        .get_connection_manager()
+        .await?;
+    Ok((redis, conn))
+}
+
 /// `servers`' order store, migrated.
 pub async fn store_of(servers: &impl Stores) -> Result<OrderStore, dataplane::store::StoreError> {
     let store = OrderStore::connect(&servers.database_url(), 2)?;

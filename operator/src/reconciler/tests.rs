@@ -240,6 +240,7 @@ async fn buy(conn: &mut ConnectionManager, sku: &str, n: usize) -> anyhow::Resul
             1,
             &format!("order-{sku}-{i}"),
             "",
+            None,
         )
         .invoke_async(conn)
         .await?;
