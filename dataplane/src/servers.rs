@@ -5,9 +5,11 @@
 //! on failure, kill on drop); written here because no maintained crate starts a
 //! local PostgreSQL from the installed binaries without downloading its own.
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -43,10 +45,37 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
     move |source| ServerError::Io { what, source }
 }
 
-/// A free TCP port on 127.0.0.1 (released just before the server binds it).
+/// A free TCP port on 127.0.0.1 for a child server to bind.
+///
+/// Drawn from just below the kernel's ephemeral range, never from it: a port
+/// the kernel hands out for `bind(0)` is free only until an outgoing
+/// connection (the tests open thousands) is given it as its local port, and
+/// the child then dies with "address already in use". No port is handed out
+/// twice by one process, so parallel tests never race each other for one.
 pub fn free_port() -> Result<u16, ServerError> {
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    // Too little room below the ephemeral range: fall back to the kernel's pick.
+    if ephemeral_start > 11_024 {
+        let below = (ephemeral_start - 10_000)..ephemeral_start;
+        for _ in 0..500 {
+            let port = rand::random_range(below.clone());
+            if given.contains(&port) {
+                continue;
+            }
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.insert(port);
+                return Ok(port);
+            }
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0").map_err(io("bind a free port"))?;
     let port = l.local_addr().map_err(io("read a free port"))?.port();
+    given.insert(port);
     Ok(port)
 }
 
@@ -87,6 +116,9 @@ pub struct RedisOptions {
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
+    /// The cluster bus port, chosen like `port` rather than left at Redis'
+    /// default of `port + 10000`, which may lie in the ephemeral range.
+    bus_port: Option<u16>,
     dir: TempDir,
     options: RedisOptions,
 }
@@ -104,6 +136,10 @@ impl RedisServer {
         let mut server = Self {
             child: None,
             port: free_port()?,
+            bus_port: match options.cluster_node_timeout_ms {
+                Some(_) => Some(free_port()?),
+                None => None,
+            },
             dir,
             options,
         };
@@ -146,6 +182,9 @@ impl RedisServer {
             ])
             .arg("--cluster-node-timeout")
             .arg(timeout.to_string());
+            if let Some(bus) = self.bus_port {
+                cmd.arg("--cluster-port").arg(bus.to_string());
+            }
         }
         let child = cmd
             .stdin(Stdio::null())
@@ -156,6 +195,17 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
+            // A child that died (its port taken) must not pass for ready
+            // because something else answers PING there.
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Err(ServerError::Failed {
+                    what: format!("redis-server on port {} exited with {status}", self.port),
+                    log: tail(&log, 30),
+                });
+            }
             if let Ok(client) = redis::Client::open(self.url())
                 && let Ok(mut conn) = client.get_connection()
                 && redis::cmd("PING").query::<String>(&mut conn).is_ok()
