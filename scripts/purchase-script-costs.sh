@@ -6,7 +6,11 @@
 # calls/s, so a difference of a few percent is real; docs/BENCHMARKS.md keeps
 # the results. Needs valgrind, redis-server and redis-benchmark.
 #
-#   scripts/purchase-script-costs.sh [calls per variant, default 20000] [script]
+#   scripts/purchase-script-costs.sh [calls per variant, default 20000] [script | keyed]
+#
+# `keyed` counts a purchase with an Idempotency-Key instead: the key's binding
+# (claim.lua) and the purchase as two calls, as on a Redis Cluster, beside the
+# one call that does both on a standalone Redis (scripts::CLAIM_AND_PURCHASE).
 #
 # An earlier script (key layout 1, `git show 19f4eda:dataplane/src/scripts/purchase.lua`)
 # is run with its own eight keys; the variants are for the current one.
@@ -23,26 +27,30 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 tag='{cost/sale/item}'
 keys="7 fs:$tag:info fs:$tag:stock fs:$tag:buyers fs:$tag:idem fs:$tag:orders fs:$tag:stream fs:$tag:clock"
 layout1=
-if grep -q "^-- KEYS: 1 info, 2 stock, 3 buyers, 4 users" "$script"; then
+if [ -f "$script" ] && grep -q "^-- KEYS: 1 info, 2 stock, 3 buyers, 4 users" "$script"; then
   layout1=yes
   keys="8 fs:$tag:info fs:$tag:stock fs:$tag:buyers fs:$tag:users fs:$tag:idem fs:$tag:orders fs:$tag:stream fs:$tag:clock"
 fi
 
-run() { # variant -> instructions per call
+run() { # variant [numkeys keys… args…, default the purchase's] -> instructions per call
   local out="$work/cg.$1"
+  local v=$1
+  shift
+  local call=("$@")
+  [ ${#call[@]} -gt 0 ] || call=($keys u__rand_int__ 1 item.o__rand_int__ '')
   valgrind --tool=callgrind --callgrind-out-file="$out" \
     redis-server --port "$port" --save '' --appendonly no >/dev/null 2>"$work/valgrind.log" &
   local pid=$!
   until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.2; done
   local cli="redis-cli -p $port"
   local sha
-  sha=$($cli script load "$(cat "$work/$1.lua")")
+  sha=$($cli script load "$(cat "$work/$v.lua")")
   $cli hset "fs:$tag:info" stock 1000000000 price 19.99 limit 5 start_ms 0 end_ms 4102444700000 \
     rules '2 0 4102444700000 5 19.99' >/dev/null
   $cli set "fs:$tag:stock" 1000000000 >/dev/null
   # $calls buyers first, so the hashes are not tiny; then count $calls more.
   local bench=(redis-benchmark -p "$port" -n "$calls" -c 50 -P 16 -r 100000000 -q
-    evalsha "$sha" $keys u__rand_int__ 1 item.o__rand_int__ '')
+    evalsha "$sha" "${call[@]}")
   "${bench[@]}" >/dev/null
   callgrind_control -z "$pid" >/dev/null 2>&1
   "${bench[@]}" >/dev/null
@@ -51,6 +59,23 @@ run() { # variant -> instructions per call
   wait "$pid" || true
   awk -v n="$calls" '/^summary:/ { printf "%.0f", $2 / n }' "$out.1"
 }
+
+if [ "$script" = keyed ]; then
+  src=dataplane/src/scripts
+  { cat $src/claim.lua; echo "return {claimed, ARGV[2], ''}"; } >"$work/claim_key.lua"
+  cp $src/purchase.lua "$work/purchase.lua"
+  { cat $src/claim.lua; echo "local function purchase(KEYS, ARGV)"; cat $src/purchase.lua
+    echo "end"; echo "return purchase({unpack(KEYS, 2)}, {unpack(ARGV, 4)})"; } >"$work/claim_and_purchase.lua"
+  idem="fs:{cost/sale}:idem"
+  until=4102444700000
+  echo "instructions per keyed purchase, $calls calls each, every call a new key ($(redis-server --version | cut -d' ' -f3))"
+  claim=$(run claim_key 1 "$idem" k__rand_int__ 'item 1' $until)
+  purchase=$(run purchase $keys u__rand_int__ 1 item.o__rand_int__ k__rand_int__)
+  both=$(run claim_and_purchase ${keys/#7/8 $idem} k__rand_int__ 'item 1' $until u__rand_int__ 1 item.o__rand_int__ k__rand_int__)
+  printf '%-34s %8s\n' "claim_key.lua" "$claim" "purchase.lua with a key" "$purchase" \
+    "the two calls" "$((claim + purchase))" "claim and purchase in one call" "$both"
+  exit 0
+fi
 
 # Variants: the script, an empty one with the same keys and arguments (the
 # floor of any call), and the script with one call replaced by its answer.

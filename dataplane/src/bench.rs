@@ -779,14 +779,12 @@ pub async fn persist(orders: u64, batch_size: usize) -> Result<PersistReport, Be
         pipe.load_script(&crate::scripts::PURCHASE).ignore();
         let invs: Vec<_> = (0..n)
             .map(|i| {
-                crate::scripts::purchase(
+                crate::scripts::Purchase::new_buyer(
                     &purchase_keys,
                     &format!("user-{}", done + i),
-                    1,
                     &crate::order::new_order_id("item"),
-                    "",
-                    None,
                 )
+                .invocation()
             })
             .collect();
         for inv in &invs {

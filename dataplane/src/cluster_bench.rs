@@ -258,9 +258,9 @@ async fn decisions(
                         n += 1;
                         let user = format!("u{c}-{n}");
                         let order = crate::order::new_order_id(&sku);
-                        pipe.invoke_script(&crate::scripts::purchase(
-                            &keys, &user, 1, &order, "", None,
-                        ));
+                        pipe.invoke_script(
+                            &crate::scripts::Purchase::new_buyer(&keys, &user, &order).invocation(),
+                        );
                     }
                     let _: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
                     calls += DEPTH as u64;

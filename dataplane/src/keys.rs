@@ -193,7 +193,7 @@ impl SaleKeys {
     }
 
     /// Hash: `user \x1f idempotency-key` -> `"<sku> <quantity>"`, the request
-    /// the buyer's key first came with in this sale (`claim_key.lua`); it
+    /// the buyer's key first came with in this sale (`claim.lua`); it
     /// expires a day after the sale's end plus its payment timeout.
     pub fn idempotency(&self) -> String {
         self.key("idem")

@@ -26,9 +26,27 @@ pub static TRANSITION: LazyLock<Script> = LazyLock::new(|| {
         include_str!("scripts/transition.lua")
     ))
 });
-/// A buyer's Idempotency-Key bound to its first request in the sale (`claim_key.lua`).
-pub static CLAIM_KEY: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/claim_key.lua")));
+/// A buyer's Idempotency-Key bound to its first request in the sale
+/// (`claim.lua`): `{'new' | 'same' | 'reused', the key's first request, ''}`.
+pub static CLAIM_KEY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("scripts/claim.lua"),
+        "return {claimed, ARGV[2], ''}\n"
+    ))
+});
+/// The key's binding and the purchase in one call, for a standalone Redis
+/// (in a cluster the sale's binding and the product live in two slots):
+/// `claim.lua`, then `purchase.lua` as a function of the KEYS and ARGV after
+/// the claim's own, so it reads exactly as when called alone. One call saves
+/// the keyed purchase a round trip and a script dispatch.
+pub static CLAIM_AND_PURCHASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("scripts/claim.lua"),
+        "local function purchase(KEYS, ARGV)\n",
+        include_str!("scripts/purchase.lua"),
+        "end\nreturn purchase({unpack(KEYS, 2)}, {unpack(ARGV, 4)})\n"
+    ))
+});
 /// A user's orders of one product, read along their chain (`orders_of.lua`).
 pub static ORDERS_OF: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/orders_of.lua")));
@@ -55,24 +73,84 @@ pub static UNREGISTER: LazyLock<Script> =
 /// sale the ticket to spend: its key (`ProductKeys::ticket`, the eighth KEY)
 /// and expiry (Unix ms, the fifth ARGV). Without one the script runs no
 /// ticket command.
-pub fn purchase<'a>(
-    keys: &PurchaseKeys,
-    user: &str,
-    quantity: i64,
-    order_id: &str,
-    idempotency_field: &str,
-    ticket: Option<&(String, i64)>,
-) -> redis::ScriptInvocation<'a> {
-    let mut inv = PURCHASE.prepare_invoke();
-    for k in keys {
-        inv.key(k);
+pub struct Purchase<'a> {
+    pub keys: &'a PurchaseKeys,
+    pub user: &'a str,
+    pub quantity: i64,
+    pub order_id: &'a str,
+    /// `user \x1f Idempotency-Key`, or empty.
+    pub idempotency_field: &'a str,
+    pub ticket: Option<&'a (String, i64)>,
+}
+
+impl<'k> Purchase<'k> {
+    /// One unit for `user`, without an Idempotency-Key or a ticket.
+    pub fn new_buyer(keys: &'k PurchaseKeys, user: &'k str, order_id: &'k str) -> Self {
+        Self {
+            keys,
+            user,
+            quantity: 1,
+            order_id,
+            idempotency_field: "",
+            ticket: None,
+        }
     }
-    inv.arg(user)
-        .arg(quantity)
-        .arg(order_id)
-        .arg(idempotency_field);
-    if let Some((key, expires_at_ms)) = ticket {
-        inv.key(key).arg(*expires_at_ms);
+
+    /// `purchase.lua` alone.
+    pub fn invocation<'a>(&self) -> redis::ScriptInvocation<'a> {
+        let mut inv = PURCHASE.prepare_invoke();
+        self.args(&mut inv);
+        inv
     }
-    inv
+
+    /// The key's binding, then the purchase, in one call on a standalone
+    /// Redis (`CLAIM_AND_PURCHASE`): answers as [`Self::invocation`] does, or
+    /// `{'reused', the key's first request, ''}`. The binding's field is the
+    /// purchase's idempotency field.
+    pub fn claiming<'a>(&self, claim: &KeyClaim) -> redis::ScriptInvocation<'a> {
+        let mut inv = CLAIM_AND_PURCHASE.prepare_invoke();
+        claim.args(&mut inv, self.idempotency_field);
+        self.args(&mut inv);
+        inv
+    }
+
+    fn args(&self, inv: &mut redis::ScriptInvocation) {
+        for k in self.keys {
+            inv.key(k);
+        }
+        inv.arg(self.user)
+            .arg(self.quantity)
+            .arg(self.order_id)
+            .arg(self.idempotency_field);
+        if let Some((key, expires_at_ms)) = self.ticket {
+            inv.key(key).arg(*expires_at_ms);
+        }
+    }
+}
+
+/// An Idempotency-Key's binding to its first request in the sale.
+pub struct KeyClaim<'a> {
+    /// The sale's idempotency hash (`SaleKeys::idempotency`).
+    pub hash: &'a str,
+    /// `"<sku> <quantity>"`.
+    pub request: &'a str,
+    /// When the bindings may go (Unix ms).
+    pub keep_until_ms: i64,
+}
+
+impl KeyClaim<'_> {
+    /// The binding alone (`CLAIM_KEY`) of `field` (`user \x1f key`), as on a
+    /// Redis Cluster.
+    pub fn invocation<'a>(&self, field: &str) -> redis::ScriptInvocation<'a> {
+        let mut inv = CLAIM_KEY.prepare_invoke();
+        self.args(&mut inv, field);
+        inv
+    }
+
+    fn args(&self, inv: &mut redis::ScriptInvocation, field: &str) {
+        inv.key(self.hash)
+            .arg(field)
+            .arg(self.request)
+            .arg(self.keep_until_ms);
+    }
 }

@@ -230,7 +230,8 @@ async fn buy_one(
 ) -> Result<(String, String), Box<dyn std::error::Error + Send + Sync>> {
     let id = new_order_id("item");
     let (verdict, _, left): (String, String, String) =
-        scripts::purchase(&keys.purchase_keys(), "alice", 1, &id, "", None)
+        scripts::Purchase::new_buyer(&keys.purchase_keys(), "alice", &id)
+            .invocation()
             .invoke_async(conn)
             .await?;
     assert_eq!((verdict.as_str(), left.as_str()), ("ok", remaining));

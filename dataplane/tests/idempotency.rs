@@ -12,16 +12,17 @@ use dataplane::audit::wait_drained;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn buy(
+async fn keyed_purchase(
     client: &reqwest::Client,
     gw: &RunningGateway,
+    sale: &str,
     user: &str,
     key: &str,
     sku: &str,
     quantity: i64,
 ) -> Result<(u16, serde_json::Value), BoxError> {
     let r = client
-        .post(gw.url("/v1/sales/keys/purchase"))
+        .post(gw.url(&format!("/v1/sales/{sale}/purchase")))
         .bearer_auth(token(user))
         .header("Idempotency-Key", key)
         .json(&serde_json::json!({ "sku": sku, "quantity": quantity }))
@@ -31,25 +32,39 @@ async fn buy(
     Ok((status, r.json().await?))
 }
 
+/// On one Redis server the key's binding runs inside the purchase call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_holds_for_the_buyer_across_products_and_quantities() -> TestResult {
-    let servers = Servers::start()?;
+    key_holds(&Servers::start()?, "keys").await
+}
+
+/// On a Redis Cluster the binding (the sale's slot) is its own call before
+/// the purchase (the product's slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_holds_on_a_redis_cluster() -> TestResult {
+    key_holds(&ClusterServers::start()?, "cluster-keys").await
+}
+
+async fn key_holds(servers: &impl Stores, name: &str) -> TestResult {
     let doc = sale(
-        "keys",
+        name,
         &[("phone", 100, 5), ("case", 100, 5), ("charger", 100, 5)],
     );
-    warm(&servers, &doc).await?;
-    let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
-    let gw = RunningGateway::start(&doc, &servers.redis.url(), "gw-keys").await?;
+    warm(servers, &doc).await?;
+    let consumers = RunningConsumers::start(&doc, servers, 1).await?;
+    let gw = RunningGateway::start_with(&doc, &gateway_settings(servers, "gw-keys")).await?;
     let client = http();
+    let buy = async |user: &str, key: &str, sku: &str, quantity: i64| {
+        keyed_purchase(&client, &gw, name, user, key, sku, quantity).await
+    };
 
-    let (status, first) = buy(&client, &gw, "alice", "k-1", "phone", 1).await?;
+    let (status, first) = buy("alice", "k-1", "phone", 1).await?;
     assert_eq!(status, 202, "{first}");
     let order = first["orderId"].clone();
 
     // The same key on other products: refused, naming the original order.
     for sku in ["case", "charger"] {
-        let (status, body) = buy(&client, &gw, "alice", "k-1", sku, 1).await?;
+        let (status, body) = buy("alice", "k-1", sku, 1).await?;
         assert_eq!(status, 422, "{sku}: {body}");
         assert_eq!(body["error"], "idempotency_key_reused", "{body}");
         assert_eq!(body["orderId"], order, "{body}");
@@ -57,24 +72,24 @@ async fn a_key_holds_for_the_buyer_across_products_and_quantities() -> TestResul
         assert_eq!(body["quantity"], 1, "{body}");
     }
     // The same key and product with another quantity: refused too.
-    let (status, body) = buy(&client, &gw, "alice", "k-1", "phone", 2).await?;
+    let (status, body) = buy("alice", "k-1", "phone", 2).await?;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["orderId"], order, "{body}");
     // The same request again: the original order.
-    let (status, again) = buy(&client, &gw, "alice", "k-1", "phone", 1).await?;
+    let (status, again) = buy("alice", "k-1", "phone", 1).await?;
     assert_eq!(status, 202, "{again}");
     assert_eq!(again["orderId"], order);
     // Another buyer's identical key is theirs.
-    let (status, bob) = buy(&client, &gw, "bob", "k-1", "case", 1).await?;
+    let (status, bob) = buy("bob", "k-1", "case", 1).await?;
     assert_eq!(status, 202, "{bob}");
     assert_ne!(bob["orderId"], order);
     // A new key from alice buys again (within her limits).
-    let (status, second) = buy(&client, &gw, "alice", "k-2", "case", 1).await?;
+    let (status, second) = buy("alice", "k-2", "case", 1).await?;
     assert_eq!(status, 202, "{second}");
 
     // Three orders in all, each persisted once.
-    let mut conn = servers.redis_conn().await?;
-    let store = servers.store().await?;
+    let mut conn = redis_conn_of(servers).await?;
+    let store = store_of(servers).await?;
     assert!(
         wait_drained(
             &mut conn,
@@ -85,7 +100,7 @@ async fn a_key_holds_for_the_buyer_across_products_and_quantities() -> TestResul
         )
         .await?
     );
-    let (rows, distinct) = order_rows(&store, "test/keys").await?;
+    let (rows, distinct) = order_rows(&store, &format!("test/{name}")).await?;
     assert_eq!((rows, distinct), (3, 3));
     // The bindings expire on their own, after the sale and its payment timeout.
     let ttl: i64 = redis::cmd("PTTL")
@@ -108,13 +123,12 @@ async fn bindings_expire_later_never_earlier() -> TestResult {
     let key = "fs:{test/expiry}:idem";
     let far = jiff::Timestamp::now().as_millisecond() + 3_600_000;
     let mut expiry_after = async |field: &str, until: i64| -> redis::RedisResult<i64> {
-        let _: (String, String) = dataplane::scripts::CLAIM_KEY
-            .key(key)
-            .arg(field)
-            .arg("item 1")
-            .arg(until)
-            .invoke_async(&mut conn)
-            .await?;
+        let claim = dataplane::scripts::KeyClaim {
+            hash: key,
+            request: "item 1",
+            keep_until_ms: until,
+        };
+        let _: (String, String, String) = claim.invocation(field).invoke_async(&mut conn).await?;
         redis::cmd("PEXPIRETIME")
             .arg(key)
             .query_async(&mut conn)

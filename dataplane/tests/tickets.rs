@@ -218,7 +218,11 @@ async fn the_script_refuses_a_ticket_expired_by_redis_clock_without_touching_sto
     let keys = k.purchase_keys();
     let call = |expires_at_ms: i64| {
         let ticket = (k.ticket("01ARZ3NDEKTSV4RRFFQ69G5FAV"), expires_at_ms);
-        dataplane::scripts::purchase(&keys, "alice", 1, "phone.x", "", Some(&ticket))
+        dataplane::scripts::Purchase {
+            ticket: Some(&ticket),
+            ..dataplane::scripts::Purchase::new_buyer(&keys, "alice", "phone.x")
+        }
+        .invocation()
     };
     let past = jiff::Timestamp::now().as_millisecond() - 1_000;
     let (verdict, why, _): (String, String, String) = call(past).invoke_async(&mut conn).await?;

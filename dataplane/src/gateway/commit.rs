@@ -132,14 +132,17 @@ async fn commit<C: ConnectionLike>(
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for j in &jobs {
-            pipe.invoke_script(&scripts::purchase(
-                keys,
-                &j.user,
-                j.quantity,
-                &j.order_id,
-                &j.idempotency_field,
-                j.ticket.as_ref(),
-            ));
+            pipe.invoke_script(
+                &scripts::Purchase {
+                    keys,
+                    user: &j.user,
+                    quantity: j.quantity,
+                    order_id: &j.order_id,
+                    idempotency_field: &j.idempotency_field,
+                    ticket: j.ticket.as_ref(),
+                }
+                .invocation(),
+            );
         }
         wait.append(&mut pipe);
         let started = Instant::now();

@@ -21,7 +21,8 @@ use super::commit::Decision;
 use super::error::{ApiError, ErrorBody};
 use super::tickets;
 use crate::order::new_order_id;
-use crate::scripts;
+use crate::redis_conn::RedisMode;
+use crate::scripts::{self, KeyClaim};
 use crate::spec::Phase;
 use crate::ticket::TicketError;
 
@@ -385,8 +386,24 @@ async fn handle(
         );
     }
     let mut conn = gw.redis.clone();
-    if let Some(k) = idem {
-        claim_key(gw, &mut conn, &idem_field, k, sku, req.quantity).await?;
+    let claim_request = idem.map(|_| format!("{sku} {}", req.quantity));
+    let claim = claim_request.as_deref().map(|request| KeyClaim {
+        hash: &gw.idempotency_key,
+        request,
+        keep_until_ms: keep_bindings_until(gw),
+    });
+    // On a standalone Redis the key's binding runs inside the purchase call;
+    // in a cluster (two slots) and under group commit it is a call of its own.
+    let claim_inside = product.committer.is_none() && conn.mode() == RedisMode::Standalone;
+    if let (Some(claim), Some(k)) = (&claim, idem)
+        && !claim_inside
+    {
+        let invocation = claim.invocation(&idem_field);
+        let call = invocation.invoke_async::<(String, String, String)>(&mut conn);
+        let (verdict, first, _) = bounded(gw, "idempotency key binding", call).await?;
+        if verdict == "reused" {
+            return Err(key_reused(gw, &mut conn, k, &idem_field, &first).await);
+        }
     }
     let order_id = new_order_id(sku);
     let redis_started = Instant::now();
@@ -398,14 +415,18 @@ async fn handle(
             bounded(gw, "purchase script", call).await
         }
         None => {
-            let invocation = scripts::purchase(
-                &product.keys,
-                &user,
-                req.quantity,
-                &order_id,
-                &idem_field,
-                ticket.as_ref(),
-            );
+            let purchase = scripts::Purchase {
+                keys: &product.keys,
+                user: &user,
+                quantity: req.quantity,
+                order_id: &order_id,
+                idempotency_field: &idem_field,
+                ticket: ticket.as_ref(),
+            };
+            let invocation = match &claim {
+                Some(claim) if claim_inside => purchase.claiming(claim),
+                _ => purchase.invocation(),
+            };
             let call = invocation.invoke_async::<(String, String, String)>(&mut conn);
             bounded(gw, "purchase script", call)
                 .await
@@ -437,6 +458,13 @@ async fn handle(
             Ok((ACCEPTED, accepted(a)))
         }
         "dup" => Ok((DUPLICATE, accepted(a))),
+        "reused" => match idem {
+            Some(k) => Err(key_reused(gw, &mut conn, k, &idem_field, &a).await),
+            _ => fail(
+                UNAVAILABLE,
+                ApiError::unavailable("store_protocol", "unexpected answer from the stock store"),
+            ),
+        },
         "soldout" => {
             if a == "0" {
                 product.sold_out.store(true, Ordering::Relaxed);
@@ -537,39 +565,32 @@ async fn bounded<T>(
     }
 }
 
-/// Binds the buyer's Idempotency-Key to this request (SKU and quantity) on
-/// first use in the sale. A key is the buyer's for the whole sale, like a
-/// payment API's: a retry of the same request goes on (the purchase script
-/// answers it with its order), the same key with another request is 422
-/// `idempotency_key_reused`, naming the request and the order it made. The
-/// binding lives in the sale's hash tag, the purchase in the product's (two
-/// Redis Cluster slots), so it is its own call; a crash between the two
-/// leaves a binding without an order, which a retry completes.
-async fn claim_key(
-    gw: &Gateway,
-    conn: &mut crate::redis_conn::RedisConn,
-    field: &str,
-    key: &str,
-    sku: &str,
-    quantity: i64,
-) -> Outcome<()> {
-    use outcome::*;
+/// How long a sale's Idempotency-Key bindings are kept: its end, its payment
+/// timeout and a day.
+fn keep_bindings_until(gw: &Gateway) -> i64 {
     let spec = gw.spec.load();
     let keep_until = spec.end_time
         + jiff::SignedDuration::from_secs(i64::from(spec.payment.timeout_seconds) + 86_400);
-    let request = format!("{sku} {quantity}");
-    let mut invocation = scripts::CLAIM_KEY.prepare_invoke();
-    invocation
-        .key(&gw.idempotency_key)
-        .arg(field)
-        .arg(&request)
-        .arg(keep_until.as_millisecond());
-    let call = invocation.invoke_async::<(String, String)>(conn);
-    let (verdict, first) = bounded(gw, "idempotency key binding", call).await?;
-    if verdict != "reused" {
-        return Ok(());
-    }
-    let (first_sku, first_quantity) = first.split_once(' ').unwrap_or((first.as_str(), ""));
+    keep_until.as_millisecond()
+}
+
+/// The answer when the buyer's Idempotency-Key was first used with another
+/// request in this sale (`claim.lua` said `reused`, `first` being that
+/// request). A key is the buyer's for the whole sale, like a payment API's: a
+/// retry of the same request goes on (the purchase script answers it with its
+/// order); the same key with another request is 422 `idempotency_key_reused`,
+/// naming the request and the order it made. On a Redis Cluster the binding
+/// (the sale's hash tag) and the purchase (the product's) are two calls; a
+/// crash between them leaves a binding without an order, which a retry
+/// completes.
+async fn key_reused(
+    gw: &Gateway,
+    conn: &mut crate::redis_conn::RedisConn,
+    key: &str,
+    field: &str,
+    first: &str,
+) -> (&'static str, Response) {
+    let (first_sku, first_quantity) = first.split_once(' ').unwrap_or((first, ""));
     // The order the key's first request made, if it made one.
     let order: Option<String> = match gw.products.get(first_sku) {
         Some(p) => redis::cmd("HGET")
@@ -597,7 +618,7 @@ async fn claim_key(
     if let Some(o) = order {
         error = error.with("orderId", o);
     }
-    fail(BAD_REQUEST, error)
+    (outcome::BAD_REQUEST, error.into_response())
 }
 
 /// Queues `order.accepted` for the pod holding the buyer's socket, off the

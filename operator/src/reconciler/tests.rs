@@ -234,14 +234,15 @@ async fn redis_conn(server: &RedisServer) -> anyhow::Result<ConnectionManager> {
 async fn buy(conn: &mut ConnectionManager, sku: &str, n: usize) -> anyhow::Result<()> {
     let keys = ProductKeys::new(&SaleId::new("shop", "singles-day"), sku);
     for i in 0..n {
-        let (outcome, _, _): (String, String, String) = dataplane::scripts::purchase(
-            &keys.purchase_keys(),
-            &format!("user-{i}"),
-            1,
-            &format!("order-{sku}-{i}"),
-            "",
-            None,
-        )
+        let (outcome, _, _): (String, String, String) = dataplane::scripts::Purchase {
+            keys: &keys.purchase_keys(),
+            user: &format!("user-{i}"),
+            quantity: 1,
+            order_id: &format!("order-{sku}-{i}"),
+            idempotency_field: "",
+            ticket: None,
+        }
+        .invocation()
         .invoke_async(conn)
         .await?;
         assert_eq!(outcome, "ok", "purchase {i} of {sku}");
