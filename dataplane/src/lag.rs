@@ -230,8 +230,8 @@ mod tests {
     use redis::aio::ConnectionManager;
 
     use super::*;
-    use crate::servers::RedisServer;
     use crate::spec::SaleDocument;
+    use crate::tools::servers::RedisServer;
 
     type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 

@@ -1,36 +1,30 @@
 //! flashsale's data plane: the Redis contract (keys and Lua scripts), the
 //! gateway that takes the crowd, the consumer that persists winners' orders,
-//! and the tools around them (local run, crowd generator, audit).
+//! and, in `tools`, what runs around them (local run, crowd generator, audit,
+//! benchmarks, throwaway servers).
 //!
 //! This crate never depends on `kube`; the operator depends on it.
 
-pub mod audit;
-pub mod bench;
 pub mod breaker;
-pub mod cluster_bench;
 pub mod consumer;
 pub mod counters;
-pub mod crowd;
 pub mod durability;
 pub mod events;
 pub mod gateway;
 pub mod keys;
 pub mod lag;
 pub mod live;
-pub mod local;
 pub mod metric_catalog;
 pub mod order;
 pub mod payment_timeout;
-pub mod push_bench;
-pub mod pyenv;
 pub mod ratelimit;
 pub mod redis_conn;
 pub mod scripts;
-pub mod servers;
 pub mod spec;
 pub mod stock;
 pub mod store;
 pub mod telemetry;
 pub mod ticket;
 pub mod token;
+pub mod tools;
 pub mod warm;

@@ -9,11 +9,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use dataplane::consumer::{Consumer, ConsumerSettings};
-use dataplane::crowd::{CrowdConfig, Target};
 use dataplane::durability::Durability;
 use dataplane::gateway::{self, Gateway, GatewaySettings};
 use dataplane::redis_conn::{ConnSettings, RedisConn, RedisMode, RedisTarget};
 use dataplane::spec::SaleDocument;
+use dataplane::tools::crowd::{CrowdConfig, Target};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -490,7 +490,7 @@ async fn run(command: Command) -> Result<ExitCode> {
             let mut conn = a.sale.redis().await?;
             let store = dataplane::store::OrderStore::connect(&a.database_url, 2)?;
             let wait = Duration::from_secs_f64(a.wait_seconds.max(0.0));
-            if !dataplane::audit::wait_drained(&mut conn, &store, &doc.id(), &doc.spec, wait)
+            if !dataplane::tools::audit::wait_drained(&mut conn, &store, &doc.id(), &doc.spec, wait)
                 .await?
             {
                 eprintln!(
@@ -499,7 +499,8 @@ async fn run(command: Command) -> Result<ExitCode> {
                 );
             }
             let report =
-                dataplane::audit::audit(&mut conn, &store, &doc.id(), &doc.spec, &[], 0).await?;
+                dataplane::tools::audit::audit(&mut conn, &store, &doc.id(), &doc.spec, &[], 0)
+                    .await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(if report.passed() {
                 ExitCode::SUCCESS
@@ -553,7 +554,9 @@ async fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Bench(a) => bench(a).await,
         Command::Servers(a) => {
-            use dataplane::servers::{ClusterOptions, RedisCluster, RedisOptions, RedisServer};
+            use dataplane::tools::servers::{
+                ClusterOptions, RedisCluster, RedisOptions, RedisServer,
+            };
             // Kept until the signal: dropping them stops the servers.
             let (_server, _cluster, redis) = if a.redis_cluster {
                 let c = RedisCluster::start_with(ClusterOptions {
@@ -570,7 +573,7 @@ async fn run(command: Command) -> Result<ExitCode> {
                 let url = s.url();
                 (Some(s), None, url)
             };
-            let pg = dataplane::servers::PostgresServer::start()?;
+            let pg = dataplane::tools::servers::PostgresServer::start()?;
             println!("export REDIS_URL={redis} DATABASE_URL={}", pg.url());
             println!(
                 "# Redis and PostgreSQL are up; stopping this process (Ctrl-C, or kill {}) stops and removes them.",
@@ -612,7 +615,7 @@ async fn run(command: Command) -> Result<ExitCode> {
 }
 
 async fn bench(a: BenchArgs) -> Result<ExitCode> {
-    use dataplane::bench;
+    use dataplane::tools::bench;
     let json = match a.which.as_str() {
         "accept" => {
             let r = bench::accept(a.requests, a.connections, a.rounds).await?;
@@ -741,7 +744,8 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
         }
         "redis-modes" => {
             let r =
-                dataplane::cluster_bench::redis_modes(a.requests, a.connections, a.rounds).await?;
+                dataplane::tools::cluster_bench::redis_modes(a.requests, a.connections, a.rounds)
+                    .await?;
             for v in &r.variants {
                 println!(
                     "accept path, {} connections, {} / durability {} / WAIT batch {}: {:.0} req/s (p50 {:.2} ms, p99 {:.2} ms), {:.2}× standalone local",
@@ -762,11 +766,15 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
             serde_json::to_string_pretty(&r)?
         }
         "ws-memory" => serde_json::to_string_pretty(
-            &dataplane::push_bench::ws_memory(&a.ws_connections).await?,
+            &dataplane::tools::push_bench::ws_memory(&a.ws_connections).await?,
         )?,
         "push-latency" => serde_json::to_string_pretty(
-            &dataplane::push_bench::push_latency(a.rate, a.seconds.max(1.0), a.buyers.max(1))
-                .await?,
+            &dataplane::tools::push_bench::push_latency(
+                a.rate,
+                a.seconds.max(1.0),
+                a.buyers.max(1),
+            )
+            .await?,
         )?,
         other => {
             bail!(
@@ -786,7 +794,7 @@ fn load(path: &std::path::Path) -> Result<SaleDocument> {
 }
 
 async fn local(a: LocalArgs) -> Result<ExitCode> {
-    let report = dataplane::local::run(dataplane::local::LocalOptions {
+    let report = dataplane::tools::local::run(dataplane::tools::local::LocalOptions {
         sale_file: a.sale,
         redis_url: a.redis_url,
         redis_mode: a.redis_mode,
@@ -826,7 +834,7 @@ async fn crowd(a: CrowdArgs) -> Result<ExitCode> {
         "ping" => Target::Ping,
         other => bail!("--target must be purchase, unkeyed, ticketed or ping, not {other:?}"),
     };
-    let r = dataplane::crowd::run(CrowdConfig {
+    let r = dataplane::tools::crowd::run(CrowdConfig {
         gateways: a.gateways,
         sale: a.sale,
         skus: a.skus,
@@ -939,15 +947,15 @@ async fn audit_crowd(
     path: &std::path::Path,
     redis: Option<RedisTarget>,
     database_url: Option<&str>,
-    r: &dataplane::crowd::CrowdResult,
-) -> Result<dataplane::audit::AuditReport> {
+    r: &dataplane::tools::crowd::CrowdResult,
+) -> Result<dataplane::tools::audit::AuditReport> {
     let doc = load(path)?;
     let (Some(redis), Some(database_url)) = (redis, database_url) else {
         bail!("--audit needs --redis-url/REDIS_URL and --database-url/DATABASE_URL");
     };
     let mut conn = redis.connect(&ConnSettings::default()).await?;
     let store = dataplane::store::OrderStore::connect(database_url, 2)?;
-    let drained = dataplane::audit::wait_drained(
+    let drained = dataplane::tools::audit::wait_drained(
         &mut conn,
         &store,
         &doc.id(),
@@ -958,7 +966,7 @@ async fn audit_crowd(
     if !drained {
         eprintln!("warning: orders still in flight after 60 s; auditing anyway");
     }
-    Ok(dataplane::audit::audit(
+    Ok(dataplane::tools::audit::audit(
         &mut conn,
         &store,
         &doc.id(),

@@ -433,7 +433,7 @@ mod tests {
     /// until its replica is promoted, then succeed on the same connection.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cluster_connection_follows_a_failover() -> anyhow::Result<()> {
-        use crate::servers::RedisCluster;
+        use crate::tools::servers::RedisCluster;
         let mut cluster = tokio::task::spawn_blocking(RedisCluster::start).await??;
         let target = RedisTarget::parse(&cluster.url(), None)?;
         let settings = ConnSettings {

@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use dataplane::audit::{audit, wait_drained};
-use dataplane::crowd::{CrowdConfig, Target};
+use dataplane::tools::audit::{audit, wait_drained};
+use dataplane::tools::crowd::{CrowdConfig, Target};
 
 async fn pending_count(
     conn: &mut redis::aio::ConnectionManager,
@@ -73,7 +73,7 @@ async fn sigkill_mid_batch_then_new_consumer_persists_everything_once() -> TestR
     )
     .await?;
 
-    let result = dataplane::crowd::run(CrowdConfig {
+    let result = dataplane::tools::crowd::run(CrowdConfig {
         gateways: vec![gw.addr],
         sale: "crash".into(),
         skus: vec!["item".into()],

@@ -17,7 +17,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use dataplane::pyenv::Venv;
+use dataplane::tools::pyenv::Venv;
 
 /// Cases per operation and phase unless `SCHEMATHESIS_MAX_EXAMPLES` says otherwise.
 const MAX_EXAMPLES: &str = "40";

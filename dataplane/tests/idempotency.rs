@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use dataplane::audit::wait_drained;
+use dataplane::tools::audit::wait_drained;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

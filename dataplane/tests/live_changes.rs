@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use dataplane::audit::{audit, wait_drained};
-use dataplane::crowd::{CrowdConfig, Target};
 use dataplane::spec::{RateLimit, SaleDocument, SaleSpec};
 use dataplane::stock::{self, ApplyError};
 use dataplane::store::OrderStore;
+use dataplane::tools::audit::{audit, wait_drained};
+use dataplane::tools::crowd::{CrowdConfig, Target};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -76,7 +76,7 @@ async fn stock_raised_three_times_and_cut_once_under_a_crowd_fails_no_order() ->
     let gw2 = RunningGateway::start(&doc, &servers.redis.url(), "gw-2").await?;
     let gateways: Vec<SocketAddr> = vec![gw1.addr, gw2.addr];
 
-    let crowd = tokio::spawn(dataplane::crowd::run(CrowdConfig {
+    let crowd = tokio::spawn(dataplane::tools::crowd::run(CrowdConfig {
         gateways,
         sale: "restock".into(),
         skus: vec!["hot".into(), "calm".into()],

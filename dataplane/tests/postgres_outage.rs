@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use dataplane::audit::{audit, wait_drained};
-use dataplane::crowd::{CrowdConfig, Target};
+use dataplane::tools::audit::{audit, wait_drained};
+use dataplane::tools::crowd::{CrowdConfig, Target};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backlog_drains_after_ten_seconds_without_postgres() -> TestResult {
@@ -21,7 +21,7 @@ async fn backlog_drains_after_ten_seconds_without_postgres() -> TestResult {
     let mut conn = servers.redis_conn().await?;
 
     // About 16 s of steady buying at 500 requests/s.
-    let crowd = tokio::spawn(dataplane::crowd::run(CrowdConfig {
+    let crowd = tokio::spawn(dataplane::tools::crowd::run(CrowdConfig {
         gateways: vec![gw.addr],
         sale: "outage".into(),
         skus: vec!["item".into()],

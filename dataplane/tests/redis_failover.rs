@@ -16,16 +16,16 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
-use dataplane::audit::{AuditReport, audit, wait_drained};
 use dataplane::consumer::{Consumer, ConsumerSettings};
-use dataplane::crowd::{CrowdConfig, CrowdResult, Target};
 use dataplane::durability::Durability;
 use dataplane::gateway::GatewaySettings;
 use dataplane::keys::ProductKeys;
 use dataplane::redis_conn::{ConnSettings, RedisMode, RedisTarget};
-use dataplane::servers::{PostgresServer, RedisCluster};
 use dataplane::spec::SaleId;
 use dataplane::store::OrderStore;
+use dataplane::tools::audit::{AuditReport, audit, wait_drained};
+use dataplane::tools::crowd::{CrowdConfig, CrowdResult, Target};
+use dataplane::tools::servers::{PostgresServer, RedisCluster};
 use tokio_util::sync::CancellationToken;
 
 /// The product whose master is killed never sells out (so selling again
@@ -113,7 +113,7 @@ async fn crowd_through_failover(
 
     // About 8 s of crowd at 3,000 requests/s; the victim's master dies at 2 s.
     let started = Instant::now();
-    let crowd = tokio::spawn(dataplane::crowd::run(CrowdConfig {
+    let crowd = tokio::spawn(dataplane::tools::crowd::run(CrowdConfig {
         gateways: addrs,
         sale: "failover".into(),
         skus: skus.clone(),

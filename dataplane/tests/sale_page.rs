@@ -8,9 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use dataplane::bench::redis_commands;
 use dataplane::gateway::sale_page::{STOCK_AGE_HEADER, SaleView};
-use dataplane::servers::RedisServer;
+use dataplane::tools::bench::redis_commands;
+use dataplane::tools::servers::RedisServer;
 use futures::StreamExt;
 use reqwest::StatusCode;
 

@@ -271,7 +271,8 @@ async fn counters_equal_postgres_and_redis_after_payments_cancellations_and_rest
             "{sku}"
         );
     }
-    let report = dataplane::audit::audit(&mut conn, &store, &doc.id(), &doc.spec, &[], 0).await?;
+    let report =
+        dataplane::tools::audit::audit(&mut conn, &store, &doc.id(), &doc.spec, &[], 0).await?;
     assert!(report.passed(), "audit: {:?}", report.problems());
     gw.stop().await;
     Ok(())

@@ -483,7 +483,7 @@ async fn storefront_fetches_purchase_tickets_and_retries_a_press_through_503() -
 /// The page itself, without a browser: its headers, and other sales' pages.
 #[tokio::test]
 async fn shop_page_is_served_with_its_policy_and_only_for_this_sale() -> TestResult {
-    let redis = dataplane::servers::RedisServer::start()?;
+    let redis = dataplane::tools::servers::RedisServer::start()?;
     let doc = sale("pagesale", &[("phone-17", 5, 1)]);
     let gateway = RunningGateway::start(&doc, &redis.url(), "storefront-page").await?;
 

@@ -98,7 +98,7 @@ fn assert_refused(status: u16, body: &serde_json::Value, code: &str, reason: Opt
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ticket_sale_refuses_bad_tickets_and_wins_once_per_product() -> TestResult {
-    let redis = dataplane::servers::RedisServer::start()?;
+    let redis = dataplane::tools::servers::RedisServer::start()?;
     let doc = with_tickets(sale("tix", &[("phone", 5, 3), ("case", 5, 3)]));
     let mut conn = redis::Client::open(redis.url())?
         .get_connection_manager()
@@ -238,7 +238,7 @@ async fn the_script_refuses_a_ticket_expired_by_redis_clock_without_touching_sto
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tickets_are_issued_from_a_minute_before_the_start_until_the_end() -> TestResult {
-    let redis = dataplane::servers::RedisServer::start()?;
+    let redis = dataplane::tools::servers::RedisServer::start()?;
     let client = http();
     let now = jiff::Timestamp::now();
     let secs = |s: i64| now + jiff::SignedDuration::from_secs(s);
@@ -312,7 +312,7 @@ async fn answers_without_ticket(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tickets_follow_the_live_spec() -> TestResult {
-    let redis = dataplane::servers::RedisServer::start()?;
+    let redis = dataplane::tools::servers::RedisServer::start()?;
     let doc = sale("live", &[("phone", 1000, 1000)]);
     let mut conn = redis::Client::open(redis.url())?
         .get_connection_manager()

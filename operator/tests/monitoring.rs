@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use dataplane::gateway::load_report;
-use dataplane::servers::{PostgresServer, RedisServer, free_port};
 use dataplane::spec::SaleDocument;
+use dataplane::tools::servers::{PostgresServer, RedisServer, free_port};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use operator::autoscaler::{observe, settings};

@@ -6,8 +6,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use dataplane::audit::{audit, wait_drained};
-use dataplane::crowd::{CrowdConfig, Target};
+use dataplane::tools::audit::{audit, wait_drained};
+use dataplane::tools::crowd::{CrowdConfig, Target};
 
 use super::*;
 
@@ -35,7 +35,7 @@ pub async fn crowd_keeps_every_promise(
     let gw2 = RunningGateway::start_with(&doc, &settings("gw-2")).await?;
     let gateways: Vec<SocketAddr> = vec![gw1.addr, gw2.addr];
 
-    let result = dataplane::crowd::run(CrowdConfig {
+    let result = dataplane::tools::crowd::run(CrowdConfig {
         gateways,
         sale: name.into(),
         skus: SKUS.iter().map(|s| s.to_string()).collect(),

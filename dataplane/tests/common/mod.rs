@@ -13,9 +13,9 @@ use std::time::Duration;
 use dataplane::consumer::{Consumer, ConsumerSettings};
 use dataplane::gateway::{self, Gateway, GatewaySettings};
 use dataplane::redis_conn::{ConnSettings, RedisConn, RedisTarget};
-use dataplane::servers::{PostgresServer, RedisCluster, RedisServer};
 use dataplane::spec::SaleDocument;
 use dataplane::store::OrderStore;
+use dataplane::tools::servers::{PostgresServer, RedisCluster, RedisServer};
 use tokio_util::sync::CancellationToken;
 
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
@@ -29,7 +29,7 @@ pub struct Servers {
 }
 
 impl Servers {
-    pub fn start() -> Result<Self, dataplane::servers::ServerError> {
+    pub fn start() -> Result<Self, dataplane::tools::servers::ServerError> {
         Ok(Self {
             redis: RedisServer::start()?,
             pg: PostgresServer::start()?,
@@ -72,7 +72,7 @@ pub struct ClusterServers {
 }
 
 impl ClusterServers {
-    pub fn start() -> Result<Self, dataplane::servers::ServerError> {
+    pub fn start() -> Result<Self, dataplane::tools::servers::ServerError> {
         Ok(Self {
             cluster: RedisCluster::start()?,
             pg: PostgresServer::start()?,

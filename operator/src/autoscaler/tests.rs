@@ -15,12 +15,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use dataplane::crowd::{self, CrowdConfig, Target};
 use dataplane::gateway::load_report::{self, LoadReport};
 use dataplane::keys::{CONSUMER_GROUP, ProductKeys};
 use dataplane::lag;
-use dataplane::servers::{self, RedisServer};
 use dataplane::spec::{DocumentMetadata, SaleDocument, SaleId};
+use dataplane::tools::crowd::{self, CrowdConfig, Target};
+use dataplane::tools::servers::{self, RedisServer};
 use http::Method;
 use jiff::{SignedDuration, Timestamp};
 use redis::aio::ConnectionManager;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use dataplane::keys::ProductKeys;
-use dataplane::servers::{PostgresServer, RedisServer};
+use dataplane::tools::servers::{PostgresServer, RedisServer};
 use http::Method;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -670,7 +670,8 @@ async fn warmed_live_sale(stores: &Stores) -> anyhow::Result<(Arc<Context>, ApiS
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sale_on_a_redis_cluster_is_warmed_through_its_seeds() -> anyhow::Result<()> {
     use dataplane::redis_conn::{ConnSettings, RedisMode, RedisTarget};
-    let cluster = tokio::task::spawn_blocking(dataplane::servers::RedisCluster::start).await??;
+    let cluster =
+        tokio::task::spawn_blocking(dataplane::tools::servers::RedisCluster::start).await??;
     let pg = PostgresServer::start()?;
     let urls = Urls {
         redis: cluster.url(),

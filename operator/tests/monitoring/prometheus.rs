@@ -40,7 +40,7 @@ impl Prometheus {
         }
         let config_path = dir.path().join("prometheus.yml");
         std::fs::write(&config_path, config)?;
-        let port = dataplane::servers::free_port()?;
+        let port = dataplane::tools::servers::free_port()?;
         let log = std::fs::File::create(dir.path().join("prometheus.log"))?;
         let child = Command::new(binary)
             .arg(format!("--config.file={}", config_path.display()))

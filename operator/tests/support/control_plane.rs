@@ -1,6 +1,6 @@
 //! A real Kubernetes control plane for tests: etcd, kube-apiserver and
 //! kube-controller-manager as child processes on free loopback ports in a temp
-//! dir, in the style of `dataplane::servers` (spawn, wait until ready, dump the
+//! dir, in the style of `dataplane::tools::servers` (spawn, wait until ready, dump the
 //! logs when a test panics, kill on drop).
 //!
 //! The binaries come from `$KUBE_BIN_DIR`, `PATH`, or the cache dir that
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dataplane::servers::free_port;
+use dataplane::tools::servers::free_port;
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::Client;
 use kube::api::Api;
@@ -52,7 +52,7 @@ pub enum ControlPlaneError {
         detail: String,
     },
     #[error(transparent)]
-    Server(#[from] dataplane::servers::ServerError),
+    Server(#[from] dataplane::tools::servers::ServerError),
     #[error("{what}: {source}")]
     Kube { what: String, source: kube::Error },
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-use dataplane::pyenv::Venv;
+use dataplane::tools::pyenv::Venv;
 use serde::Deserialize as _;
 use serde_json::{Value, json};
 
@@ -22,7 +22,7 @@ pub fn chart_dir() -> PathBuf {
 }
 
 /// The venv's python with helm-python-sdk importable; built once, cached in
-/// ~/.cache/flashsale (`dataplane::pyenv`).
+/// ~/.cache/flashsale (`dataplane::tools::pyenv`).
 fn python() -> &'static Path {
     static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let ready = PYTHON.get_or_init(|| {

@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::bench::{BenchError, LoadFigures, crowd_config, doc, median, median_f};
-use crate::crowd::{self, Target};
 use crate::durability::Durability;
 use crate::gateway::{self, Gateway, GatewaySettings};
 use crate::keys::ProductKeys;
 use crate::redis_conn::{ConnSettings, RedisConn, RedisMode, RedisTarget};
-use crate::servers::{RedisCluster, RedisServer};
 use crate::spec::SaleDocument;
+use crate::tools::bench::{BenchError, LoadFigures, crowd_config, doc, median, median_f};
+use crate::tools::crowd::{self, Target};
+use crate::tools::servers::{RedisCluster, RedisServer};
 
 /// One gateway variant: where Redis is and how durable an accept is.
 #[derive(Clone, Copy, Debug, Serialize)]

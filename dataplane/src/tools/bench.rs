@@ -9,17 +9,17 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{Consumer, ConsumerSettings};
-use crate::crowd::{self, CrowdConfig, CrowdResult, Target};
 use crate::gateway::{self, Gateway, GatewaySettings};
 use crate::keys::ProductKeys;
-use crate::servers::{PostgresServer, RedisServer};
 use crate::spec::SaleDocument;
 use crate::store::{OrderRow, OrderStore};
+use crate::tools::crowd::{self, CrowdConfig, CrowdResult, Target};
+use crate::tools::servers::{PostgresServer, RedisServer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error(transparent)]
-    Server(#[from] crate::servers::ServerError),
+    Server(#[from] crate::tools::servers::ServerError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error(transparent)]

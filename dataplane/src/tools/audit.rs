@@ -10,11 +10,11 @@ use redis::aio::ConnectionLike;
 use serde::Serialize;
 
 use crate::counters::{ProductCounters, product_counters};
-use crate::crowd::AcceptedOrder;
 use crate::keys::ProductKeys;
 use crate::order::{OrderRecord, OrderStatus};
 use crate::spec::{SaleId, SaleSpec};
 use crate::store::{OrderStore, StoreError};
+use crate::tools::crowd::AcceptedOrder;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {

@@ -10,14 +10,16 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{AuditReport, audit, wait_drained};
 use crate::consumer::{Consumer, ConsumerSettings};
-use crate::crowd::{self, CrowdConfig, CrowdResult, Target};
 use crate::gateway::{self, Gateway, GatewaySettings};
 use crate::redis_conn::{ConnSettings, RedisMode, RedisTarget};
-use crate::servers::{ClusterOptions, PostgresServer, RedisCluster, RedisOptions, RedisServer};
 use crate::spec::SaleDocument;
 use crate::store::OrderStore;
+use crate::tools::audit::{AuditReport, audit, wait_drained};
+use crate::tools::crowd::{self, CrowdConfig, CrowdResult, Target};
+use crate::tools::servers::{
+    ClusterOptions, PostgresServer, RedisCluster, RedisOptions, RedisServer,
+};
 
 #[derive(Clone, Debug)]
 pub struct LocalOptions {
@@ -75,7 +77,7 @@ pub struct LocalReport {
     pub latency_ms: Latency,
     pub elapsed_s: f64,
     pub drain_s: f64,
-    pub products: Vec<crate::audit::ProductAudit>,
+    pub products: Vec<crate::tools::audit::ProductAudit>,
     pub passed: bool,
     pub problems: Vec<String>,
 }
@@ -94,7 +96,7 @@ pub enum LocalError {
     #[error(transparent)]
     Spec(#[from] crate::spec::SpecError),
     #[error(transparent)]
-    Server(#[from] crate::servers::ServerError),
+    Server(#[from] crate::tools::servers::ServerError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
@@ -108,7 +110,7 @@ pub enum LocalError {
     #[error("crowd: {0}")]
     Crowd(#[from] crowd::CrowdError),
     #[error("audit: {0}")]
-    Audit(#[from] crate::audit::AuditError),
+    Audit(#[from] crate::tools::audit::AuditError),
     #[error("order store: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("warming the sale: {0}")]

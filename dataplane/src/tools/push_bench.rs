@@ -28,19 +28,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{Consumer, ConsumerSettings};
 use crate::gateway::{self, Gateway, GatewaySettings};
-use crate::servers::{PostgresServer, RedisServer};
 use crate::spec::SaleDocument;
+use crate::tools::servers::{PostgresServer, RedisServer};
 
 const SECRET: &[u8] = b"bench-secret";
 
 /// The benches share one error type.
-pub use crate::bench::BenchError as PushBenchError;
+pub use crate::tools::bench::BenchError as PushBenchError;
 /// Source addresses 127.0.0.2 … used for client sockets (ephemeral ports
 /// run out near 28k per source address).
 const SOURCE_IPS: u8 = 16;
 
 fn doc(name: &str, stock: i64) -> Result<SaleDocument, PushBenchError> {
-    crate::bench::doc(name, &[("item", stock)])
+    crate::tools::bench::doc(name, &[("item", stock)])
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> PushBenchError {
@@ -149,8 +149,8 @@ pub async fn ws_memory(counts: &[usize]) -> Result<WsMemoryReport, PushBenchErro
     );
     let mut steps = Vec::new();
     for &target in counts {
-        let port = crate::servers::free_port()?;
-        let admin = crate::servers::free_port()?;
+        let port = crate::tools::servers::free_port()?;
+        let admin = crate::tools::servers::free_port()?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let child = std::process::Command::new(&exe)
             .args(["gateway", "--config"])
