@@ -59,9 +59,13 @@ pub fn free_port() -> Result<u16, ServerError> {
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
-    // Too little room below the ephemeral range: fall back to the kernel's pick.
-    if ephemeral_start > 11_024 {
-        let below = (ephemeral_start - 10_000)..ephemeral_start;
+    // Below Kubernetes' NodePort range too (30000-32767): on a node running
+    // kube-proxy those ports are redirected without a listening socket, so
+    // binding one would succeed and connecting to it would not reach ours.
+    let top = ephemeral_start.min(30_000);
+    // Too little room below: fall back to the kernel's pick.
+    if top > 11_024 {
+        let below = (top - 10_000)..top;
         for _ in 0..500 {
             let port = rand::random_range(below.clone());
             if given.contains(&port) {
@@ -73,10 +77,13 @@ pub fn free_port() -> Result<u16, ServerError> {
             }
         }
     }
-    let l = TcpListener::bind("127.0.0.1:0").map_err(io("bind a free port"))?;
-    let port = l.local_addr().map_err(io("read a free port"))?.port();
-    given.insert(port);
-    Ok(port)
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").map_err(io("bind a free port"))?;
+        let port = l.local_addr().map_err(io("read a free port"))?.port();
+        if given.insert(port) {
+            return Ok(port);
+        }
+    }
 }
 
 pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
@@ -206,11 +213,21 @@ impl RedisServer {
                     log: tail(&log, 30),
                 });
             }
+            // Ready once our child answers: a server that is someone else's
+            // (the port taken by another process before ours bound it) says
+            // another process id, and ours is about to exit.
+            let ours = self.child.as_ref().map(Child::id);
             if let Ok(client) = redis::Client::open(self.url())
                 && let Ok(mut conn) = client.get_connection()
-                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+                && let Ok(info) = redis::cmd("INFO").arg("server").query::<String>(&mut conn)
             {
-                return Ok(());
+                let pid = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("process_id:"))
+                    .and_then(|p| p.trim().parse::<u32>().ok());
+                if pid.is_some() && pid == ours {
+                    return Ok(());
+                }
             }
             if Instant::now() > deadline {
                 return Err(ServerError::NotReady {
@@ -515,5 +532,32 @@ impl Drop for PostgresServer {
             kill(&mut child, libc::SIGQUIT);
             let _ = child.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Another process's server on the port answers PING, but ours exited:
+    /// that is a failure to start, not a ready server.
+    #[test]
+    fn a_redis_whose_port_is_taken_does_not_pass_for_ready() -> Result<(), ServerError> {
+        let theirs = RedisServer::start()?;
+        let mut ours = RedisServer {
+            child: None,
+            port: theirs.port(),
+            bus_port: None,
+            dir: tempfile::tempdir().map_err(io("create a temp dir"))?,
+            options: RedisOptions::default(),
+        };
+        match ours.spawn() {
+            Err(ServerError::Failed { log, .. }) => {
+                assert!(log.contains("in use"), "{log}");
+            }
+            other => panic!("expected a failure to start, got {other:?}"),
+        }
+        assert!(!ours.is_running());
+        Ok(())
     }
 }
