@@ -460,10 +460,7 @@ async fn handle(
         "dup" => Ok((DUPLICATE, accepted(a))),
         "reused" => match idem {
             Some(k) => Err(key_reused(gw, &mut conn, k, &idem_field, &a).await),
-            _ => fail(
-                UNAVAILABLE,
-                ApiError::unavailable("store_protocol", "unexpected answer from the stock store"),
-            ),
+            None => unexpected_answer(&verdict),
         },
         "soldout" => {
             if a == "0" {
@@ -519,14 +516,16 @@ async fn handle(
                 ),
             )
         }
-        other => {
-            tracing::error!(answer = other, "unexpected answer from purchase.lua");
-            fail(
-                UNAVAILABLE,
-                ApiError::unavailable("store_protocol", "unexpected answer from the stock store"),
-            )
-        }
+        other => unexpected_answer(other),
     }
+}
+
+fn unexpected_answer<T>(answer: &str) -> Outcome<T> {
+    tracing::error!(answer, "unexpected answer from purchase.lua");
+    fail(
+        outcome::UNAVAILABLE,
+        ApiError::unavailable("store_protocol", "unexpected answer from the stock store"),
+    )
 }
 
 /// One Redis call on the purchase path, bounded by the gateway's timeout:

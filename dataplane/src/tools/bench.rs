@@ -199,12 +199,12 @@ pub(crate) fn median_f(v: &[f64]) -> f64 {
 #[derive(Debug, Serialize)]
 pub struct AcceptReport {
     pub connections: usize,
-    /// Each purchase with a new Idempotency-Key (two Redis calls: the key's
-    /// binding in the sale, then the purchase script).
+    /// Each purchase with a new Idempotency-Key (on this standalone Redis the
+    /// key's binding runs in the purchase call).
     pub purchase: LoadFigures,
     pub trivial: LoadFigures,
     pub purchase_vs_trivial: f64,
-    /// The same purchases without an Idempotency-Key (one Redis call).
+    /// The same purchases without an Idempotency-Key.
     pub purchase_unkeyed: LoadFigures,
     pub purchase_unkeyed_vs_trivial: f64,
     pub redis_benchmark_evalsha_p16_rps: f64,

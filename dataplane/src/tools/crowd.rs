@@ -25,7 +25,7 @@ pub enum Target {
     /// (as a storefront sends it, so a retry finds its order).
     Purchase,
     /// The same purchase without an Idempotency-Key (a client that never
-    /// retries): one Redis call per purchase instead of two. Never retried.
+    /// retries): no key to bind in Redis. Never retried.
     UnkeyedPurchase,
     /// `POST /v1/sales/{sale}/tickets`, then the purchase with that ticket
     /// (for a sale with `purchaseTicket.enabled`). The ticket fetch is not

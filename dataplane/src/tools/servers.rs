@@ -143,10 +143,10 @@ impl RedisServer {
         let mut server = Self {
             child: None,
             port: free_port()?,
-            bus_port: match options.cluster_node_timeout_ms {
-                Some(_) => Some(free_port()?),
-                None => None,
-            },
+            bus_port: options
+                .cluster_node_timeout_ms
+                .map(|_| free_port())
+                .transpose()?,
             dir,
             options,
         };
