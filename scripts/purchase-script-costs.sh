@@ -6,7 +6,11 @@
 # calls/s, so a difference of a few percent is real; docs/BENCHMARKS.md keeps
 # the results. Needs valgrind, redis-server and redis-benchmark.
 #
-#   scripts/purchase-script-costs.sh [calls per variant, default 20000] [script | keyed]
+#   scripts/purchase-script-costs.sh [calls per variant, default 20000] [script | keyed | batch]
+#
+# `batch` counts instructions per decision when one call decides several
+# purchases (a wrapper that runs purchase.lua as a function for each; not a
+# script the product runs): what the per-call floor costs each decision.
 #
 # `keyed` counts a purchase with an Idempotency-Key instead: the key's binding
 # (claim.lua) and the purchase as two calls, as on a Redis Cluster, beside the
@@ -49,7 +53,8 @@ run() { # variant [numkeys keys… args…, default the purchase's] -> instructi
     rules '2 0 4102444700000 5 19.99' >/dev/null
   $cli set "fs:$tag:stock" 1000000000 >/dev/null
   # $calls buyers first, so the hashes are not tiny; then count $calls more.
-  local bench=(redis-benchmark -p "$port" -n "$calls" -c 50 -P 16 -r 100000000 -q
+  # $per decisions per call (batch mode): as many decisions, fewer calls.
+  local bench=(redis-benchmark -p "$port" -n "$((calls / per))" -c 50 -P 16 -r 100000000 -q
     evalsha "$sha" "${call[@]}")
   "${bench[@]}" >/dev/null
   callgrind_control -z "$pid" >/dev/null 2>&1
@@ -59,6 +64,35 @@ run() { # variant [numkeys keys… args…, default the purchase's] -> instructi
   wait "$pid" || true
   awk -v n="$calls" '/^summary:/ { printf "%.0f", $2 / n }' "$out.1"
 }
+
+per=1
+if [ "$script" = batch ]; then
+  src=dataplane/src/scripts
+  cp $src/purchase.lua "$work/purchase.lua"
+  # ARGV: the number of purchases, then user, quantity, order id and
+  # idempotency field of each; the answers of all, three strings each.
+  { echo "local function purchase(KEYS, ARGV)"; cat $src/purchase.lua; echo "end"
+    cat <<'LUA'
+local out, j = {}, 2
+for _ = 1, tonumber(ARGV[1]) do
+  local r = purchase(KEYS, {ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3]})
+  out[#out + 1], out[#out + 2], out[#out + 3] = r[1], r[2], r[3]
+  j = j + 4
+end
+return out
+LUA
+  } >"$work/batch.lua"
+  echo "instructions per decision, $calls decisions each, every one a new buyer ($(redis-server --version | cut -d' ' -f3))"
+  printf '%-34s %8s
+' "purchase.lua, one per call" "$(run purchase)"
+  for per in 1 4 16; do
+    args=("$per")
+    for _ in $(seq "$per"); do args+=(u__rand_int__ 1 item.o__rand_int__ ''); done
+    printf '%-34s %8s
+' "$per per call (wrapper)" "$(run batch $keys "${args[@]}")"
+  done
+  exit 0
+fi
 
 if [ "$script" = keyed ]; then
   src=dataplane/src/scripts

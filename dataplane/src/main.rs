@@ -637,6 +637,25 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
                 r.purchase_unkeyed.p99_ms,
                 r.purchase_unkeyed_vs_trivial
             );
+            for (which, c) in [
+                ("keyed purchase", &r.purchase_costs),
+                ("unkeyed purchase", &r.purchase_unkeyed_costs),
+                ("trivial request", &r.trivial_costs),
+            ] {
+                // The trivial endpoint sends Redis nothing: only background reads.
+                let calls = if c.commands_per_request >= 0.5 {
+                    format!(
+                        " ({:.1} commands, {:.1} requests per Redis read)",
+                        c.commands_per_request, c.requests_per_read
+                    )
+                } else {
+                    String::new()
+                };
+                println!(
+                    "CPU per {which}: {:.1} us in this process (crowd and gateway), {:.1} us in Redis{calls}",
+                    c.process_cpu_us_per_request, c.cpu_us_per_request,
+                );
+            }
             println!(
                 "redis-benchmark EVALSHA purchase.lua -c 50 -P 16: {:.0} calls/s; purchase endpoint / that = {:.2}",
                 r.redis_benchmark_evalsha_p16_rps, r.purchase_vs_redis_benchmark

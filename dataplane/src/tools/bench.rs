@@ -204,8 +204,12 @@ pub struct AcceptReport {
     pub purchase: LoadFigures,
     pub trivial: LoadFigures,
     pub purchase_vs_trivial: f64,
+    /// What the keyed purchases cost this process and Redis (medians of rounds).
+    pub purchase_costs: RunCosts,
     /// The same purchases without an Idempotency-Key.
     pub purchase_unkeyed: LoadFigures,
+    pub purchase_unkeyed_costs: RunCosts,
+    pub trivial_costs: RunCosts,
     pub purchase_unkeyed_vs_trivial: f64,
     pub redis_benchmark_evalsha_p16_rps: f64,
     pub purchase_vs_redis_benchmark: f64,
@@ -264,15 +268,35 @@ pub async fn accept(
     let mut cpu_purchase = Vec::new();
     let mut cpu_empty = Vec::new();
     let mut memory = Vec::new();
-    // One closed-loop run of `requests` at the gateway.
-    let load = async |target: Target| -> Result<LoadFigures, BenchError> {
+    let mut costs_keyed = Vec::new();
+    let mut costs_unkeyed = Vec::new();
+    let mut costs_trivial = Vec::new();
+    let mut info_conn = redis::Client::open(rig.redis.url())?
+        .get_multiplexed_async_connection()
+        .await?;
+    // One closed-loop run of `requests` at the gateway, and what it cost.
+    let mut load = async |target: Target| -> Result<(LoadFigures, RunCosts), BenchError> {
         let config = crowd_config(addr, "accept", "item", target, requests, connections, None);
-        Ok(LoadFigures::from(&crowd::run(config).await?))
+        let before = RedisFigures::read(&mut info_conn).await?;
+        let cpu_before = process_cpu_s();
+        let run = crowd::run(config).await?;
+        let cpu_after = process_cpu_s();
+        let after = RedisFigures::read(&mut info_conn).await?;
+        let costs = RunCosts::between(
+            &before,
+            &after,
+            cpu_after - cpu_before,
+            run.sent + run.retries,
+        );
+        Ok((LoadFigures::from(&run), costs))
     };
     for _ in 0..rounds.max(1) {
-        let p = load(Target::Purchase).await?;
-        let u = load(Target::UnkeyedPurchase).await?;
-        let t = load(Target::Ping).await?;
+        let (p, cp) = load(Target::Purchase).await?;
+        let (u, cu) = load(Target::UnkeyedPurchase).await?;
+        let (t, ct) = load(Target::Ping).await?;
+        costs_keyed.push(cp);
+        costs_unkeyed.push(cu);
+        costs_trivial.push(ct);
         let port = rig.redis.port();
         let keys = ProductKeys::new(&doc.id(), "item").purchase_keys();
         let (r, e) = tokio::task::spawn_blocking(move || {
@@ -323,7 +347,10 @@ pub async fn accept(
         purchase_vs_redis_benchmark: median_f(&vs_redis),
         purchase,
         trivial,
+        purchase_costs: RunCosts::median(&costs_keyed),
         purchase_unkeyed: median(unkeyed),
+        purchase_unkeyed_costs: RunCosts::median(&costs_unkeyed),
+        trivial_costs: RunCosts::median(&costs_trivial),
         purchase_unkeyed_vs_trivial: median_f(&unkeyed_vs_trivial),
         redis_benchmark_evalsha_p16_rps: median_f(&redis_rates),
         redis_benchmark_empty_script_rps: median_f(&empty_rates),
@@ -397,6 +424,9 @@ struct RedisFigures {
     cpu_s: f64,
     used_memory: i64,
     calls: u64,
+    /// Commands processed and socket reads that carried them, since start.
+    commands: u64,
+    reads: u64,
 }
 
 /// One `name:value` line of `INFO`.
@@ -417,22 +447,91 @@ fn command_calls(info: &str, command: &str) -> u64 {
 /// Main-thread CPU seconds, `used_memory` and EVALSHA calls so far, from INFO.
 fn redis_figures(conn: &mut redis::Connection) -> Result<RedisFigures, BenchError> {
     let info: String = redis::cmd("INFO").arg("everything").query(conn)?;
-    let num = |name: &str| info_field(&info, name).and_then(|v| v.parse::<f64>().ok());
-    let calls = command_calls(&info, "evalsha");
-    match (
-        num("used_cpu_user_main_thread"),
-        num("used_cpu_sys_main_thread"),
-        num("used_memory"),
-    ) {
-        (Some(user), Some(sys), Some(mem)) => Ok(RedisFigures {
-            cpu_s: user + sys,
-            used_memory: mem as i64,
-            calls,
-        }),
-        _ => Err(BenchError::RedisBenchmark(
-            "INFO lacks used_cpu_*_main_thread or used_memory".into(),
-        )),
+    RedisFigures::parse(&info)
+}
+
+impl RedisFigures {
+    fn parse(info: &str) -> Result<Self, BenchError> {
+        let num = |name: &str| info_field(info, name).and_then(|v| v.parse::<f64>().ok());
+        match (
+            num("used_cpu_user_main_thread"),
+            num("used_cpu_sys_main_thread"),
+            num("used_memory"),
+        ) {
+            (Some(user), Some(sys), Some(mem)) => Ok(Self {
+                cpu_s: user + sys,
+                used_memory: mem as i64,
+                calls: command_calls(info, "evalsha"),
+                commands: num("total_commands_processed").unwrap_or(0.0) as u64,
+                reads: num("total_reads_processed").unwrap_or(0.0) as u64,
+            }),
+            _ => Err(BenchError::RedisBenchmark(
+                "INFO lacks used_cpu_*_main_thread or used_memory".into(),
+            )),
+        }
     }
+
+    async fn read<C: redis::aio::ConnectionLike>(conn: &mut C) -> Result<Self, BenchError> {
+        let info: String = redis::cmd("INFO")
+            .arg("everything")
+            .query_async(conn)
+            .await?;
+        Self::parse(&info)
+    }
+}
+
+/// Where one HTTP load run's CPU went: this process (the crowd and the
+/// gateway) and Redis (INFO around the run), per request answered.
+#[derive(Debug, Serialize, Clone, Default)]
+pub struct RunCosts {
+    /// This process's CPU (user + system, crowd and gateway alike).
+    pub process_cpu_us_per_request: f64,
+    /// Redis main-thread CPU (user + system).
+    pub cpu_us_per_request: f64,
+    /// Commands Redis ran, those inside scripts included (the purchase
+    /// call, the push routing batches, the gateway's background reads).
+    pub commands_per_request: f64,
+    /// Requests per Redis socket read: how many calls the gateway's one
+    /// connection packed into each write.
+    pub requests_per_read: f64,
+}
+
+impl RunCosts {
+    /// From INFO before and after the run, and this process's CPU seconds in it.
+    fn between(before: &RedisFigures, after: &RedisFigures, process_s: f64, requests: u64) -> Self {
+        let requests = requests.max(1) as f64;
+        let commands = after.commands.saturating_sub(before.commands) as f64;
+        Self {
+            process_cpu_us_per_request: process_s * 1e6 / requests,
+            cpu_us_per_request: (after.cpu_s - before.cpu_s) * 1e6 / requests,
+            commands_per_request: commands / requests,
+            requests_per_read: requests / (after.reads.saturating_sub(before.reads).max(1) as f64),
+        }
+    }
+
+    /// Each figure's median over rounds.
+    fn median(runs: &[Self]) -> Self {
+        let of = |f: fn(&Self) -> f64| median_f(&runs.iter().map(f).collect::<Vec<_>>());
+        Self {
+            process_cpu_us_per_request: of(|r| r.process_cpu_us_per_request),
+            cpu_us_per_request: of(|r| r.cpu_us_per_request),
+            commands_per_request: of(|r| r.commands_per_request),
+            requests_per_read: of(|r| r.requests_per_read),
+        }
+    }
+}
+
+/// This process's CPU seconds so far (user + system), 0 if unreadable.
+fn process_cpu_s() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a whole `rusage` into the pointer it is given.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
+        return 0.0;
+    }
+    // SAFETY: zeroed, then filled by a successful getrusage.
+    let usage = unsafe { usage.assume_init() };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 #[derive(Debug, Serialize)]
