@@ -643,17 +643,17 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
                 ("trivial request", &r.trivial_costs),
             ] {
                 // The trivial endpoint sends Redis nothing: only background reads.
-                let calls = if c.commands_per_request >= 0.5 {
+                let calls = if c.requests_per_redis_read > 0.0 {
                     format!(
                         " ({:.1} commands, {:.1} requests per Redis read)",
-                        c.commands_per_request, c.requests_per_read
+                        c.redis_commands_per_request, c.requests_per_redis_read
                     )
                 } else {
                     String::new()
                 };
                 println!(
                     "CPU per {which}: {:.1} us in this process (crowd and gateway), {:.1} us in Redis{calls}",
-                    c.process_cpu_us_per_request, c.cpu_us_per_request,
+                    c.process_cpu_us_per_request, c.redis_cpu_us_per_request,
                 );
             }
             println!(

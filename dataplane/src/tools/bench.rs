@@ -487,13 +487,14 @@ pub struct RunCosts {
     /// This process's CPU (user + system, crowd and gateway alike).
     pub process_cpu_us_per_request: f64,
     /// Redis main-thread CPU (user + system).
-    pub cpu_us_per_request: f64,
+    pub redis_cpu_us_per_request: f64,
     /// Commands Redis ran, those inside scripts included (the purchase
     /// call, the push routing batches, the gateway's background reads).
-    pub commands_per_request: f64,
+    pub redis_commands_per_request: f64,
     /// Requests per Redis socket read: how many calls the gateway's one
-    /// connection packed into each write.
-    pub requests_per_read: f64,
+    /// connection packed into each write (0 for a run that sends Redis
+    /// nothing per request, such as the trivial endpoint's).
+    pub requests_per_redis_read: f64,
 }
 
 impl RunCosts {
@@ -501,11 +502,15 @@ impl RunCosts {
     fn between(before: &RedisFigures, after: &RedisFigures, process_s: f64, requests: u64) -> Self {
         let requests = requests.max(1) as f64;
         let commands = after.commands.saturating_sub(before.commands) as f64;
+        let reads = after.reads.saturating_sub(before.reads) as f64;
+        // Background reads alone (under one command per two requests) say
+        // nothing about how requests share a read.
+        let sends = commands / requests >= 0.5 && reads > 0.0;
         Self {
             process_cpu_us_per_request: process_s * 1e6 / requests,
-            cpu_us_per_request: (after.cpu_s - before.cpu_s) * 1e6 / requests,
-            commands_per_request: commands / requests,
-            requests_per_read: requests / (after.reads.saturating_sub(before.reads).max(1) as f64),
+            redis_cpu_us_per_request: (after.cpu_s - before.cpu_s) * 1e6 / requests,
+            redis_commands_per_request: commands / requests,
+            requests_per_redis_read: if sends { requests / reads } else { 0.0 },
         }
     }
 
@@ -514,9 +519,9 @@ impl RunCosts {
         let of = |f: fn(&Self) -> f64| median_f(&runs.iter().map(f).collect::<Vec<_>>());
         Self {
             process_cpu_us_per_request: of(|r| r.process_cpu_us_per_request),
-            cpu_us_per_request: of(|r| r.cpu_us_per_request),
-            commands_per_request: of(|r| r.commands_per_request),
-            requests_per_read: of(|r| r.requests_per_read),
+            redis_cpu_us_per_request: of(|r| r.redis_cpu_us_per_request),
+            redis_commands_per_request: of(|r| r.redis_commands_per_request),
+            requests_per_redis_read: of(|r| r.requests_per_redis_read),
         }
     }
 }
