@@ -65,13 +65,16 @@ run() { # variant [numkeys keys… args…, default the purchase's] -> instructi
   awk -v n="$calls" '/^summary:/ { printf "%.0f", $2 / n }' "$out.1"
 }
 
+src=dataplane/src/scripts
+# purchase.lua as a Lua function of its KEYS and ARGV, for scripts that call it.
+purchase_function() { echo "local function purchase(KEYS, ARGV)"; cat $src/purchase.lua; echo "end"; }
+
 per=1
 if [ "$script" = batch ]; then
-  src=dataplane/src/scripts
   cp $src/purchase.lua "$work/purchase.lua"
   # ARGV: the number of purchases, then user, quantity, order id and
   # idempotency field of each; the answers of all, three strings each.
-  { echo "local function purchase(KEYS, ARGV)"; cat $src/purchase.lua; echo "end"
+  { purchase_function
     cat <<'LUA'
 local out, j = {}, 2
 for _ = 1, tonumber(ARGV[1]) do
@@ -83,23 +86,20 @@ return out
 LUA
   } >"$work/batch.lua"
   echo "instructions per decision, $calls decisions each, every one a new buyer ($(redis-server --version | cut -d' ' -f3))"
-  printf '%-34s %8s
-' "purchase.lua, one per call" "$(run purchase)"
+  printf '%-34s %8s\n' "purchase.lua, one per call" "$(run purchase)"
   for per in 1 4 16; do
     args=("$per")
     for _ in $(seq "$per"); do args+=(u__rand_int__ 1 item.o__rand_int__ ''); done
-    printf '%-34s %8s
-' "$per per call (wrapper)" "$(run batch $keys "${args[@]}")"
+    printf '%-34s %8s\n' "$per per call (wrapper)" "$(run batch $keys "${args[@]}")"
   done
   exit 0
 fi
 
 if [ "$script" = keyed ]; then
-  src=dataplane/src/scripts
   { cat $src/claim.lua; echo "return {claimed, ARGV[2], ''}"; } >"$work/claim_key.lua"
   cp $src/purchase.lua "$work/purchase.lua"
-  { cat $src/claim.lua; echo "local function purchase(KEYS, ARGV)"; cat $src/purchase.lua
-    echo "end"; echo "return purchase({unpack(KEYS, 2)}, {unpack(ARGV, 4)})"; } >"$work/claim_and_purchase.lua"
+  { cat $src/claim.lua; purchase_function
+    echo "return purchase({unpack(KEYS, 2)}, {unpack(ARGV, 4)})"; } >"$work/claim_and_purchase.lua"
   idem="fs:{cost/sale}:idem"
   until=4102444700000
   echo "instructions per keyed purchase, $calls calls each, every call a new key ($(redis-server --version | cut -d' ' -f3))"

@@ -209,6 +209,7 @@ pub struct AcceptReport {
     /// The same purchases without an Idempotency-Key.
     pub purchase_unkeyed: LoadFigures,
     pub purchase_unkeyed_costs: RunCosts,
+    /// What the trivial requests cost (Redis: only the gateway's background reads).
     pub trivial_costs: RunCosts,
     pub purchase_unkeyed_vs_trivial: f64,
     pub redis_benchmark_evalsha_p16_rps: f64,
@@ -482,7 +483,7 @@ impl RedisFigures {
 
 /// Where one HTTP load run's CPU went: this process (the crowd and the
 /// gateway) and Redis (INFO around the run), per request answered.
-#[derive(Debug, Serialize, Clone, Default)]
+#[derive(Debug, Serialize)]
 pub struct RunCosts {
     /// This process's CPU (user + system, crowd and gateway alike).
     pub process_cpu_us_per_request: f64,
