@@ -79,6 +79,7 @@ if [ "$script" = batch ]; then
 local out, j = {}, 2
 for _ = 1, tonumber(ARGV[1]) do
   local r = purchase(KEYS, {ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3]})
+  if type(r) == 'number' then r = {'ok', ARGV[j + 2], r} end
   out[#out + 1], out[#out + 2], out[#out + 3] = r[1], r[2], r[3]
   j = j + 4
 end
@@ -114,7 +115,8 @@ fi
 # Variants: the script, an empty one with the same keys and arguments (the
 # floor of any call), and the script with one call replaced by its answer.
 cp "$script" "$work/all.lua"
-echo "return {'ok', ARGV[3], '0'}" >"$work/empty.lua"
+# The empty script answers as an accepted purchase does: one integer.
+echo "return 0" >"$work/empty.lua"
 variant() { # name, sed expression
   sed "$2" "$script" >"$work/$1.lua"
   if cmp -s "$script" "$work/$1.lua"; then

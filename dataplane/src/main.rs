@@ -857,7 +857,7 @@ async fn crowd(a: CrowdArgs) -> Result<ExitCode> {
         gateways: a.gateways,
         sale: a.sale,
         skus: a.skus,
-        users: a.users,
+        buyers: dataplane::tools::crowd::Buyers::Random(a.users),
         connections: a.connections,
         requests: a.requests,
         max_duration: Duration::from_secs_f64(a.max_seconds.max(0.1)),

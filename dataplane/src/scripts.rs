@@ -128,6 +128,39 @@ impl<'k> Purchase<'k> {
     }
 }
 
+/// What `purchase.lua` (or `CLAIM_AND_PURCHASE`) answered. An accepted order
+/// is one integer, the stock left: the caller made the order id, and a table
+/// reply costs Redis more than any command the decision runs. Every other
+/// outcome is `{outcome, a, b}` (the script's header lists them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PurchaseAnswer {
+    Accepted { remaining: i64 },
+    Other(String, String, String),
+}
+
+impl PurchaseAnswer {
+    /// `(outcome, a, b)` as the script's header names them, the accepted
+    /// order's being `("ok", order_id, remaining)`.
+    pub fn into_parts(self, order_id: String) -> (String, String, String) {
+        match self {
+            Self::Accepted { remaining } => ("ok".into(), order_id, remaining.to_string()),
+            Self::Other(outcome, a, b) => (outcome, a, b),
+        }
+    }
+}
+
+impl redis::FromRedisValue for PurchaseAnswer {
+    fn from_redis_value(v: redis::Value) -> Result<Self, redis::ParsingError> {
+        match v {
+            redis::Value::Int(remaining) => Ok(Self::Accepted { remaining }),
+            other => {
+                let (outcome, a, b) = redis::from_redis_value(other)?;
+                Ok(Self::Other(outcome, a, b))
+            }
+        }
+    }
+}
+
 /// An Idempotency-Key's binding to its first request in the sale.
 pub struct KeyClaim<'a> {
     /// The sale's idempotency hash (`SaleKeys::idempotency`).
@@ -152,5 +185,36 @@ impl KeyClaim<'_> {
             .arg(field)
             .arg(self.request)
             .arg(self.keep_until_ms);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::{FromRedisValue, Value};
+
+    use super::PurchaseAnswer;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn an_integer_is_an_accepted_order_and_a_table_any_other_outcome() {
+        let accepted =
+            PurchaseAnswer::from_redis_value(Value::Int(41)).map(|a| a.into_parts("item.1".into()));
+        assert_eq!(
+            accepted.ok(),
+            Some(("ok".into(), "item.1".into(), "41".into()))
+        );
+        let sold_out = Value::Array(vec![bulk("soldout"), bulk("0"), bulk("")]);
+        assert_eq!(
+            PurchaseAnswer::from_redis_value(sold_out).ok(),
+            Some(PurchaseAnswer::Other(
+                "soldout".into(),
+                "0".into(),
+                String::new()
+            ))
+        );
+        assert!(PurchaseAnswer::from_redis_value(bulk("ok")).is_err());
     }
 }

@@ -77,7 +77,7 @@ async fn sigkill_mid_batch_then_new_consumer_persists_everything_once() -> TestR
         gateways: vec![gw.addr],
         sale: "crash".into(),
         skus: vec!["item".into()],
-        users: 2_000,
+        buyers: dataplane::tools::crowd::Buyers::Random(2_000),
         connections: 32,
         requests: 2_000,
         max_duration: Duration::from_secs(60),

@@ -20,7 +20,7 @@ async fn refused_entry_is_dead_lettered_and_its_stock_returned_once() -> TestRes
     let keys = ProductKeys::new(&doc.id(), "item");
 
     // A real purchase through the script (stock 10 -> 9) ...
-    let (id, entry) = buy_one(&mut conn, &keys, "9").await?;
+    let (id, entry) = buy_one(&mut conn, &keys, 9).await?;
     // ... whose stream entry is then corrupted so PostgreSQL refuses it
     // (quantity -1 breaks the CHECK), plus an entry that cannot even be parsed.
     redis::cmd("XDEL")
@@ -136,7 +136,7 @@ async fn an_over_delivered_entry_already_persisted_is_confirmed_not_failed() -> 
     warm(&servers, &doc).await?;
     let mut conn = servers.redis_conn().await?;
     let keys = ProductKeys::new(&doc.id(), "item");
-    let (id, entry) = buy_one(&mut conn, &keys, "9").await?;
+    let (id, entry) = buy_one(&mut conn, &keys, 9).await?;
 
     // The row committed, as by a consumer that then died before XACK ...
     let store = servers.store().await?;
@@ -226,15 +226,15 @@ async fn an_over_delivered_entry_already_persisted_is_confirmed_not_failed() -> 
 async fn buy_one(
     conn: &mut redis::aio::ConnectionManager,
     keys: &ProductKeys,
-    remaining: &str,
+    remaining: i64,
 ) -> Result<(String, String), Box<dyn std::error::Error + Send + Sync>> {
     let id = new_order_id("item");
-    let (verdict, _, left): (String, String, String) =
+    let answer: scripts::PurchaseAnswer =
         scripts::Purchase::new_buyer(&keys.purchase_keys(), "alice", &id)
             .invocation()
             .invoke_async(conn)
             .await?;
-    assert_eq!((verdict.as_str(), left.as_str()), ("ok", remaining));
+    assert_eq!(answer, scripts::PurchaseAnswer::Accepted { remaining });
     let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
         .arg(keys.stream())
         .arg("-")

@@ -80,7 +80,7 @@ async fn stock_raised_three_times_and_cut_once_under_a_crowd_fails_no_order() ->
         gateways,
         sale: "restock".into(),
         skus: vec!["hot".into(), "calm".into()],
-        users: 6_000,
+        buyers: dataplane::tools::crowd::Buyers::Random(6_000),
         connections: 32,
         requests: 8_000,
         max_duration: Duration::from_secs(60),

@@ -25,7 +25,7 @@ async fn backlog_drains_after_ten_seconds_without_postgres() -> TestResult {
         gateways: vec![gw.addr],
         sale: "outage".into(),
         skus: vec!["item".into()],
-        users: 50_000,
+        buyers: dataplane::tools::crowd::Buyers::Random(50_000),
         connections: 16,
         requests: 8_000,
         max_duration: Duration::from_secs(40),

@@ -117,7 +117,7 @@ async fn crowd_through_failover(
         gateways: addrs,
         sale: "failover".into(),
         skus: skus.clone(),
-        users: 20_000,
+        buyers: dataplane::tools::crowd::Buyers::Random(20_000),
         connections: 32,
         requests: 24_000,
         max_duration: Duration::from_secs(25),

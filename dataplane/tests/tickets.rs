@@ -225,8 +225,11 @@ async fn the_script_refuses_a_ticket_expired_by_redis_clock_without_touching_sto
         .invocation()
     };
     let past = jiff::Timestamp::now().as_millisecond() - 1_000;
-    let (verdict, why, _): (String, String, String) = call(past).invoke_async(&mut conn).await?;
-    assert_eq!((verdict.as_str(), why.as_str()), ("ticket", "expired"));
+    let answer: dataplane::scripts::PurchaseAnswer = call(past).invoke_async(&mut conn).await?;
+    assert_eq!(
+        answer.into_parts(String::new()),
+        ("ticket".into(), "expired".into(), String::new())
+    );
     assert_eq!(footprint(&mut conn, &doc, "phone").await?, (5, 0, 0, 0));
     let exists: bool = redis::cmd("EXISTS")
         .arg(k.ticket("01ARZ3NDEKTSV4RRFFQ69G5FAV"))

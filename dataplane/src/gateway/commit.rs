@@ -25,7 +25,7 @@ pub const DEFAULT_MAX_BATCH: usize = 256;
 /// The purchase script's answer, and whether a replica holds what it wrote.
 #[derive(Debug)]
 pub struct Decision {
-    pub verdict: (String, String, String),
+    pub answer: scripts::PurchaseAnswer,
     pub replicated: bool,
 }
 
@@ -171,10 +171,7 @@ async fn commit<C: ConnectionLike>(
                 }
                 Ok(v) => {
                     let answer = redis::from_redis_value(v)
-                        .map(|verdict| Decision {
-                            verdict,
-                            replicated,
-                        })
+                        .map(|answer| Decision { answer, replicated })
                         .map_err(redis::RedisError::from);
                     let _ = j.reply.send(answer);
                 }

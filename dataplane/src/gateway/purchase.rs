@@ -427,11 +427,11 @@ async fn handle(
                 Some(claim) if claim_inside => purchase.claiming(claim),
                 _ => purchase.invocation(),
             };
-            let call = invocation.invoke_async::<(String, String, String)>(&mut conn);
+            let call = invocation.invoke_async::<scripts::PurchaseAnswer>(&mut conn);
             bounded(gw, "purchase script", call)
                 .await
-                .map(|verdict| Decision {
-                    verdict,
+                .map(|answer| Decision {
+                    answer,
                     replicated: true,
                 })
         }
@@ -439,10 +439,8 @@ async fn handle(
     gw.metrics
         .redis_duration
         .record(redis_started.elapsed().as_secs_f64());
-    let Decision {
-        verdict: (verdict, a, b),
-        replicated,
-    } = answer?;
+    let Decision { answer, replicated } = answer?;
+    let (verdict, a, b) = answer.into_parts(order_id);
     match verdict.as_str() {
         "ok" | "dup" if !replicated => {
             if b == "0" {

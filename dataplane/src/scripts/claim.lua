@@ -11,13 +11,14 @@
 --       timeout and a day)
 -- Returns {'reused', the key's first request, ''}, or goes on with
 -- `claimed` = 'new' | 'same'.
-local claimed = 'same'
-local first = redis.call('HGET', KEYS[1], ARGV[1])
-if first then
+-- A new key (almost every keyed purchase: a retry is the exception) is
+-- bound by one HSETNX; a known one is read back and compared.
+local claimed = 'new'
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  local first = redis.call('HGET', KEYS[1], ARGV[1])
   if first ~= ARGV[2] then return {'reused', first, ''} end
+  claimed = 'same'
 else
-  claimed = 'new'
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   -- Never shorten: an end time moved later keeps the records longer. The
   -- expiry is read, and written only when it moves (one call, not two, for
   -- almost every key: this runs before every keyed purchase).

@@ -5,17 +5,21 @@
 --       8 ticket (only with a purchase ticket)
 -- ARGV: 1 user (visible ASCII, no space), 2 quantity (decimal), 3 new order id,
 --       4 idempotency field ('' for none), 5 ticket expiry ms (with KEYS[8])
--- Returns {outcome, a, b}:
---   ok      order id, remaining      dup     order id, ''
---   nosale  '', ''                   early   start_ms, now_ms
---   ended   end_ms, now_ms           soldout remaining, ''
---   limit   units held, limit        ticket  'expired' | 'used', ''
---   layout  the product's key layout, this script's
+-- Returns, when the order is accepted, the stock left (an integer: the
+-- caller holds the order id); otherwise {outcome, a, b}:
+--   dup     order id, ''             nosale  '', ''
+--   early   start_ms, now_ms         ended   end_ms, now_ms
+--   soldout remaining, ''            limit   units held, limit
+--   ticket  'expired' | 'used', ''   layout  the product's key layout, this script's
 -- Cost matters here (one Redis core is one product's budget): every
 -- redis.call is a command dispatch and every argument a Redis string built
 -- from Lua's, so the accept path makes six calls for a buyer's first order
 -- (eight for a later one), passes strings, not Lua numbers (those are
--- formatted with %.14g), and packs the stream entry into one field.
+-- formatted with %.14g), and packs the stream entry into one field. Its
+-- answer is one integer because a table reply costs Redis more than any of
+-- those calls (the table, and its conversion probing the table for `err`,
+-- `ok` and other typed-reply fields); tonumber is strtod, so a one-unit
+-- order under a non-zero limit parses neither.
 local user, q, oid, idem = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local LAYOUT = '2' -- keys::LAYOUT
 if idem ~= '' then
@@ -75,9 +79,10 @@ end
 -- (the new record has no previous order to link to). A later order reads
 -- the entry, checks the limit and rewrites it; the new record links to the
 -- previous newest, so a user's orders are a chain read from the head.
-local n, most = tonumber(q), tonumber(limit)
 local seq, last = '1', ''
-if n > most or redis.call('HSETNX', KEYS[3], user, q .. ' 1 ' .. oid) == 0 then
+local fits = (q == '1' and limit ~= '0') or tonumber(q) <= tonumber(limit)
+if not fits or redis.call('HSETNX', KEYS[3], user, q .. ' 1 ' .. oid) == 0 then
+  local n, most = tonumber(q), tonumber(limit)
   local held, placed = 0, 0
   local entry = redis.call('HGET', KEYS[3], user)
   if entry then
@@ -103,4 +108,4 @@ local at = string.format('%d', now)
 redis.call('HSET', KEYS[5], oid, 'accepted ' .. q .. ' ' .. at .. ' ' .. price .. ' ' .. user .. ' ' .. last)
 -- The stream entry, one field: "id user qty seq price at" (consumer::parse_entry).
 redis.call('XADD', KEYS[6], '*', 'o', oid .. ' ' .. user .. ' ' .. q .. ' ' .. seq .. ' ' .. price .. ' ' .. at)
-return {'ok', oid, string.format('%d', remaining)}
+return remaining

@@ -3,6 +3,7 @@
 //! machine are noise; the ratios in one run are the figures to quote).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -134,7 +135,7 @@ pub(crate) fn crowd_config(
         gateways: vec![addr],
         sale: sale.into(),
         skus: vec![sku.into()],
-        users: bench_users(),
+        buyers: bench_buyers(requests),
         connections,
         requests,
         max_duration: Duration::from_secs(120),
@@ -232,8 +233,9 @@ pub struct AcceptReport {
 /// A purchase's ARGV for `redis-benchmark`: a new buyer and order id per call.
 const PURCHASE_ARGS: &[&str] = &["user:__rand_int__", "1", "item.order:__rand_int__", ""];
 
-/// Same keys and arguments as a purchase, no work: what any script call costs.
-const EMPTY_SCRIPT: &str = "return {'ok', ARGV[3], '0'}";
+/// Same keys and arguments as a purchase, no work, and the answer of an
+/// accepted one (an integer): what any such script call costs.
+const EMPTY_SCRIPT: &str = "return 0";
 
 /// One `redis-benchmark` run of a script.
 struct ScriptRun {
@@ -1008,9 +1010,23 @@ async fn raw_insert(
     Ok(())
 }
 
-fn bench_users() -> u32 {
-    std::env::var("BENCH_USERS")
+/// Who sends a run's requests: by default every request a new buyer, never
+/// seen in an earlier run of this process (a flash sale's crowd mostly tries
+/// once, and a buyer's first order is the script's cheaper path);
+/// `BENCH_USERS=n` picks from `user-0` … `user-{n-1}` at random instead, so
+/// buyers come back.
+fn bench_buyers(requests: u64) -> crowd::Buyers {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    match std::env::var("BENCH_USERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000)
+    {
+        Some(n) => crowd::Buyers::Random(n),
+        None => {
+            let n = u32::try_from(requests).unwrap_or(u32::MAX);
+            crowd::Buyers::EachNew {
+                first: NEXT.fetch_add(n, Ordering::Relaxed),
+            }
+        }
+    }
 }

@@ -72,8 +72,8 @@ pub struct CrowdConfig {
     pub sale: String,
     /// SKUs to buy, each equally likely.
     pub skus: Vec<String>,
-    /// Distinct users (`user-0` …); each request picks one at random.
-    pub users: u32,
+    /// Who sends each request.
+    pub buyers: Buyers,
     pub connections: usize,
     /// Total requests (first attempts; retries come on top).
     pub requests: u64,
@@ -88,6 +88,29 @@ pub struct CrowdConfig {
     /// Spread connections over this many 127.0.0.x source addresses (so a
     /// per-IP limit sees many clients); 0 lets the system choose.
     pub source_ips: u8,
+}
+
+/// The buyers a crowd's requests come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Buyers {
+    /// `user-0` … `user-{n-1}`, one picked at random per request (so buyers
+    /// come back: limits and repeat orders are exercised).
+    Random(u32),
+    /// Request `i` is `user-{first + i}`'s: every request a new buyer, as in
+    /// a sale where most buyers try once.
+    EachNew { first: u32 },
+}
+
+impl Buyers {
+    /// The users a run of `requests` may name, first to last.
+    fn range(self, requests: u64) -> std::ops::Range<u32> {
+        match self {
+            Self::Random(n) => 0..n,
+            Self::EachNew { first } => {
+                first..first.saturating_add(u32::try_from(requests).unwrap_or(u32::MAX))
+            }
+        }
+    }
 }
 
 /// One order the gateway answered 202 for.
@@ -222,7 +245,9 @@ pub async fn run(config: CrowdConfig) -> Result<CrowdResult, CrowdError> {
     if config.skus.is_empty() && config.target.buys() {
         return Err(CrowdError::NoSku);
     }
-    let tokens: Vec<String> = (0..config.users)
+    let tokens: Vec<String> = config
+        .buyers
+        .range(config.requests)
         .map(|u| crate::token::issue(&config.token_secret, &format!("user-{u}"), 3600))
         .collect::<Result<_, _>>()?;
     let tokens = Arc::new(tokens);
@@ -318,7 +343,17 @@ async fn connection(
             tokio::time::sleep_until(due.into()).await;
         }
         sent_here += 1;
-        let user = rng.random_range(0..config.users.max(1));
+        // `user` names the buyer; `slot` is their token's index.
+        let (user, slot) = match config.buyers {
+            Buyers::Random(n) => {
+                let u = rng.random_range(0..n.max(1));
+                (u, u)
+            }
+            Buyers::EachNew { first } => {
+                let n = u32::try_from(i).unwrap_or(u32::MAX);
+                (first.saturating_add(n), n)
+            }
+        };
         let sku = config
             .skus
             .get(rng.random_range(0..config.skus.len().max(1)))
@@ -328,7 +363,7 @@ async fn connection(
             Target::UnkeyedPurchase => String::new(),
             _ => format!("{:032x}", rng.random::<u128>()),
         };
-        let token = &tokens[usize::try_from(user).unwrap_or(0) % tokens.len().max(1)];
+        let token = &tokens[usize::try_from(slot).unwrap_or(0) % tokens.len().max(1)];
         let body = format!(r#"{{"sku":"{sku}","quantity":1}}"#);
         let ticket = if config.target == Target::TicketedPurchase {
             let t = Call::new(&tickets_path, token, "");
@@ -545,5 +580,23 @@ fn tally(out: &mut CrowdResult, a: &Answer, user: &str, sku: &str) {
         }
         (s, _) if s >= 500 => out.server_errors += 1,
         _ => out.other_client_errors += 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Buyers;
+
+    #[test]
+    fn each_new_buyer_names_one_user_per_request_from_its_first() {
+        assert_eq!(Buyers::EachNew { first: 500 }.range(3), 500..503);
+        assert_eq!(
+            Buyers::EachNew {
+                first: u32::MAX - 1
+            }
+            .range(5),
+            u32::MAX - 1..u32::MAX
+        );
+        assert_eq!(Buyers::Random(7).range(1_000), 0..7);
     }
 }

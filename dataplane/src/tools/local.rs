@@ -222,7 +222,7 @@ pub async fn run(opts: LocalOptions) -> Result<LocalReport, LocalError> {
         gateways: vec![gw_addr],
         sale: sale.name.clone(),
         skus,
-        users: opts.users,
+        buyers: crowd::Buyers::Random(opts.users),
         connections: opts.connections,
         requests: opts.requests,
         max_duration: opts.sale_length,

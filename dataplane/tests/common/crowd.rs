@@ -44,7 +44,7 @@ pub async fn crowd_keeps_every_promise(
         // needs a buyer's third try at `large` (or second at `small`) while
         // stock remains: 13-31 per run here (eight runs), 5-10 with 5,000
         // users, where a run without one came about once in 700.
-        users: 3_000,
+        buyers: dataplane::tools::crowd::Buyers::Random(3_000),
         connections: 64,
         requests: 20_000,
         max_duration: Duration::from_secs(120),

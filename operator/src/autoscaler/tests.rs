@@ -380,7 +380,7 @@ async fn gateway_reports_and_stream_lag_drive_scale_patches() -> anyhow::Result<
             .iter()
             .map(|p| p.sku.clone())
             .collect(),
-        users: 5_000,
+        buyers: crowd::Buyers::Random(5_000),
         connections: 8,
         requests: 1_000_000,
         max_duration: Duration::from_secs(60),
