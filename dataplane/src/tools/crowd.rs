@@ -102,14 +102,14 @@ pub enum Buyers {
 }
 
 impl Buyers {
-    /// The users a run of `requests` may name, first to last.
-    fn range(self, requests: u64) -> std::ops::Range<u32> {
-        match self {
+    /// The users a run of `requests` names, first to last; `None` when
+    /// there are none, or more than user numbers can count.
+    fn range(self, requests: u64) -> Option<std::ops::Range<u32>> {
+        let range = match self {
             Self::Random(n) => 0..n,
-            Self::EachNew { first } => {
-                first..first.saturating_add(u32::try_from(requests).unwrap_or(u32::MAX))
-            }
-        }
+            Self::EachNew { first } => first..first.checked_add(u32::try_from(requests).ok()?)?,
+        };
+        (!range.is_empty()).then_some(range)
     }
 }
 
@@ -219,6 +219,8 @@ pub enum CrowdError {
     NoGateway,
     #[error("no SKU given")]
     NoSku,
+    #[error("no buyers: give at least one user, and buyer numbers that fit in 32 bits")]
+    NoBuyers,
     #[error("signing user tokens: {0}")]
     Token(#[from] crate::token::SignError),
     #[error("latency histogram: {0}")]
@@ -248,6 +250,7 @@ pub async fn run(config: CrowdConfig) -> Result<CrowdResult, CrowdError> {
     let tokens: Vec<String> = config
         .buyers
         .range(config.requests)
+        .ok_or(CrowdError::NoBuyers)?
         .map(|u| crate::token::issue(&config.token_secret, &format!("user-{u}"), 3600))
         .collect::<Result<_, _>>()?;
     let tokens = Arc::new(tokens);
@@ -589,14 +592,15 @@ mod tests {
 
     #[test]
     fn each_new_buyer_names_one_user_per_request_from_its_first() {
-        assert_eq!(Buyers::EachNew { first: 500 }.range(3), 500..503);
-        assert_eq!(
-            Buyers::EachNew {
-                first: u32::MAX - 1
-            }
-            .range(5),
-            u32::MAX - 1..u32::MAX
-        );
-        assert_eq!(Buyers::Random(7).range(1_000), 0..7);
+        assert_eq!(Buyers::EachNew { first: 500 }.range(3), Some(500..503));
+        assert_eq!(Buyers::Random(7).range(1_000), Some(0..7));
+    }
+
+    #[test]
+    fn no_buyers_or_more_than_user_numbers_count_is_refused() {
+        assert_eq!(Buyers::Random(0).range(10), None);
+        assert_eq!(Buyers::EachNew { first: 5 }.range(0), None);
+        let last = u32::MAX - 1;
+        assert_eq!(Buyers::EachNew { first: last }.range(5), None);
     }
 }
