@@ -138,17 +138,6 @@ pub enum PurchaseAnswer {
     Other(String, String, String),
 }
 
-impl PurchaseAnswer {
-    /// `(outcome, a, b)` as the script's header names them, the accepted
-    /// order's being `("ok", order_id, remaining)`.
-    pub fn into_parts(self, order_id: String) -> (String, String, String) {
-        match self {
-            Self::Accepted { remaining } => ("ok".into(), order_id, remaining.to_string()),
-            Self::Other(outcome, a, b) => (outcome, a, b),
-        }
-    }
-}
-
 impl redis::FromRedisValue for PurchaseAnswer {
     fn from_redis_value(v: redis::Value) -> Result<Self, redis::ParsingError> {
         match v {
@@ -200,11 +189,9 @@ mod tests {
 
     #[test]
     fn an_integer_is_an_accepted_order_and_a_table_any_other_outcome() {
-        let accepted =
-            PurchaseAnswer::from_redis_value(Value::Int(41)).map(|a| a.into_parts("item.1".into()));
         assert_eq!(
-            accepted.ok(),
-            Some(("ok".into(), "item.1".into(), "41".into()))
+            PurchaseAnswer::from_redis_value(Value::Int(41)).ok(),
+            Some(PurchaseAnswer::Accepted { remaining: 41 })
         );
         let sold_out = Value::Array(vec![bulk("soldout"), bulk("0"), bulk("")]);
         assert_eq!(

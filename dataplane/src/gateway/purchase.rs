@@ -22,7 +22,7 @@ use super::error::{ApiError, ErrorBody};
 use super::tickets;
 use crate::order::new_order_id;
 use crate::redis_conn::RedisMode;
-use crate::scripts::{self, KeyClaim};
+use crate::scripts::{self, KeyClaim, PurchaseAnswer};
 use crate::spec::Phase;
 use crate::ticket::TicketError;
 
@@ -427,7 +427,7 @@ async fn handle(
                 Some(claim) if claim_inside => purchase.claiming(claim),
                 _ => purchase.invocation(),
             };
-            let call = invocation.invoke_async::<scripts::PurchaseAnswer>(&mut conn);
+            let call = invocation.invoke_async::<PurchaseAnswer>(&mut conn);
             bounded(gw, "purchase script", call)
                 .await
                 .map(|answer| Decision {
@@ -440,21 +440,21 @@ async fn handle(
         .redis_duration
         .record(redis_started.elapsed().as_secs_f64());
     let Decision { answer, replicated } = answer?;
-    let (verdict, a, b) = answer.into_parts(order_id);
+    let (verdict, a, b) = match answer {
+        PurchaseAnswer::Accepted { remaining } => {
+            if remaining == 0 {
+                product.sold_out.store(true, Ordering::Relaxed);
+            }
+            if !replicated {
+                return fail(REPLICATION_PENDING, replication_pending(order_id));
+            }
+            publish_accepted(gw, &user, &order_id, sku);
+            return Ok((ACCEPTED, accepted(order_id)));
+        }
+        PurchaseAnswer::Other(verdict, a, b) => (verdict, a, b),
+    };
     match verdict.as_str() {
-        "ok" | "dup" if !replicated => {
-            if b == "0" {
-                product.sold_out.store(true, Ordering::Relaxed);
-            }
-            fail(REPLICATION_PENDING, replication_pending(a))
-        }
-        "ok" => {
-            if b == "0" {
-                product.sold_out.store(true, Ordering::Relaxed);
-            }
-            publish_accepted(gw, &user, &a, sku);
-            Ok((ACCEPTED, accepted(a)))
-        }
+        "dup" if !replicated => fail(REPLICATION_PENDING, replication_pending(a)),
         "dup" => Ok((DUPLICATE, accepted(a))),
         "reused" => match idem {
             Some(k) => Err(key_reused(gw, &mut conn, k, &idem_field, &a).await),
