@@ -15,6 +15,7 @@ use crate::keys::ProductKeys;
 use crate::spec::SaleDocument;
 use crate::store::{OrderRow, OrderStore};
 use crate::tools::crowd::{self, CrowdConfig, CrowdResult, Target};
+use crate::tools::gateway_process::GatewayProcess;
 use crate::tools::servers::{PostgresServer, RedisServer};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,8 @@ pub enum BenchError {
     },
     #[error("websocket client: {0}")]
     Client(String),
+    #[error("gateway process: {0}")]
+    GatewayProcess(#[from] crate::tools::gateway_process::GatewayProcessError),
     #[error("{0}")]
     Setup(String),
 }
@@ -205,7 +208,8 @@ pub struct AcceptReport {
     pub purchase: LoadFigures,
     pub trivial: LoadFigures,
     pub purchase_vs_trivial: f64,
-    /// What the keyed purchases cost this process and Redis (medians of rounds).
+    /// What the keyed purchases cost the gateway, the crowd and Redis
+    /// (medians of rounds).
     pub purchase_costs: RunCosts,
     /// The same purchases without an Idempotency-Key.
     pub purchase_unkeyed: LoadFigures,
@@ -246,15 +250,22 @@ struct ScriptRun {
 
 /// Accept path: purchase vs the trivial endpoint, vs redis-benchmark running
 /// the same script by EVALSHA with 16-deep pipelining beside an empty script
-/// (the ceiling), Redis memory per order, and p99 at half the peak.
+/// (the ceiling), Redis memory per order, and p99 at half the peak. The
+/// gateway runs as its own process (as in a pod), so what a request costs it
+/// is read apart from what the crowd in this process spends sending it.
 pub async fn accept(
     requests: u64,
     connections: usize,
     rounds: usize,
 ) -> Result<AcceptReport, BenchError> {
     let doc = doc("accept", &[("item", 100_000_000)])?;
-    let rig = rig(&doc).await?;
-    let addr = rig.addr;
+    let redis = RedisServer::start()?;
+    let mut conn = redis::Client::open(redis.url())?
+        .get_connection_manager()
+        .await?;
+    crate::warm::warm_sale(&mut conn, &doc.id(), &doc.spec).await?;
+    let gateway = GatewayProcess::start(&doc, &redis.url(), SECRET, "bench-accept").await?;
+    let addr = gateway.addr;
     warm_up(addr, "accept", requests / 10, connections).await?;
     // Rounds of: purchase, trivial endpoint, redis-benchmark of the purchase
     // script then of an empty one with the same keys and arguments, on the
@@ -274,21 +285,21 @@ pub async fn accept(
     let mut costs_keyed = Vec::new();
     let mut costs_unkeyed = Vec::new();
     let mut costs_trivial = Vec::new();
-    let mut info_conn = redis::Client::open(rig.redis.url())?
-        .get_multiplexed_async_connection()
-        .await?;
     // One closed-loop run of `requests` at the gateway, and what it cost.
     let mut load = async |target: Target| -> Result<(LoadFigures, RunCosts), BenchError> {
         let config = crowd_config(addr, "accept", "item", target, requests, connections, None);
-        let before = RedisFigures::read(&mut info_conn).await?;
-        let cpu_before = process_cpu_s();
+        let before = RedisFigures::read(&mut conn).await?;
+        let gateway_before = gateway.cpu_s().unwrap_or(0.0);
+        let crowd_before = process_cpu_s();
         let run = crowd::run(config).await?;
-        let cpu_after = process_cpu_s();
-        let after = RedisFigures::read(&mut info_conn).await?;
+        let crowd_after = process_cpu_s();
+        let gateway_after = gateway.cpu_s().unwrap_or(0.0);
+        let after = RedisFigures::read(&mut conn).await?;
         let costs = RunCosts::between(
             &before,
             &after,
-            cpu_after - cpu_before,
+            gateway_after - gateway_before,
+            crowd_after - crowd_before,
             run.sent + run.retries,
         );
         Ok((LoadFigures::from(&run), costs))
@@ -300,7 +311,7 @@ pub async fn accept(
         costs_keyed.push(cp);
         costs_unkeyed.push(cu);
         costs_trivial.push(ct);
-        let port = rig.redis.port();
+        let port = redis.port();
         let keys = ProductKeys::new(&doc.id(), "item").purchase_keys();
         let (r, e) = tokio::task::spawn_blocking(move || {
             let r = redis_benchmark_script(
@@ -343,7 +354,7 @@ pub async fn accept(
         ))
         .await?,
     );
-    rig.shutdown.cancel();
+    drop(gateway);
     Ok(AcceptReport {
         connections,
         purchase_vs_trivial: median_f(&vs_trivial),
@@ -483,12 +494,14 @@ impl RedisFigures {
     }
 }
 
-/// Where one HTTP load run's CPU went: this process (the crowd and the
-/// gateway) and Redis (INFO around the run), per request answered.
+/// Where one HTTP load run's CPU went: the gateway process, the crowd (this
+/// process) and Redis (INFO around the run), per request answered.
 #[derive(Debug, Serialize)]
 pub struct RunCosts {
-    /// This process's CPU (user + system, crowd and gateway alike).
-    pub process_cpu_us_per_request: f64,
+    /// The gateway process's CPU (user + system, all its threads).
+    pub gateway_cpu_us_per_request: f64,
+    /// This process's: the crowd sending the requests and reading answers.
+    pub crowd_cpu_us_per_request: f64,
     /// Redis main-thread CPU (user + system).
     pub redis_cpu_us_per_request: f64,
     /// Commands Redis ran, those inside scripts included (the purchase
@@ -501,8 +514,15 @@ pub struct RunCosts {
 }
 
 impl RunCosts {
-    /// From INFO before and after the run, and this process's CPU seconds in it.
-    fn between(before: &RedisFigures, after: &RedisFigures, process_s: f64, requests: u64) -> Self {
+    /// From INFO before and after the run, and the gateway's and the crowd's
+    /// CPU seconds in it.
+    fn between(
+        before: &RedisFigures,
+        after: &RedisFigures,
+        gateway_s: f64,
+        crowd_s: f64,
+        requests: u64,
+    ) -> Self {
         let requests = requests.max(1) as f64;
         let commands = after.commands.saturating_sub(before.commands) as f64;
         let reads = after.reads.saturating_sub(before.reads) as f64;
@@ -510,7 +530,8 @@ impl RunCosts {
         // nothing about how requests share a read.
         let sends = commands / requests >= 0.5 && reads > 0.0;
         Self {
-            process_cpu_us_per_request: process_s * 1e6 / requests,
+            gateway_cpu_us_per_request: gateway_s * 1e6 / requests,
+            crowd_cpu_us_per_request: crowd_s * 1e6 / requests,
             redis_cpu_us_per_request: (after.cpu_s - before.cpu_s) * 1e6 / requests,
             redis_commands_per_request: commands / requests,
             requests_per_redis_read: if sends { requests / reads } else { 0.0 },
@@ -521,7 +542,8 @@ impl RunCosts {
     fn median(runs: &[Self]) -> Self {
         let of = |f: fn(&Self) -> f64| median_f(&runs.iter().map(f).collect::<Vec<_>>());
         Self {
-            process_cpu_us_per_request: of(|r| r.process_cpu_us_per_request),
+            gateway_cpu_us_per_request: of(|r| r.gateway_cpu_us_per_request),
+            crowd_cpu_us_per_request: of(|r| r.crowd_cpu_us_per_request),
             redis_cpu_us_per_request: of(|r| r.redis_cpu_us_per_request),
             redis_commands_per_request: of(|r| r.redis_commands_per_request),
             requests_per_redis_read: of(|r| r.requests_per_redis_read),

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod bench;
 pub mod cluster_bench;
 pub mod crowd;
+pub mod gateway_process;
 pub mod local;
 pub mod push_bench;
 pub mod pyenv;

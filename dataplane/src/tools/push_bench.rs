@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::consumer::{Consumer, ConsumerSettings};
 use crate::gateway::{self, Gateway, GatewaySettings};
 use crate::spec::SaleDocument;
+use crate::tools::gateway_process::GatewayProcess;
 use crate::tools::servers::{PostgresServer, RedisServer};
 
 const SECRET: &[u8] = b"bench-secret";
@@ -86,17 +87,6 @@ async fn ws_client(addr: SocketAddr, i: usize, token: &str) -> Result<ClientSock
     }
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 #[derive(Debug, Serialize)]
 pub struct WsMemoryStep {
     pub target: usize,
@@ -115,16 +105,6 @@ pub struct WsMemoryReport {
     pub steps: Vec<WsMemoryStep>,
 }
 
-/// Kills the gateway child on drop.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Memory per idle WebSocket in a gateway process, at each count (each
 /// count is a fresh gateway, so the figures do not carry over).
 pub async fn ws_memory(counts: &[usize]) -> Result<WsMemoryReport, PushBenchError> {
@@ -136,11 +116,6 @@ pub async fn ws_memory(counts: &[usize]) -> Result<WsMemoryReport, PushBenchErro
         .get_connection_manager()
         .await?;
     crate::warm::warm_sale(&mut conn, &doc.id(), &doc.spec).await?;
-    let dir = tempfile::tempdir().map_err(io_err("temp dir"))?;
-    let config = dir.path().join("sale.yaml");
-    let yaml = serde_yaml::to_string(&doc).map_err(|e| PushBenchError::Setup(e.to_string()))?;
-    std::fs::write(&config, yaml).map_err(io_err("write the sale"))?;
-    let exe = std::env::current_exe().map_err(io_err("find this binary"))?;
     let max_count = counts.iter().copied().max().unwrap_or(0);
     let tokens: Arc<Vec<String>> = Arc::new(
         (0..max_count)
@@ -149,28 +124,9 @@ pub async fn ws_memory(counts: &[usize]) -> Result<WsMemoryReport, PushBenchErro
     );
     let mut steps = Vec::new();
     for &target in counts {
-        let port = crate::tools::servers::free_port()?;
-        let admin = crate::tools::servers::free_port()?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let child = std::process::Command::new(&exe)
-            .args(["gateway", "--config"])
-            .arg(&config)
-            .args([
-                "--listen",
-                &addr.to_string(),
-                "--admin-listen",
-                &format!("127.0.0.1:{admin}"),
-            ])
-            .env("REDIS_URL", redis.url())
-            .env("TOKEN_SECRET", String::from_utf8_lossy(SECRET).as_ref())
-            .env("POD_NAME", format!("wsmem-{target}"))
-            .env("RUST_LOG", "error")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .map_err(io_err("start the gateway"))?;
-        let child = Child(child);
-        let pid = child.0.id();
+        let gateway =
+            GatewayProcess::start(&doc, &redis.url(), SECRET, &format!("wsmem-{target}")).await?;
+        let addr = gateway.addr;
         // Warm the gateway (allocator arenas, script cache) with a few
         // connections that are closed again, then take the baseline.
         let mut warmup = Vec::new();
@@ -191,7 +147,7 @@ pub async fn ws_memory(counts: &[usize]) -> Result<WsMemoryReport, PushBenchErro
             let _ = ws.close(None).await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let before = rss_kib(pid).unwrap_or(0);
+        let before = gateway.rss_kib().unwrap_or(0);
         let clients = Arc::new(Mutex::new(Vec::with_capacity(target)));
         let failure: Arc<Mutex<Option<String>>> = Arc::default();
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -239,7 +195,7 @@ pub async fn ws_memory(counts: &[usize]) -> Result<WsMemoryReport, PushBenchErro
         }
         let reached = clients.lock().map(|c| c.len()).unwrap_or(0);
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let after = rss_kib(pid).unwrap_or(0);
+        let after = gateway.rss_kib().unwrap_or(0);
         let per = if reached > 0 {
             (after.saturating_sub(before) * 1024) as f64 / reached as f64
         } else {
@@ -269,7 +225,7 @@ pub async fn ws_memory(counts: &[usize]) -> Result<WsMemoryReport, PushBenchErro
         for r in readers {
             r.abort();
         }
-        drop(child);
+        drop(gateway);
         // Let the kernel reap the sockets before the next step.
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
