@@ -16,14 +16,6 @@ use dataplane::spec::SaleDocument;
 use dataplane::tools::crowd::{CrowdConfig, Target};
 use tokio_util::sync::CancellationToken;
 
-// A purchase's buffers are made on one thread and freed on another (the
-// handler, the Redis connection's task, hyper's writer); glibc's malloc locks
-// an arena for each such free, and those locks were most of the gateway's
-// futex calls. mimalloc frees across threads without one: 9-24 % less
-// gateway CPU per purchase (docs/BENCHMARKS.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "flashsale",

@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use std::os::unix::ffi::OsStrExt;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::spec::SaleDocument;
@@ -23,8 +25,11 @@ pub enum GatewayProcessError {
     Sale(String),
     #[error("free port: {0}")]
     Port(#[from] crate::tools::servers::ServerError),
-    #[error("the gateway process exited before it was ready ({0})")]
-    Exited(std::process::ExitStatus),
+    #[error("the gateway process exited before it was ready ({status}); its log ends: {log}")]
+    Exited {
+        status: std::process::ExitStatus,
+        log: String,
+    },
     #[error("the gateway process was not ready within {0:?} (its /readyz never answered 200)")]
     NotReady(Duration),
 }
@@ -33,8 +38,8 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> GatewayProcessError 
     move |source| GatewayProcessError::Io { what, source }
 }
 
-/// How long a gateway may take to answer `/readyz` (it loads its scripts and
-/// first snapshot from Redis).
+/// How long a gateway may take to answer `/readyz` (it binds its listeners,
+/// then Redis must answer a PING).
 const READY_WITHIN: Duration = Duration::from_secs(15);
 
 /// A running gateway child; killed (and reaped) on drop.
@@ -42,14 +47,16 @@ pub struct GatewayProcess {
     child: std::process::Child,
     /// The public listener (purchases, `/v1/ping`).
     pub addr: SocketAddr,
-    /// Holds the sale file the gateway was started with.
-    _dir: tempfile::TempDir,
+    /// Holds the sale file the gateway was started with, and its log.
+    dir: tempfile::TempDir,
 }
 
 impl GatewayProcess {
     /// Starts `flashsale gateway` for `doc` on free loopback ports, with the
-    /// given Redis and token secret, logging errors only, and waits until its
-    /// admin `/readyz` answers 200.
+    /// given Redis and token secret and nothing else from this process's
+    /// environment (a `REDIS_MODE` or `DATABASE_URL` exported for other work
+    /// would change what it runs), logging errors to a file, and waits until
+    /// its admin `/readyz` answers 200.
     pub async fn start(
         doc: &SaleDocument,
         redis_url: &str,
@@ -64,31 +71,30 @@ impl GatewayProcess {
         let exe: PathBuf = std::env::current_exe().map_err(io("find this binary"))?;
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let log = std::fs::File::create(dir.path().join("gateway.log"))
+            .map_err(io("create the gateway's log"))?;
         let child = std::process::Command::new(exe)
             .args(["gateway", "--config"])
             .arg(&config)
             .args(["--listen", &addr.to_string()])
             .args(["--admin-listen", &admin.to_string()])
+            .env_clear()
             .env("REDIS_URL", redis_url)
-            .env(
-                "TOKEN_SECRET",
-                String::from_utf8_lossy(token_secret).as_ref(),
-            )
+            .env("TOKEN_SECRET", std::ffi::OsStr::from_bytes(token_secret))
             .env("POD_NAME", pod)
             .env("RUST_LOG", "error")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(log)
             .spawn()
             .map_err(io("start the gateway"))?;
-        let mut gateway = Self {
-            child,
-            addr,
-            _dir: dir,
-        };
+        let mut gateway = Self { child, addr, dir };
         let started = Instant::now();
         while !ready(admin).await {
             if let Some(status) = gateway.child.try_wait().map_err(io("check the gateway"))? {
-                return Err(GatewayProcessError::Exited(status));
+                return Err(GatewayProcessError::Exited {
+                    status,
+                    log: gateway.log_tail(),
+                });
             }
             if started.elapsed() > READY_WITHIN {
                 return Err(GatewayProcessError::NotReady(READY_WITHIN));
@@ -100,6 +106,13 @@ impl GatewayProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The last lines the gateway logged (errors only).
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join(" | ")
     }
 
     /// The process's CPU seconds so far (user + system, all its threads),
