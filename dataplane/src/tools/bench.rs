@@ -105,12 +105,20 @@ struct Rig {
 
 const SECRET: &[u8] = b"bench-secret";
 
-async fn rig(doc: &SaleDocument) -> Result<Rig, BenchError> {
+/// A throwaway Redis with `doc`'s sale warmed into it, and a connection to it.
+pub(crate) async fn warmed_redis(
+    doc: &SaleDocument,
+) -> Result<(RedisServer, redis::aio::ConnectionManager), BenchError> {
     let redis = RedisServer::start()?;
     let mut conn = redis::Client::open(redis.url())?
         .get_connection_manager()
         .await?;
     crate::warm::warm_sale(&mut conn, &doc.id(), &doc.spec).await?;
+    Ok((redis, conn))
+}
+
+async fn rig(doc: &SaleDocument) -> Result<Rig, BenchError> {
+    let (redis, _) = warmed_redis(doc).await?;
     let gw = Gateway::new(doc, &GatewaySettings::new(redis.url(), SECRET.to_vec()))?;
     let public = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let admin = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
@@ -259,11 +267,7 @@ pub async fn accept(
     rounds: usize,
 ) -> Result<AcceptReport, BenchError> {
     let doc = doc("accept", &[("item", 100_000_000)])?;
-    let redis = RedisServer::start()?;
-    let mut conn = redis::Client::open(redis.url())?
-        .get_connection_manager()
-        .await?;
-    crate::warm::warm_sale(&mut conn, &doc.id(), &doc.spec).await?;
+    let (redis, mut conn) = warmed_redis(&doc).await?;
     let gateway = GatewayProcess::start(&doc, &redis.url(), SECRET, "bench-accept").await?;
     let addr = gateway.addr;
     warm_up(addr, "accept", requests / 10, connections).await?;
@@ -895,14 +899,10 @@ pub struct PersistReport {
 /// Consumer persistence (stream → committed rows, confirmed and acked) vs a
 /// raw batched INSERT of the same rows, same batch size, same server.
 pub async fn persist(orders: u64, batch_size: usize) -> Result<PersistReport, BenchError> {
-    let redis = RedisServer::start()?;
-    let pg = PostgresServer::start()?;
     let doc = doc("persist", &[("item", 100_000_000)])?;
+    let (redis, mut conn) = warmed_redis(&doc).await?;
+    let pg = PostgresServer::start()?;
     let sale = doc.id();
-    let mut conn = redis::Client::open(redis.url())?
-        .get_connection_manager()
-        .await?;
-    crate::warm::warm_sale(&mut conn, &sale, &doc.spec).await?;
     let k = ProductKeys::new(&sale, "item");
     // Fill the stream through the real purchase script, pipelined.
     let purchase_keys = k.purchase_keys();

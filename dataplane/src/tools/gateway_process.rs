@@ -4,12 +4,14 @@
 //! the crowd's tasks in one runtime.
 
 use std::net::SocketAddr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use std::os::unix::ffi::OsStrExt;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use axum::body::Bytes;
+use http_body_util::Empty;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 
 use crate::spec::SaleDocument;
 use crate::tools::servers::free_port;
@@ -104,7 +106,7 @@ impl GatewayProcess {
         Ok(gateway)
     }
 
-    pub fn pid(&self) -> u32 {
+    fn pid(&self) -> u32 {
         self.child.id()
     }
 
@@ -155,18 +157,18 @@ impl Drop for GatewayProcess {
     }
 }
 
-/// Whether `GET /readyz` on the admin listener answers 200. Written against
-/// the socket rather than with an HTTP client: one fixed request, and the
-/// status line is all that is read.
+/// Whether `GET /readyz` on the admin listener answers 200.
 async fn ready(admin: SocketAddr) -> bool {
     let probe = async {
-        let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
-        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
-            .await
+        let stream = tokio::net::TcpStream::connect(admin).await.ok()?;
+        let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await.ok()?;
+        tokio::spawn(conn);
+        let request = hyper::Request::get("/readyz")
+            .header("host", "gateway")
+            .body(Empty::<Bytes>::new())
             .ok()?;
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head).await.ok()?;
-        Some(&head == b"HTTP/1.1 200")
+        let response = sender.send_request(request).await.ok()?;
+        Some(response.status() == hyper::StatusCode::OK)
     };
     tokio::time::timeout(Duration::from_secs(1), probe)
         .await

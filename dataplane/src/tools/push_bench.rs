@@ -29,8 +29,9 @@ use tokio_util::sync::CancellationToken;
 use crate::consumer::{Consumer, ConsumerSettings};
 use crate::gateway::{self, Gateway, GatewaySettings};
 use crate::spec::SaleDocument;
+use crate::tools::bench::warmed_redis;
 use crate::tools::gateway_process::GatewayProcess;
-use crate::tools::servers::{PostgresServer, RedisServer};
+use crate::tools::servers::PostgresServer;
 
 const SECRET: &[u8] = b"bench-secret";
 
@@ -110,12 +111,8 @@ pub struct WsMemoryReport {
 pub async fn ws_memory(counts: &[usize]) -> Result<WsMemoryReport, PushBenchError> {
     let limit =
         gateway::push::raise_open_files_limit().map_err(io_err("raise the open file limit"))?;
-    let redis = RedisServer::start()?;
     let doc = doc("wsmem", 1)?;
-    let mut conn = redis::Client::open(redis.url())?
-        .get_connection_manager()
-        .await?;
-    crate::warm::warm_sale(&mut conn, &doc.id(), &doc.spec).await?;
+    let (redis, _) = warmed_redis(&doc).await?;
     let max_count = counts.iter().copied().max().unwrap_or(0);
     let tokens: Arc<Vec<String>> = Arc::new(
         (0..max_count)
@@ -286,12 +283,8 @@ pub async fn push_latency(
     let _ = gateway::push::raise_open_files_limit();
     let total = (rate * seconds).ceil() as u64;
     let doc = doc("pushlat", i64::try_from(total * 2).unwrap_or(i64::MAX))?;
-    let redis = RedisServer::start()?;
+    let (redis, _) = warmed_redis(&doc).await?;
     let pg = PostgresServer::start()?;
-    let mut conn = redis::Client::open(redis.url())?
-        .get_connection_manager()
-        .await?;
-    crate::warm::warm_sale(&mut conn, &doc.id(), &doc.spec).await?;
     let gw = Gateway::new(&doc, &GatewaySettings::new(redis.url(), SECRET.to_vec()))?;
     let public = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let admin = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
