@@ -11,11 +11,11 @@ use jiff::{SignedDuration, Timestamp};
 use super::behavior::ScalingBehavior;
 use super::history::ScalingState;
 use super::hpa::{self, HpaSpec, Outcome, Proposal, ScalingMetric};
+use super::prescale::SaleWindow;
 use super::rate_limit::Limit;
 use super::replica_calc::{
     DEFAULT_TOLERANCE, MetricError, PodSample, external_per_pod_replicas, pod_average_replicas,
 };
-use super::schedule::SaleWindow;
 use super::stabilization::Stabilized;
 
 /// Reports older than this count as missing: pods publish about once a second, so

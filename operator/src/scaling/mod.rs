@@ -6,7 +6,7 @@
 //! - [`behavior`]: the `behavior` types the CRD embeds (`spec.scaling`), with HPA defaults.
 //! - [`replica_calc`]: one metric's proposal (tolerance, missing and unready pods).
 //! - [`hpa`]: one evaluation — bounds, max over metrics, stabilization, rate limits.
-//! - [`schedule`]: the `atStart` floor from `startTime − warmupSeconds` to `endTime`.
+//! - [`prescale`]: the `atStart` floor from `startTime − warmupSeconds` to `endTime`.
 //! - [`decision`]: the loop's entry points, [`decide_gateway`] and [`decide_consumer`].
 //! - [`simulation`]: the traffic-curve simulation behind `scaling-sim`.
 
@@ -14,9 +14,9 @@ pub mod behavior;
 pub mod decision;
 pub mod history;
 pub mod hpa;
+pub mod prescale;
 pub mod rate_limit;
 pub mod replica_calc;
-pub mod schedule;
 pub mod simulation;
 pub mod stabilization;
 
@@ -27,5 +27,5 @@ pub use decision::{
 };
 pub use history::ScalingState;
 pub use hpa::ScalingMetric;
+pub use prescale::SaleWindow;
 pub use replica_calc::DEFAULT_TOLERANCE;
-pub use schedule::SaleWindow;

@@ -20,7 +20,7 @@ use super::decision::{
     GatewayObservation, GatewayScaling, LoadReport, PodReadiness, decide_gateway,
 };
 use super::history::ScalingState;
-use super::schedule::SaleWindow;
+use super::prescale::SaleWindow;
 
 /// Load at one instant.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]

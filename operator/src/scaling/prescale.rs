@@ -1,4 +1,4 @@
-//! Schedule awareness: a flash sale's wall of traffic arrives at a known second, so
+//! Pre-scaling for the schedule: a flash sale's wall of traffic arrives at a known second, so
 //! from `startTime − warmupSeconds` until `endTime` the gateway never runs below
 //! `replicas.atStart`. The floor is not a scaling step — it is not rate-limited
 //! by the scale-up policies and not recorded as a scale event — and when it lifts
