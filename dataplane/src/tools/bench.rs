@@ -16,6 +16,7 @@ use crate::spec::SaleDocument;
 use crate::store::{OrderRow, OrderStore};
 use crate::tools::crowd::{self, CrowdConfig, CrowdResult, Target};
 use crate::tools::gateway_process::GatewayProcess;
+use crate::tools::serve_on_loopback;
 use crate::tools::servers::{PostgresServer, RedisServer};
 
 #[derive(Debug, thiserror::Error)]
@@ -120,11 +121,8 @@ pub(crate) async fn warmed_redis(
 async fn rig(doc: &SaleDocument) -> Result<Rig, BenchError> {
     let (redis, _) = warmed_redis(doc).await?;
     let gw = Gateway::new(doc, &GatewaySettings::new(redis.url(), SECRET.to_vec()))?;
-    let public = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let admin = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let addr = public.local_addr().map_err(gateway::GatewayError::Serve)?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(gateway::serve(gw.clone(), public, admin, shutdown.clone()));
+    let (addr, _) = serve_on_loopback(gw.clone(), &shutdown).await?;
     Ok(Rig {
         redis,
         addr,

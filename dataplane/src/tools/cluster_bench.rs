@@ -11,12 +11,13 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::durability::Durability;
-use crate::gateway::{self, Gateway, GatewaySettings};
+use crate::gateway::{Gateway, GatewaySettings};
 use crate::keys::ProductKeys;
 use crate::redis_conn::{ConnSettings, RedisConn, RedisMode, RedisTarget};
 use crate::spec::SaleDocument;
 use crate::tools::bench::{BenchError, LoadFigures, crowd_config, doc, median, median_f};
 use crate::tools::crowd::{self, Target};
+use crate::tools::serve_on_loopback;
 use crate::tools::servers::{RedisCluster, RedisServer};
 
 /// One gateway variant: where Redis is and how durable an accept is.
@@ -68,11 +69,8 @@ async fn gateway_on(
         variant.mode, variant.durability, variant.commit_batch
     );
     let gw = Gateway::new(doc, &settings)?;
-    let public = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let admin = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let addr = public.local_addr().map_err(gateway::GatewayError::Serve)?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(gateway::serve(gw, public, admin, shutdown.clone()));
+    let (addr, _) = serve_on_loopback(gw, &shutdown).await?;
     Ok(Rig { addr, shutdown })
 }
 

@@ -3,7 +3,6 @@
 //! from the same YAML the operator reads, gateway and consumers in this
 //! process, a simulated crowd, then the audit and a report.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use crate::spec::SaleDocument;
 use crate::store::OrderStore;
 use crate::tools::audit::{AuditReport, audit, wait_drained};
 use crate::tools::crowd::{self, CrowdConfig, CrowdResult, Target};
+use crate::tools::serve_on_loopback;
 use crate::tools::servers::{
     ClusterOptions, PostgresServer, RedisCluster, RedisOptions, RedisServer,
 };
@@ -190,10 +190,7 @@ pub async fn run(opts: LocalOptions) -> Result<LocalReport, LocalError> {
     gateway_settings.redis_mode = Some(redis.mode);
     gateway_settings.durability = opts.redis_durability;
     let gw = Gateway::new(&doc, &gateway_settings)?;
-    let public = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let admin = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let gw_addr = public.local_addr().map_err(gateway::GatewayError::Serve)?;
-    let gateway_task = tokio::spawn(gateway::serve(gw, public, admin, shutdown.clone()));
+    let (gw_addr, gateway_task) = serve_on_loopback(gw, &shutdown).await?;
 
     let mut consumer_tasks = Vec::new();
     for i in 0..opts.consumers.max(1) {

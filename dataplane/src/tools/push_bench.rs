@@ -31,6 +31,7 @@ use crate::gateway::{self, Gateway, GatewaySettings};
 use crate::spec::SaleDocument;
 use crate::tools::bench::warmed_redis;
 use crate::tools::gateway_process::GatewayProcess;
+use crate::tools::serve_on_loopback;
 use crate::tools::servers::PostgresServer;
 
 const SECRET: &[u8] = b"bench-secret";
@@ -286,11 +287,8 @@ pub async fn push_latency(
     let (redis, _) = warmed_redis(&doc).await?;
     let pg = PostgresServer::start()?;
     let gw = Gateway::new(&doc, &GatewaySettings::new(redis.url(), SECRET.to_vec()))?;
-    let public = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let admin = gateway::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let addr = public.local_addr().map_err(gateway::GatewayError::Serve)?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(gateway::serve(gw, public, admin, shutdown.clone()));
+    let (addr, _) = serve_on_loopback(gw, &shutdown).await?;
     for i in 0..2 {
         let mut settings = ConsumerSettings::new(redis.url(), pg.url());
         settings.name = format!("bench-consumer-{i}");
