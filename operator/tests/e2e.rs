@@ -320,15 +320,22 @@ async fn scenario_a_sale_runs_on_schedule_under_the_charts_rbac(
         sold.status
     );
 
-    let events = rig::events(&rig.admin, name).await?;
-    let reasons: Vec<&str> = events.iter().map(|(_, r, _)| r.as_str()).collect();
-    for want in [
+    let wanted = [
         "Pending",
         "Warming",
         "Active",
         "RedisWarmed",
         "ScaledGateway",
-    ] {
+    ];
+    let events = rig
+        .events_once(name, 10, |events| {
+            wanted
+                .iter()
+                .all(|want| events.iter().any(|(_, r, _)| r == want))
+        })
+        .await?;
+    let reasons: Vec<&str> = events.iter().map(|(_, r, _)| r.as_str()).collect();
+    for want in wanted {
         assert!(reasons.contains(&want), "no {want} Event among {events:?}");
     }
     // Each phase Event names the transition it records.
@@ -455,11 +462,10 @@ async fn scenario_deleting_a_live_sale_drains_and_clears_it(rig: &mut Rig) -> an
         (owned == 0).then_some(())
     })
     .await;
-    let events = rig::events(&rig.admin, name).await?;
-    assert!(
-        events.iter().any(|(_, r, _)| r == "RedisCleared"),
-        "{events:?}"
-    );
+    let cleared =
+        |events: &[(String, String, String)]| events.iter().any(|(_, r, _)| r == "RedisCleared");
+    let events = rig.events_once(name, 10, cleared).await?;
+    assert!(cleared(&events), "{events:?}");
     Ok(())
 }
 
@@ -588,13 +594,13 @@ async fn scenario_a_quota_refusing_services_shows_in_status_and_recovers(
         })
         .await;
     eprintln!("Ready=False: {} {}", failed.reason, failed.message);
-    let events = rig::events(&rig.admin, name).await?;
-    assert!(
+    let refused = |events: &[(String, String, String)]| {
         events
             .iter()
-            .any(|(t, _, note)| t == "Warning" && note.contains("exceeded quota")),
-        "no Warning Event: {events:?}"
-    );
+            .any(|(t, _, note)| t == "Warning" && note.contains("exceeded quota"))
+    };
+    let events = rig.events_once(name, 10, refused).await?;
+    assert!(refused(&events), "no Warning Event: {events:?}");
     // Everything else of the sale is in place.
     for d in [format!("{name}-gateway"), format!("{name}-consumer")] {
         assert!(

@@ -167,6 +167,26 @@ impl Rig {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
+
+    /// The sale's Events once `want` holds for them, or as they are after
+    /// `secs` (the caller's assertion then shows them). The operator
+    /// publishes a reconcile's Events after the status write they go with,
+    /// so a test that has just seen the status may list them too early.
+    pub async fn events_once(
+        &self,
+        sale: &str,
+        secs: u64,
+        want: impl Fn(&[(String, String, String)]) -> bool,
+    ) -> anyhow::Result<Vec<(String, String, String)>> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let listed = events(&self.admin, sale).await?;
+            if want(&listed) || Instant::now() >= deadline {
+                return Ok(listed);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
 }
 
 /// A sale in the shop namespace whose window opens at `start`.
