@@ -291,16 +291,11 @@ pub async fn accept(
     let mut load = async |target: Target| -> Result<(LoadFigures, RunCosts), BenchError> {
         let config = crowd_config(addr, "accept", "item", target, requests, connections, None);
         let before = RedisFigures::read(&mut conn).await?;
-        let gateway_cpu = || {
-            gateway.cpu_s().ok_or_else(|| {
-                BenchError::Setup("the gateway process's CPU time is unreadable".into())
-            })
-        };
-        let gateway_before = gateway_cpu()?;
+        let gateway_before = gateway.cpu_s()?;
         let crowd_before = process_cpu_s();
         let run = crowd::run(config).await?;
         let crowd_after = process_cpu_s();
-        let gateway_after = gateway_cpu()?;
+        let gateway_after = gateway.cpu_s()?;
         let after = RedisFigures::read(&mut conn).await?;
         let costs = RunCosts::between(
             &before,

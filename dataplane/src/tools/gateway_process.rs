@@ -34,6 +34,8 @@ pub enum GatewayProcessError {
     },
     #[error("the gateway process was not ready within {0:?} (its /readyz never answered 200)")]
     NotReady(Duration),
+    #[error("the gateway process's {0} is unreadable (/proc/<pid>)")]
+    Unreadable(&'static str),
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> GatewayProcessError {
@@ -118,24 +120,30 @@ impl GatewayProcess {
     }
 
     /// The process's CPU seconds so far (user + system, all its threads),
-    /// from `/proc/<pid>/stat`; `None` if unreadable.
-    pub fn cpu_s(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
-        // SAFETY: sysconf only reads a configuration value.
-        let per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        (per_s > 0).then_some(cpu_ticks(&stat)? as f64 / per_s as f64)
+    /// from `/proc/<pid>/stat`.
+    pub fn cpu_s(&self) -> Result<f64, GatewayProcessError> {
+        let cpu = || {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
+            // SAFETY: sysconf only reads a configuration value.
+            let per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+            (per_s > 0).then_some(cpu_ticks(&stat)? as f64 / per_s as f64)
+        };
+        cpu().ok_or(GatewayProcessError::Unreadable("CPU time"))
     }
 
-    /// Resident memory (`VmRSS`) in KiB; `None` if unreadable.
-    pub fn rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+    /// Resident memory (`VmRSS`) in KiB.
+    pub fn rss_kib(&self) -> Result<u64, GatewayProcessError> {
+        let rss = || {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        };
+        rss().ok_or(GatewayProcessError::Unreadable("resident memory"))
     }
 }
 

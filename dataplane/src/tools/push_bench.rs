@@ -145,7 +145,7 @@ pub async fn ws_memory(counts: &[usize]) -> Result<WsMemoryReport, PushBenchErro
             let _ = ws.close(None).await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let before = gateway.rss_kib().unwrap_or(0);
+        let before = gateway.rss_kib()?;
         let clients = Arc::new(Mutex::new(Vec::with_capacity(target)));
         let failure: Arc<Mutex<Option<String>>> = Arc::default();
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -193,7 +193,7 @@ pub async fn ws_memory(counts: &[usize]) -> Result<WsMemoryReport, PushBenchErro
         }
         let reached = clients.lock().map(|c| c.len()).unwrap_or(0);
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let after = gateway.rss_kib().unwrap_or(0);
+        let after = gateway.rss_kib()?;
         let per = if reached > 0 {
             (after.saturating_sub(before) * 1024) as f64 / reached as f64
         } else {

@@ -150,21 +150,14 @@ impl Rig {
     }
 
     /// Polls `check` every 250 ms until it returns `Some`; panics after `secs`.
-    pub async fn eventually<T, F, Fut>(&self, what: &str, secs: u64, mut check: F) -> T
+    pub async fn eventually<T, F, Fut>(&self, what: &str, secs: u64, check: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Option<T>>,
     {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(v) = check().await {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {secs} s waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
+        match poll(secs, check).await {
+            Some(v) => v,
+            None => panic!("timed out after {secs} s waiting for {what}"),
         }
     }
 
@@ -178,14 +171,32 @@ impl Rig {
         secs: u64,
         want: impl Fn(&[(String, String, String)]) -> bool,
     ) -> anyhow::Result<Vec<(String, String, String)>> {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let listed = events(&self.admin, sale).await?;
-            if want(&listed) || Instant::now() >= deadline {
-                return Ok(listed);
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+        let wanted = poll(secs, || async {
+            events(&self.admin, sale).await.ok().filter(|l| want(l))
+        })
+        .await;
+        match wanted {
+            Some(listed) => Ok(listed),
+            None => events(&self.admin, sale).await,
         }
+    }
+}
+
+/// Polls `check` every 250 ms until it returns `Some`, for at most `secs`.
+async fn poll<T, F, Fut>(secs: u64, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
