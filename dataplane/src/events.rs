@@ -9,6 +9,8 @@
 //! what was sent meanwhile); the guarantee is the resume snapshot a client
 //! gets on (re)connect. See docs/push.md.
 
+use std::borrow::Cow;
+
 use redis::aio::ConnectionLike;
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +25,7 @@ use crate::spec::SaleId;
 pub struct OrderEvent {
     /// `order.accepted`, `order.confirmed`, `order.paid`, `order.failed` or `order.cancelled`.
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: Cow<'static, str>,
     pub order_id: String,
     pub sku: String,
     pub status: OrderStatus,
@@ -42,7 +44,7 @@ pub struct OrderEvent {
 impl OrderEvent {
     pub fn new(order_id: &str, sku: &str, status: OrderStatus, reason: Option<String>) -> Self {
         Self {
-            kind: event_type(status).to_string(),
+            kind: Cow::Borrowed(event_type(status)),
             order_id: order_id.to_string(),
             sku: sku.to_string(),
             status,
@@ -78,8 +80,26 @@ pub fn rank(status: OrderStatus) -> u8 {
 /// The wire form on a pod's channel: `<user>\n<event JSON>`. User ids are
 /// visible ASCII (no newline), so the pod routes without parsing the JSON.
 pub fn encode(user: &str, event: &OrderEvent) -> String {
-    let json = serde_json::to_string(event).unwrap_or_default();
-    format!("{user}\n{json}")
+    let mut wire = Vec::with_capacity(WIRE_CAPACITY);
+    // Writing into a Vec fails only if the event would not serialize, which
+    // its plain fields never do; the message is then the user alone.
+    let _ = encode_into(&mut wire, user, event);
+    String::from_utf8(wire).unwrap_or_default()
+}
+
+/// Room for a typical wire message (user, order id, SKU and the rest).
+const WIRE_CAPACITY: usize = 192;
+
+/// [`encode`] into a writer (a command's argument, say), without a string
+/// of its own.
+pub fn encode_into(
+    mut w: impl std::io::Write,
+    user: &str,
+    event: &OrderEvent,
+) -> std::io::Result<()> {
+    w.write_all(user.as_bytes())?;
+    w.write_all(b"\n")?;
+    serde_json::to_writer(w, event).map_err(std::io::Error::other)
 }
 
 /// Splits a channel message into user and event JSON.
@@ -106,12 +126,26 @@ impl Publisher {
         }
     }
 
-    fn invocation(&self, user: &str, event: &OrderEvent) -> redis::ScriptInvocation<'static> {
-        let mut inv = scripts::PUSH.prepare_invoke();
-        inv.key(self.keys.push_user(user))
+    fn invocation(&self, user: &str, event: &OrderEvent) -> scripts::Call {
+        let mut call = scripts::Call::new(&scripts::PUSH, 1);
+        call.arg_fmt(self.keys.push_user_key(user))
             .arg(&self.prefix)
-            .arg(encode(user, event));
-        inv
+            .arg_with(|w| encode_into(w, user, event));
+        call
+    }
+
+    /// One `push_many.lua` call, written straight into the command: no key
+    /// or message string of its own per event.
+    fn many(&self, events: &[(String, OrderEvent)]) -> scripts::Call {
+        let mut call = scripts::Call::new(&scripts::PUSH_MANY, events.len());
+        for (user, _) in events {
+            call.arg_fmt(self.keys.push_user_key(user));
+        }
+        call.arg(&self.prefix);
+        for (user, event) in events {
+            call.arg_with(|w| encode_into(w, user, event));
+        }
+        call
     }
 
     /// Routes one event; true if a gateway pod received it.
@@ -136,12 +170,7 @@ impl Publisher {
     ) -> Result<usize, redis::RedisError> {
         let mut reached = 0;
         for chunk in events.chunks(PUBLISH_CHUNK) {
-            let mut inv = scripts::PUSH_MANY.prepare_invoke();
-            inv.arg(&self.prefix);
-            for (user, event) in chunk {
-                inv.key(self.keys.push_user(user)).arg(encode(user, event));
-            }
-            let routed: usize = inv.invoke_async(conn).await?;
+            let routed: usize = self.many(chunk).invoke_async(conn).await?;
             metrics::counter!("flashsale_push_published_total", "routed" => "yes")
                 .increment(routed as u64);
             metrics::counter!("flashsale_push_published_total", "routed" => "no")
@@ -155,6 +184,47 @@ impl Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The calls carry what the scripts read: each user's registry key,
+    /// the channel prefix, and each event's wire form in the same order.
+    #[test]
+    fn publisher_calls_carry_keys_prefix_and_wire_forms() {
+        let publisher = Publisher::new(&SaleId::new("shop", "sale"));
+        let keys = SaleKeys::new(&SaleId::new("shop", "sale"));
+        let events: Vec<(String, OrderEvent)> = ["alice", "bob"]
+            .iter()
+            .map(|u| {
+                let e = OrderEvent::new(&format!("item.{u}"), "item", OrderStatus::Accepted, None);
+                (u.to_string(), e)
+            })
+            .collect();
+        let packed = |call: scripts::Call| {
+            redis::pipe()
+                .add_command(call.into_cmd())
+                .get_packed_pipeline()
+        };
+        let mut many = scripts::PUSH_MANY.prepare_invoke();
+        for (u, _) in &events {
+            many.key(keys.push_user(u));
+        }
+        many.arg(keys.push_channel_prefix());
+        for (u, e) in &events {
+            many.arg(encode(u, e));
+        }
+        assert_eq!(
+            packed(publisher.many(&events)),
+            redis::pipe().invoke_script(&many).get_packed_pipeline()
+        );
+        let (u, e) = &events[0];
+        let mut one = scripts::PUSH.prepare_invoke();
+        one.key(keys.push_user(u))
+            .arg(keys.push_channel_prefix())
+            .arg(encode(u, e));
+        assert_eq!(
+            packed(publisher.invocation(u, e)),
+            redis::pipe().invoke_script(&one).get_packed_pipeline()
+        );
+    }
 
     #[test]
     fn wire_form_round_trips() {

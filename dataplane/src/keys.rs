@@ -180,7 +180,17 @@ impl SaleKeys {
     /// String: the gateway pod holding `user`'s WebSocket (with a TTL the
     /// pod refreshes while the socket is open).
     pub fn push_user(&self, user: &str) -> String {
-        format!("{}:push:user:{user}", self.base)
+        self.push_user_key(user).to_string()
+    }
+    /// [`Self::push_user`] unformatted, to be written straight into a command.
+    pub fn push_user_key<'a>(&'a self, user: &'a str) -> impl std::fmt::Display + 'a {
+        struct PushUser<'a>(&'a str, &'a str);
+        impl std::fmt::Display for PushUser<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{}:push:user:{}", self.0, self.1)
+            }
+        }
+        PushUser(&self.base, user)
     }
     /// The prefix of the per-pod push channels (`<prefix><pod>`); channels
     /// share the sale's hash tag, so a script can publish to one on the slot

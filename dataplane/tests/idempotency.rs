@@ -147,3 +147,57 @@ async fn bindings_expire_later_never_earlier() -> TestResult {
     );
     Ok(())
 }
+
+/// A server without the scripts (restarted, failed over to a node that never
+/// loaded them, `SCRIPT FLUSH`) still answers: the call loads the script and
+/// sends itself again, for the key's binding and for the purchase alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_the_scripts_loads_them_and_answers() -> TestResult {
+    let (_redis, mut conn) = lone_redis().await?;
+    let sale = dataplane::spec::SaleId::new("test", "noscript");
+    let keys = dataplane::keys::ProductKeys::new(&sale, "item").purchase_keys();
+    let far = jiff::Timestamp::now().as_millisecond() + 3_600_000;
+    for round in ["first", "second"] {
+        let () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await?;
+        let claim = dataplane::scripts::KeyClaim {
+            hash: "fs:{test/noscript}:idem",
+            request: "item 1",
+            keep_until_ms: far,
+        };
+        let (verdict, first, _): (String, String, String) = claim
+            .invocation(&format!("alice\x1f{round}"))
+            .invoke_async(&mut conn)
+            .await?;
+        assert_eq!(
+            (verdict.as_str(), first.as_str()),
+            ("new", "item 1"),
+            "{round}"
+        );
+        let () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await?;
+        // Nothing warmed: the script runs and says the sale is not ready.
+        let answer: dataplane::scripts::PurchaseAnswer = dataplane::scripts::Purchase::new_buyer(
+            &keys,
+            "alice",
+            "item.01ARZ3NDEKTSV4RRFFQ69G5FAV",
+        )
+        .invocation()
+        .invoke_async(&mut conn)
+        .await?;
+        assert_eq!(
+            answer,
+            dataplane::scripts::PurchaseAnswer::Other(
+                "nosale".into(),
+                String::new(),
+                String::new()
+            ),
+            "{round}"
+        );
+    }
+    Ok(())
+}

@@ -132,8 +132,8 @@ async fn commit<C: ConnectionLike>(
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for j in &jobs {
-            pipe.invoke_script(
-                &scripts::Purchase {
+            pipe.add_command(
+                scripts::Purchase {
                     keys,
                     user: &j.user,
                     quantity: j.quantity,
@@ -141,7 +141,8 @@ async fn commit<C: ConnectionLike>(
                     idempotency_field: &j.idempotency_field,
                     ticket: j.ticket.as_ref(),
                 }
-                .invocation(),
+                .invocation()
+                .into_cmd(),
             );
         }
         wait.append(&mut pipe);

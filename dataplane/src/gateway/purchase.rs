@@ -4,6 +4,7 @@
 // `Response` in `Err` rather than boxed, which would allocate per request.
 #![allow(clippy::result_large_err)]
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -38,7 +39,7 @@ const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 #[serde(deny_unknown_fields)]
 struct PurchaseBody<'a> {
     #[serde(borrow)]
-    sku: std::borrow::Cow<'a, str>,
+    sku: Cow<'a, str>,
     #[serde(deserialize_with = "whole_number")]
     quantity: i64,
 }
@@ -95,9 +96,10 @@ fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error>
 #[serde(rename_all = "camelCase")]
 pub struct PurchaseAccepted {
     pub order_id: String,
-    pub status: String,
+    /// Always `accepted`.
+    pub status: Cow<'static, str>,
     pub status_url: String,
-    pub push_url: String,
+    pub push_url: Cow<'static, str>,
 }
 
 /// Outcome labels of `flashsale_gateway_requests_total`.
@@ -357,7 +359,10 @@ async fn handle(
             None => {}
         }
     }
-    let idem_field = idem.map(|k| format!("{user}\x1f{k}")).unwrap_or_default();
+    // `concat` sizes each string once (`format!` grows it while writing).
+    let idem_field = idem
+        .map(|k| [&user, "\x1f", k].concat())
+        .unwrap_or_default();
     // 6. Rate limits.
     let ip = client_ip(headers, gw.client_ip_header.as_ref(), peer.ip());
     if let Err(l) = gw.limits.check(&user, ip) {
@@ -386,7 +391,7 @@ async fn handle(
         );
     }
     let mut conn = gw.redis.clone();
-    let claim_request = idem.map(|_| format!("{sku} {}", req.quantity));
+    let claim_request = idem.map(|_| [sku, " ", itoa::Buffer::new().format(req.quantity)].concat());
     let claim = claim_request.as_deref().map(|request| KeyClaim {
         hash: &gw.idempotency_key,
         request,
@@ -644,10 +649,10 @@ fn json_problem(bytes: &[u8], plain: serde_json::Error) -> String {
 
 fn accepted(id: String) -> PurchaseAccepted {
     PurchaseAccepted {
-        status_url: format!("/v1/orders/{id}"),
-        push_url: "/v1/ws".into(),
+        status_url: ["/v1/orders/", &id].concat(),
+        push_url: Cow::Borrowed("/v1/ws"),
         order_id: id,
-        status: "accepted".into(),
+        status: Cow::Borrowed("accepted"),
     }
 }
 

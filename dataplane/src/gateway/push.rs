@@ -742,7 +742,7 @@ mod tests {
                 let e: events::OrderEvent = serde_json::from_str(&json)
                     .unwrap_or_else(|_| events::OrderEvent::new("", "", OrderStatus::Failed, None));
                 assert_eq!(
-                    (e.kind.as_str(), e.order_id.as_str()),
+                    (e.kind.as_ref(), e.order_id.as_str()),
                     ("order.accepted", "item.1")
                 );
             }

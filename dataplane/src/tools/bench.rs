@@ -914,8 +914,8 @@ pub async fn persist(orders: u64, batch_size: usize) -> Result<PersistReport, Be
                 .invocation()
             })
             .collect();
-        for inv in &invs {
-            pipe.invoke_script(inv).ignore();
+        for call in invs {
+            pipe.add_command(call.into_cmd()).ignore();
         }
         pipe.exec_async(&mut conn).await?;
         done += n;

@@ -256,8 +256,10 @@ async fn decisions(
                         n += 1;
                         let user = format!("u{c}-{n}");
                         let order = crate::order::new_order_id(&sku);
-                        pipe.invoke_script(
-                            &crate::scripts::Purchase::new_buyer(&keys, &user, &order).invocation(),
+                        pipe.add_command(
+                            crate::scripts::Purchase::new_buyer(&keys, &user, &order)
+                                .invocation()
+                                .into_cmd(),
                         );
                     }
                     let _: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
