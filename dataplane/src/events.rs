@@ -77,21 +77,9 @@ pub fn rank(status: OrderStatus) -> u8 {
     }
 }
 
-/// The wire form on a pod's channel: `<user>\n<event JSON>`. User ids are
-/// visible ASCII (no newline), so the pod routes without parsing the JSON.
-pub fn encode(user: &str, event: &OrderEvent) -> String {
-    let mut wire = Vec::with_capacity(WIRE_CAPACITY);
-    // Writing into a Vec fails only if the event would not serialize, which
-    // its plain fields never do; the message is then the user alone.
-    let _ = encode_into(&mut wire, user, event);
-    String::from_utf8(wire).unwrap_or_default()
-}
-
-/// Room for a typical wire message (user, order id, SKU and the rest).
-const WIRE_CAPACITY: usize = 192;
-
-/// [`encode`] into a writer (a command's argument, say), without a string
-/// of its own.
+/// The wire form on a pod's channel, `<user>\n<event JSON>`, written into
+/// `w` (a command's argument: no string of its own). User ids are visible
+/// ASCII (no newline), so the pod routes without parsing the JSON.
 pub fn encode_into(
     mut w: impl std::io::Write,
     user: &str,
@@ -127,7 +115,7 @@ impl Publisher {
     }
 
     fn invocation(&self, user: &str, event: &OrderEvent) -> scripts::Call {
-        let mut call = scripts::Call::new(&scripts::PUSH, 1);
+        let mut call = scripts::Call::new(&scripts::PUSH, 1, 2);
         call.arg_fmt(self.keys.push_user_key(user))
             .arg(&self.prefix)
             .arg_with(|w| encode_into(w, user, event));
@@ -137,7 +125,7 @@ impl Publisher {
     /// One `push_many.lua` call, written straight into the command: no key
     /// or message string of its own per event.
     fn many(&self, events: &[(String, OrderEvent)]) -> scripts::Call {
-        let mut call = scripts::Call::new(&scripts::PUSH_MANY, events.len());
+        let mut call = scripts::Call::new(&scripts::PUSH_MANY, events.len(), 1 + events.len());
         for (user, _) in events {
             call.arg_fmt(self.keys.push_user_key(user));
         }
@@ -185,6 +173,12 @@ impl Publisher {
 mod tests {
     use super::*;
 
+    /// The wire form as the pods read it, built apart from `encode_into`.
+    fn wire(user: &str, event: &OrderEvent) -> String {
+        let json = serde_json::to_string(event).unwrap_or_default();
+        format!("{user}\n{json}")
+    }
+
     /// The calls carry what the scripts read: each user's registry key,
     /// the channel prefix, and each event's wire form in the same order.
     #[test]
@@ -209,7 +203,7 @@ mod tests {
         }
         many.arg(keys.push_channel_prefix());
         for (u, e) in &events {
-            many.arg(encode(u, e));
+            many.arg(wire(u, e));
         }
         assert_eq!(
             packed(publisher.many(&events)),
@@ -219,7 +213,7 @@ mod tests {
         let mut one = scripts::PUSH.prepare_invoke();
         one.key(keys.push_user(u))
             .arg(keys.push_channel_prefix())
-            .arg(encode(u, e));
+            .arg(wire(u, e));
         assert_eq!(
             packed(publisher.invocation(u, e)),
             redis::pipe().invoke_script(&one).get_packed_pipeline()
@@ -234,8 +228,11 @@ mod tests {
             OrderStatus::Confirmed,
             None,
         );
-        let wire = encode("alice", &e);
-        let (user, json) = decode(&wire).unwrap_or_default();
+        let mut written = Vec::new();
+        assert!(encode_into(&mut written, "alice", &e).is_ok());
+        let written = String::from_utf8(written).unwrap_or_default();
+        assert_eq!(written, wire("alice", &e));
+        let (user, json) = decode(&written).unwrap_or_default();
         assert_eq!(user, "alice");
         let back: Result<OrderEvent, _> = serde_json::from_str(json);
         assert!(matches!(back, Ok(b) if b == e));

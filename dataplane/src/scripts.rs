@@ -99,7 +99,7 @@ impl<'k> Purchase<'k> {
 
     /// `purchase.lua` alone.
     pub fn invocation(&self) -> Call {
-        let mut call = Call::new(&PURCHASE, self.key_count());
+        let mut call = Call::new(&PURCHASE, self.key_count(), self.arg_count());
         self.keys_only(&mut call);
         self.args_only(&mut call);
         call
@@ -110,7 +110,11 @@ impl<'k> Purchase<'k> {
     /// `{'reused', the key's first request, ''}`. The binding's field is the
     /// purchase's idempotency field.
     pub fn claiming(&self, claim: &KeyClaim) -> Call {
-        let mut call = Call::new(&CLAIM_AND_PURCHASE, 1 + self.key_count());
+        let mut call = Call::new(
+            &CLAIM_AND_PURCHASE,
+            1 + self.key_count(),
+            KeyClaim::ARGS + self.arg_count(),
+        );
         call.arg(claim.hash);
         self.keys_only(&mut call);
         claim.args(&mut call, self.idempotency_field);
@@ -120,6 +124,10 @@ impl<'k> Purchase<'k> {
 
     fn key_count(&self) -> usize {
         self.keys.len() + usize::from(self.ticket.is_some())
+    }
+
+    fn arg_count(&self) -> usize {
+        4 + usize::from(self.ticket.is_some())
     }
 
     fn keys_only(&self, call: &mut Call) {
@@ -157,10 +165,11 @@ pub struct Call {
 }
 
 impl Call {
-    /// `EVALSHA <sha> <keys>`; the caller adds `keys` keys, then the arguments.
-    pub fn new(script: &'static Script, keys: usize) -> Self {
-        // Room for a purchase's keys and arguments without growing.
-        let mut cmd = Cmd::with_capacity(3 + keys + 6, 512);
+    /// `EVALSHA <sha> <keys>`; the caller adds `keys` keys, then `args`
+    /// arguments (room is made for that many; more still fit).
+    pub fn new(script: &'static Script, keys: usize, args: usize) -> Self {
+        // 512 bytes hold a purchase's SHA, keys and arguments.
+        let mut cmd = Cmd::with_capacity(3 + keys + args, 512);
         cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
         Self { script, cmd }
     }
@@ -245,10 +254,13 @@ pub struct KeyClaim<'a> {
 }
 
 impl KeyClaim<'_> {
+    /// The binding's arguments: field, request, keep-until.
+    const ARGS: usize = 3;
+
     /// The binding alone (`CLAIM_KEY`) of `field` (`user \x1f key`), as on a
     /// Redis Cluster.
     pub fn invocation(&self, field: &str) -> Call {
-        let mut call = Call::new(&CLAIM_KEY, 1);
+        let mut call = Call::new(&CLAIM_KEY, 1, Self::ARGS);
         call.arg(self.hash);
         self.args(&mut call, field);
         call
