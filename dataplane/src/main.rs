@@ -642,21 +642,7 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
                 ("unkeyed purchase", &r.purchase_unkeyed_costs),
                 ("trivial request", &r.trivial_costs),
             ] {
-                // The trivial endpoint sends Redis nothing: only background reads.
-                let calls = if c.requests_per_redis_read > 0.0 {
-                    format!(
-                        " ({:.1} commands, {:.1} requests per Redis read)",
-                        c.redis_commands_per_request, c.requests_per_redis_read
-                    )
-                } else {
-                    String::new()
-                };
-                println!(
-                    "CPU per {which}: {:.1} us in the gateway, {:.1} us in Redis{calls}, {:.1} us in the crowd",
-                    c.gateway_cpu_us_per_request,
-                    c.redis_cpu_us_per_request,
-                    c.crowd_cpu_us_per_request,
-                );
+                print_costs(which, c);
             }
             println!(
                 "redis-benchmark EVALSHA purchase.lua -c 50 -P 16: {:.0} calls/s; purchase endpoint / that = {:.2}",
@@ -718,6 +704,8 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
                 r.trivial.p99_ms,
                 r.sold_out_vs_trivial
             );
+            print_costs("sold-out answer", &r.sold_out_costs);
+            print_costs("trivial request", &r.trivial_costs);
             serde_json::to_string_pretty(&r)?
         }
         "read-path" => {
@@ -1027,4 +1015,22 @@ async fn consumer_admin(
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
+}
+
+/// One line of what a load run's requests cost: the gateway, Redis, the crowd.
+fn print_costs(which: &str, c: &dataplane::tools::bench::RunCosts) {
+    // A run that sends Redis nothing per request (the trivial endpoint, a
+    // sold-out answer) shows only background reads: no per-request figures.
+    let calls = if c.requests_per_redis_read > 0.0 {
+        format!(
+            " ({:.1} commands, {:.1} requests per Redis read)",
+            c.redis_commands_per_request, c.requests_per_redis_read
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "CPU per {which}: {:.1} us in the gateway, {:.1} us in Redis{calls}, {:.1} us in the crowd",
+        c.gateway_cpu_us_per_request, c.redis_cpu_us_per_request, c.crowd_cpu_us_per_request,
+    );
 }

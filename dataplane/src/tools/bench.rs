@@ -288,23 +288,9 @@ pub async fn accept(
     let mut costs_unkeyed = Vec::new();
     let mut costs_trivial = Vec::new();
     // One closed-loop run of `requests` at the gateway, and what it cost.
-    let mut load = async |target: Target| -> Result<(LoadFigures, RunCosts), BenchError> {
+    let mut load = async |target: Target| {
         let config = crowd_config(addr, "accept", "item", target, requests, connections, None);
-        let before = RedisFigures::read(&mut conn).await?;
-        let gateway_before = gateway.cpu_s()?;
-        let crowd_before = process_cpu_s();
-        let run = crowd::run(config).await?;
-        let crowd_after = process_cpu_s();
-        let gateway_after = gateway.cpu_s()?;
-        let after = RedisFigures::read(&mut conn).await?;
-        let costs = RunCosts::between(
-            &before,
-            &after,
-            gateway_after - gateway_before,
-            crowd_after - crowd_before,
-            run.sent + run.retries,
-        );
-        Ok((LoadFigures::from(&run), costs))
+        costed_run(&gateway, &mut conn, config).await
     };
     for _ in 0..rounds.max(1) {
         let (p, cp) = load(Target::Purchase).await?;
@@ -494,6 +480,30 @@ impl RedisFigures {
             .await?;
         Self::parse(&info)
     }
+}
+
+/// One crowd run at a gateway process, and what it cost the gateway, the
+/// crowd (this process) and Redis.
+async fn costed_run(
+    gateway: &GatewayProcess,
+    conn: &mut redis::aio::ConnectionManager,
+    config: CrowdConfig,
+) -> Result<(LoadFigures, RunCosts), BenchError> {
+    let before = RedisFigures::read(conn).await?;
+    let gateway_before = gateway.cpu_s()?;
+    let crowd_before = process_cpu_s();
+    let run = crowd::run(config).await?;
+    let crowd_after = process_cpu_s();
+    let gateway_after = gateway.cpu_s()?;
+    let after = RedisFigures::read(conn).await?;
+    let costs = RunCosts::between(
+        &before,
+        &after,
+        gateway_after - gateway_before,
+        crowd_after - crowd_before,
+        run.sent + run.retries,
+    );
+    Ok((LoadFigures::from(&run), costs))
 }
 
 /// Where one HTTP load run's CPU went: the gateway process, the crowd (this
@@ -698,52 +708,52 @@ pub struct SoldOutReport {
     pub sold_out: LoadFigures,
     pub trivial: LoadFigures,
     pub sold_out_vs_trivial: f64,
+    /// What the sold-out answers and the trivial requests cost the gateway
+    /// and the crowd (medians of rounds).
+    pub sold_out_costs: RunCosts,
+    pub trivial_costs: RunCosts,
 }
 
-/// Sold-out path (answered from the pod's flag) vs the trivial endpoint.
+/// Sold-out path (answered from the pod's flag) vs the trivial endpoint,
+/// interleaved rounds on one gateway. The gateway runs as its own process, as
+/// in `accept`: in the crowd's runtime the two would share its two worker
+/// threads and one allocator, and the figures would be the pair's.
 pub async fn sold_out(
     requests: u64,
     connections: usize,
     rounds: usize,
 ) -> Result<SoldOutReport, BenchError> {
     let doc = doc("soldout", &[("item", 0)])?;
-    let rig = rig(&doc).await?;
-    let addr = rig.addr;
+    let (redis, mut conn) = warmed_redis(&doc).await?;
+    let gateway = GatewayProcess::start(&doc, &redis.url(), SECRET, "bench-sold-out").await?;
+    let addr = gateway.addr;
     warm_up(addr, "soldout", requests / 10, connections).await?;
     // The replay snapshot loads within 500 ms of the flag flipping.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let (sold_out, trivial, ratios) = paired(
-        rounds,
-        || {
-            crowd_config(
-                addr,
-                "soldout",
-                "item",
-                Target::Purchase,
-                requests,
-                connections,
-                None,
-            )
-        },
-        || {
-            crowd_config(
-                addr,
-                "soldout",
-                "item",
-                Target::Ping,
-                requests,
-                connections,
-                None,
-            )
-        },
-    )
-    .await?;
-    rig.shutdown.cancel();
+    let mut load = async |target: Target| {
+        let config = crowd_config(addr, "soldout", "item", target, requests, connections, None);
+        costed_run(&gateway, &mut conn, config).await
+    };
+    let (mut sold_out, mut trivial, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut sold_out_costs, mut trivial_costs) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) {
+        let (s, sc) = load(Target::Purchase).await?;
+        let (t, tc) = load(Target::Ping).await?;
+        ratios.push(s.throughput_rps / t.throughput_rps.max(1e-9));
+        sold_out.push(s);
+        trivial.push(t);
+        sold_out_costs.push(sc);
+        trivial_costs.push(tc);
+    }
+    drop(gateway);
+    drop(redis);
     Ok(SoldOutReport {
         connections,
-        sold_out,
-        trivial,
+        sold_out: median(sold_out),
+        trivial: median(trivial),
         sold_out_vs_trivial: median_f(&ratios),
+        sold_out_costs: RunCosts::median(&sold_out_costs),
+        trivial_costs: RunCosts::median(&trivial_costs),
     })
 }
 
