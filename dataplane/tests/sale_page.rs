@@ -163,6 +163,49 @@ async fn an_unknown_sale_is_a_404_from_memory() -> TestResult {
     Ok(())
 }
 
+/// The gateway routes its own sale by the literal path (no path parameter
+/// to extract); any other spelling of the same name, percent-encoded here,
+/// takes the parameter route and gets the same answers: the page, a
+/// purchase, and the same refusal of a second one over the limit.
+#[tokio::test]
+async fn the_sale_answers_alike_on_any_spelling_of_its_path() -> TestResult {
+    let servers = Servers::start()?;
+    let doc = sale("page", &[("phone", 3, 1)]);
+    warm(&servers, &doc).await?;
+    let gw = RunningGateway::start(&doc, &servers.redis.url(), "page-1").await?;
+    let http = http();
+    let (literal, _) = page_when(&http, &gw.url("/v1/sales/page"), |_| true)
+        .await
+        .ok_or("no sale page")?;
+    let (encoded, _) = page_when(&http, &gw.url("/v1/sales/p%61ge"), |_| true)
+        .await
+        .ok_or("no sale page by the encoded name")?;
+    assert_eq!(encoded.sale, literal.sale);
+    let buy = async |path: &str, user: &str| -> Result<(u16, serde_json::Value), reqwest::Error> {
+        let resp = http
+            .post(gw.url(path))
+            .bearer_auth(token(user))
+            .json(&serde_json::json!({"sku": "phone", "quantity": 1}))
+            .send()
+            .await?;
+        Ok((resp.status().as_u16(), resp.json().await?))
+    };
+    let (status, body) = buy("/v1/sales/page/purchase", "alice").await?;
+    assert_eq!(status, 202, "{body}");
+    let (status, body) = buy("/v1/sales/p%61ge/purchase", "bob").await?;
+    assert_eq!(status, 202, "{body}");
+    // Each buyer's second unit is over the limit of 1, on either path.
+    for (path, user) in [
+        ("/v1/sales/p%61ge/purchase", "alice"),
+        ("/v1/sales/page/purchase", "bob"),
+    ] {
+        let (status, body) = buy(path, user).await?;
+        assert_eq!((status, &body["error"]), (409, &"limit_reached".into()));
+    }
+    gw.stop().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_phase_follows_the_window() -> TestResult {
     let servers = Servers::start()?;

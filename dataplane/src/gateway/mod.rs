@@ -391,7 +391,24 @@ impl Gateway {
 
     /// The public API.
     pub fn router(self: &Arc<Self>) -> Router {
-        Router::new()
+        let mut router = Router::new();
+        // This gateway's own sale by its literal path first: the router
+        // prefers a static segment to a parameter, and a handler without a
+        // path parameter saves axum its per-request allocations. A sale's
+        // name is a Kubernetes name, so it never holds the router's `{`, `}`,
+        // `*`, `:` or a `/`; a name that did (a local config is not checked
+        // by the API server) is left to the parameter routes.
+        // Other names, or this one percent-encoded, take the routes below,
+        // which answer the same (404 unknown_sale unless it decodes to it).
+        let name = &self.sale.name;
+        if !name.is_empty() && !name.contains(['{', '}', '*', ':', '/']) {
+            let own = format!("/v1/sales/{name}");
+            router = router.route(&own, get(sale_page::get_this_sale)).route(
+                &format!("{own}/purchase"),
+                post(purchase::purchase_this_sale),
+            );
+        }
+        router
             .route("/v1/sales/{sale}", get(sale_page::get_sale))
             .route("/v1/sales/{sale}/purchase", post(purchase::purchase))
             .route("/v1/sales/{sale}/tickets", post(tickets::issue))
@@ -632,6 +649,34 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The router takes any sale name a local config may hold: one the
+    /// router could not hold as a literal path is served by the `{sale}`
+    /// routes alone (axum refuses, by panicking, a path with `{`, `}`, `*`
+    /// where it does not expect them, or a segment starting with `:`).
+    #[tokio::test]
+    async fn the_router_builds_for_any_sale_name() -> Result<(), Box<dyn std::error::Error>> {
+        for name in [
+            "tour",
+            "singles-day.2026",
+            ":x",
+            "a{b}",
+            "x*",
+            "a/b",
+            "sp ace",
+        ] {
+            let yaml = format!(
+                "metadata: {{ name: '{name}', namespace: default }}\nspec:\n  startTime: \"2026-01-01T00:00:00Z\"\n  endTime: \"2036-01-01T00:00:00Z\"\n  products:\n    - {{ sku: item, stock: 1, price: \"1.00\", perUserLimit: 1 }}\n"
+            );
+            let doc = SaleDocument::parse(&yaml, "test sale")?;
+            let gw = Gateway::new(
+                &doc,
+                &GatewaySettings::new("redis://127.0.0.1:1/", b"secret".to_vec()),
+            )?;
+            let _ = gw.router();
+        }
+        Ok(())
+    }
 
     #[test]
     fn replays_find_a_winner_by_key_then_user() {

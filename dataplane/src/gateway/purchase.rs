@@ -188,15 +188,34 @@ pub async fn purchase(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: axum::extract::Request,
 ) -> Response {
+    serve(&gw, &sale, peer, request).await
+}
+
+/// The same endpoint on this gateway's own sale, routed by its literal path
+/// (`Gateway::router`): no path parameter to extract, which costs axum about
+/// five allocations per request. Any other spelling of the path (another
+/// sale, a percent-encoded name) takes [`purchase`].
+pub async fn purchase_this_sale(
+    State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: axum::extract::Request,
+) -> Response {
+    serve(&gw, &gw.sale.name, peer, request).await
+}
+
+async fn serve(
+    gw: &Arc<Gateway>,
+    sale: &str,
+    peer: SocketAddr,
+    request: axum::extract::Request,
+) -> Response {
     let started = Instant::now();
     // The whole request rather than a HeaderMap extractor, which would clone the headers.
     let (parts, body) = request.into_parts();
     let headers = &parts.headers;
     gw.load.requests.fetch_add(1, Ordering::Relaxed);
     let span = tracing::debug_span!("purchase", sale = %sale, sku = tracing::field::Empty, user = tracing::field::Empty);
-    let result = handle(&gw, &sale, peer, headers, body)
-        .instrument(span)
-        .await;
+    let result = handle(gw, sale, peer, headers, body).instrument(span).await;
     let (label, response) = match result {
         Ok((label, accepted)) => (
             label,

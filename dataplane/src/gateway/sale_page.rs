@@ -211,6 +211,13 @@ pub async fn get_sale(
     span.in_scope(|| answer(&gw, &sale, request.headers()))
 }
 
+/// The same page on this gateway's own sale, routed by its literal path
+/// (`Gateway::router`), without a path parameter to extract.
+pub async fn get_this_sale(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
+    let span = tracing::debug_span!("sale_page", sale = %gw.sale.name);
+    span.in_scope(|| answer(&gw, &gw.sale.name, request.headers()))
+}
+
 fn answer(gw: &Gateway, sale: &str, headers: &HeaderMap) -> Response {
     let page = &gw.sale_page;
     if sale != gw.sale.name {
