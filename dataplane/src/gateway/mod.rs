@@ -665,10 +665,8 @@ mod tests {
             "a/b",
             "sp ace",
         ] {
-            let yaml = format!(
-                "metadata: {{ name: '{name}', namespace: default }}\nspec:\n  startTime: \"2026-01-01T00:00:00Z\"\n  endTime: \"2036-01-01T00:00:00Z\"\n  products:\n    - {{ sku: item, stock: 1, price: \"1.00\", perUserLimit: 1 }}\n"
-            );
-            let doc = SaleDocument::parse(&yaml, "test sale")?;
+            let mut doc = crate::tools::bench::doc("tour", &[("item", 1)])?;
+            doc.metadata.name = name.to_string();
             let gw = Gateway::new(
                 &doc,
                 &GatewaySettings::new("redis://127.0.0.1:1/", b"secret".to_vec()),

@@ -204,7 +204,7 @@ pub async fn purchase_this_sale(
 }
 
 async fn serve(
-    gw: &Arc<Gateway>,
+    gw: &Gateway,
     sale: &str,
     peer: SocketAddr,
     request: axum::extract::Request,
