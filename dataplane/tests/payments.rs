@@ -281,6 +281,47 @@ async fn callbacks_are_verified_checked_and_idempotent() -> Result<(), Error> {
     Ok(())
 }
 
+/// A payment for an order that Redis holds and PostgreSQL does not yet,
+/// while Redis answers nothing: whether the order exists is unknown, so the
+/// answer is a 503 and nothing is recorded. The provider's retry, once Redis
+/// is back and the order persisted, pays it (a recorded refund would have
+/// been the answer to every retry, and the won order would time out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_is_not_refunded_while_redis_cannot_say_the_order_exists() -> Result<(), Error> {
+    let mut rig = rig("stall", 600).await?;
+    let (status, order) = buy(&rig, "u1").await?;
+    assert_eq!(status, 202);
+    let callback = body("p-stall", &order, "19.99", "succeeded");
+
+    rig.servers.redis.pause();
+    let answered = pay(&rig, &callback).await;
+    rig.servers.redis.resume();
+    let (status, answer) = answered?;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (503, Some("store_unavailable")),
+        "{answer}"
+    );
+    assert_eq!(
+        payments_rows(&rig).await?,
+        0,
+        "nothing recorded while Redis was silent"
+    );
+
+    let consumers = RunningConsumers::start(&rig.doc, &rig.servers, 1).await?;
+    assert!(until_status(&rig, &order, "confirmed").await);
+    let (status, answer) = pay(&rig, &callback).await?;
+    assert_eq!(
+        (status, answer["outcome"].as_str()),
+        (200, Some("paid")),
+        "{answer}"
+    );
+    assert_eq!(pg_status(&rig, &order).await?.as_deref(), Some("paid"));
+    consumers.stop().await;
+    rig.gw.stop().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_callback_is_refund_due_and_paid_orders_are_never_cancelled() -> Result<(), Error> {
     let rig = rig("late", 2).await?;

@@ -238,7 +238,7 @@ pub struct PaymentAnswer {
         (status = 413, description = "body_too_large: the body is over 4096 bytes", body = ErrorBody),
         (status = 415, description = "unsupported_media_type: a Content-Type other than application/json", body = ErrorBody),
         (status = 422, description = "Rejected: amount_mismatch or currency_mismatch; recorded, the order is unchanged", body = PaymentAnswer),
-        (status = 503, description = "payments_disabled (no payment key or order store configured), or store_unavailable (the order store is unavailable); retry after Retry-After seconds", body = ErrorBody,
+        (status = 503, description = "payments_disabled (no payment key or order store configured), or store_unavailable (the order store, or Redis for an order not yet persisted, is unavailable; nothing recorded); retry after Retry-After seconds", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
@@ -422,9 +422,13 @@ async fn decide(
                 }
             }
             _ => match redis_status(gw, &cb.order_id).await {
+                // Redis did not answer: whether the order exists is unknown,
+                // so nothing is recorded (a recorded refund would be the
+                // answer to every retry of a payment for a won order).
+                Err(unreachable) => return Ok(Decision::Refused(unreachable)),
                 // Accepted but not persisted yet: answer "retry" and record
                 // nothing, so the retry is decided on the persisted order.
-                Some(OrderStatus::Accepted | OrderStatus::Confirmed) => {
+                Ok(Some(OrderStatus::Accepted | OrderStatus::Confirmed)) => {
                     return Ok(Decision::Refused(
                         ApiError::new(
                             StatusCode::CONFLICT,
@@ -434,7 +438,7 @@ async fn decide(
                         .retry_after(1),
                     ));
                 }
-                Some(OrderStatus::Failed) => (
+                Ok(Some(OrderStatus::Failed)) => (
                     PaymentOutcome::RefundDue,
                     Some("order_failed"),
                     StatusCode::OK,
@@ -554,21 +558,42 @@ async fn recorded(
     }))
 }
 
-/// The order's status in Redis, if this sale has it.
-async fn redis_status(gw: &Gateway, order_id: &str) -> Option<OrderStatus> {
-    let product = gw.products.get(sku_of(order_id)?)?;
+/// The order's status in Redis: `None` if this sale has no such order (an
+/// id of another sale or product, or no record); a 503 to answer if Redis
+/// did not answer within the gateway's Redis timeout.
+async fn redis_status(gw: &Gateway, order_id: &str) -> Result<Option<OrderStatus>, ApiError> {
+    let Some(product) = sku_of(order_id).and_then(|sku| gw.products.get(sku)) else {
+        return Ok(None);
+    };
     let mut redis = gw.redis.clone();
-    let raw: Option<String> = tokio::time::timeout(
+    let read = tokio::time::timeout(
         gw.redis_timeout,
         redis::cmd("HGET")
             .arg(product.orders_key())
             .arg(order_id)
-            .query_async(&mut redis),
+            .query_async::<Option<String>>(&mut redis),
     )
-    .await
-    .ok()?
-    .ok()?;
-    OrderRecord::decode(order_id, &raw?).map(|r| r.status)
+    .await;
+    match read {
+        Ok(Ok(raw)) => {
+            Ok(raw.and_then(|raw| OrderRecord::decode(order_id, &raw).map(|r| r.status)))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, order_id, "payment callback: the order's Redis record is unreadable");
+            Err(order_store_unavailable())
+        }
+        Err(_) => {
+            tracing::warn!(order_id, timeout = ?gw.redis_timeout, "payment callback: Redis did not answer for the order's record");
+            Err(order_store_unavailable())
+        }
+    }
+}
+
+fn order_store_unavailable() -> ApiError {
+    ApiError::unavailable(
+        "store_unavailable",
+        "the order's record could not be read; nothing was recorded, retry",
+    )
 }
 
 /// Moves the Redis record to paid (from accepted or confirmed only), and

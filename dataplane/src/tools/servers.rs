@@ -253,6 +253,21 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// SIGSTOP: the server holds its connections and data but answers
+    /// nothing, as a stalled or partitioned one would, until [`Self::resume`].
+    pub fn pause(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            kill(child, libc::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            kill(child, libc::SIGCONT);
+        }
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
