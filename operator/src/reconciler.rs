@@ -644,7 +644,15 @@ async fn apply(
         Err(missing) => {
             let message = missing.join("; ");
             info!(%message, "secrets missing");
-            report.enter(SalePhase::Failed);
+            // A warmed sale is selling on pods that already hold the values:
+            // it keeps the clock's phase, so the autoscaler keeps scaling it
+            // and the alerts on a live sale keep watching; Ready=False says
+            // what to fix. Before warming nothing runs yet: Failed.
+            report.enter(if warmed_before {
+                SalePhase::from(Schedule::at(&sale.spec.sale, now).phase)
+            } else {
+                SalePhase::Failed
+            });
             report.not_ready("SecretMissing", message);
             report.publish(ctx, sales).await?;
             // Secrets are not watched: look again after a while.
