@@ -682,6 +682,11 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
                 r.with_ticket.p99_ms,
                 r.with_vs_without
             );
+            print_costs("purchase without a ticket", &r.without_ticket_costs);
+            print_costs(
+                "buy with a ticket (its fetch included)",
+                &r.with_ticket_costs,
+            );
             println!(
                 "redis-benchmark EVALSHA purchase.lua -c 50 -P 16: without a ticket {:.0} calls/s, {:.2} us Redis CPU per call; with a ticket key {:.0} calls/s, {:.2} us",
                 r.script_calls_per_s_without,

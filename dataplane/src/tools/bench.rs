@@ -10,13 +10,12 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{Consumer, ConsumerSettings};
-use crate::gateway::{self, Gateway, GatewaySettings};
+use crate::gateway;
 use crate::keys::ProductKeys;
 use crate::spec::SaleDocument;
 use crate::store::{OrderRow, OrderStore};
 use crate::tools::crowd::{self, CrowdConfig, CrowdResult, Target};
 use crate::tools::gateway_process::GatewayProcess;
-use crate::tools::serve_on_loopback;
 use crate::tools::servers::{PostgresServer, RedisServer};
 
 #[derive(Debug, thiserror::Error)]
@@ -97,13 +96,6 @@ pub(crate) fn doc(name: &str, products: &[(&str, i64)]) -> Result<SaleDocument, 
     Ok(SaleDocument::parse(&yaml, "bench sale")?)
 }
 
-struct Rig {
-    redis: RedisServer,
-    addr: SocketAddr,
-    gateway: std::sync::Arc<Gateway>,
-    shutdown: CancellationToken,
-}
-
 const SECRET: &[u8] = b"bench-secret";
 
 /// A throwaway Redis with `doc`'s sale warmed into it, and a connection to it.
@@ -116,19 +108,6 @@ pub(crate) async fn warmed_redis(
         .await?;
     crate::warm::warm_sale(&mut conn, &doc.id(), &doc.spec).await?;
     Ok((redis, conn))
-}
-
-async fn rig(doc: &SaleDocument) -> Result<Rig, BenchError> {
-    let (redis, _) = warmed_redis(doc).await?;
-    let gw = Gateway::new(doc, &GatewaySettings::new(redis.url(), SECRET.to_vec()))?;
-    let shutdown = CancellationToken::new();
-    let (addr, _) = serve_on_loopback(gw.clone(), &shutdown).await?;
-    Ok(Rig {
-        redis,
-        addr,
-        gateway: gw,
-        shutdown,
-    })
 }
 
 pub(crate) fn crowd_config(
@@ -489,6 +468,16 @@ async fn costed_run(
     conn: &mut redis::aio::ConnectionManager,
     config: CrowdConfig,
 ) -> Result<(LoadFigures, RunCosts), BenchError> {
+    let (run, costs) = costed_crowd(gateway, conn, config).await?;
+    Ok((LoadFigures::from(&run), costs))
+}
+
+/// `costed_run` with the crowd's whole tally.
+async fn costed_crowd(
+    gateway: &GatewayProcess,
+    conn: &mut redis::aio::ConnectionManager,
+    config: CrowdConfig,
+) -> Result<(CrowdResult, RunCosts), BenchError> {
     let before = RedisFigures::read(conn).await?;
     let gateway_before = gateway.cpu_s()?;
     let crowd_before = process_cpu_s();
@@ -503,7 +492,7 @@ async fn costed_run(
         crowd_after - crowd_before,
         run.sent + run.retries,
     );
-    Ok((LoadFigures::from(&run), costs))
+    Ok((run, costs))
 }
 
 /// Where one HTTP load run's CPU went: the gateway process, the crowd (this
@@ -585,6 +574,11 @@ pub struct TicketsReport {
     /// ticket, then purchases with it. Throughput counts buys; latency is
     /// the purchase request's alone.
     pub with_ticket: LoadFigures,
+    /// What a purchase without a ticket, and a buy with one (its ticket
+    /// fetch included: the figures are per buy), cost the gateway, the crowd
+    /// and Redis (medians of rounds).
+    pub without_ticket_costs: RunCosts,
+    pub with_ticket_costs: RunCosts,
     /// HTTP requests/s of the ticket run (ticket fetches and purchases).
     pub with_ticket_http_rps: f64,
     /// Buys/s with tickets over purchases/s without (median of rounds).
@@ -597,19 +591,17 @@ pub struct TicketsReport {
     pub redis_cpu_us_per_call_with: f64,
 }
 
-/// Accept path without and with purchase tickets, one gateway and one Redis,
-/// tickets switched by the live spec between interleaved runs.
+/// Accept path without and with purchase tickets, one gateway process and
+/// one Redis, tickets switched by the live spec between interleaved runs.
 pub async fn tickets(
     requests: u64,
     connections: usize,
     rounds: usize,
 ) -> Result<TicketsReport, BenchError> {
     let doc = doc("tickets", &[("item", 100_000_000)])?;
-    let rig = rig(&doc).await?;
-    let addr = rig.addr;
-    let mut conn = redis::Client::open(rig.redis.url())?
-        .get_connection_manager()
-        .await?;
+    let (redis, mut conn) = warmed_redis(&doc).await?;
+    let gateway = GatewayProcess::start(&doc, &redis.url(), SECRET, "bench-tickets").await?;
+    let addr = gateway.addr;
     warm_up(addr, "tickets", requests / 10, connections).await?;
     let config =
         |target| crowd_config(addr, "tickets", "item", target, requests, connections, None);
@@ -622,15 +614,21 @@ pub async fn tickets(
         .collect();
     let mut without = Vec::new();
     let mut with = Vec::new();
+    let mut without_costs = Vec::new();
+    let mut with_costs = Vec::new();
     let mut http_rps = Vec::new();
     let mut ratios = Vec::new();
     let mut scripts = Vec::new();
     for _ in 0..rounds.max(1) {
-        set_tickets(&mut conn, &rig.gateway, &doc, false).await?;
-        let plain = LoadFigures::from(&crowd::run(config(Target::Purchase)).await?);
-        set_tickets(&mut conn, &rig.gateway, &doc, true).await?;
-        let run = crowd::run(config(Target::TicketedPurchase)).await?;
+        set_tickets(&mut conn, &gateway, &doc, false).await?;
+        let (run, costs) = costed_crowd(&gateway, &mut conn, config(Target::Purchase)).await?;
+        let plain = LoadFigures::from(&run);
+        without_costs.push(costs);
+        set_tickets(&mut conn, &gateway, &doc, true).await?;
+        let (run, costs) =
+            costed_crowd(&gateway, &mut conn, config(Target::TicketedPurchase)).await?;
         let ticketed = LoadFigures::from(&run);
+        with_costs.push(costs);
         if run.ticket_refused > 0 || run.tickets_fetched < run.sent {
             return Err(BenchError::Setup(format!(
                 "ticket run: {} tickets for {} buys, {} refused for their ticket",
@@ -641,7 +639,7 @@ pub async fn tickets(
         ratios.push(ticketed.throughput_rps / plain.throughput_rps.max(1e-9));
         without.push(plain);
         with.push(ticketed);
-        let port = rig.redis.port();
+        let port = redis.port();
         let (plain_keys, ticket_keys) = (plain_keys.to_vec(), ticket_keys.clone());
         let far = (jiff::Timestamp::now().as_millisecond() + 3_600_000).to_string();
         scripts.push(
@@ -660,7 +658,8 @@ pub async fn tickets(
             .map_err(|e| BenchError::RedisBenchmark(e.to_string()))??,
         );
     }
-    rig.shutdown.cancel();
+    drop(gateway);
+    drop(redis);
     let pick = |f: fn(&(ScriptRun, ScriptRun)) -> f64| {
         median_f(&scripts.iter().map(f).collect::<Vec<_>>())
     };
@@ -668,6 +667,8 @@ pub async fn tickets(
         connections,
         without_ticket: median(without),
         with_ticket: median(with),
+        without_ticket_costs: RunCosts::median(&without_costs),
+        with_ticket_costs: RunCosts::median(&with_costs),
         with_ticket_http_rps: median_f(&http_rps),
         with_vs_without: median_f(&ratios),
         script_calls_per_s_without: pick(|s| s.0.calls_per_s),
@@ -678,24 +679,29 @@ pub async fn tickets(
 }
 
 /// Switches the sale's purchase tickets through its live spec, as the
-/// operator would, and waits until the gateway follows.
+/// operator would, and waits until the gateway runs that spec version (its
+/// `flashsale_spec_version` gauge).
 async fn set_tickets(
     conn: &mut redis::aio::ConnectionManager,
-    gw: &Gateway,
+    gateway: &GatewayProcess,
     doc: &SaleDocument,
     enabled: bool,
 ) -> Result<(), BenchError> {
     let mut spec = doc.spec.clone();
     spec.purchase_ticket.enabled = enabled;
-    crate::live::publish(conn, &doc.id(), &spec)
+    let (_, version) = crate::live::publish(conn, &doc.id(), &spec)
         .await
         .map_err(|e| BenchError::Setup(e.to_string()))?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while gw.spec.load().purchase_ticket.enabled != enabled {
+    while gateway
+        .metric("flashsale_spec_version")
+        .await
+        .is_none_or(|v| v < version as f64)
+    {
         if Instant::now() > deadline {
-            return Err(BenchError::Setup(
-                "the gateway did not follow the live spec".into(),
-            ));
+            return Err(BenchError::Setup(format!(
+                "the gateway did not take live spec version {version} within 10 s"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -822,8 +828,9 @@ pub async fn read_path(
     rounds: usize,
 ) -> Result<ReadPathReport, BenchError> {
     let doc = doc("page", &READ_PATH_PRODUCTS)?;
-    let rig = rig(&doc).await?;
-    let addr = rig.addr;
+    let (redis, mut conn) = warmed_redis(&doc).await?;
+    let gateway = GatewayProcess::start(&doc, &redis.url(), SECRET, "bench-read-path").await?;
+    let addr = gateway.addr;
     let page = |n: u64, c: usize| crowd_config(addr, "page", "", Target::SalePage, n, c, None);
     let ping = || {
         crowd_config(
@@ -847,9 +854,6 @@ pub async fn read_path(
     let (sale_page, trivial, ratios) =
         paired(rounds.max(1), || page(requests, connections), ping).await?;
 
-    let mut conn = redis::Client::open(rig.redis.url())?
-        .get_connection_manager()
-        .await?;
     let idle_window = Duration::from_secs(3);
     let before = redis_commands(&mut conn).await?;
     let started = Instant::now();
@@ -867,7 +871,8 @@ pub async fn read_path(
             redis,
         });
     }
-    rig.shutdown.cancel();
+    drop(gateway);
+    drop(redis);
     Ok(ReadPathReport {
         connections,
         products: READ_PATH_PRODUCTS.len(),

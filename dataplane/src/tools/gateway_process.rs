@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
@@ -51,6 +51,8 @@ pub struct GatewayProcess {
     child: std::process::Child,
     /// The public listener (purchases, `/v1/ping`).
     pub addr: SocketAddr,
+    /// The admin listener (`/readyz`, `/metrics`).
+    admin: SocketAddr,
     /// Holds the sale file the gateway was started with, and its log.
     dir: tempfile::TempDir,
 }
@@ -91,7 +93,12 @@ impl GatewayProcess {
             .stderr(log)
             .spawn()
             .map_err(io("start the gateway"))?;
-        let mut gateway = Self { child, addr, dir };
+        let mut gateway = Self {
+            child,
+            addr,
+            admin,
+            dir,
+        };
         let started = Instant::now();
         while !ready(admin).await {
             if let Some(status) = gateway.child.try_wait().map_err(io("check the gateway"))? {
@@ -106,6 +113,22 @@ impl GatewayProcess {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(gateway)
+    }
+
+    /// An unlabelled sample of the gateway's `/metrics` (a gauge such as
+    /// `flashsale_spec_version`), if it is exported yet.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let (status, body) = admin_get(self.admin, "/metrics").await?;
+        if status != hyper::StatusCode::OK {
+            return None;
+        }
+        std::str::from_utf8(&body)
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))?
+            .trim()
+            .parse()
+            .ok()
     }
 
     fn pid(&self) -> u32 {
@@ -167,22 +190,31 @@ impl Drop for GatewayProcess {
 
 /// Whether `GET /readyz` on the admin listener answers 200.
 async fn ready(admin: SocketAddr) -> bool {
+    admin_get(admin, "/readyz")
+        .await
+        .is_some_and(|(status, _)| status == hyper::StatusCode::OK)
+}
+
+/// `GET path` on the admin listener: the status and the whole body, or
+/// nothing if it did not answer within a second.
+async fn admin_get(admin: SocketAddr, path: &str) -> Option<(hyper::StatusCode, Bytes)> {
     let probe = async {
         let stream = tokio::net::TcpStream::connect(admin).await.ok()?;
         let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await.ok()?;
         tokio::spawn(conn);
-        let request = hyper::Request::get("/readyz")
+        let request = hyper::Request::get(path)
             .header("host", "gateway")
             .body(Empty::<Bytes>::new())
             .ok()?;
         let response = sender.send_request(request).await.ok()?;
-        Some(response.status() == hyper::StatusCode::OK)
+        let status = response.status();
+        let body = response.into_body().collect().await.ok()?.to_bytes();
+        Some((status, body))
     };
     tokio::time::timeout(Duration::from_secs(1), probe)
         .await
         .ok()
         .flatten()
-        .unwrap_or(false)
 }
 
 #[cfg(test)]
