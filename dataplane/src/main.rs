@@ -192,8 +192,10 @@ struct GatewayArgs {
     admin_listen: SocketAddr,
     #[arg(long, default_value_t = 250)]
     redis_timeout_ms: u64,
-    /// Take the client IP from this header (e.g. x-forwarded-for) behind a proxy.
-    #[arg(long)]
+    /// Behind a proxy (an ingress, a load balancer), take the client's IP for
+    /// the per-IP rate limit from this header's last address, the one the
+    /// proxy added (e.g. x-forwarded-for); without it, the peer's address.
+    #[arg(long, env = "CLIENT_IP_HEADER")]
     client_ip_header: Option<String>,
     /// The payment provider's Ed25519 public key (base64 or hex); with
     /// DATABASE_URL it enables POST /v1/payments/callback.

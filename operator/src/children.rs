@@ -138,6 +138,13 @@ pub fn build(
         gateway_env.push(secret_env("PAYMENT_PUBLIC_KEY", key));
         gateway_env.push(secret_env("DATABASE_URL", &spec.database.url_secret_ref));
     }
+    // Named only when set, so existing pods' templates stay as they are.
+    if let Some(currency) = &spec.payment_currency {
+        gateway_env.push(value_env("PAYMENT_CURRENCY", currency));
+    }
+    if let Some(header) = &spec.gateway.client_ip_header {
+        gateway_env.push(value_env("CLIENT_IP_HEADER", header));
+    }
     let mut consumer_env = vec![
         secret_env("REDIS_URL", &spec.redis.url_secret_ref),
         secret_env("DATABASE_URL", &spec.database.url_secret_ref),
@@ -530,6 +537,39 @@ mod tests {
         assert_eq!(
             env_names(&sale)?,
             [&with_payments[..], &["REDIS_MODE", "REDIS_DURABILITY"]].concat()
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_currency_and_a_client_ip_header_reach_the_gateways() -> anyhow::Result<()> {
+        let env = |sale: &FlashSale| -> anyhow::Result<Vec<(String, Option<String>)>> {
+            let gateway = build(sale, &sale.spec.sale, "img:1")?.gateway;
+            Ok(gateway
+                .spec
+                .and_then(|s| s.template.spec)
+                .map(|p| p.containers)
+                .unwrap_or_default()
+                .iter()
+                .flat_map(|c| c.env.iter().flatten())
+                .map(|e| (e.name.clone(), e.value.clone()))
+                .collect())
+        };
+        let mut sale = fixtures::sale();
+        let before = env(&sale)?;
+        sale.spec.payment_currency = Some("EUR".into());
+        sale.spec.gateway.client_ip_header = Some("x-forwarded-for".into());
+        let after = env(&sale)?;
+        assert_eq!(after[..before.len()], before[..]);
+        assert_eq!(
+            after[before.len()..],
+            [
+                ("PAYMENT_CURRENCY".to_string(), Some("EUR".to_string())),
+                (
+                    "CLIENT_IP_HEADER".to_string(),
+                    Some("x-forwarded-for".to_string())
+                ),
+            ]
         );
         Ok(())
     }

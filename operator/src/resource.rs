@@ -56,6 +56,11 @@ pub struct FlashSaleSpec {
     /// `POST /v1/payments/callback` with 503; unpaid orders still time out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment_key_secret_ref: Option<SecretKeyRef>,
+    /// The ISO 4217 code payment callbacks must pay in (prices carry none);
+    /// another currency is answered 422 `currency_mismatch`. Default USD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Z]{3}$"))]
+    pub payment_currency: Option<String>,
     #[serde(default)]
     pub gateway: GatewaySpec,
     #[serde(default)]
@@ -158,6 +163,13 @@ pub struct GatewaySpec {
     /// Container resources; the operator sets modest requests when empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Behind a proxy (an ingress, a load balancer), the header it writes the
+    /// client's address into, e.g. `x-forwarded-for`: the per-IP rate limit
+    /// takes the header's last address, the one the proxy added. Without
+    /// it the limit counts the proxy's address, one bucket for everyone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9-]+$"))]
+    pub client_ip_header: Option<String>,
 }
 
 impl Default for GatewaySpec {
@@ -168,6 +180,7 @@ impl Default for GatewaySpec {
             target_connections_per_pod: default_target_connections(),
             target_requests_per_second_per_pod: default_target_rps(),
             resources: None,
+            client_ip_header: None,
         }
     }
 }

@@ -789,6 +789,11 @@ pub(super) fn header_str<'h>(
 
 /// The client's address: the peer, or the first address of a configured
 /// proxy header (behind an ingress every peer is the ingress).
+/// The client's address for the per-IP limit: with `--client-ip-header`,
+/// the header's last address, the one the proxy in front of the gateway
+/// added (a proxy appends what it saw to `X-Forwarded-For`; anything before
+/// it came from the client and may be made up, so taking the first would
+/// let anyone pick their own bucket); else the peer's.
 fn client_ip(
     headers: &HeaderMap,
     from_header: Option<&header::HeaderName>,
@@ -797,7 +802,7 @@ fn client_ip(
     from_header
         .and_then(|h| headers.get(h))
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.rsplit(',').next())
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(peer)
 }
@@ -808,6 +813,29 @@ mod tests {
 
     fn quantity(body: &str) -> Result<i64, serde_json::Error> {
         serde_json::from_str::<PurchaseBody>(body).map(|b| b.quantity)
+    }
+
+    #[test]
+    fn the_client_ip_is_the_last_address_the_proxy_added() {
+        let xff = header::HeaderName::from_static("x-forwarded-for");
+        let peer: IpAddr = [10, 0, 0, 9].into();
+        let ip = |value: &str| {
+            let mut headers = HeaderMap::new();
+            if let Ok(v) = header::HeaderValue::from_str(value) {
+                headers.insert(&xff, v);
+            }
+            client_ip(&headers, Some(&xff), peer).to_string()
+        };
+        assert_eq!(ip("203.0.113.7"), "203.0.113.7");
+        assert_eq!(ip("1.1.1.1, 203.0.113.7"), "203.0.113.7");
+        assert_eq!(ip("1.1.1.1,2001:db8::1"), "2001:db8::1");
+        // Unreadable or absent: the peer.
+        assert_eq!(ip("203.0.113.7, not-an-ip"), "10.0.0.9");
+        assert_eq!(ip(""), "10.0.0.9");
+        assert_eq!(
+            client_ip(&HeaderMap::new(), None, peer).to_string(),
+            "10.0.0.9"
+        );
     }
 
     #[test]

@@ -1,0 +1,60 @@
+//! The per-IP rate limit behind a proxy: with a client IP header the
+//! gateway counts the address the proxy added (the header's last), not the
+//! proxy's own nor one the client wrote in front of it.
+
+mod common;
+
+use common::*;
+use dataplane::spec::RateLimit;
+use serde_json::{Value, json};
+
+async fn buy(gw: &RunningGateway, user: &str, forwarded_for: Option<&str>) -> (u16, Value) {
+    let mut request = http()
+        .post(gw.url("/v1/sales/ip/purchase"))
+        .bearer_auth(token(user))
+        .json(&json!({"sku": "item", "quantity": 1}));
+    if let Some(addresses) = forwarded_for {
+        request = request.header("x-forwarded-for", addresses);
+    }
+    match request.send().await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            (status, resp.json().await.unwrap_or(Value::Null))
+        }
+        Err(e) => panic!("the gateway did not answer: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_proxy_each_client_address_has_its_own_bucket() -> TestResult {
+    let servers = Servers::start()?;
+    let mut doc = sale("ip", &[("item", 100, 1)]);
+    // One request per client address per minute, near enough.
+    doc.spec.rate_limits.per_ip = Some(RateLimit {
+        requests_per_second: 1,
+        burst: 1,
+    });
+    warm(&servers, &doc).await?;
+    let mut settings = gateway_settings(&servers, "gw-ip");
+    settings.client_ip_header = Some("x-forwarded-for".parse()?);
+    let gw = RunningGateway::start_with(&doc, &settings).await?;
+
+    // Every request comes from 127.0.0.1, the "proxy".
+    let (status, body) = buy(&gw, "u1", Some("203.0.113.7")).await;
+    assert_eq!(status, 202, "{body}");
+    // The same client with a made-up address in front of the proxy's entry.
+    let (status, body) = buy(&gw, "u2", Some("198.51.100.1, 203.0.113.7")).await;
+    assert_eq!(
+        (status, body["error"].as_str(), body["scope"].as_str()),
+        (429, Some("rate_limited"), Some("ip")),
+        "{body}"
+    );
+    // Another client behind the same proxy has its own bucket.
+    let (status, body) = buy(&gw, "u3", Some("203.0.113.7, 192.0.2.44")).await;
+    assert_eq!(status, 202, "{body}");
+    // No header: the peer's address, a bucket of its own.
+    let (status, body) = buy(&gw, "u4", None).await;
+    assert_eq!(status, 202, "{body}");
+    gw.stop().await;
+    Ok(())
+}
