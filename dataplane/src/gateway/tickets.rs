@@ -71,6 +71,8 @@ pub struct TicketIssued {
         (status = 404, description = "unknown_sale, or ticket_not_enabled: the sale does not use tickets", body = ErrorBody),
         (status = 410, description = "ended: the sale has ended", body = ErrorBody),
         (status = 425, description = "tickets_not_open: tickets are issued from 60 s before the start (opensAt, opensAtMs; Retry-After)", body = ErrorBody),
+        (status = 503, description = "ticket_signing: the ticket could not be signed (a fault of this gateway, logged); retry after Retry-After seconds", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
 pub async fn issue(
