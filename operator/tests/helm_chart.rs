@@ -173,14 +173,14 @@ fn values_are_honoured() -> anyhow::Result<()> {
     );
 
     let r = render(json!({
-        "replicaCount": 3,
+        "replicaCount": 1,
         "image": {"repository": "registry.example/ops/flashsale-operator", "tag": "1.2.3"},
         "dataplaneImage": "registry.example/ops/dataplane:1.2.3",
         "leaderElection": {"enabled": false},
         "metrics": {"port": 9100, "serviceMonitor": {"enabled": true, "interval": "15s"}}
     }))?;
     let d = r.get("Deployment", "flashsale");
-    assert_eq!(d["spec"]["replicas"], json!(3));
+    assert_eq!(d["spec"]["replicas"], json!(1));
     let c = &d["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(
         c["image"],
@@ -209,6 +209,11 @@ fn values_are_honoured() -> anyhow::Result<()> {
 fn the_schema_rejects_bad_values() -> anyhow::Result<()> {
     for (values, expected) in [
         (json!({"replicaCount": "two"}), "/replicaCount"),
+        // Without leader election every replica would reconcile every sale.
+        (
+            json!({"replicaCount": 2, "leaderElection": {"enabled": false}}),
+            "/replicaCount",
+        ),
         (json!({"logFormat": "xml"}), "/logFormat"),
         (json!({"replicas": 2}), "replicas"),
         (
