@@ -102,26 +102,29 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether retrying the same work later can succeed (the database is down
-    /// or restarting), as opposed to the data being refused.
+    /// Whether retrying the same work later can succeed, as opposed to the
+    /// data being refused. Only a refusal of the data itself (see
+    /// [`refuses_the_data`]) is not: anything else (the database down or
+    /// restarting, a primary demoted to read-only in a switchover, a revoked
+    /// privilege) is the database's state, and an order that got a 202 must
+    /// wait for it rather than be failed.
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Config(_) => false,
             Self::Pool(_) => true,
-            Self::Db(e) | Self::Migration { source: e, .. } => match e.code() {
-                None => true,
-                Some(code) => {
-                    let c = code.code();
-                    c.starts_with("08")
-                        || c.starts_with("53")
-                        || c.starts_with("57")
-                        || c.starts_with("58")
-                        || *code == SqlState::T_R_SERIALIZATION_FAILURE
-                        || *code == SqlState::T_R_DEADLOCK_DETECTED
-                }
-            },
+            Self::Db(e) | Self::Migration { source: e, .. } => {
+                e.code().is_none_or(|code| !refuses_the_data(code))
+            }
         }
     }
+}
+
+/// A refusal of the rows themselves: a data exception (class 22, a value
+/// out of range or too long) or an integrity constraint (class 23: a CHECK,
+/// a unique key, a foreign key). Retrying the same rows gets the same answer.
+pub fn refuses_the_data(code: &SqlState) -> bool {
+    let class = &code.code()[..2.min(code.code().len())];
+    class == "22" || class == "23"
 }
 
 impl StoreError {
@@ -405,5 +408,24 @@ impl OrderStore {
             )
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refusal_of_the_rows_counts_against_an_order() {
+        for refusal in ["23514", "23505", "22001", "22003"] {
+            assert!(refuses_the_data(&SqlState::from_code(refusal)), "{refusal}");
+        }
+        // The database's state: read-only after a switchover, a revoked
+        // privilege, a lost connection, shutdown, serialization, deadlock.
+        for state in [
+            "25006", "42501", "08006", "57P01", "53300", "40001", "40P01", "XX000",
+        ] {
+            assert!(!refuses_the_data(&SqlState::from_code(state)), "{state}");
+        }
     }
 }

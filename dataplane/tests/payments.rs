@@ -322,6 +322,53 @@ async fn a_payment_is_not_refunded_while_redis_cannot_say_the_order_exists() -> 
     Ok(())
 }
 
+/// During a rollout that adds a product, a gateway of the old spec gets the
+/// callback for a new product's order not yet persisted: it finds the order
+/// in Redis all the same (the key comes from the sale and the id's SKU) and
+/// answers "retry", not a refund.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_of_the_old_spec_does_not_refund_a_new_products_order() -> Result<(), Error> {
+    let servers = Servers::start()?;
+    let new_spec = sale("rollout", &[("item", 10, 1), ("gadget", 10, 1)]);
+    warm(&servers, &new_spec).await?;
+    let (settings, private) = settings_with_payments(&servers)?;
+    let key = payment::parse_private_key(&private)?;
+    let new_pod = RunningGateway::start_with(&new_spec, &settings).await?;
+    let mut old_spec = new_spec.clone();
+    old_spec.spec.products.retain(|p| p.sku == "item");
+    let old_pod = RunningGateway::start_with(&old_spec, &settings).await?;
+
+    let resp = http()
+        .post(new_pod.url("/v1/sales/rollout/purchase"))
+        .bearer_auth(token("u1"))
+        .json(&json!({"sku": "gadget", "quantity": 1}))
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 202);
+    let order = resp.json::<Value>().await?["orderId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let callback = body("p-rollout", &order, "19.99", "succeeded");
+    let resp = http()
+        .post(old_pod.url("/v1/payments/callback"))
+        .header("content-type", "application/json")
+        .header("x-signature", payment::sign(&key, callback.as_bytes()))
+        .body(callback)
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    let answer: Value = resp.json().await?;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (409, Some("not_persisted")),
+        "{answer}"
+    );
+    old_pod.stop().await;
+    new_pod.stop().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_callback_is_refund_due_and_paid_orders_are_never_cancelled() -> Result<(), Error> {
     let rig = rig("late", 2).await?;

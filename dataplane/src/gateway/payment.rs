@@ -24,6 +24,7 @@ use tracing::Instrument;
 use super::Gateway;
 use super::error::{ApiError, ErrorBody};
 use crate::events::OrderEvent;
+use crate::keys::ProductKeys;
 use crate::order::{OrderRecord, OrderStatus, sku_of};
 use crate::scripts;
 use crate::store::{OrderStore, StoreError};
@@ -559,25 +560,40 @@ async fn recorded(
 }
 
 /// The order's status in Redis: `None` if this sale has no such order (an
-/// id of another sale or product, or no record); a 503 to answer if Redis
-/// did not answer within the gateway's Redis timeout.
+/// id that names no SKU, or no record under its SKU); a 503 to answer if
+/// Redis did not answer within the gateway's Redis timeout, or holds a
+/// record this gateway cannot read. The key comes from the sale and the
+/// id's SKU, not from this pod's products: during a rollout that adds a
+/// product, a pod of the old spec still finds the new product's orders.
 async fn redis_status(gw: &Gateway, order_id: &str) -> Result<Option<OrderStatus>, ApiError> {
-    let Some(product) = sku_of(order_id).and_then(|sku| gw.products.get(sku)) else {
+    let Some(sku) = sku_of(order_id) else {
         return Ok(None);
+    };
+    let key = match gw.products.get(sku) {
+        Some(product) => product.orders_key().to_string(),
+        None => ProductKeys::new(&gw.sale, sku).orders(),
     };
     let mut redis = gw.redis.clone();
     let read = tokio::time::timeout(
         gw.redis_timeout,
         redis::cmd("HGET")
-            .arg(product.orders_key())
+            .arg(key)
             .arg(order_id)
             .query_async::<Option<String>>(&mut redis),
     )
     .await;
     match read {
-        Ok(Ok(raw)) => {
-            Ok(raw.and_then(|raw| OrderRecord::decode(order_id, &raw).map(|r| r.status)))
-        }
+        Ok(Ok(None)) => Ok(None),
+        Ok(Ok(Some(raw))) => match OrderRecord::decode(order_id, &raw) {
+            Some(record) => Ok(Some(record.status)),
+            None => {
+                tracing::warn!(
+                    order_id,
+                    "payment callback: the order's Redis record is not one this gateway reads"
+                );
+                Err(order_store_unavailable())
+            }
+        },
         Ok(Err(e)) => {
             tracing::warn!(error = %e, order_id, "payment callback: the order's Redis record is unreadable");
             Err(order_store_unavailable())
