@@ -329,8 +329,11 @@ impl OrderStore {
     }
 
     /// Inserts a batch in one statement (so one transaction): rows already
-    /// present (a redelivery) are skipped, and only newly inserted rows add to
-    /// the inventory's `sold`, whose CHECK refuses an oversell.
+    /// present (a redelivery: the same order id) are skipped, and only newly
+    /// inserted rows add to the inventory's `sold`, whose CHECK refuses an
+    /// oversell. Another order with a persisted one's buyer, product and
+    /// sequence (Redis lost the buyer's entry) is refused, not skipped: a
+    /// skipped row would be confirmed in Redis without being persisted.
     pub async fn persist_batch(
         &self,
         sale: &SaleId,
@@ -352,7 +355,7 @@ impl OrderStore {
                     SELECT order_id, $1, sku, user_id, seq, quantity, unit_price::numeric,
                            to_timestamp(accepted_ms / 1000.0), stream_id
                     FROM input
-                    ON CONFLICT DO NOTHING
+                    ON CONFLICT (order_id) DO NOTHING
                     RETURNING sku, quantity
                  ), per_sku AS (
                     SELECT sku, sum(quantity)::bigint AS units, count(*)::bigint AS n

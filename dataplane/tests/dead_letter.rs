@@ -126,6 +126,57 @@ async fn refused_entry_is_dead_lettered_and_its_stock_returned_once() -> TestRes
     Ok(())
 }
 
+/// Redis lost a buyer's entry after their first order was persisted (a
+/// failover under `local` durability, say), so their next order got the same
+/// sequence number. PostgreSQL refuses the clash (one row per buyer, product
+/// and sequence): the new order must end failed, its unit returned, never
+/// confirmed in Redis without a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_whose_sequence_clashes_with_a_persisted_one_fails_explicitly() -> TestResult {
+    let servers = Servers::start()?;
+    let doc = sale("clash", &[("item", 10, 2)]);
+    warm(&servers, &doc).await?;
+    let mut conn = servers.redis_conn().await?;
+    let keys = ProductKeys::new(&doc.id(), "item");
+    let store = servers.store().await?;
+    let earlier = new_order_id("item");
+    persist_alices(&store, &doc, &earlier, "0-1").await?;
+    // Redis has no entry for alice: this order is her "first", sequence 1.
+    let (id, _) = buy_one(&mut conn, &keys, 9).await?;
+
+    let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
+    let failed = order_reaches(
+        &conn,
+        &keys.orders(),
+        &id,
+        OrderStatus::Failed,
+        Duration::from_secs(20),
+    )
+    .await;
+    consumers.stop().await;
+    let raw: Option<String> = redis::cmd("HGET")
+        .arg(keys.orders())
+        .arg(&id)
+        .query_async(&mut conn)
+        .await?;
+    assert!(failed, "the clashing order ends failed, not {raw:?}");
+    let stock: i64 = redis::cmd("GET")
+        .arg(keys.stock())
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(stock, 10, "its unit came back");
+    // PostgreSQL holds the earlier order only.
+    let client = store.pool().get().await?;
+    let ids: Vec<String> = client
+        .query("SELECT order_id FROM flashsale_orders", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [earlier]);
+    Ok(())
+}
+
 /// An entry delivered more often than the limit whose order PostgreSQL
 /// already holds (its commits kept losing their acknowledgement) is finished,
 /// not dead-lettered: failing it would return stock PostgreSQL counts as sold.
@@ -140,24 +191,7 @@ async fn an_over_delivered_entry_already_persisted_is_confirmed_not_failed() -> 
 
     // The row committed, as by a consumer that then died before XACK ...
     let store = servers.store().await?;
-    store.ensure_inventory(&doc.id(), &doc.spec).await?;
-    let inserted = store
-        .persist_batch(
-            &doc.id(),
-            &[dataplane::store::OrderRow {
-                order_id: id.clone(),
-                sku: "item".into(),
-                user_id: "alice".into(),
-                seq: 1,
-                quantity: 1,
-                unit_price: "19.99".into(),
-                // Now, so the payment timeout leaves it alone.
-                accepted_at_ms: jiff::Timestamp::now().as_millisecond(),
-                stream_id: entry.clone(),
-            }],
-        )
-        .await?;
-    assert_eq!(inserted.inserted, 1);
+    assert_eq!(persist_alices(&store, &doc, &id, &entry).await?, 1);
     // ... and delivered to the same consumer twelve times over.
     redis::cmd("XGROUP")
         .arg("CREATE")
@@ -219,6 +253,29 @@ async fn an_over_delivered_entry_already_persisted_is_confirmed_not_failed() -> 
         .await?;
     assert_eq!(pending.0, 0, "acknowledged");
     Ok(())
+}
+
+/// Alice's one-unit order `order_id`, sequence 1, committed in PostgreSQL
+/// as a consumer would have; how many rows were inserted.
+async fn persist_alices(
+    store: &dataplane::store::OrderStore,
+    doc: &dataplane::spec::SaleDocument,
+    order_id: &str,
+    stream_id: &str,
+) -> Result<u64, dataplane::store::StoreError> {
+    store.ensure_inventory(&doc.id(), &doc.spec).await?;
+    let row = dataplane::store::OrderRow {
+        order_id: order_id.to_string(),
+        sku: "item".into(),
+        user_id: "alice".into(),
+        seq: 1,
+        quantity: 1,
+        unit_price: "19.99".into(),
+        // Now, so the payment timeout leaves it alone.
+        accepted_at_ms: jiff::Timestamp::now().as_millisecond(),
+        stream_id: stream_id.to_string(),
+    };
+    Ok(store.persist_batch(&doc.id(), &[row]).await?.inserted)
 }
 
 /// One unit bought by alice through the purchase script, leaving `remaining`;
