@@ -319,14 +319,17 @@ impl Sweeper {
     /// this call moved. Returns how many moved.
     async fn apply(&self, rows: &[Release]) -> Result<u64, SweepError> {
         let mut redis = self.redis.clone();
-        let per_product: Vec<(Vec<&Release>, redis::Pipeline)> = self
-            .products
-            .iter()
-            .filter_map(|(sku, keys)| {
-                let mine: Vec<&Release> = rows.iter().filter(|r| r.sku == *sku).collect();
-                if mine.is_empty() {
-                    return None;
-                }
+        // By the rows' SKUs, not this pod's products: a row may name a
+        // product of a newer or older spec (a rollout), and marking it applied
+        // without releasing would keep its unit out of stock for good.
+        let mut skus: Vec<&str> = rows.iter().map(|r| r.sku.as_str()).collect();
+        skus.sort_unstable();
+        skus.dedup();
+        let per_product: Vec<(Vec<&Release>, redis::Pipeline)> = skus
+            .into_iter()
+            .map(|sku| {
+                let keys = self.keys_of(sku);
+                let mine: Vec<&Release> = rows.iter().filter(|r| r.sku == sku).collect();
                 let mut pipe = redis::pipe();
                 pipe.load_script(&scripts::RELEASE).ignore();
                 for r in &mine {
@@ -340,7 +343,7 @@ impl Sweeper {
                         .arg(REASON);
                     pipe.invoke_script(&inv);
                 }
-                Some((mine, pipe))
+                (mine, pipe)
             })
             .collect();
         if per_product.is_empty() {
@@ -404,11 +407,17 @@ impl Sweeper {
     }
 
     fn wait_mark(&self, sku: &str) -> String {
+        self.keys_of(sku).wait_mark()
+    }
+
+    /// A product's keys, this pod's or, for a SKU its spec does not name,
+    /// derived from the sale and the SKU (the same keys).
+    fn keys_of(&self, sku: &str) -> ProductKeys {
         self.products
             .iter()
             .find(|(s, _)| s == sku)
-            .map(|(_, keys)| keys.wait_mark())
-            .unwrap_or_default()
+            .map(|(_, keys)| keys.clone())
+            .unwrap_or_else(|| ProductKeys::new(&self.sale, sku))
     }
 
     async fn mark_applied(&self, ids: &[i64]) -> Result<(), SweepError> {

@@ -326,3 +326,74 @@ async fn unpaid_orders_of_products_on_different_masters_time_out_on_a_redis_clus
     gw.stop().await;
     Ok(())
 }
+
+/// A release left in the outbox for a product this sweeper's spec does not
+/// know (a pod of the new spec cancelled an order of a product added in the
+/// rollout, then died before applying it; an old pod picks the row up) is
+/// applied all the same: the keys come from the sale and the SKU. Before, it
+/// was marked applied without touching Redis, and the unit never came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_release_of_a_product_the_sweeper_does_not_know_is_applied()
+-> Result<(), Error> {
+    use dataplane::order::new_order_id;
+    use dataplane::payment_timeout::{Sweeper, SweeperSettings};
+    use dataplane::scripts;
+
+    let servers = Servers::start()?;
+    let new_spec = sale("rollout", &[("item", 10, 1), ("gadget", 10, 1)]);
+    warm(&servers, &new_spec).await?;
+    let mut conn = servers.redis_conn().await?;
+    let gadget = ProductKeys::new(&new_spec.id(), "gadget");
+    let order = new_order_id("gadget");
+    let answer: scripts::PurchaseAnswer =
+        scripts::Purchase::new_buyer(&gadget.purchase_keys(), "alice", &order)
+            .invocation()
+            .invoke_async(&mut conn)
+            .await?;
+    assert_eq!(answer, scripts::PurchaseAnswer::Accepted { remaining: 9 });
+
+    let store = servers.store().await?;
+    let client = store.pool().get().await?;
+    client
+        .execute(
+            "INSERT INTO flashsale_outbox (sale, sku, order_id, user_id, action, created_at)
+             VALUES ($1, 'gadget', $2, 'alice', 'release', now() - interval '1 minute')",
+            &[&new_spec.id().key(), &order],
+        )
+        .await?;
+
+    let mut old_spec = new_spec.clone();
+    old_spec.spec.products.retain(|p| p.sku == "item");
+    let sweeper = Sweeper::new(
+        &old_spec,
+        store.clone(),
+        redis_conn_of(&servers).await?,
+        SweeperSettings::default(),
+    );
+    sweeper.sweep().await?;
+
+    let raw: Option<String> = redis::cmd("HGET")
+        .arg(gadget.orders())
+        .arg(&order)
+        .query_async(&mut conn)
+        .await?;
+    let status = raw
+        .as_deref()
+        .and_then(|r| OrderRecord::decode(&order, r))
+        .map(|r| r.status);
+    assert_eq!(status, Some(OrderStatus::Cancelled), "{raw:?}");
+    let stock: i64 = redis::cmd("GET")
+        .arg(gadget.stock())
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(stock, 10, "the unit came back");
+    assert_eq!(
+        count(
+            &store,
+            "SELECT count(*) FROM flashsale_outbox WHERE applied_at IS NULL"
+        )
+        .await,
+        0
+    );
+    Ok(())
+}
