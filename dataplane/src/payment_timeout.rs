@@ -11,6 +11,7 @@
 //! marked applied. A crash between commit and apply leaves the rows
 //! unapplied; the next sweep of any consumer applies them.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -98,7 +99,8 @@ struct Release {
 
 pub struct Sweeper {
     sale: SaleId,
-    products: Vec<(String, ProductKeys)>,
+    /// The SKUs this pod sweeps (its spec's); releases go by any row's SKU.
+    skus: Vec<String>,
     /// `payment.timeoutSeconds`, which follows the sale's live spec.
     timeout_seconds: Arc<AtomicU32>,
     store: OrderStore,
@@ -116,12 +118,7 @@ impl Sweeper {
     ) -> Self {
         let sale = doc.id();
         Self {
-            products: doc
-                .spec
-                .products
-                .iter()
-                .map(|p| (p.sku.clone(), ProductKeys::new(&sale, &p.sku)))
-                .collect(),
+            skus: doc.spec.products.iter().map(|p| p.sku.clone()).collect(),
             timeout_seconds: Arc::new(AtomicU32::new(doc.spec.payment.timeout_seconds)),
             publisher: Publisher::new(&sale),
             sale,
@@ -189,7 +186,7 @@ impl Sweeper {
     pub async fn sweep(&self) -> Result<SweepOutcome, SweepError> {
         let mut out = SweepOutcome::default();
         self.apply_abandoned(&mut out).await?;
-        for (sku, _) in &self.products {
+        for sku in &self.skus {
             loop {
                 let rows = self.cancel_due(sku).await?;
                 let n = rows.len();
@@ -319,17 +316,17 @@ impl Sweeper {
     /// this call moved. Returns how many moved.
     async fn apply(&self, rows: &[Release]) -> Result<u64, SweepError> {
         let mut redis = self.redis.clone();
-        // By the rows' SKUs, not this pod's products: a row may name a
-        // product of a newer or older spec (a rollout), and marking it applied
-        // without releasing would keep its unit out of stock for good.
-        let mut skus: Vec<&str> = rows.iter().map(|r| r.sku.as_str()).collect();
-        skus.sort_unstable();
-        skus.dedup();
-        let per_product: Vec<(Vec<&Release>, redis::Pipeline)> = skus
+        // By the rows' SKUs, not this pod's: a row may name a product of a
+        // newer or older spec (a rollout), and marking it applied without
+        // releasing would keep its unit out of stock for good.
+        let mut by_sku: BTreeMap<&str, Vec<&Release>> = BTreeMap::new();
+        for r in rows {
+            by_sku.entry(&r.sku).or_default().push(r);
+        }
+        let per_product: Vec<(Vec<&Release>, redis::Pipeline)> = by_sku
             .into_iter()
-            .map(|sku| {
-                let keys = self.keys_of(sku);
-                let mine: Vec<&Release> = rows.iter().filter(|r| r.sku == sku).collect();
+            .map(|(sku, mine)| {
+                let keys = ProductKeys::new(&self.sale, sku);
                 let mut pipe = redis::pipe();
                 pipe.load_script(&scripts::RELEASE).ignore();
                 for r in &mine {
@@ -407,17 +404,7 @@ impl Sweeper {
     }
 
     fn wait_mark(&self, sku: &str) -> String {
-        self.keys_of(sku).wait_mark()
-    }
-
-    /// A product's keys, this pod's or, for a SKU its spec does not name,
-    /// derived from the sale and the SKU (the same keys).
-    fn keys_of(&self, sku: &str) -> ProductKeys {
-        self.products
-            .iter()
-            .find(|(s, _)| s == sku)
-            .map(|(_, keys)| keys.clone())
-            .unwrap_or_else(|| ProductKeys::new(&self.sale, sku))
+        ProductKeys::new(&self.sale, sku).wait_mark()
     }
 
     async fn mark_applied(&self, ids: &[i64]) -> Result<(), SweepError> {

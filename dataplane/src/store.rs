@@ -122,9 +122,9 @@ impl StoreError {
 /// A refusal of the rows themselves: a data exception (class 22, a value
 /// out of range or too long) or an integrity constraint (class 23: a CHECK,
 /// a unique key, a foreign key). Retrying the same rows gets the same answer.
-pub fn refuses_the_data(code: &SqlState) -> bool {
-    let class = &code.code()[..2.min(code.code().len())];
-    class == "22" || class == "23"
+fn refuses_the_data(code: &SqlState) -> bool {
+    let c = code.code();
+    c.starts_with("22") || c.starts_with("23")
 }
 
 impl StoreError {

@@ -47,8 +47,13 @@ fn body(payment_id: &str, order_id: &str, amount: &str, status: &str) -> String 
 }
 
 async fn post(rig: &Rig, body: &str, signature: &str) -> Result<(u16, Value), Error> {
+    post_to(&rig.gw, body, signature).await
+}
+
+/// The callback `body`, signed with `signature`, at gateway `gw`.
+async fn post_to(gw: &RunningGateway, body: &str, signature: &str) -> Result<(u16, Value), Error> {
     let resp = http()
-        .post(rig.gw.url("/v1/payments/callback"))
+        .post(gw.url("/v1/payments/callback"))
         .header("content-type", "application/json")
         .header("x-signature", signature)
         .body(body.to_string())
@@ -350,15 +355,8 @@ async fn a_gateway_of_the_old_spec_does_not_refund_a_new_products_order() -> Res
         .unwrap_or_default()
         .to_string();
     let callback = body("p-rollout", &order, "19.99", "succeeded");
-    let resp = http()
-        .post(old_pod.url("/v1/payments/callback"))
-        .header("content-type", "application/json")
-        .header("x-signature", payment::sign(&key, callback.as_bytes()))
-        .body(callback)
-        .send()
-        .await?;
-    let status = resp.status().as_u16();
-    let answer: Value = resp.json().await?;
+    let signature = payment::sign(&key, callback.as_bytes());
+    let (status, answer) = post_to(&old_pod, &callback, &signature).await?;
     assert_eq!(
         (status, answer["error"].as_str()),
         (409, Some("not_persisted")),

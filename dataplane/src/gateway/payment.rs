@@ -569,10 +569,7 @@ async fn redis_status(gw: &Gateway, order_id: &str) -> Result<Option<OrderStatus
     let Some(sku) = sku_of(order_id) else {
         return Ok(None);
     };
-    let key = match gw.products.get(sku) {
-        Some(product) => product.orders_key().to_string(),
-        None => ProductKeys::new(&gw.sale, sku).orders(),
-    };
+    let key = ProductKeys::new(&gw.sale, sku).orders();
     let mut redis = gw.redis.clone();
     let read = tokio::time::timeout(
         gw.redis_timeout,
@@ -582,34 +579,20 @@ async fn redis_status(gw: &Gateway, order_id: &str) -> Result<Option<OrderStatus
             .query_async::<Option<String>>(&mut redis),
     )
     .await;
-    match read {
-        Ok(Ok(None)) => Ok(None),
+    let problem = match read {
+        Ok(Ok(None)) => return Ok(None),
         Ok(Ok(Some(raw))) => match OrderRecord::decode(order_id, &raw) {
-            Some(record) => Ok(Some(record.status)),
-            None => {
-                tracing::warn!(
-                    order_id,
-                    "payment callback: the order's Redis record is not one this gateway reads"
-                );
-                Err(order_store_unavailable())
-            }
+            Some(record) => return Ok(Some(record.status)),
+            None => "a record this gateway does not read".to_string(),
         },
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, order_id, "payment callback: the order's Redis record is unreadable");
-            Err(order_store_unavailable())
-        }
-        Err(_) => {
-            tracing::warn!(order_id, timeout = ?gw.redis_timeout, "payment callback: Redis did not answer for the order's record");
-            Err(order_store_unavailable())
-        }
-    }
-}
-
-fn order_store_unavailable() -> ApiError {
-    ApiError::unavailable(
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {:?}", gw.redis_timeout),
+    };
+    tracing::warn!(order_id, %problem, "payment callback: the order's Redis record could not be read; nothing recorded");
+    Err(ApiError::unavailable(
         "store_unavailable",
         "the order's record could not be read; nothing was recorded, retry",
-    )
+    ))
 }
 
 /// Moves the Redis record to paid (from accepted or confirmed only), and

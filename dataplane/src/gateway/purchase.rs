@@ -787,8 +787,6 @@ pub(super) fn header_str<'h>(
     })
 }
 
-/// The client's address: the peer, or the first address of a configured
-/// proxy header (behind an ingress every peer is the ingress).
 /// The client's address for the per-IP limit: with `--client-ip-header`,
 /// the header's last address, the one the proxy in front of the gateway
 /// added (a proxy appends what it saw to `X-Forwarded-For`; anything before
