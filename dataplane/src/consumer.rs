@@ -278,7 +278,23 @@ impl Consumer {
             retries: 6,
             max_delay: Duration::from_secs(2),
         };
-        let redis = target.connect_lazy(&base)?;
+        let mut redis = target.connect_lazy(&base)?;
+        // The spec's products and every product removed from it mid-sale:
+        // orders accepted for a removed one before the gateways stopped
+        // selling it still wait in its stream.
+        let mut backoff = Backoff::new();
+        let skus = loop {
+            match crate::warm::warmed_skus(&mut redis, &sale, &doc.spec).await {
+                Ok(skus) => break skus,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the sale's products not read from Redis; retrying");
+                    if !backoff.wait(shutdown).await {
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        backoff.reset();
         // Blocking reads get their own connection(s) so they never stall the
         // acks and status updates queued behind them.
         let reading = ConnSettings {
@@ -287,20 +303,18 @@ impl Consumer {
         };
         let readers = match target.mode {
             RedisMode::Standalone => 1,
-            RedisMode::Cluster => doc.spec.products.len().max(1),
+            RedisMode::Cluster => skus.len().max(1),
         };
         let reader_conns = (0..readers)
             .map(|_| target.connect_lazy(&reading))
             .collect::<Result<Vec<_>, _>>()?;
         let store = OrderStore::connect(&settings.database_url, settings.db_connections)?;
-        let streams: Vec<Stream> = doc
-            .spec
-            .products
-            .iter()
-            .map(|p| {
-                let keys = ProductKeys::new(&sale, &p.sku);
+        let streams: Vec<Stream> = skus
+            .into_iter()
+            .map(|sku| {
+                let keys = ProductKeys::new(&sale, &sku);
                 Stream {
-                    sku: p.sku.clone(),
+                    sku,
                     name: keys.stream(),
                     keys,
                 }
@@ -341,7 +355,6 @@ impl Consumer {
                 s,
             )
         });
-        let mut backoff = Backoff::new();
         loop {
             match consumer.prepare(doc).await {
                 Ok(()) => return Ok(Some(consumer)),

@@ -14,7 +14,7 @@ use std::fmt;
 use redis::Value;
 use redis::aio::ConnectionLike;
 
-use crate::keys::{CONSUMER_GROUP, ProductKeys, SaleKeys};
+use crate::keys::{CONSUMER_GROUP, ProductKeys};
 use crate::spec::{SaleId, SaleSpec};
 
 /// Where an undelivered count came from, from most to least exact.
@@ -97,24 +97,14 @@ pub async fn consumer_lag<C: ConnectionLike + Send>(
     sale: &SaleId,
     spec: &SaleSpec,
 ) -> Result<LagReading, redis::RedisError> {
-    let warmed: Option<String> = redis::cmd("HGET")
-        .arg(SaleKeys::new(sale).meta())
-        .arg("skus")
-        .query_async(conn)
-        .await?;
-    let mut skus: Vec<&str> = spec.products.iter().map(|p| p.sku.as_str()).collect();
-    for sku in warmed.iter().flat_map(|w| w.split(',')) {
-        if !sku.is_empty() && !skus.contains(&sku) {
-            skus.push(sku);
-        }
-    }
+    let skus = crate::warm::warmed_skus(conn, sale, spec).await?;
     let mut reading = LagReading {
         undelivered: 0,
         pending: 0,
         source: LagSource::GroupLag,
         streams: Vec::new(),
     };
-    for sku in skus {
+    for sku in &skus {
         let Some(stream) = stream_lag(conn, sale, sku).await? else {
             continue;
         };
@@ -230,6 +220,7 @@ mod tests {
     use redis::aio::ConnectionManager;
 
     use super::*;
+    use crate::keys::SaleKeys;
     use crate::spec::SaleDocument;
     use crate::tools::servers::RedisServer;
 

@@ -109,7 +109,9 @@ pub(crate) async fn write_products<C: ConnectionLike + Send>(
             sold,
         });
     }
-    let skus: Vec<&str> = spec.products.iter().map(|p| p.sku.as_str()).collect();
+    // Every SKU ever warmed stays listed: a product removed from the spec
+    // still has accepted orders in its stream for consumers to persist.
+    let skus = warmed_skus(conn, sale, spec).await?;
     redis::cmd("HSET")
         .arg(SaleKeys::new(sale).meta())
         .arg("skus")
@@ -121,26 +123,46 @@ pub(crate) async fn write_products<C: ConnectionLike + Send>(
     Ok(out)
 }
 
-/// Deletes every Redis key of the sale (orders in PostgreSQL are untouched).
-/// `skus` should include SKUs removed from the spec during the sale; the
-/// sale's meta record lists every SKU ever warmed, and is used too.
+/// The SKUs `skus` names, then every other SKU the sale's meta record says
+/// was ever warmed (products removed from the spec mid-sale): the products
+/// whose streams may hold orders and whose keys a clear must delete.
+pub async fn known_skus<C: ConnectionLike + Send>(
+    conn: &mut C,
+    sale: &SaleId,
+    skus: impl IntoIterator<Item = String>,
+) -> Result<Vec<String>, redis::RedisError> {
+    let warmed: Option<String> = redis::cmd("HGET")
+        .arg(SaleKeys::new(sale).meta())
+        .arg("skus")
+        .query_async(conn)
+        .await?;
+    let mut all: Vec<String> = skus.into_iter().collect();
+    for s in warmed.iter().flat_map(|w| w.split(',')) {
+        if !s.is_empty() && !all.iter().any(|k| k == s) {
+            all.push(s.to_string());
+        }
+    }
+    Ok(all)
+}
+
+/// [`known_skus`] for `spec`'s products: the spec's SKUs first.
+pub async fn warmed_skus<C: ConnectionLike + Send>(
+    conn: &mut C,
+    sale: &SaleId,
+    spec: &SaleSpec,
+) -> Result<Vec<String>, redis::RedisError> {
+    known_skus(conn, sale, spec.products.iter().map(|p| p.sku.clone())).await
+}
+
+/// Deletes every Redis key of the sale (orders in PostgreSQL are untouched):
+/// the products `skus` names and every product the sale was ever warmed with.
 pub async fn clear_sale<C: ConnectionLike + Send>(
     conn: &mut C,
     sale: &SaleId,
     skus: &[String],
 ) -> Result<usize, redis::RedisError> {
     let sale_keys = SaleKeys::new(sale);
-    let warmed: Option<String> = redis::cmd("HGET")
-        .arg(sale_keys.meta())
-        .arg("skus")
-        .query_async(conn)
-        .await?;
-    let mut all: Vec<String> = skus.to_vec();
-    for s in warmed.iter().flat_map(|w| w.split(',')) {
-        if !s.is_empty() && !all.iter().any(|k| k == s) {
-            all.push(s.to_string());
-        }
-    }
+    let all = known_skus(conn, sale, skus.iter().cloned()).await?;
     let mut deleted = 0usize;
     for sku in &all {
         // One DEL per product: its keys share a slot, as Redis Cluster requires.

@@ -350,3 +350,89 @@ async fn a_change_that_cannot_apply_changes_nothing() -> TestResult {
     consumers.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_product_removed_mid_sale_loses_no_accepted_order() -> TestResult {
+    let servers = Servers::start()?;
+    let store = servers.store().await?;
+    let doc = sale("shrink", &[("phone", 100, 5), ("case", 100, 5)]);
+    apply(&servers, &store, &doc, &doc.spec).await?;
+    // A gateway of the old spec sells the case; its consumer pod is already
+    // gone (rolled), so the orders wait in the case's stream.
+    let old = RunningGateway::start(&doc, &servers.redis.url(), "gw-old").await?;
+    let client = http();
+    for i in 0..10 {
+        assert_eq!(buy(&client, &old, &format!("c{i}"), "case").await?, 202);
+    }
+
+    // The case leaves the sale; the new consumer pods boot with the new spec.
+    let mut next = doc.spec.clone();
+    next.products.retain(|p| p.sku == "phone");
+    apply(&servers, &store, &doc, &next).await?;
+    let new_doc = SaleDocument {
+        metadata: doc.metadata.clone(),
+        spec: next.clone(),
+    };
+    let consumers = RunningConsumers::start(&new_doc, &servers, 1).await?;
+    let new = RunningGateway::start(&new_doc, &servers.redis.url(), "gw-new").await?;
+
+    // Every case order accepted before the removal is persisted.
+    let case_rows = || async {
+        let client = store.pool().get().await.ok()?;
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM flashsale_orders WHERE sale = $1 AND sku = 'case'",
+                &[&doc.id().to_string()],
+            )
+            .await
+            .ok()?;
+        Some(row.get::<_, i64>(0))
+    };
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            case_rows().await == Some(10)
+        })
+        .await,
+        "case orders persisted: {:?} of 10",
+        case_rows().await
+    );
+    let mut conn = servers.redis_conn().await?;
+    let lag = dataplane::lag::consumer_lag(&mut conn, &doc.id(), &next).await?;
+    assert_eq!(lag.backlog(), 0, "{lag:?}");
+    assert!(lag.streams.iter().any(|s| s.sku == "case"), "{lag:?}");
+
+    // The new gateway does not sell the case; the old one stops once it has
+    // read the live spec (within a second or so), and what it sold until
+    // then is persisted too. Both sell the phone.
+    assert_eq!(buy(&client, &new, "n1", "case").await?, 404);
+    let mut late = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match buy(&client, &old, &format!("late{late}"), "case").await? {
+            202 => late += 1,
+            404 => break,
+            other => panic!("the old gateway answered {other} for the removed product"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the old gateway still sells the removed product"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            case_rows().await == Some(10 + late)
+        })
+        .await,
+        "case orders persisted: {:?} of {}",
+        case_rows().await,
+        10 + late
+    );
+    assert_eq!(buy(&client, &old, "p1", "phone").await?, 202);
+    assert_eq!(buy(&client, &new, "p2", "phone").await?, 202);
+
+    old.stop().await;
+    new.stop().await;
+    consumers.stop().await;
+    Ok(())
+}

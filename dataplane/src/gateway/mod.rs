@@ -101,6 +101,9 @@ pub struct ProductRuntime {
     /// Under `redis.durability: replica`, the product's group committer.
     pub committer: Option<commit::Committer>,
     pub sold_out: AtomicBool,
+    /// Removed from the sale's live spec: no longer sold by this pod (it
+    /// booted with it; its orders can still be looked up and paid).
+    retired: AtomicBool,
     /// Whether this pod already logged the product's Redis key layout as
     /// another version's (logged once: every purchase of it is refused).
     pub layout_refused: AtomicBool,
@@ -118,6 +121,10 @@ impl ProductRuntime {
     /// Units one buyer may hold (the script enforces it again in Redis).
     pub fn limit(&self) -> u32 {
         self.limit.load(Ordering::Relaxed)
+    }
+    /// Whether the sale's live spec still sells this product.
+    pub fn on_sale(&self) -> bool {
+        !self.retired.load(Ordering::Relaxed)
     }
     pub fn stock_key(&self) -> &str {
         &self.keys[1]
@@ -323,6 +330,7 @@ impl Gateway {
                     committer,
                     sold_out: AtomicBool::new(false),
                     layout_refused: AtomicBool::new(false),
+                    retired: AtomicBool::new(false),
                     replays: ArcSwapOption::empty(),
                     sold_out_body: axum::body::to_bytes(
                         axum::response::IntoResponse::into_response(purchase::sold_out(&p.sku))
@@ -479,6 +487,12 @@ impl Gateway {
         for p in &next.products {
             if let Some(runtime) = self.products.get(&p.sku) {
                 runtime.limit.store(p.per_user_limit, Ordering::Relaxed);
+            }
+        }
+        for (sku, runtime) in &self.products {
+            let removed = !next.products.iter().any(|p| &p.sku == sku);
+            if runtime.retired.swap(removed, Ordering::Relaxed) != removed {
+                tracing::warn!(sku, removed, "product removed from or returned to the sale");
             }
         }
         let known: Vec<String> = self.products.keys().cloned().collect();

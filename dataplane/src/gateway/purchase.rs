@@ -281,7 +281,7 @@ async fn handle(
     };
     let sku: &str = &req.sku;
     tracing::Span::current().record("sku", sku);
-    let Some(product) = gw.products.get(sku) else {
+    let Some(product) = gw.products.get(sku).filter(|p| p.on_sale()) else {
         return fail(
             BAD_REQUEST,
             ApiError::not_found("unknown_sku", format!("sku {sku:?} is not on sale"))
