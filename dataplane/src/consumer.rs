@@ -165,6 +165,51 @@ impl Reader {
     /// failover then loses would let Redis sell the unit twice.
     async fn read_streams(
         &self,
+        conn: RedisConn,
+        streams: std::ops::Range<usize>,
+        history: bool,
+        block: bool,
+    ) -> Result<Vec<Entry>, ConsumerError> {
+        match self
+            .read_group(conn.clone(), streams.clone(), history, block)
+            .await
+        {
+            Err(ConsumerError::Redis(e)) if e.code() == Some("NOGROUP") => {
+                self.rejoin(conn, &self.names[streams]).await?;
+                Ok(Vec::new())
+            }
+            other => other,
+        }
+    }
+
+    /// A stream without the consumer group: Redis lost its data (a restart
+    /// without AOF) and the first purchase since, or a restore, wrote the
+    /// stream anew. The group is created again from the stream's start; a
+    /// stream that does not exist is left alone (a cleared sale stays clear).
+    async fn rejoin(&self, mut conn: RedisConn, names: &[String]) -> Result<(), ConsumerError> {
+        for name in names {
+            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(name)
+                .arg(CONSUMER_GROUP)
+                .arg("0")
+                .exec_async(&mut conn)
+                .await;
+            match created {
+                Ok(()) => {
+                    tracing::warn!(stream = %name, "the stream had lost its consumer group (Redis lost data?); created it again")
+                }
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                // No such stream yet: nothing to read.
+                Err(e) if e.code() == Some("ERR") => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_group(
+        &self,
         mut conn: RedisConn,
         streams: std::ops::Range<usize>,
         history: bool,

@@ -19,6 +19,7 @@ pub mod order;
 pub mod payment_timeout;
 pub mod ratelimit;
 pub mod redis_conn;
+pub mod restore;
 pub mod scripts;
 pub mod spec;
 pub mod stock;

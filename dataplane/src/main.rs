@@ -358,6 +358,12 @@ struct WarmArgs {
     /// raise goes there first, a cut after Redis.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
+    /// First rebuild, from PostgreSQL's orders, each product Redis lost the
+    /// keys of (a restart without AOF): its stock left, its buyers' holdings
+    /// and order records. A plain warm refuses such a product (StockMissing),
+    /// as warming it anew would sell its sold units twice.
+    #[arg(long)]
+    restore: bool,
 }
 
 #[derive(Args)]
@@ -515,6 +521,22 @@ async fn run(command: Command) -> Result<ExitCode> {
             let mut conn = a.sale.redis().await?;
             let store = dataplane::store::OrderStore::connect(&a.database_url, 2)?;
             store.migrate().await?;
+            if a.restore {
+                let restored =
+                    dataplane::restore::restore_lost(&mut conn, &store, &doc.id(), &doc.spec)
+                        .await?;
+                if restored.is_empty() {
+                    println!(
+                        "no product to restore: Redis holds every product PostgreSQL has orders of"
+                    );
+                }
+                for r in &restored {
+                    println!(
+                        "{}: restored from PostgreSQL, {} order(s) of {} buyer(s), sold {}, remaining {}",
+                        r.sku, r.orders, r.buyers, r.sold, r.remaining
+                    );
+                }
+            }
             let now = jiff::Timestamp::now();
             match dataplane::stock::apply(&mut conn, &store, &doc.id(), &doc.spec, now).await {
                 Ok(applied) => {

@@ -17,7 +17,7 @@ use redis::aio::ConnectionLike;
 use crate::counters::ProductCounters;
 use crate::live::{self, LiveError};
 use crate::spec::{SaleId, SaleSpec, SpecProblem};
-use crate::store::{OrderStore, StoreError};
+use crate::store::{InventoryRow, OrderStore, StoreError};
 use crate::warm::{self, ProductWarm, WarmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -56,23 +56,40 @@ pub struct Applied {
 }
 
 /// Why `next` cannot replace the running sale's spec (`applied`, with
-/// Redis' counters in `next`'s product order); empty when it can.
+/// Redis' counters in `next`'s product order and PostgreSQL's inventory
+/// rows); empty when it can.
 pub fn change_problems(
     applied: Option<&SaleSpec>,
     next: &SaleSpec,
     counters: &[Option<ProductCounters>],
+    database: &[InventoryRow],
     now: Timestamp,
 ) -> Vec<SpecProblem> {
     let mut problems = next.validate().err().unwrap_or_default();
     for (p, c) in next.products.iter().zip(counters) {
-        if let Some(c) = c
-            && p.stock < c.sold()
-        {
-            problems.push(below_sold(&WarmError::BelowSold {
-                sku: p.sku.clone(),
-                stock: p.stock,
-                sold: c.sold(),
-            }));
+        match c {
+            Some(c) if p.stock < c.sold() => {
+                problems.push(below_sold(&WarmError::BelowSold {
+                    sku: p.sku.clone(),
+                    stock: p.stock,
+                    sold: c.sold(),
+                }));
+            }
+            Some(_) => {}
+            // No keys in Redis although PostgreSQL holds orders of it: Redis
+            // lost what it was warmed with (a restart without AOF). Warming
+            // it as new would sell those units a second time.
+            None => {
+                if let Some(row) = database.iter().find(|r| r.sku == p.sku && r.sold > 0) {
+                    problems.push(SpecProblem {
+                        reason: "StockMissing",
+                        message: format!(
+                            "Redis has no stock for {} although PostgreSQL holds {} unit(s) sold of it: Redis lost the sale's keys (a restart without AOF?); warming it again would sell them twice. Restore Redis from its AOF/RDB, or rebuild the product's Redis state from PostgreSQL with `flashsale warm --restore`",
+                            p.sku, row.sold
+                        ),
+                    });
+                }
+            }
         }
     }
     if let Some(old) = applied
@@ -110,7 +127,18 @@ pub async fn apply<C: ConnectionLike + Send>(
 ) -> Result<Applied, ApplyError> {
     let applied = live::read(conn, sale).await?;
     let counters = crate::counters::product_counters(conn, sale, spec).await?;
-    let problems = change_problems(applied.as_ref().map(|l| &l.spec), spec, &counters, now);
+    let before = if counters.iter().any(Option::is_none) {
+        store.inventory(sale).await?
+    } else {
+        Vec::new()
+    };
+    let problems = change_problems(
+        applied.as_ref().map(|l| &l.spec),
+        spec,
+        &counters,
+        &before,
+        now,
+    );
     if !problems.is_empty() {
         return Err(ApplyError::Refused(problems));
     }

@@ -155,6 +155,19 @@ pub struct OrderRow {
     pub stream_id: String,
 }
 
+/// A row of `flashsale_orders`, as a restore reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredOrder {
+    pub order_id: String,
+    pub user_id: String,
+    pub seq: i64,
+    pub quantity: i32,
+    pub unit_price: String,
+    /// `confirmed`, `paid` or `cancelled`.
+    pub status: String,
+    pub accepted_at_ms: i64,
+}
+
 /// One product's inventory row.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InventoryRow {
@@ -399,6 +412,37 @@ impl OrderStore {
             out.inserted += u64::try_from(n).unwrap_or(0);
         }
         Ok(out)
+    }
+
+    /// One product's persisted orders, by buyer and sequence (a restore
+    /// rebuilds Redis' buyer entries and order records from them).
+    pub async fn product_orders(
+        &self,
+        sale: &SaleId,
+        sku: &str,
+    ) -> Result<Vec<StoredOrder>, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT order_id, user_id, seq, quantity, unit_price::text, status,
+                        (extract(epoch FROM accepted_at) * 1000)::bigint
+                 FROM flashsale_orders WHERE sale = $1 AND sku = $2
+                 ORDER BY user_id, seq",
+                &[&sale.key(), &sku],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| StoredOrder {
+                order_id: r.get(0),
+                user_id: r.get(1),
+                seq: r.get(2),
+                quantity: r.get(3),
+                unit_price: r.get(4),
+                status: r.get(5),
+                accepted_at_ms: r.get(6),
+            })
+            .collect())
     }
 
     /// Ids among `ids` that have a row (for audits).

@@ -6,7 +6,7 @@ use redis::aio::ConnectionLike;
 use crate::counters::product_counters;
 use crate::keys::{ProductKeys, SaleKeys};
 use crate::scripts;
-use crate::spec::{SaleId, SaleSpec};
+use crate::spec::{ProductSpec, SaleId, SaleSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WarmError {
@@ -68,46 +68,9 @@ pub(crate) async fn write_products<C: ConnectionLike + Send>(
     sale: &SaleId,
     spec: &SaleSpec,
 ) -> Result<Vec<ProductWarm>, WarmError> {
-    let start_ms = spec.start_time.as_millisecond();
-    let end_ms = spec.end_time.as_millisecond();
     let mut out = Vec::with_capacity(spec.products.len());
     for p in &spec.products {
-        let keys = ProductKeys::new(sale, &p.sku);
-        let (outcome, remaining, sold, delta): (String, i64, i64, i64) = scripts::WARM
-            .key(keys.info())
-            .key(keys.stock())
-            .arg(p.stock)
-            .arg(p.price.to_string())
-            .arg(p.per_user_limit)
-            .arg(start_ms)
-            .arg(end_ms)
-            .arg(crate::keys::LAYOUT)
-            .invoke_async(conn)
-            .await?;
-        let outcome = match outcome.as_str() {
-            "created" => WarmOutcome::Created,
-            "unchanged" => WarmOutcome::Unchanged,
-            "resized" => WarmOutcome::Resized { delta },
-            "below_sold" => {
-                return Err(WarmError::BelowSold {
-                    sku: p.sku.clone(),
-                    stock: p.stock,
-                    sold,
-                });
-            }
-            other => {
-                return Err(WarmError::Protocol {
-                    sku: p.sku.clone(),
-                    answer: other.to_string(),
-                });
-            }
-        };
-        out.push(ProductWarm {
-            sku: p.sku.clone(),
-            outcome,
-            remaining,
-            sold,
-        });
+        out.push(warm_product(conn, sale, spec, p, 0).await?);
     }
     // Every SKU ever warmed stays listed: a product removed from the spec
     // still has accepted orders in its stream for consumers to persist.
@@ -152,6 +115,54 @@ pub async fn warmed_skus<C: ConnectionLike + Send>(
     spec: &SaleSpec,
 ) -> Result<Vec<String>, redis::RedisError> {
     known_skus(conn, sale, spec.products.iter().map(|p| p.sku.clone())).await
+}
+
+/// `warm.lua` for one product of `spec`; `sold_before` units count as sold
+/// if the script creates the product (a restore from PostgreSQL).
+pub(crate) async fn warm_product<C: ConnectionLike + Send>(
+    conn: &mut C,
+    sale: &SaleId,
+    spec: &SaleSpec,
+    p: &ProductSpec,
+    sold_before: i64,
+) -> Result<ProductWarm, WarmError> {
+    let keys = ProductKeys::new(sale, &p.sku);
+    let (outcome, remaining, sold, delta): (String, i64, i64, i64) = scripts::WARM
+        .key(keys.info())
+        .key(keys.stock())
+        .arg(p.stock)
+        .arg(p.price.to_string())
+        .arg(p.per_user_limit)
+        .arg(spec.start_time.as_millisecond())
+        .arg(spec.end_time.as_millisecond())
+        .arg(crate::keys::LAYOUT)
+        .arg(sold_before)
+        .invoke_async(conn)
+        .await?;
+    let outcome = match outcome.as_str() {
+        "created" => WarmOutcome::Created,
+        "unchanged" => WarmOutcome::Unchanged,
+        "resized" => WarmOutcome::Resized { delta },
+        "below_sold" => {
+            return Err(WarmError::BelowSold {
+                sku: p.sku.clone(),
+                stock: p.stock,
+                sold,
+            });
+        }
+        other => {
+            return Err(WarmError::Protocol {
+                sku: p.sku.clone(),
+                answer: other.to_string(),
+            });
+        }
+    };
+    Ok(ProductWarm {
+        sku: p.sku.clone(),
+        outcome,
+        remaining,
+        sold,
+    })
 }
 
 /// Deletes every Redis key of the sale (orders in PostgreSQL are untouched):

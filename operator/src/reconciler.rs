@@ -956,7 +956,7 @@ async fn sync_stores(
         // Redis lost keys it had (a restart without AOF?): re-warming would
         // sell stock twice, so a person decides.
         let message = format!(
-            "Redis has no stock for {} although it was warmed; check Redis persistence",
+            "Redis has no stock for {} although it was warmed; check Redis persistence, then restore Redis from its AOF/RDB or rebuild the products from PostgreSQL with `flashsale warm --restore`",
             missing.join(", ")
         );
         report.not_warmed("StockMissing", message);

@@ -2,7 +2,9 @@
 -- resets sold stock: a raised stock adds the difference, a stock below what is
 -- already sold is refused, anything else only refreshes price/limit/window.
 -- KEYS: 1 info, 2 stock
--- ARGV: 1 stock, 2 price, 3 per-user limit, 4 start_ms, 5 end_ms, 6 key layout
+-- ARGV: 1 stock, 2 price, 3 per-user limit, 4 start_ms, 5 end_ms, 6 key layout,
+--       7 units already sold, for a product created by a restore from
+--       PostgreSQL (restore.rs; '0' otherwise)
 -- Returns {outcome, remaining, sold, delta}: created | unchanged | resized | below_sold
 local total = tonumber(ARGV[1])
 local old = redis.call('HGET', KEYS[1], 'stock')
@@ -19,9 +21,14 @@ local function write_info(layout)
   end
 end
 if not old then
-  redis.call('SET', KEYS[2], ARGV[1])
+  local sold = tonumber(ARGV[7] or '0')
+  if sold > total then
+    return {'below_sold', ARGV[1], ARGV[7], '0'}
+  end
+  local left = string.format('%d', total - sold)
+  redis.call('SET', KEYS[2], left)
   write_info(ARGV[6])
-  return {'created', ARGV[1], '0', ARGV[1]}
+  return {'created', left, string.format('%d', sold), ARGV[1]}
 end
 local remaining = tonumber(redis.call('GET', KEYS[2]) or '0')
 local sold = tonumber(old) - remaining
