@@ -12,7 +12,7 @@ use dataplane::warm::{self, ProductWarm, WarmError, WarmOutcome};
 use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -873,9 +873,14 @@ async fn sync_stores(
             }
         }
     }
-    let spec = match &refused {
-        Some(_) => running.clone().unwrap_or_else(|| new.clone()),
-        None => new.clone(),
+    let spec = match (&refused, &running) {
+        (None, _) => new.clone(),
+        (Some(_), Some(running)) => running.clone(),
+        // Redis lost the published spec with the rest of the sale: the pods
+        // keep what their ConfigMap holds, not the refused edit.
+        (Some(_), None) => deployed_spec(ctx, sale)
+            .await
+            .unwrap_or_else(|| new.clone()),
     };
 
     let counters = match counters::product_counters(&mut conn, &id, &spec).await {
@@ -925,9 +930,12 @@ async fn sync_stores(
         );
         info!(reason, %message, "spec change refused");
         report.not_warmed(reason, message);
+        // Lost keys are looked at again soon (a person may restore them);
+        // an edit's own problems wait for the next edit.
+        let lost = problems.iter().any(|p| p.reason == "StockMissing");
         return Synced {
             spec,
-            trouble: false,
+            trouble: lost,
         };
     }
     let missing: Vec<&str> = spec
@@ -965,6 +973,26 @@ async fn sync_stores(
             trouble: true,
         }
     }
+}
+
+/// The spec in the sale's ConfigMap, the one its pods run; `None` if there
+/// is none yet or it cannot be read.
+async fn deployed_spec(ctx: &Context, sale: &FlashSale) -> Option<SaleSpec> {
+    let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &sale.namespace()?);
+    let map = match maps
+        .get_opt(&children::config_map_name(&sale.name_any()))
+        .await
+    {
+        Ok(map) => map?,
+        Err(e) => {
+            warn!(error = %e, "the sale's ConfigMap not read");
+            return None;
+        }
+    };
+    let document = map.data?.remove(children::CONFIG_KEY)?;
+    dataplane::spec::SaleDocument::parse(&document, "ConfigMap")
+        .ok()
+        .map(|d| d.spec)
 }
 
 fn database_unavailable(report: &mut Report<'_>, e: &dataplane::store::StoreError) {
