@@ -183,26 +183,14 @@ impl Reader {
     }
 
     /// A stream without the consumer group: Redis lost its data (a restart
-    /// without AOF) and the first purchase since, or a restore, wrote the
-    /// stream anew. The group is created again from the stream's start; a
-    /// stream that does not exist is left alone (a cleared sale stays clear).
+    /// without AOF). The group (and the stream, if no purchase wrote it
+    /// since) is created again from the stream's start, as at the consumer's
+    /// start, so the next read blocks as usual. (The operator stops the
+    /// consumers before it clears a deleted sale's keys.)
     async fn rejoin(&self, mut conn: RedisConn, names: &[String]) -> Result<(), ConsumerError> {
         for name in names {
-            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(name)
-                .arg(CONSUMER_GROUP)
-                .arg("0")
-                .exec_async(&mut conn)
-                .await;
-            match created {
-                Ok(()) => {
-                    tracing::warn!(stream = %name, "the stream had lost its consumer group (Redis lost data?); created it again")
-                }
-                Err(e) if e.code() == Some("BUSYGROUP") => {}
-                // No such stream yet: nothing to read.
-                Err(e) if e.code() == Some("ERR") => {}
-                Err(e) => return Err(e.into()),
+            if join_group(&mut conn, name).await? {
+                tracing::warn!(stream = %name, "the stream had lost its consumer group (Redis lost data?); created it again");
             }
         }
         Ok(())
@@ -264,6 +252,27 @@ impl Reader {
             }
         }
         Ok(out)
+    }
+}
+
+/// Creates the `persist` group on `stream` (and the stream, if need be),
+/// reading from its start; false if it was there already.
+pub(crate) async fn join_group<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    stream: &str,
+) -> redis::RedisResult<bool> {
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(CONSUMER_GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .exec_async(conn)
+        .await;
+    match created {
+        Ok(()) => Ok(true),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -399,6 +408,7 @@ impl Consumer {
                 consumer.redis.clone(),
                 s,
             )
+            .with_skus(consumer.streams.iter().map(|s| s.sku.clone()).collect())
         });
         loop {
             match consumer.prepare(doc).await {
@@ -417,19 +427,7 @@ impl Consumer {
         self.store.migrate().await?;
         self.store.ensure_inventory(&self.sale, &doc.spec).await?;
         for s in &self.streams {
-            let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(&s.name)
-                .arg(CONSUMER_GROUP)
-                .arg("0")
-                .arg("MKSTREAM")
-                .exec_async(&mut self.redis)
-                .await;
-            match created {
-                Ok(()) => {}
-                Err(e) if e.code() == Some("BUSYGROUP") => {}
-                Err(e) => return Err(e.into()),
-            }
+            join_group(&mut self.redis, &s.name).await?;
         }
         Ok(())
     }

@@ -128,6 +128,14 @@ impl Sweeper {
         }
     }
 
+    /// Sweeps the orders of `skus` rather than only the spec's products: a
+    /// consumer passes every product the sale was warmed with, so orders of
+    /// a product removed mid-sale still time out.
+    pub fn with_skus(mut self, skus: Vec<String>) -> Self {
+        self.skus = skus;
+        self
+    }
+
     /// The payment timeout in force; storing into it applies a new one from
     /// the next sweep on (a live spec change).
     pub fn timeout_seconds(&self) -> Arc<AtomicU32> {

@@ -11,7 +11,7 @@
 
 use redis::aio::ConnectionLike;
 
-use crate::keys::{CONSUMER_GROUP, ProductKeys};
+use crate::keys::ProductKeys;
 use crate::spec::{SaleId, SaleSpec};
 use crate::store::{OrderStore, StoreError, StoredOrder};
 use crate::warm::{self, WarmError};
@@ -193,18 +193,8 @@ async fn write_state<C: ConnectionLike + Send>(
         .arg(0)
         .exec_async(conn)
         .await?;
-    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(keys.stream())
-        .arg(CONSUMER_GROUP)
-        .arg("0")
-        .arg("MKSTREAM")
-        .exec_async(conn)
-        .await;
-    match created {
-        Err(e) if e.code() != Some("BUSYGROUP") => Err(e),
-        _ => Ok(()),
-    }
+    crate::consumer::join_group(conn, &keys.stream()).await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use redis::aio::ConnectionLike;
 use crate::counters::ProductCounters;
 use crate::live::{self, LiveError};
 use crate::spec::{SaleId, SaleSpec, SpecProblem};
-use crate::store::{InventoryRow, OrderStore, StoreError};
+use crate::store::{OrderStore, OrderTally, StoreError};
 use crate::warm::{self, ProductWarm, WarmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -56,13 +56,13 @@ pub struct Applied {
 }
 
 /// Why `next` cannot replace the running sale's spec (`applied`, with
-/// Redis' counters in `next`'s product order and PostgreSQL's inventory
-/// rows); empty when it can.
+/// Redis' counters in `next`'s product order and the orders PostgreSQL
+/// holds); empty when it can.
 pub fn change_problems(
     applied: Option<&SaleSpec>,
     next: &SaleSpec,
     counters: &[Option<ProductCounters>],
-    database: &[InventoryRow],
+    persisted: &[OrderTally],
     now: Timestamp,
 ) -> Vec<SpecProblem> {
     let mut problems = next.validate().err().unwrap_or_default();
@@ -78,14 +78,15 @@ pub fn change_problems(
             Some(_) => {}
             // No keys in Redis although PostgreSQL holds orders of it: Redis
             // lost what it was warmed with (a restart without AOF). Warming
-            // it as new would sell those units a second time.
+            // it as new would sell those units a second time, and buyers'
+            // order sequences would start again and clash with their rows.
             None => {
-                if let Some(row) = database.iter().find(|r| r.sku == p.sku && r.sold > 0) {
+                if let Some(t) = persisted.iter().find(|t| t.sku == p.sku) {
                     problems.push(SpecProblem {
                         reason: "StockMissing",
                         message: format!(
-                            "Redis has no stock for {} although PostgreSQL holds {} unit(s) sold of it: Redis lost the sale's keys (a restart without AOF?); warming it again would sell them twice. Restore Redis from its AOF/RDB, or rebuild the product's Redis state from PostgreSQL with `flashsale warm --restore`",
-                            p.sku, row.sold
+                            "Redis has no keys for {} although PostgreSQL holds {} order(s) of it ({} unit(s) sold): Redis lost the sale's keys (a restart without AOF?), and warming it anew would sell them twice. Restore Redis from its AOF/RDB, or rebuild the product from PostgreSQL with `flashsale warm --restore`. (A sale deleted and created again under the same name finds the old sale's orders: give the new one another name.)",
+                            p.sku, t.orders, t.units
                         ),
                     });
                 }
@@ -127,8 +128,8 @@ pub async fn apply<C: ConnectionLike + Send>(
 ) -> Result<Applied, ApplyError> {
     let applied = live::read(conn, sale).await?;
     let counters = crate::counters::product_counters(conn, sale, spec).await?;
-    let before = if counters.iter().any(Option::is_none) {
-        store.inventory(sale).await?
+    let persisted = if counters.iter().any(Option::is_none) {
+        store.order_tallies(sale).await?
     } else {
         Vec::new()
     };
@@ -136,7 +137,7 @@ pub async fn apply<C: ConnectionLike + Send>(
         applied.as_ref().map(|l| &l.spec),
         spec,
         &counters,
-        &before,
+        &persisted,
         now,
     );
     if !problems.is_empty() {

@@ -155,6 +155,15 @@ pub struct OrderRow {
     pub stream_id: String,
 }
 
+/// One product's orders in PostgreSQL, counted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrderTally {
+    pub sku: String,
+    pub orders: i64,
+    /// Units of confirmed or paid orders.
+    pub units: i64,
+}
+
 /// A row of `flashsale_orders`, as a restore reads it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredOrder {
@@ -412,6 +421,28 @@ impl OrderStore {
             out.inserted += u64::try_from(n).unwrap_or(0);
         }
         Ok(out)
+    }
+
+    /// Per product of the sale with orders in PostgreSQL: how many, and the
+    /// units they hold (cancelled ones hold none).
+    pub async fn order_tallies(&self, sale: &SaleId) -> Result<Vec<OrderTally>, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT sku, count(*),
+                        coalesce(sum(quantity) FILTER (WHERE status <> 'cancelled'), 0)::bigint
+                 FROM flashsale_orders WHERE sale = $1 GROUP BY sku ORDER BY sku",
+                &[&sale.key()],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| OrderTally {
+                sku: r.get(0),
+                orders: r.get(1),
+                units: r.get(2),
+            })
+            .collect())
     }
 
     /// One product's persisted orders, by buyer and sequence (a restore

@@ -43,8 +43,10 @@ pub async fn metrics_response() -> Response {
     }
 }
 
-/// Structured logs: JSON when `LOG_FORMAT=json` (in a cluster), text
-/// otherwise; the filter from `RUST_LOG`, else `default_filter`.
+/// Structured logs: JSON when `LOG_FORMAT=json`, text when `LOG_FORMAT=text`;
+/// unset, JSON inside a Kubernetes pod (the operator's pods name neither, and
+/// log collectors there parse JSON), text elsewhere. The filter from
+/// `RUST_LOG`, else `default_filter`.
 pub fn init_logging(default_filter: &str) {
     use tracing_subscriber::EnvFilter;
     let filter =
@@ -52,7 +54,11 @@ pub fn init_logging(default_filter: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let _ = if std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json") {
+    let json = match std::env::var("LOG_FORMAT") {
+        Ok(f) => f == "json",
+        Err(_) => std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
+    };
+    let _ = if json {
         builder.json().try_init()
     } else {
         builder.try_init()

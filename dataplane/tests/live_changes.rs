@@ -382,7 +382,7 @@ async fn a_product_removed_mid_sale_loses_no_accepted_order() -> TestResult {
         let row = client
             .query_one(
                 "SELECT count(*) FROM flashsale_orders WHERE sale = $1 AND sku = 'case'",
-                &[&doc.id().to_string()],
+                &[&doc.id().key()],
             )
             .await
             .ok()?;
@@ -396,6 +396,23 @@ async fn a_product_removed_mid_sale_loses_no_accepted_order() -> TestResult {
         "case orders persisted: {:?} of 10",
         case_rows().await
     );
+    // A buyer looks their case order up on a new pod.
+    let row = store
+        .pool()
+        .get()
+        .await?
+        .query_one(
+            "SELECT order_id, user_id FROM flashsale_orders WHERE sale = $1 AND sku = 'case' LIMIT 1",
+            &[&doc.id().key()],
+        )
+        .await?;
+    let (order, user): (String, String) = (row.get(0), row.get(1));
+    let looked = client
+        .get(new.url(&format!("/v1/orders/{order}")))
+        .bearer_auth(token(&user))
+        .send()
+        .await?;
+    assert_eq!(looked.status().as_u16(), 200, "{:?}", looked.text().await);
     let mut conn = servers.redis_conn().await?;
     let lag = dataplane::lag::consumer_lag(&mut conn, &doc.id(), &next).await?;
     assert_eq!(lag.backlog(), 0, "{lag:?}");

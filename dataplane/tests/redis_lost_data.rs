@@ -102,6 +102,16 @@ async fn a_sale_redis_lost_is_refused_a_new_warm_and_restored_from_postgres() ->
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["held"], 3, "{body}");
     assert_eq!(buy(&client, &gw, "dave").await?.0, 202);
+    // The consumer that ran through the loss persists them, although the
+    // case's stream (nothing sold of it since) does not exist yet.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            persisted().await == Some(6)
+        })
+        .await,
+        "the phone orders after the restore were not persisted: {:?}",
+        persisted().await
+    );
     assert_eq!(buy_sku(&client, &gw, "erin", "case").await?.0, 202);
     // Her first order can still be looked up.
     let first = first.unwrap_or_default();
@@ -115,8 +125,7 @@ async fn a_sale_redis_lost_is_refused_a_new_warm_and_restored_from_postgres() ->
     assert_eq!(status, 200, "{order}");
     assert_eq!(order["status"], "confirmed", "{order}");
 
-    // The consumer that ran through the loss persists the new orders, and
-    // Redis' counters agree with PostgreSQL again.
+    // The case's order too, and Redis' counters agree with PostgreSQL again.
     let doc_now = dataplane::spec::SaleDocument {
         metadata: doc.metadata.clone(),
         spec: raised.clone(),

@@ -77,12 +77,14 @@ async fn lookup(gw: &Gateway, id: &str, headers: &HeaderMap) -> Result<OrderView
         .map_err(|e| ApiError::unauthorized(e.to_string()))?;
     let missing = || ApiError::not_found("unknown_order", format!("no order {id:?} for you"));
     let sku = sku_of(id).ok_or_else(missing)?;
-    let product = gw.products.get(sku).ok_or_else(missing)?;
+    // Keys from the sale and the SKU, not this pod's products: an order of a
+    // product added after this pod booted, or removed since, is found too.
+    let orders = crate::keys::ProductKeys::new(&gw.sale, sku).orders();
     let mut conn = gw.redis.clone();
     let raw = tokio::time::timeout(
         gw.redis_timeout,
         redis::cmd("HGET")
-            .arg(product.orders_key())
+            .arg(&orders)
             .arg(id)
             .query_async::<Option<String>>(&mut conn),
     )

@@ -598,14 +598,16 @@ async fn redis_status(gw: &Gateway, order_id: &str) -> Result<Option<OrderStatus
 /// Moves the Redis record to paid (from accepted or confirmed only), and
 /// the product's counters with it.
 async fn mark_paid_in_redis(gw: &Gateway, order_id: &str, repeat: bool) {
-    let Some(product) = sku_of(order_id).and_then(|s| gw.products.get(s)) else {
+    // Keys from the sale and the SKU: a product this pod does not sell
+    // (added after it booted, or removed since) is marked too.
+    let Some(keys) = sku_of(order_id).map(|s| ProductKeys::new(&gw.sale, s)) else {
         return;
     };
     let mut redis = gw.redis.clone();
-    // The info hash (keys[0]) holds the counters.
+    // The info hash holds the counters.
     let moved: Result<Vec<String>, _> = scripts::TRANSITION
-        .key(product.orders_key())
-        .key(&product.keys[0])
+        .key(keys.orders())
+        .key(keys.info())
         .arg(OrderStatus::Paid.as_str())
         .arg("accepted,confirmed")
         .arg(order_id)
