@@ -251,14 +251,7 @@ mod tests {
     }
 
     async fn create_group(conn: &mut ConnectionManager, stream: &str) -> redis::RedisResult<()> {
-        redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(stream)
-            .arg(CONSUMER_GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .exec_async(conn)
-            .await
+        crate::consumer::join_group(conn, stream).await.map(|_| ())
     }
 
     /// Delivers `n` entries to a consumer of the group and returns their ids.
