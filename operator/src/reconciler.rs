@@ -811,22 +811,29 @@ async fn sync_stores(
 ) -> Synced {
     let id = SaleId::new(sale.namespace().unwrap_or_default(), sale.name_any());
     let new = &sale.spec.sale;
-    let trouble = |spec: &SaleSpec| Synced {
-        spec: spec.clone(),
+    let generation = sale.metadata.generation;
+    // Until a warmed sale's new spec applies, its pods keep the one they run.
+    let edited = report
+        .previous
+        .warmed_generation
+        .is_some_and(|w| Some(w) != generation);
+    let held = |running: Option<SaleSpec>| in_force(ctx, sale, edited, running);
+    let trouble = |spec: SaleSpec| Synced {
+        spec,
         trouble: true,
     };
     let mut conn = match ctx.redis.for_sale(&sale.spec.redis, &urls.redis).await {
         Ok(c) => c,
         Err(e) => {
             redis_unavailable(report, &e);
-            return trouble(new);
+            return trouble(held(None).await);
         }
     };
     let running = match dataplane::live::read(&mut conn, &id).await {
         Ok(live) => live.map(|l| l.spec),
         Err(dataplane::live::LiveError::Redis(e)) => {
             redis_unavailable(report, &e);
-            return trouble(new);
+            return trouble(held(None).await);
         }
         // Unreadable: the next apply publishes a fresh one.
         Err(e) => {
@@ -841,11 +848,10 @@ async fn sync_stores(
             None
         }
     };
-    let generation = sale.metadata.generation;
     let mut refused = (!problems.is_empty()).then_some(problems);
     if refused.is_none() && apply_now {
         let Some(store) = &store else {
-            return trouble(running.as_ref().unwrap_or(new));
+            return trouble(held(running.clone()).await);
         };
         match stock::apply(&mut conn, store, &id, new, report.now).await {
             Ok(applied) => {
@@ -855,39 +861,36 @@ async fn sync_stores(
             Err(ApplyError::Refused(p)) => refused = Some(p),
             Err(ApplyError::Redis(e) | ApplyError::Warm(WarmError::Redis(e))) => {
                 redis_unavailable(report, &e);
-                return trouble(running.as_ref().unwrap_or(new));
+                return trouble(held(running.clone()).await);
             }
             Err(ApplyError::Live(dataplane::live::LiveError::Redis(e))) => {
                 redis_unavailable(report, &e);
-                return trouble(running.as_ref().unwrap_or(new));
+                return trouble(held(running.clone()).await);
             }
             Err(ApplyError::Store(e)) => {
                 database_unavailable(report, &e);
-                return trouble(running.as_ref().unwrap_or(new));
+                return trouble(held(running.clone()).await);
             }
             Err(e) => {
                 let message = e.to_string();
                 warn!(%message, "applying the spec failed");
                 report.not_warmed("WarmFailed", message);
-                return trouble(running.as_ref().unwrap_or(new));
+                return trouble(held(running.clone()).await);
             }
         }
     }
-    let spec = match (&refused, &running) {
-        (None, _) => new.clone(),
-        (Some(_), Some(running)) => running.clone(),
-        // Redis lost the published spec with the rest of the sale: the pods
-        // keep what their ConfigMap holds, not the refused edit.
-        (Some(_), None) => deployed_spec(ctx, sale)
-            .await
-            .unwrap_or_else(|| new.clone()),
+    let spec = match &refused {
+        None => new.clone(),
+        // Redis may have lost the published spec with the rest of the sale:
+        // then the pods keep what their ConfigMap holds, not the refused edit.
+        Some(_) => held(running.clone()).await,
     };
 
     let counters = match counters::product_counters(&mut conn, &id, &spec).await {
         Ok(c) => c,
         Err(e) => {
             redis_unavailable(report, &e);
-            return trouble(&spec);
+            return trouble(spec);
         }
     };
     let inventory = match &store {
@@ -973,6 +976,24 @@ async fn sync_stores(
             trouble: true,
         }
     }
+}
+
+/// The spec a sale's data plane runs on while its own cannot apply: the one
+/// Redis published (`running`), else, when the sale was warmed and `edited`
+/// since, the one its ConfigMap holds; else the sale's own.
+async fn in_force(
+    ctx: &Context,
+    sale: &FlashSale,
+    edited: bool,
+    running: Option<SaleSpec>,
+) -> SaleSpec {
+    if let Some(running) = running {
+        return running;
+    }
+    if edited && let Some(deployed) = deployed_spec(ctx, sale).await {
+        return deployed;
+    }
+    sale.spec.sale.clone()
 }
 
 /// The spec in the sale's ConfigMap, the one its pods run; `None` if there

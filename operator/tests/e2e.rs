@@ -728,3 +728,97 @@ async fn scenario_a_stock_edit_mid_sale_rolls_no_pods(rig: &mut Rig) -> anyhow::
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_whose_redis_lost_its_keys_is_not_warmed_anew() {
+    rig::run(scenario_a_sale_whose_redis_lost_its_keys_is_not_warmed_anew).await
+}
+
+/// The phone stock the sale's ConfigMap holds (what its pods run).
+async fn deployed_phone_stock(rig: &Rig, name: &str) -> Option<i64> {
+    let map = rig
+        .api::<ConfigMap>()
+        .get_opt(&format!("{name}-dataplane"))
+        .await
+        .ok()??;
+    let doc = map.data?.remove("sale.yaml")?;
+    let doc = dataplane::spec::SaleDocument::parse(&doc, "ConfigMap").ok()?;
+    doc.spec
+        .products
+        .iter()
+        .find(|p| p.sku == "phone-17")
+        .map(|p| p.stock)
+}
+
+async fn scenario_a_sale_whose_redis_lost_its_keys_is_not_warmed_anew(
+    rig: &mut Rig,
+) -> anyhow::Result<()> {
+    let name = "amnesia";
+    let (rig, start) = live_sale_with_gateways(rig, name).await?;
+    let port = gateway_port(rig).await;
+    let (status, body) = purchase(port, name, "alice", "phone-17").await?;
+    assert_eq!(status, 202, "{body}");
+    let store = dataplane::store::OrderStore::connect(&rig.postgres.url(), 1)?;
+    let id = dataplane::spec::SaleId::new(SHOP, name);
+    rig.eventually("alice's order persisted", 30, || async {
+        let tally = store.order_tallies(&id).await.ok()?;
+        (tally.iter().map(|t| t.orders).sum::<i64>() == 1).then_some(())
+    })
+    .await;
+
+    // Redis restarts without its data; then someone raises the phone's stock.
+    let client = redis::Client::open(rig.redis.url())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await?;
+    let mut products = rig::sale(name, start, 3, 30)["spec"]["products"].clone();
+    products[0]["stock"] = json!(150);
+    rig.sales()
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"products": products}})),
+        )
+        .await?;
+
+    // Refused, said in status, and the pods keep the spec they run.
+    let refused = rig
+        .eventually("StockMissing in status", 60, || async {
+            let s = get_sale(rig, name).await?;
+            let ready = condition(&s, "Ready")?;
+            (ready.status == "False" && ready.reason == "StockMissing").then_some(s)
+        })
+        .await;
+    let message = condition(&refused, "Ready").map(|c| c.message.clone());
+    assert!(
+        message.as_deref().is_some_and(|m| m.contains("--restore")),
+        "{message:?}"
+    );
+    let counters =
+        dataplane::counters::product_counters(&mut conn, &id, &refused.spec.sale).await?;
+    assert!(
+        counters.iter().all(Option::is_none),
+        "warmed anew: {counters:?}"
+    );
+    assert_eq!(deployed_phone_stock(rig, name).await, Some(100));
+
+    // A person restores the sale from PostgreSQL; the operator's next look
+    // applies the edit.
+    let restored =
+        dataplane::restore::restore_lost(&mut conn, &store, &id, &refused.spec.sale).await?;
+    assert_eq!(restored.len(), 1, "{restored:?}");
+    rig.eventually("the edit applied after the restore", 60, || async {
+        let s = get_sale(rig, name).await?;
+        let st = s.status.as_ref()?;
+        let phone = st.products.iter().find(|p| p.sku == "phone-17")?;
+        let ready = condition(&s, "Ready")?;
+        (phone.stock == 150 && phone.remaining == 149 && ready.status == "True").then_some(())
+    })
+    .await;
+    assert_eq!(deployed_phone_stock(rig, name).await, Some(150));
+    // Alice still holds her one phone: the limit of 1 refuses a second (her
+    // key's record went with Redis, so it is a new purchase).
+    let (status, body) = purchase(port, name, "alice", "phone-17").await?;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("limit_reached"), "{body}");
+    Ok(())
+}

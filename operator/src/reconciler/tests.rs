@@ -156,6 +156,17 @@ async fn serve_children_refusing(
     refused: Option<(usize, u16, &Value)>,
 ) -> Vec<Value> {
     serve_secrets(server, urls).await;
+    serve_applies(server, available, written, refused).await
+}
+
+/// The applies (and Deployment reads) of [`serve_children_refusing`], after
+/// its Secret reads.
+async fn serve_applies(
+    server: &mut ApiServer,
+    available: i32,
+    written: &[usize],
+    refused: Option<(usize, u16, &Value)>,
+) -> Vec<Value> {
     let mut applied = Vec::new();
     for (i, (path, is_deployment)) in CHILDREN.into_iter().enumerate() {
         let with_status = |mut body: Value| {
@@ -866,6 +877,55 @@ async fn an_edit_a_running_sale_cannot_take_keeps_it_running_as_it_was() -> anyh
     );
     // Nothing written: the ConfigMap still holds the running spec.
     assert_eq!(applied, Vec::<Value>::new());
+    Ok(())
+}
+
+/// Redis out of reach while a warmed sale is edited (a product added): the
+/// edit cannot apply, so the pods keep the spec their ConfigMap holds; a
+/// rollout onto products Redis never warmed would sell nothing of them.
+#[tokio::test]
+async fn an_edit_while_redis_is_unreachable_rolls_no_pods() -> anyhow::Result<()> {
+    let stores = Stores::start()?;
+    let (ctx, mut server, mut sale) = warmed_live_sale(&stores).await?;
+    let deployed = children::build(&sale, &sale.spec.sale, &ctx.settings.dataplane_image)?;
+
+    sale.metadata.generation = Some(2);
+    let mut added = sale.spec.sale.products[0].clone();
+    added.sku = "case-17".into();
+    sale.spec.sale.products.push(added);
+    let unreachable = Urls {
+        redis: format!(
+            "redis://127.0.0.1:{}",
+            dataplane::tools::servers::free_port()?
+        ),
+        database: stores.pg.url(),
+    };
+    let task = run(&sale, &ctx);
+    serve_secrets(&mut server, &unreachable).await;
+    server
+        .expect(
+            Method::GET,
+            "/api/v1/namespaces/shop/configmaps/singles-day-dataplane",
+        )
+        .await
+        .respond(200, &serde_json::to_value(&deployed.config_map)?);
+    let applied = serve_applies(&mut server, 2, NONE, None).await;
+    let status = serve_status(&mut server, &mut sale).await?;
+    server
+        .expect_event(
+            "Warning",
+            "RedisUnavailable",
+            "cannot reach Redis: Connection refused (os error 111)",
+        )
+        .await;
+    finish(task).await?;
+
+    assert_eq!(applied, Vec::<Value>::new(), "children rewritten");
+    assert_eq!(
+        condition(&status, "RedisWarmed")["reason"],
+        json!("RedisUnavailable")
+    );
+    assert_eq!(status["warmedGeneration"], json!(1));
     Ok(())
 }
 
