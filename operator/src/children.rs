@@ -15,9 +15,9 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Service, ServicePort,
-    ServiceSpec, Volume, VolumeMount,
+    HTTPGetAction, LocalObjectReference, ObjectFieldSelector, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -86,14 +86,25 @@ pub struct Children {
     pub consumer_pdb: PodDisruptionBudget,
 }
 
+/// What every data-plane pod gets from the operator's own settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodDefaults {
+    /// The image for gateways and consumers when a sale names none.
+    pub image: String,
+    /// Secrets, in each sale's namespace, the kubelet pulls the images with
+    /// (a private registry); none named, the pods name none.
+    pub image_pull_secrets: Vec<String>,
+}
+
 /// Builds the children of `sale`, whose data plane runs on `sale_spec` (the
 /// spec in force: the sale's own, or the one applied before when the running
-/// sale refused an edit); `default_image` is used where the spec names none.
+/// sale refused an edit); `defaults` fill in what the spec does not name.
 pub fn build(
     sale: &FlashSale,
     sale_spec: &SaleSpec,
-    default_image: &str,
+    defaults: &PodDefaults,
 ) -> Result<Children, BuildError> {
+    let default_image = defaults.image.as_str();
     let name = sale
         .metadata
         .name
@@ -179,6 +190,7 @@ pub fn build(
         checksum: &checksum,
         // Gateways drain their WebSockets and in-flight purchases on SIGTERM.
         grace_seconds: 30,
+        pull_secrets: &defaults.image_pull_secrets,
     });
     let consumer = owned.deployment(Workload {
         component: Component::Consumer,
@@ -193,6 +205,7 @@ pub fn build(
         checksum: &checksum,
         // A consumer finishes and acknowledges its current batch before exiting.
         grace_seconds: 60,
+        pull_secrets: &defaults.image_pull_secrets,
     });
 
     let gateway_service = Service {
@@ -257,6 +270,7 @@ struct Workload<'a> {
     resources: ResourceRequirements,
     checksum: &'a str,
     grace_seconds: i64,
+    pull_secrets: &'a [String],
 }
 
 impl Owned {
@@ -358,6 +372,14 @@ impl Owned {
                                 ..Default::default()
                             }),
                             ..Default::default()
+                        }),
+                        // Named only when set: pods of an operator without
+                        // them keep their templates (no roll on upgrade).
+                        image_pull_secrets: (!w.pull_secrets.is_empty()).then(|| {
+                            w.pull_secrets
+                                .iter()
+                                .map(|name| LocalObjectReference { name: name.clone() })
+                                .collect()
                         }),
                         volumes: Some(vec![Volume {
                             name: "sale".to_string(),
@@ -481,11 +503,46 @@ mod tests {
     use super::*;
     use crate::fixtures;
 
+    fn img() -> PodDefaults {
+        PodDefaults {
+            image: "img:1".into(),
+            image_pull_secrets: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn pull_secrets_are_named_only_when_set() -> anyhow::Result<()> {
+        let sale = fixtures::sale();
+        let plain = build(&sale, &sale.spec.sale, &img())?;
+        for d in [&plain.gateway, &plain.consumer] {
+            let json = serde_json::to_value(d)?;
+            assert!(
+                json["spec"]["template"]["spec"]
+                    .get("imagePullSecrets")
+                    .is_none(),
+                "{json}"
+            );
+        }
+        let private = PodDefaults {
+            image_pull_secrets: vec!["registry".into(), "mirror".into()],
+            ..img()
+        };
+        let built = build(&sale, &sale.spec.sale, &private)?;
+        for d in [&built.gateway, &built.consumer] {
+            let json = serde_json::to_value(d)?;
+            assert_eq!(
+                json["spec"]["template"]["spec"]["imagePullSecrets"],
+                serde_json::json!([{"name": "registry"}, {"name": "mirror"}])
+            );
+        }
+        Ok(())
+    }
+
     #[test]
     fn deployments_leave_replicas_to_the_autoscaler() -> anyhow::Result<()> {
         let children = {
             let sale = fixtures::sale();
-            build(&sale, &sale.spec.sale, "img:1")
+            build(&sale, &sale.spec.sale, &img())
         }?;
         for d in [&children.gateway, &children.consumer] {
             let json = serde_json::to_value(d)?;
@@ -501,7 +558,7 @@ mod tests {
     #[test]
     fn a_payment_key_gives_gateways_the_key_and_the_database() -> anyhow::Result<()> {
         let env_names = |sale: &FlashSale| -> anyhow::Result<Vec<String>> {
-            let gateway = build(sale, &sale.spec.sale, "img:1")?.gateway;
+            let gateway = build(sale, &sale.spec.sale, &img())?.gateway;
             let containers = gateway
                 .spec
                 .and_then(|s| s.template.spec)
@@ -544,7 +601,7 @@ mod tests {
     #[test]
     fn a_currency_and_a_client_ip_header_reach_the_gateways() -> anyhow::Result<()> {
         let env = |sale: &FlashSale| -> anyhow::Result<Vec<(String, Option<String>)>> {
-            let gateway = build(sale, &sale.spec.sale, "img:1")?.gateway;
+            let gateway = build(sale, &sale.spec.sale, &img())?.gateway;
             Ok(gateway
                 .spec
                 .and_then(|s| s.template.spec)
@@ -577,7 +634,7 @@ mod tests {
     #[test]
     fn config_map_holds_the_dataplane_document() -> anyhow::Result<()> {
         let sale = fixtures::sale();
-        let children = build(&sale, &sale.spec.sale, "img:1")?;
+        let children = build(&sale, &sale.spec.sale, &img())?;
         let data = children.config_map.data.unwrap_or_default();
         let doc = SaleDocument::parse(&data[CONFIG_KEY], "configmap")?;
         assert_eq!(
@@ -590,7 +647,7 @@ mod tests {
 
     /// The pod template for `sale`, as the reconciler would apply it.
     fn template(sale: &FlashSale) -> anyhow::Result<serde_json::Value> {
-        let d = build(sale, &sale.spec.sale, "img:1")?.gateway;
+        let d = build(sale, &sale.spec.sale, &img())?.gateway;
         Ok(serde_json::to_value(d.spec.map(|s| s.template))?)
     }
 

@@ -78,7 +78,10 @@ pub fn not_found(what: &str) -> Value {
 
 pub fn settings() -> Settings {
     Settings {
-        dataplane_image: "ghcr.io/flashsale/dataplane:test".into(),
+        dataplane: crate::children::PodDefaults {
+            image: "ghcr.io/flashsale/dataplane:test".into(),
+            image_pull_secrets: Vec::new(),
+        },
         refresh: Duration::from_secs(15),
         retry: Duration::from_secs(30),
         drain_timeout: Duration::from_secs(600),

@@ -27,6 +27,10 @@ struct Args {
     /// Gateway and consumer image for sales that name none.
     #[arg(long, env = "DATAPLANE_IMAGE", default_value_t = reconciler::default_image())]
     dataplane_image: String,
+    /// A Secret, in each sale's namespace, that gateway and consumer pods
+    /// pull their image with (a private registry); repeat for several.
+    #[arg(long = "dataplane-image-pull-secret")]
+    dataplane_image_pull_secrets: Vec<String>,
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
     log_format: LogFormat,
     /// Longest pause between reconciles of a live sale, in seconds.
@@ -108,7 +112,10 @@ async fn run(
         redis: Default::default(),
         stores: Default::default(),
         settings: Settings {
-            dataplane_image: args.dataplane_image.clone(),
+            dataplane: operator::children::PodDefaults {
+                image: args.dataplane_image.clone(),
+                image_pull_secrets: args.dataplane_image_pull_secrets.clone(),
+            },
             refresh: Duration::from_secs(args.refresh_seconds),
             retry: Duration::from_secs(args.retry_seconds),
             drain_timeout: Duration::from_secs(args.drain_timeout_seconds),

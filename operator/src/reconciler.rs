@@ -48,8 +48,9 @@ pub const MAX_NAME_LEN: usize = 54;
 /// How the reconciler behaves; the binary fills it from flags.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// Image for gateways and consumers when a sale names none.
-    pub dataplane_image: String,
+    /// The image for gateways and consumers when a sale names none, and
+    /// the pull Secrets their pods name.
+    pub dataplane: children::PodDefaults,
     /// Longest wait between reconciles of a live sale (status counters move).
     pub refresh: Duration,
     /// Wait before retrying what depends on something outside (a Secret, Redis).
@@ -62,7 +63,10 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            dataplane_image: default_image(),
+            dataplane: children::PodDefaults {
+                image: default_image(),
+                image_pull_secrets: Vec::new(),
+            },
             refresh: Duration::from_secs(15),
             retry: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(600),
@@ -707,7 +711,7 @@ async fn apply(
         spec.clone()
     };
 
-    let children = children::build(sale, &spec, &ctx.settings.dataplane_image)?;
+    let children = children::build(sale, &spec, &ctx.settings.dataplane)?;
     let applied = apply::children(ctx, ns, &children).await;
     debug!(
         writes = applied.writes,

@@ -176,6 +176,8 @@ fn values_are_honoured() -> anyhow::Result<()> {
         "replicaCount": 1,
         "image": {"repository": "registry.example/ops/flashsale-operator", "tag": "1.2.3"},
         "dataplaneImage": "registry.example/ops/dataplane:1.2.3",
+        "imagePullSecrets": [{"name": "ops-registry"}],
+        "dataplaneImagePullSecrets": ["shop-registry"],
         "leaderElection": {"enabled": false},
         "metrics": {"port": 9100, "serviceMonitor": {"enabled": true, "interval": "15s"}}
     }))?;
@@ -195,6 +197,11 @@ fn values_are_honoured() -> anyhow::Result<()> {
     assert!(args.contains(&"--no-leader-election"), "{args:?}");
     assert!(args.contains(&"--admin-addr=0.0.0.0:9100"), "{args:?}");
     assert!(args.contains(&"--dataplane-image=registry.example/ops/dataplane:1.2.3"));
+    assert!(args.contains(&"--dataplane-image-pull-secret=shop-registry"));
+    assert_eq!(
+        d["spec"]["template"]["spec"]["imagePullSecrets"],
+        json!([{"name": "ops-registry"}])
+    );
     assert!(r.find("Role", "leader-election").is_none());
     let monitor = r.get("ServiceMonitor", "flashsale");
     assert_eq!(monitor["spec"]["endpoints"][0]["interval"], json!("15s"));
@@ -215,6 +222,10 @@ fn the_schema_rejects_bad_values() -> anyhow::Result<()> {
             "/replicaCount",
         ),
         (json!({"logFormat": "xml"}), "/logFormat"),
+        (
+            json!({"dataplaneImagePullSecrets": ["Not A Name"]}),
+            "dataplaneImagePullSecrets",
+        ),
         (json!({"replicas": 2}), "replicas"),
         (
             json!({"metrics": {"serviceMonitor": {"interval": "soon"}}}),

@@ -887,7 +887,7 @@ async fn an_edit_a_running_sale_cannot_take_keeps_it_running_as_it_was() -> anyh
 async fn an_edit_while_redis_is_unreachable_rolls_no_pods() -> anyhow::Result<()> {
     let stores = Stores::start()?;
     let (ctx, mut server, mut sale) = warmed_live_sale(&stores).await?;
-    let deployed = children::build(&sale, &sale.spec.sale, &ctx.settings.dataplane_image)?;
+    let deployed = children::build(&sale, &sale.spec.sale, &ctx.settings.dataplane)?;
 
     sale.metadata.generation = Some(2);
     let mut added = sale.spec.sale.products[0].clone();
