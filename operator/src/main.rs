@@ -63,6 +63,17 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     telemetry::init(args.log_format)?;
+    // The Lease manager panics on these; say which flag is wrong instead.
+    if !args.no_leader_election
+        && (args.lease_grace_seconds == 0
+            || args.lease_grace_seconds >= args.lease_duration_seconds)
+    {
+        anyhow::bail!(
+            "--lease-grace-seconds ({}) must be at least 1 and below --lease-duration-seconds ({}): the holder renews that long before the Lease expires",
+            args.lease_grace_seconds,
+            args.lease_duration_seconds
+        );
+    }
     let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;

@@ -223,6 +223,10 @@ fn the_schema_rejects_bad_values() -> anyhow::Result<()> {
         ),
         (json!({"logFormat": "xml"}), "/logFormat"),
         (
+            json!({"metrics": {"service": {"enabled": false}, "serviceMonitor": {"enabled": true}}}),
+            "/metrics/service/enabled",
+        ),
+        (
             json!({"dataplaneImagePullSecrets": ["Not A Name"]}),
             "dataplaneImagePullSecrets",
         ),
