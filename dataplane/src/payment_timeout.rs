@@ -38,6 +38,12 @@ pub struct SweeperSettings {
     /// Unapplied outbox rows younger than this are left to the sweeper that
     /// wrote them (it applies them right after its commit).
     pub grace: Duration,
+    /// An order persisted late (consumer lag, a PostgreSQL outage) stays
+    /// payable this long after its row appeared, or its timeout if shorter,
+    /// even past its timeout: a payment callback refused while the row was
+    /// missing (409 `not_persisted`, or 503 during the outage) is retried by
+    /// the provider, and must find the order, not a cancellation.
+    pub persisted_grace: Duration,
     /// Pause between commit and apply. Only fault tests set it, to widen the
     /// window in which a crash leaves outbox rows unapplied.
     pub apply_delay: Duration,
@@ -52,6 +58,7 @@ impl Default for SweeperSettings {
             every: Duration::from_secs(1),
             batch: 500,
             grace: Duration::from_secs(2),
+            persisted_grace: Duration::from_secs(30),
             apply_delay: Duration::ZERO,
             replica_wait: None,
         }
@@ -230,6 +237,7 @@ impl Sweeper {
                     SELECT order_id FROM flashsale_orders
                     WHERE sale = $1 AND sku = $2 AND status = 'confirmed'
                       AND accepted_at < now() - make_interval(secs => $3)
+                      AND persisted_at < now() - make_interval(secs => least($3, $5))
                     ORDER BY accepted_at
                     LIMIT $4
                     FOR UPDATE SKIP LOCKED
@@ -252,6 +260,7 @@ impl Sweeper {
                     &sku,
                     &f64::from(self.timeout_seconds.load(Ordering::Relaxed)),
                     &self.settings.batch,
+                    &self.settings.persisted_grace.as_secs_f64(),
                 ],
             )
             .await?;

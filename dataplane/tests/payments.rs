@@ -444,3 +444,36 @@ async fn late_callback_is_refund_due_and_paid_orders_are_never_cancelled() -> Re
     rig.gw.stop().await;
     Ok(())
 }
+
+/// An order persisted only after its payment timeout (the consumers lagged,
+/// or PostgreSQL was down, while the provider's callback was refused with
+/// `not_persisted`) is not cancelled the moment its row appears: the
+/// provider's retry finds it and pays it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_persisted_after_its_timeout_can_still_be_paid() -> Result<(), Error> {
+    let rig = rig("late", 4).await?;
+    let (status, order) = buy(&rig, "u1").await?;
+    assert_eq!(status, 202);
+    let paid = body("p-late", &order, "19.99", "succeeded");
+    let (status, answer) = pay(&rig, &paid).await?;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (409, Some("not_persisted"))
+    );
+
+    // The consumers come back after the timeout has passed.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let consumers = RunningConsumers::start(&rig.doc, &rig.servers, 1).await?;
+    assert!(until_status(&rig, &order, "confirmed").await);
+    // A few sweeps later (one a second), the provider retries.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let (status, answer) = pay(&rig, &paid).await?;
+    assert_eq!(
+        (status, answer["outcome"].as_str()),
+        (200, Some("paid")),
+        "{answer}"
+    );
+    assert_eq!(pg_status(&rig, &order).await?.as_deref(), Some("paid"));
+    consumers.stop().await;
+    Ok(())
+}
