@@ -36,7 +36,9 @@ pub struct ConsumerSettings {
     pub claim_idle: Duration,
     /// How often to look for such entries.
     pub claim_every: Duration,
-    /// An entry delivered more often than this (crash loops) is dead-lettered.
+    /// An entry delivered more often than this is persisted on its own, after
+    /// its batch (delivery counts rise for reasons that are no fault of the
+    /// order, so they never fail one).
     pub max_deliveries: u64,
     /// An entry the database refuses this many times is dead-lettered.
     pub max_data_failures: u32,
@@ -595,45 +597,31 @@ impl Consumer {
     ) -> Result<(), ConsumerError> {
         let started = Instant::now();
         let mut good = Vec::with_capacity(entries.len());
-        let mut dead = Vec::new();
-        let mut over_delivered = if history {
+        let mut alone = Vec::new();
+        // Delivered many times is no fault of the order: re-reads while no
+        // replica confirmed, claims after a consumer died, reads whose reply
+        // was lost all count. Such an entry is persisted on its own after the
+        // batch (a redelivered one is a no-op, then confirmed), so an entry
+        // that somehow breaks a batch cannot hold the others back; only the
+        // database refusing it fails it.
+        let over_delivered = if history {
             self.over_delivered(&entries).await?
         } else {
             Vec::new()
         };
         if !over_delivered.is_empty() {
-            // An entry delivered too often whose order PostgreSQL already
-            // holds (commits whose acknowledgement kept being lost) is
-            // finished, not failed: failing it would give back stock that
-            // PostgreSQL still counts as sold. If PostgreSQL cannot be asked,
-            // the batch waits.
-            let ids: Vec<String> = entries
-                .iter()
-                .filter(|e| over_delivered.contains(&e.id))
-                .filter_map(|e| e.row.as_ref().map(|r| r.order_id.clone()))
-                .collect();
-            let persisted = self.store.existing_order_ids(&ids).await?;
-            over_delivered.retain(|id| {
-                !entries.iter().any(|e| {
-                    &e.id == id
-                        && e.row
-                            .as_ref()
-                            .is_some_and(|r| persisted.contains(&r.order_id))
-                })
-            });
+            tracing::warn!(entries = ?over_delivered, "entries delivered many times; persisting each alone");
         }
         for e in entries {
-            if over_delivered.contains(&e.id) {
-                dead.push((e, "delivered too many times"));
-            } else if e.row.is_some() {
-                good.push(e);
+            if e.row.is_none() {
+                self.dead_letter(&e, "malformed stream entry").await?;
+            } else if over_delivered.contains(&e.id) {
+                alone.push(e);
             } else {
-                dead.push((e, "malformed stream entry"));
+                good.push(e);
             }
         }
-        for (e, reason) in dead {
-            self.dead_letter(&e, reason).await?;
-        }
+
         let mut backoff = Backoff::new();
         let mut pending = good;
         while !pending.is_empty() {
@@ -650,7 +638,7 @@ impl Consumer {
                         inserted = outcome.inserted,
                         "batch persisted"
                     );
-                    return Ok(());
+                    break;
                 }
                 Err(e) if e.is_transient() => {
                     metrics::counter!("flashsale_consumer_store_errors_total", "kind" => "transient").increment(1);
@@ -690,6 +678,9 @@ impl Consumer {
                     }
                 }
             }
+        }
+        for entry in alone {
+            Box::pin(self.process(vec![entry], false, shutdown, committed)).await?;
         }
         Ok(())
     }

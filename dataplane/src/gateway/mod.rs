@@ -213,6 +213,10 @@ pub struct Gateway {
     pub spec: ArcSwap<SaleSpec>,
     pub products: HashMap<String, ProductRuntime>,
     pub redis: RedisConn,
+    /// What carries purchase scripts outside group commit: in a cluster a
+    /// connection without re-routed retries (see the committers'), on one
+    /// Redis the same as `redis` (its retries reconnect, never resend).
+    pub purchases: RedisConn,
     pub verifier: TokenVerifier,
     /// Issues and checks this sale's purchase tickets.
     pub tickets: crate::ticket::TicketSigner,
@@ -303,6 +307,10 @@ impl Gateway {
             None => Vec::new(),
         };
         let redis = redis_target.connect_lazy(&conn_settings)?;
+        let purchases = match redis_target.mode {
+            RedisMode::Cluster => redis_target.connect_lazy(&commit_settings)?,
+            RedisMode::Standalone => redis.clone(),
+        };
         let mut committers = Vec::new();
         let products = doc
             .spec
@@ -350,6 +358,7 @@ impl Gateway {
             spec: ArcSwap::from_pointee(doc.spec.clone()),
             products,
             redis,
+            purchases,
             verifier: TokenVerifier::new(&settings.token_secret),
             tickets: crate::ticket::TicketSigner::new(&settings.token_secret, &sale)?,
             breaker: Breaker::new(5, Duration::from_secs(1)),

@@ -451,7 +451,8 @@ async fn handle(
                 Some(claim) if claim_inside => purchase.claiming(claim),
                 _ => purchase.invocation(),
             };
-            let call = invocation.invoke_async::<PurchaseAnswer>(&mut conn);
+            let mut purchases = gw.purchases.clone();
+            let call = invocation.invoke_async::<PurchaseAnswer>(&mut purchases);
             bounded(gw, "purchase script", call)
                 .await
                 .map(|answer| Decision {
