@@ -602,8 +602,8 @@ impl Consumer {
         // replica confirmed, claims after a consumer died, reads whose reply
         // was lost all count. Such an entry is persisted on its own after the
         // batch (a redelivered one is a no-op, then confirmed), so an entry
-        // that somehow breaks a batch cannot hold the others back; only the
-        // database refusing it fails it.
+        // that somehow breaks a batch cannot keep the others from being
+        // persisted; only the database refusing it fails it.
         let over_delivered = if history {
             self.over_delivered(&entries).await?
         } else {

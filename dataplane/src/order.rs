@@ -157,11 +157,11 @@ mod tests {
         // release.lua swaps the first word and appends the reason.
         let failed = OrderRecord::decode(
             id,
-            "failed 1 1763700000000 1.00 u1 a.01ARZ3NDEKTSV4RRFFQ69G5FAW delivered too many times",
+            "failed 1 1763700000000 1.00 u1 a.01ARZ3NDEKTSV4RRFFQ69G5FAW refused by the database",
         );
         assert!(matches!(failed, Some(r) if r.status == OrderStatus::Failed
             && r.prev.as_deref() == Some("a.01ARZ3NDEKTSV4RRFFQ69G5FAW")
-            && r.reason.as_deref() == Some("delivered too many times")));
+            && r.reason.as_deref() == Some("refused by the database")));
         let cancelled =
             OrderRecord::decode(id, "cancelled 1 1763700000000 1.00 u1  payment timeout");
         assert!(matches!(cancelled, Some(r) if r.prev.is_none()

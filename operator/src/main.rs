@@ -63,7 +63,8 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     telemetry::init(args.log_format)?;
-    // The Lease manager panics on these; say which flag is wrong instead.
+    // With grace ≥ duration the holder would renew in a busy loop, with 0
+    // only at expiry (leadership flapping): refuse them, naming the flags.
     if !args.no_leader_election
         && (args.lease_grace_seconds == 0
             || args.lease_grace_seconds >= args.lease_duration_seconds)

@@ -676,7 +676,7 @@ async fn apply(
     let mut sync_events = 0..0;
     let spec = if warmed_before || apply_now {
         let before = report.events.len();
-        let synced = sync_stores(sale, ctx, &urls, apply_now, problems, &mut report).await;
+        let synced = sync_stores(sale, ctx, &urls, apply_now, problems, &mut report).await?;
         sync_events = before..report.events.len();
         redis_trouble = synced.trouble;
         synced.spec
@@ -812,7 +812,7 @@ async fn sync_stores(
     apply_now: bool,
     problems: Vec<SpecProblem>,
     report: &mut Report<'_>,
-) -> Synced {
+) -> Result<Synced, Error> {
     let id = SaleId::new(sale.namespace().unwrap_or_default(), sale.name_any());
     let new = &sale.spec.sale;
     let generation = sale.metadata.generation;
@@ -830,14 +830,14 @@ async fn sync_stores(
         Ok(c) => c,
         Err(e) => {
             redis_unavailable(report, &e);
-            return trouble(held(None).await);
+            return Ok(trouble(held(None).await?));
         }
     };
     let running = match dataplane::live::read(&mut conn, &id).await {
         Ok(live) => live.map(|l| l.spec),
         Err(dataplane::live::LiveError::Redis(e)) => {
             redis_unavailable(report, &e);
-            return trouble(held(None).await);
+            return Ok(trouble(held(None).await?));
         }
         // Unreadable: the next apply publishes a fresh one.
         Err(e) => {
@@ -855,7 +855,7 @@ async fn sync_stores(
     let mut refused = (!problems.is_empty()).then_some(problems);
     if refused.is_none() && apply_now {
         let Some(store) = &store else {
-            return trouble(held(running.clone()).await);
+            return Ok(trouble(held(running.clone()).await?));
         };
         match stock::apply(&mut conn, store, &id, new, report.now).await {
             Ok(applied) => {
@@ -865,21 +865,21 @@ async fn sync_stores(
             Err(ApplyError::Refused(p)) => refused = Some(p),
             Err(ApplyError::Redis(e) | ApplyError::Warm(WarmError::Redis(e))) => {
                 redis_unavailable(report, &e);
-                return trouble(held(running.clone()).await);
+                return Ok(trouble(held(running.clone()).await?));
             }
             Err(ApplyError::Live(dataplane::live::LiveError::Redis(e))) => {
                 redis_unavailable(report, &e);
-                return trouble(held(running.clone()).await);
+                return Ok(trouble(held(running.clone()).await?));
             }
             Err(ApplyError::Store(e)) => {
                 database_unavailable(report, &e);
-                return trouble(held(running.clone()).await);
+                return Ok(trouble(held(running.clone()).await?));
             }
             Err(e) => {
                 let message = e.to_string();
                 warn!(%message, "applying the spec failed");
                 report.not_warmed("WarmFailed", message);
-                return trouble(held(running.clone()).await);
+                return Ok(trouble(held(running.clone()).await?));
             }
         }
     }
@@ -887,14 +887,14 @@ async fn sync_stores(
         None => new.clone(),
         // Redis may have lost the published spec with the rest of the sale:
         // then the pods keep what their ConfigMap holds, not the refused edit.
-        Some(_) => held(running.clone()).await,
+        Some(_) => held(running.clone()).await?,
     };
 
     let counters = match counters::product_counters(&mut conn, &id, &spec).await {
         Ok(c) => c,
         Err(e) => {
             redis_unavailable(report, &e);
-            return trouble(spec);
+            return Ok(trouble(spec));
         }
     };
     let inventory = match &store {
@@ -940,10 +940,10 @@ async fn sync_stores(
         // Lost keys are looked at again soon (a person may restore them);
         // an edit's own problems wait for the next edit.
         let lost = problems.iter().any(|p| p.reason == "StockMissing");
-        return Synced {
+        return Ok(Synced {
             spec,
             trouble: lost,
-        };
+        });
     }
     let missing: Vec<&str> = spec
         .products
@@ -963,10 +963,10 @@ async fn sync_stores(
                 spec.products.len()
             ),
         ));
-        Synced {
+        Ok(Synced {
             spec,
             trouble: store.is_none(),
-        }
+        })
     } else {
         // Redis lost keys it had (a restart without AOF?): re-warming would
         // sell stock twice, so a person decides.
@@ -975,49 +975,54 @@ async fn sync_stores(
             missing.join(", ")
         );
         report.not_warmed("StockMissing", message);
-        Synced {
+        Ok(Synced {
             spec,
             trouble: true,
-        }
+        })
     }
 }
 
 /// The spec a sale's data plane runs on while its own cannot apply: the one
 /// Redis published (`running`), else, when the sale was warmed and `edited`
-/// since, the one its ConfigMap holds; else the sale's own.
+/// since, the one its ConfigMap holds; else the sale's own. A ConfigMap that
+/// cannot be read fails the reconcile (retried), so its children stay as
+/// they are rather than take the unapplied edit.
 async fn in_force(
     ctx: &Context,
     sale: &FlashSale,
     edited: bool,
     running: Option<SaleSpec>,
-) -> SaleSpec {
+) -> Result<SaleSpec, Error> {
     if let Some(running) = running {
-        return running;
+        return Ok(running);
     }
-    if edited && let Some(deployed) = deployed_spec(ctx, sale).await {
-        return deployed;
+    if edited && let Some(deployed) = deployed_spec(ctx, sale).await? {
+        return Ok(deployed);
     }
-    sale.spec.sale.clone()
+    Ok(sale.spec.sale.clone())
 }
 
 /// The spec in the sale's ConfigMap, the one its pods run; `None` if there
-/// is none yet or it cannot be read.
-async fn deployed_spec(ctx: &Context, sale: &FlashSale) -> Option<SaleSpec> {
-    let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &sale.namespace()?);
-    let map = match maps
-        .get_opt(&children::config_map_name(&sale.name_any()))
-        .await
-    {
-        Ok(map) => map?,
-        Err(e) => {
-            warn!(error = %e, "the sale's ConfigMap not read");
-            return None;
-        }
+/// is none yet (or its document does not parse: written by another version).
+async fn deployed_spec(ctx: &Context, sale: &FlashSale) -> Result<Option<SaleSpec>, Error> {
+    let ns = sale.namespace().unwrap_or_default();
+    let name = children::config_map_name(&sale.name_any());
+    let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let map = maps.get_opt(&name).await.map_err(|source| Error::Kube {
+        action: "read",
+        object: format!("ConfigMap {ns}/{name}"),
+        source,
+    })?;
+    let Some(document) = map.and_then(|m| m.data?.remove(children::CONFIG_KEY)) else {
+        return Ok(None);
     };
-    let document = map.data?.remove(children::CONFIG_KEY)?;
-    dataplane::spec::SaleDocument::parse(&document, "ConfigMap")
-        .ok()
-        .map(|d| d.spec)
+    match dataplane::spec::SaleDocument::parse(&document, "ConfigMap") {
+        Ok(doc) => Ok(Some(doc.spec)),
+        Err(e) => {
+            warn!(error = %e, "the sale's ConfigMap does not parse");
+            Ok(None)
+        }
+    }
 }
 
 fn database_unavailable(report: &mut Report<'_>, e: &dataplane::store::StoreError) {

@@ -25,7 +25,9 @@ impl Schedule {
             Phase::Active => Some((Phase::Ended, spec.end_time)),
             Phase::Ended => None,
         };
-        let settle = jiff::SignedDuration::from_secs(i64::from(spec.payment.timeout_seconds));
+        // Unpaid orders are cancelled up to the timeout after the end, and an
+        // order persisted late up to 30 s after its row (the sweeper's grace).
+        let settle = jiff::SignedDuration::from_secs(i64::from(spec.payment.timeout_seconds) + 30);
         let settled = spec.end_time.checked_add(settle).unwrap_or(Timestamp::MAX);
         Self {
             phase,
@@ -95,10 +97,11 @@ mod tests {
             (-5, Phase::Warming, Some(Duration::from_secs(5))),
             (0, Phase::Active, Some(Duration::from_secs(15))),
             (1795, Phase::Active, Some(Duration::from_secs(5))),
-            // Ended, but orders still time out (payment.timeoutSeconds 600).
+            // Ended, but orders still time out (payment.timeoutSeconds 600,
+            // and 30 s for an order persisted late).
             (1800, Phase::Ended, Some(Duration::from_secs(15))),
-            (2395, Phase::Ended, Some(Duration::from_secs(5))),
-            (2400, Phase::Ended, None),
+            (2425, Phase::Ended, Some(Duration::from_secs(5))),
+            (2430, Phase::Ended, None),
         ];
         for (secs, phase, requeue) in cases {
             let now = at(&s, secs);

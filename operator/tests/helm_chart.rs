@@ -251,6 +251,14 @@ fn the_schema_rejects_bad_values() -> anyhow::Result<()> {
         let error = r.schema_error.unwrap_or_default();
         assert!(error.contains(expected), "{values}: {error:?}");
     }
+    // Beyond the schema (two fields compared): the template refuses it.
+    let r =
+        render(json!({"leaderElection": {"leaseDurationSeconds": 15, "leaseGraceSeconds": 15}}))?;
+    let error = r.render_error.unwrap_or_default();
+    assert!(
+        error.contains("leaseGraceSeconds must be below"),
+        "{error:?}"
+    );
     Ok(())
 }
 

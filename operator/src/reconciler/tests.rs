@@ -900,13 +900,25 @@ async fn an_edit_while_redis_is_unreachable_rolls_no_pods() -> anyhow::Result<()
         ),
         database: stores.pg.url(),
     };
+    const CONFIG_MAP: &str = "/api/v1/namespaces/shop/configmaps/singles-day-dataplane";
+    // The ConfigMap cannot be read: the reconcile fails (and is retried)
+    // before it writes anything.
+    let task = run(&sale, &ctx);
+    serve_secrets(&mut server, &unreachable).await;
+    server.expect(Method::GET, CONFIG_MAP).await.respond(
+        403,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "configmaps is forbidden"}),
+    );
+    let failed = tokio::time::timeout(Duration::from_secs(10), task).await??;
+    assert!(
+        matches!(&failed, Err(Error::Kube { action: "read", .. })),
+        "{failed:?}"
+    );
+
     let task = run(&sale, &ctx);
     serve_secrets(&mut server, &unreachable).await;
     server
-        .expect(
-            Method::GET,
-            "/api/v1/namespaces/shop/configmaps/singles-day-dataplane",
-        )
+        .expect(Method::GET, CONFIG_MAP)
         .await
         .respond(200, &serde_json::to_value(&deployed.config_map)?);
     let applied = serve_applies(&mut server, 2, NONE, None).await;

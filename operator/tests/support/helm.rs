@@ -42,6 +42,8 @@ pub struct Rendered {
     pub notes: String,
     pub crds: Vec<Value>,
     pub schema_error: Option<String>,
+    /// A template's `fail`, as `helm install` would print it.
+    pub render_error: Option<String>,
     pub lint: Value,
 }
 
@@ -130,6 +132,7 @@ pub fn render_chart(chart: &Path, values: Value) -> anyhow::Result<Rendered> {
         notes,
         crds,
         schema_error: reply["schema_error"].as_str().map(String::from),
+        render_error: reply["render_error"].as_str().map(String::from),
         lint: reply["lint"].clone(),
     })
 }
