@@ -195,8 +195,9 @@ async fn an_over_delivered_entry_never_persisted_is_persisted_not_failed() -> Te
 }
 
 /// One order's entry delivered twelve times (its row committed first when
-/// `persisted`), then a consumer: the order ends confirmed with one row,
-/// nothing dead-lettered, no stock given back, the entry acknowledged.
+/// `persisted`) and two more delivered once, all pending on one consumer, so
+/// its first read holds the three: every order ends confirmed with one row,
+/// nothing dead-lettered, no stock given back, every entry acknowledged.
 async fn over_delivered_entry_is_confirmed(name: &str, persisted: bool) -> TestResult {
     let servers = Servers::start()?;
     let doc = sale(name, &[("item", 10, 1)]);
@@ -210,6 +211,17 @@ async fn over_delivered_entry_is_confirmed(name: &str, persisted: bool) -> TestR
         assert_eq!(persist_alices(&store, &doc, &id, &entry).await?, 1);
     }
     deliver_many_times(&mut conn, &keys, &entry, 12).await?;
+    let (bob, _) = buy_as(&mut conn, &keys, "bob", 8).await?;
+    let (carol, _) = buy_as(&mut conn, &keys, "carol", 7).await?;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("persist")
+        .arg("test-consumer-0")
+        .arg("STREAMS")
+        .arg(keys.stream())
+        .arg(">")
+        .query_async(&mut conn)
+        .await?;
 
     let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
     let confirmed = order_reaches(
@@ -220,6 +232,17 @@ async fn over_delivered_entry_is_confirmed(name: &str, persisted: bool) -> TestR
         Duration::from_secs(15),
     )
     .await;
+    for other in [&bob, &carol] {
+        let done = order_reaches(
+            &conn,
+            &keys.orders(),
+            other,
+            OrderStatus::Confirmed,
+            Duration::from_secs(15),
+        )
+        .await;
+        assert!(done, "{other} confirmed");
+    }
     consumers.stop().await;
     let record: Option<String> = redis::cmd("HGET")
         .arg(keys.orders())
@@ -228,7 +251,7 @@ async fn over_delivered_entry_is_confirmed(name: &str, persisted: bool) -> TestR
         .await?;
     assert!(confirmed, "the order is confirmed, not failed: {record:?}");
     let rows = store.product_orders(&doc.id(), "item").await?;
-    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows.len(), 3, "{rows:?}");
     let dead: i64 = redis::cmd("XLEN")
         .arg(keys.dead_letter())
         .query_async(&mut conn)
@@ -238,7 +261,7 @@ async fn over_delivered_entry_is_confirmed(name: &str, persisted: bool) -> TestR
         .arg(keys.stock())
         .query_async(&mut conn)
         .await?;
-    assert_eq!(remaining, 9, "no stock given back");
+    assert_eq!(remaining, 7, "no stock given back");
     let pending: (u64, Option<String>, Option<String>, redis::Value) = redis::cmd("XPENDING")
         .arg(keys.stream())
         .arg("persist")
@@ -315,9 +338,19 @@ async fn buy_one(
     keys: &ProductKeys,
     remaining: i64,
 ) -> Result<(String, String), Box<dyn std::error::Error + Send + Sync>> {
+    buy_as(conn, keys, "alice", remaining).await
+}
+
+/// [`buy_one`] for `user`.
+async fn buy_as(
+    conn: &mut redis::aio::ConnectionManager,
+    keys: &ProductKeys,
+    user: &str,
+    remaining: i64,
+) -> Result<(String, String), Box<dyn std::error::Error + Send + Sync>> {
     let id = new_order_id("item");
     let answer: scripts::PurchaseAnswer =
-        scripts::Purchase::new_buyer(&keys.purchase_keys(), "alice", &id)
+        scripts::Purchase::new_buyer(&keys.purchase_keys(), user, &id)
             .invocation()
             .invoke_async(conn)
             .await?;
