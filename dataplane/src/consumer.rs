@@ -122,6 +122,8 @@ struct Reader {
     wait: Option<ReplicaWait>,
     /// Per stream, the product's wait mark written before that WAIT.
     marks: std::sync::Arc<Vec<String>>,
+    /// The sale's meta record (`rejoin.lua` checks it).
+    meta: String,
     /// Set when one stream's read failed while others succeeded: its
     /// entries are pending here and the next read must go through history.
     reread: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -185,15 +187,49 @@ impl Reader {
     }
 
     /// A stream without the consumer group: Redis lost its data (a restart
-    /// without AOF). The group (and the stream, if no purchase wrote it
-    /// since) is created again from the stream's start, as at the consumer's
-    /// start, so the next read blocks as usual. (The operator stops the
-    /// consumers before it clears a deleted sale's keys.)
+    /// without AOF), or the sale is being cleared. The group is created again
+    /// from the stream's start. On one Redis (one read covers every stream,
+    /// so one missing stream stops them all) `rejoin.lua` also creates a
+    /// stream no purchase wrote since, but only while the sale's meta record
+    /// exists, so a cleared sale is not written again. In a cluster only an
+    /// existing stream gets its group (a missing one fails its own read
+    /// only, until a purchase writes it). With nothing created the read
+    /// waits its block time, so a missing stream does not spin the loop.
     async fn rejoin(&self, mut conn: RedisConn, names: &[String]) -> Result<(), ConsumerError> {
-        for name in names {
-            if join_group(&mut conn, name).await? {
-                tracing::warn!(stream = %name, "the stream had lost its consumer group (Redis lost data?); created it again");
+        let mut created = 0;
+        match conn.mode() {
+            RedisMode::Standalone => {
+                let mut call = crate::scripts::REJOIN.key(&self.meta);
+                for name in names {
+                    call.key(name);
+                }
+                created = call
+                    .arg(CONSUMER_GROUP)
+                    .invoke_async::<usize>(&mut conn)
+                    .await?;
             }
+            RedisMode::Cluster => {
+                for name in names {
+                    let made: redis::RedisResult<()> = redis::cmd("XGROUP")
+                        .arg("CREATE")
+                        .arg(name)
+                        .arg(CONSUMER_GROUP)
+                        .arg("0")
+                        .exec_async(&mut conn)
+                        .await;
+                    match made {
+                        Ok(()) => created += 1,
+                        // The group is back, or the stream is not (yet).
+                        Err(e) if matches!(e.code(), Some("BUSYGROUP" | "ERR")) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        if created > 0 {
+            tracing::warn!(streams = ?names, created, "streams had lost their consumer group (Redis lost data?); created again");
+        } else {
+            tokio::time::sleep(Duration::from_millis(self.block_ms as u64)).await;
         }
         Ok(())
     }
@@ -388,6 +424,7 @@ impl Consumer {
                 .unwrap_or_else(|| Durability::default_for(target.mode))
                 .wait(settings.replica_wait),
             marks: std::sync::Arc::new(streams.iter().map(|s| s.keys.wait_mark()).collect()),
+            meta: crate::keys::SaleKeys::new(&sale).meta(),
             reread: Default::default(),
         };
         let mut consumer = Self {

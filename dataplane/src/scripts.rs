@@ -9,6 +9,11 @@ use redis::{Cmd, FromRedisValue, RedisResult, RedisWrite, Script, ToRedisArgs};
 use crate::keys::PurchaseKeys;
 
 /// The purchase decision (`purchase.lua`).
+/// `rejoin.lua`: a consumer's lost groups created again, only while the
+/// sale's meta record exists (standalone).
+pub static REJOIN: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/rejoin.lua")));
+
 pub static PURCHASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/purchase.lua")));
 /// Stock and limit returned for an order that will not be fulfilled

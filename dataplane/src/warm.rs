@@ -174,6 +174,12 @@ pub async fn clear_sale<C: ConnectionLike + Send>(
 ) -> Result<usize, redis::RedisError> {
     let sale_keys = SaleKeys::new(sale);
     let all = known_skus(conn, sale, skus.iter().cloned()).await?;
+    // The sale's keys (its meta record) first: a consumer still shutting
+    // down re-creates a lost stream group only while the meta record exists.
+    let n: usize = redis::cmd("DEL")
+        .arg(sale_keys.all())
+        .query_async(conn)
+        .await?;
     let mut deleted = 0usize;
     for sku in &all {
         // One DEL per product: its keys share a slot, as Redis Cluster requires.
@@ -183,9 +189,5 @@ pub async fn clear_sale<C: ConnectionLike + Send>(
             .await?;
         deleted += n;
     }
-    let n: usize = redis::cmd("DEL")
-        .arg(sale_keys.all())
-        .query_async(conn)
-        .await?;
     Ok(deleted + n)
 }
