@@ -210,17 +210,10 @@ impl Reader {
             }
             RedisMode::Cluster => {
                 for name in names {
-                    let made: redis::RedisResult<()> = redis::cmd("XGROUP")
-                        .arg("CREATE")
-                        .arg(name)
-                        .arg(CONSUMER_GROUP)
-                        .arg("0")
-                        .exec_async(&mut conn)
-                        .await;
-                    match made {
-                        Ok(()) => created += 1,
-                        // The group is back, or the stream is not (yet).
-                        Err(e) if matches!(e.code(), Some("BUSYGROUP" | "ERR")) => {}
+                    match join_group(&mut conn, name, false).await {
+                        Ok(made) => created += usize::from(made),
+                        // The stream is not (yet) there.
+                        Err(e) if e.code() == Some("ERR") => {}
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -293,20 +286,24 @@ impl Reader {
     }
 }
 
-/// Creates the `persist` group on `stream` (and the stream, if need be),
-/// reading from its start; false if it was there already.
+/// Creates the `persist` group on `stream` (and, with `make_stream`, the
+/// stream if need be; without, a missing stream is an `ERR`), reading from
+/// its start; false if it was there already.
 pub(crate) async fn join_group<C: redis::aio::ConnectionLike + Send>(
     conn: &mut C,
     stream: &str,
+    make_stream: bool,
 ) -> redis::RedisResult<bool> {
-    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+    let mut create = redis::cmd("XGROUP");
+    create
         .arg("CREATE")
         .arg(stream)
         .arg(CONSUMER_GROUP)
-        .arg("0")
-        .arg("MKSTREAM")
-        .exec_async(conn)
-        .await;
+        .arg("0");
+    if make_stream {
+        create.arg("MKSTREAM");
+    }
+    let created: redis::RedisResult<()> = create.exec_async(conn).await;
     match created {
         Ok(()) => Ok(true),
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
@@ -466,7 +463,7 @@ impl Consumer {
         self.store.migrate().await?;
         self.store.ensure_inventory(&self.sale, &doc.spec).await?;
         for s in &self.streams {
-            join_group(&mut self.redis, &s.name).await?;
+            join_group(&mut self.redis, &s.name, true).await?;
         }
         Ok(())
     }

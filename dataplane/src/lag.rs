@@ -251,7 +251,9 @@ mod tests {
     }
 
     async fn create_group(conn: &mut ConnectionManager, stream: &str) -> redis::RedisResult<()> {
-        crate::consumer::join_group(conn, stream).await.map(|_| ())
+        crate::consumer::join_group(conn, stream, true)
+            .await
+            .map(|_| ())
     }
 
     /// Delivers `n` entries to a consumer of the group and returns their ids.

@@ -193,7 +193,7 @@ async fn write_state<C: ConnectionLike + Send>(
         .arg(0)
         .exec_async(conn)
         .await?;
-    crate::consumer::join_group(conn, &keys.stream()).await?;
+    crate::consumer::join_group(conn, &keys.stream(), true).await?;
     Ok(())
 }
 

@@ -213,15 +213,7 @@ async fn over_delivered_entry_is_confirmed(name: &str, persisted: bool) -> TestR
     deliver_many_times(&mut conn, &keys, &entry, 12).await?;
     let (bob, _) = buy_as(&mut conn, &keys, "bob", 8).await?;
     let (carol, _) = buy_as(&mut conn, &keys, "carol", 7).await?;
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("persist")
-        .arg("test-consumer-0")
-        .arg("STREAMS")
-        .arg(keys.stream())
-        .arg(">")
-        .query_async(&mut conn)
-        .await?;
+    deliver_new(&mut conn, &keys).await?;
 
     let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
     let confirmed = order_reaches(
@@ -286,15 +278,7 @@ async fn deliver_many_times(
         .arg("0")
         .exec_async(conn)
         .await?;
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("persist")
-        .arg("test-consumer-0")
-        .arg("STREAMS")
-        .arg(keys.stream())
-        .arg(">")
-        .query_async(conn)
-        .await?;
+    deliver_new(conn, keys).await?;
     for _ in 1..times {
         let _: redis::Value = redis::cmd("XCLAIM")
             .arg(keys.stream())
@@ -305,6 +289,20 @@ async fn deliver_many_times(
             .query_async(conn)
             .await?;
     }
+    Ok(())
+}
+
+/// Delivers the stream's undelivered entries to `test-consumer-0` once.
+async fn deliver_new(conn: &mut redis::aio::ConnectionManager, keys: &ProductKeys) -> TestResult {
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("persist")
+        .arg("test-consumer-0")
+        .arg("STREAMS")
+        .arg(keys.stream())
+        .arg(">")
+        .query_async(conn)
+        .await?;
     Ok(())
 }
 
