@@ -793,22 +793,23 @@ impl Consumer {
                 }
                 let rows: Vec<&OrderRow> = mine.iter().filter_map(|e| e.row.as_ref()).collect();
                 let mut pipe = redis::pipe();
-                pipe.load_script(&scripts::TRANSITION).ignore();
+                pipe.load_script(&scripts::CONFIRM).ignore();
                 let ids: Vec<&str> = rows.iter().map(|r| r.order_id.as_str()).collect();
-                let mut inv = scripts::TRANSITION.prepare_invoke();
+                let acks: Vec<&str> = mine.iter().map(|e| e.id.as_str()).collect();
+                // The confirmation and the XACK in one script: a refused
+                // write (OOM) leaves the entries pending, not acknowledged.
+                let mut inv = scripts::CONFIRM.prepare_invoke();
                 inv.key(s.keys.orders())
                     .key(s.keys.info())
+                    .key(&s.name)
+                    .arg(CONSUMER_GROUP)
+                    .arg(ids.len())
                     .arg(OrderStatus::Confirmed.as_str())
                     .arg(OrderStatus::Accepted.as_str())
-                    .arg(ids);
+                    .arg(ids)
+                    .arg(acks);
                 // Not ignored: it answers the statuses its orders had before.
                 pipe.invoke_script(&inv);
-                let acks: Vec<&str> = mine.iter().map(|e| e.id.as_str()).collect();
-                pipe.cmd("XACK")
-                    .arg(&s.name)
-                    .arg(CONSUMER_GROUP)
-                    .arg(acks)
-                    .ignore();
                 // A confirmation no replica holds is not relied on: the batch
                 // is read again from history (re-insert is a no-op) and
                 // confirmed again, and its orders are not announced yet.
@@ -834,40 +835,29 @@ impl Consumer {
     async fn dead_letter(&mut self, entry: &Entry, reason: &str) -> Result<(), ConsumerError> {
         let s = &self.streams[entry.stream];
         tracing::error!(entry = %entry.id, stream = %s.name, reason, "dead-lettering entry");
-        metrics::counter!("flashsale_consumer_dead_lettered_total").increment(1);
         let order_id = entry.row.as_ref().map(|r| r.order_id.clone());
-        let mut pipe = redis::pipe();
-        pipe.cmd("XADD")
-            .arg(s.keys.dead_letter())
-            .arg("*")
-            .arg("entry")
-            .arg(&entry.id)
-            .arg("order")
-            .arg(order_id.as_deref().unwrap_or(""))
-            .arg("reason")
-            .arg(reason)
-            .ignore();
-        pipe.load_script(&scripts::RELEASE).ignore();
-        let mut inv = scripts::RELEASE.prepare_invoke();
-        if let Some(id) = &order_id {
+        // Copy, release and XACK in one script: Redis runs an XACK even out
+        // of memory, so pipelined after a refused release it acknowledged an
+        // order never ended.
+        let mut inv = scripts::DEAD_LETTER.prepare_invoke();
+        inv.key(&s.name).key(s.keys.dead_letter());
+        if order_id.is_some() {
             inv.key(s.keys.orders())
                 .key(s.keys.stock())
                 .key(s.keys.buyers())
-                .key(s.keys.info())
-                .arg(id)
-                .arg(OrderStatus::Failed.as_str())
-                .arg(reason);
-            pipe.invoke_script(&inv);
+                .key(s.keys.info());
         }
-        pipe.cmd("XACK")
-            .arg(&s.name)
-            .arg(CONSUMER_GROUP)
+        inv.arg(CONSUMER_GROUP)
             .arg(&entry.id)
-            .ignore();
-        let released: Vec<(String, String)> = pipe.query_async(&mut self.redis).await?;
+            .arg(order_id.as_deref().unwrap_or(""))
+            .arg(reason);
+        let mut pipe = redis::pipe();
+        pipe.load_script(&scripts::DEAD_LETTER).ignore();
+        pipe.invoke_script(&inv);
+        let (released,): ((String, String),) = pipe.query_async(&mut self.redis).await?;
+        metrics::counter!("flashsale_consumer_dead_lettered_total").increment(1);
         // Told once: only the call that moved the order pushes.
-        if let (Some(id), Some(row), Some((outcome, _))) =
-            (&order_id, entry.row.as_ref(), released.first())
+        if let (Some(id), Some(row), (outcome, _)) = (&order_id, entry.row.as_ref(), &released)
             && outcome == "released"
         {
             let event = OrderEvent::new(id, &s.sku, OrderStatus::Failed, Some(reason.to_string()));
@@ -956,7 +946,7 @@ struct Finish {
 
 /// One stream's part of a [`Finish`].
 struct SlotFinish {
-    /// SCRIPT LOAD, one transition call, XACK.
+    /// SCRIPT LOAD, then one call that confirms and acknowledges.
     pipe: redis::Pipeline,
     /// (order id, user, sku) in the transition call's argument order.
     confirming: Vec<(String, String, String)>,

@@ -32,6 +32,29 @@ pub static TRANSITION: LazyLock<Script> = LazyLock::new(|| {
         include_str!("scripts/transition.lua")
     ))
 });
+/// A committed batch's orders confirmed and its entries acknowledged in one
+/// call (`confirm.lua` after `transition.lua` as a function), so a refused
+/// confirmation acknowledges nothing.
+pub static CONFIRM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("scripts/counters.lua"),
+        "local function transition(KEYS, ARGV)\n",
+        include_str!("scripts/transition.lua"),
+        "end\n",
+        include_str!("scripts/confirm.lua")
+    ))
+});
+/// An entry given up on in one call (`dead_letter.lua` after `release.lua`
+/// as a function): copied, its order failed, then acknowledged.
+pub static DEAD_LETTER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("scripts/counters.lua"),
+        "local function release(KEYS, ARGV)\n",
+        include_str!("scripts/release.lua"),
+        "end\n",
+        include_str!("scripts/dead_letter.lua")
+    ))
+});
 /// A buyer's Idempotency-Key bound to its first request in the sale
 /// (`claim.lua`): `{'new' | 'same' | 'reused', the key's first request, ''}`.
 pub static CLAIM_KEY: LazyLock<Script> = LazyLock::new(|| {

@@ -19,34 +19,9 @@ async fn refused_entry_is_dead_lettered_and_its_stock_returned_once() -> TestRes
     let mut conn = servers.redis_conn().await?;
     let keys = ProductKeys::new(&doc.id(), "item");
 
-    // A real purchase through the script (stock 10 -> 9) ...
-    let (id, entry) = buy_one(&mut conn, &keys, 9).await?;
-    // ... whose stream entry is then corrupted so PostgreSQL refuses it
-    // (quantity -1 breaks the CHECK), plus an entry that cannot even be parsed.
-    redis::cmd("XDEL")
-        .arg(keys.stream())
-        .arg(&entry)
-        .exec_async(&mut conn)
-        .await?;
-    redis::cmd("XADD")
-        .arg(keys.stream())
-        .arg("*")
-        .arg(&[
-            "id",
-            id.as_str(),
-            "user",
-            "alice",
-            "qty",
-            "-1",
-            "seq",
-            "1",
-            "price",
-            "19.99",
-            "at",
-            "1763700000000",
-        ])
-        .exec_async(&mut conn)
-        .await?;
+    // A real purchase through the script (stock 10 -> 9) whose stream entry
+    // PostgreSQL refuses, plus an entry that cannot even be parsed.
+    let id = buy_one_refused(&mut conn, &keys, 9).await?;
     redis::cmd("XADD")
         .arg(keys.stream())
         .arg("*")
@@ -263,6 +238,122 @@ async fn over_delivered_entry_is_confirmed(name: &str, persisted: bool) -> TestR
     Ok(())
 }
 
+/// Redis out of memory (maxmemory with noeviction) refuses the consumer's
+/// writes but not its reads, nor an XACK: a committed order's confirmation
+/// and a refused order's release both fail, and neither entry may be
+/// acknowledged before its order is ended. Once memory is back, the good
+/// order ends confirmed and the refused one failed with its unit returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_entry_is_acknowledged_while_redis_refuses_its_order_s_writes() -> TestResult {
+    let servers = Servers::start()?;
+    let doc = sale("oom", &[("item", 10, 1)]);
+    warm(&servers, &doc).await?;
+    let mut conn = servers.redis_conn().await?;
+    let keys = ProductKeys::new(&doc.id(), "item");
+    // PostgreSQL refuses alice's order.
+    let bad = buy_one_refused(&mut conn, &keys, 9).await?;
+    let (good, _) = buy_as(&mut conn, &keys, "bob", 8).await?;
+    let admin = conn.clone();
+    let memory = |limit: &'static str| {
+        let mut conn = admin.clone();
+        async move {
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("maxmemory-policy")
+                .arg("noeviction")
+                .arg("maxmemory")
+                .arg(limit)
+                .exec_async(&mut conn)
+                .await
+        }
+    };
+    // The consumer starts with memory to spare (it creates its group), and
+    // reads both entries while a lock holds its inserts back; memory runs
+    // out before the inserts go on.
+    let store = servers.store().await?;
+    let mut locker = store.pool().get().await?;
+    let lock = locker.transaction().await?;
+    lock.batch_execute("LOCK TABLE flashsale_orders IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let consumers = RunningConsumers::start(&doc, &servers, 1).await?;
+    let read = pending_becomes(&conn, &keys, 2, Duration::from_secs(20)).await;
+    assert!(read, "the consumer read both entries");
+    memory("1").await?;
+    lock.rollback().await?;
+    // Read and attempted at least twice, still out of memory.
+    let retried = eventually(Duration::from_secs(20), || {
+        let mut conn = conn.clone();
+        let stream = keys.stream();
+        async move {
+            let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+                .arg(&stream)
+                .arg("persist")
+                .arg("-")
+                .arg("+")
+                .arg(10)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            pending.len() == 2 && pending.iter().all(|p| p.3 >= 2)
+        }
+    })
+    .await;
+    let pending: (u64, Option<String>, Option<String>, redis::Value) = redis::cmd("XPENDING")
+        .arg(keys.stream())
+        .arg("persist")
+        .query_async(&mut conn)
+        .await?;
+    let statuses = (
+        order_status(&mut conn, &keys, &bad).await?,
+        order_status(&mut conn, &keys, &good).await?,
+    );
+    memory("0").await?;
+    assert!(retried, "both entries read again while out of memory");
+    assert_eq!(
+        pending.0, 2,
+        "nothing acknowledged while its order's writes are refused"
+    );
+    assert_eq!(statuses, (OrderStatus::Accepted, OrderStatus::Accepted));
+
+    for (id, end) in [(&good, OrderStatus::Confirmed), (&bad, OrderStatus::Failed)] {
+        let reached = order_reaches(&conn, &keys.orders(), id, end, Duration::from_secs(20)).await;
+        assert!(reached, "{id} ends {end:?}");
+    }
+    let acknowledged = pending_becomes(&conn, &keys, 0, Duration::from_secs(10)).await;
+    consumers.stop().await;
+    assert!(
+        acknowledged,
+        "both entries acknowledged once their orders ended"
+    );
+    let dead: i64 = redis::cmd("XLEN")
+        .arg(keys.dead_letter())
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(dead, 1, "alice's entry dead-lettered once");
+    let remaining: i64 = redis::cmd("GET")
+        .arg(keys.stock())
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(remaining, 9, "alice's unit came back, bob's stays sold");
+    assert_eq!(order_rows(&store, "test/oom").await?, (1, 1));
+    Ok(())
+}
+
+async fn order_status(
+    conn: &mut redis::aio::ConnectionManager,
+    keys: &ProductKeys,
+    id: &str,
+) -> Result<OrderStatus, Box<dyn std::error::Error + Send + Sync>> {
+    let raw: String = redis::cmd("HGET")
+        .arg(keys.orders())
+        .arg(id)
+        .query_async(conn)
+        .await?;
+    Ok(OrderRecord::decode(id, &raw)
+        .ok_or("not an order record")?
+        .status)
+}
+
 /// Delivers `entry` (not yet delivered) to `test-consumer-0` `times` times,
 /// as re-reads and claims would.
 async fn deliver_many_times(
@@ -337,6 +428,58 @@ async fn buy_one(
     remaining: i64,
 ) -> Result<(String, String), Box<dyn std::error::Error + Send + Sync>> {
     buy_as(conn, keys, "alice", remaining).await
+}
+
+/// [`buy_one`], its stream entry then replaced by one PostgreSQL refuses
+/// (quantity -1 breaks the CHECK); the order id.
+async fn buy_one_refused(
+    conn: &mut redis::aio::ConnectionManager,
+    keys: &ProductKeys,
+    remaining: i64,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let (id, entry) = buy_one(conn, keys, remaining).await?;
+    redis::cmd("XDEL")
+        .arg(keys.stream())
+        .arg(&entry)
+        .exec_async(conn)
+        .await?;
+    let fields = [
+        ("id", id.as_str()),
+        ("user", "alice"),
+        ("qty", "-1"),
+        ("seq", "1"),
+        ("price", "19.99"),
+        ("at", "1763700000000"),
+    ];
+    redis::cmd("XADD")
+        .arg(keys.stream())
+        .arg("*")
+        .arg(&fields)
+        .exec_async(conn)
+        .await?;
+    Ok(id)
+}
+
+/// Whether the stream's pending count becomes `count` within `timeout`.
+async fn pending_becomes(
+    conn: &redis::aio::ConnectionManager,
+    keys: &ProductKeys,
+    count: u64,
+    timeout: Duration,
+) -> bool {
+    eventually(timeout, || {
+        let mut conn = conn.clone();
+        let stream = keys.stream();
+        async move {
+            redis::cmd("XPENDING")
+                .arg(&stream)
+                .arg("persist")
+                .query_async::<(u64, Option<String>, Option<String>, redis::Value)>(&mut conn)
+                .await
+                .is_ok_and(|p| p.0 == count)
+        }
+    })
+    .await
 }
 
 /// [`buy_one`] for `user`.
