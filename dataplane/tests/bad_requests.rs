@@ -135,6 +135,15 @@ async fn malformed_requests_get_json_errors_and_write_nothing() -> TestResult {
             "other",
         ),
         (
+            "a sale name that is not UTF-8",
+            gw.url("/v1/sales/%FF/purchase"),
+            Some(&good),
+            r#"{"sku":"item","quantity":1}"#.into(),
+            StatusCode::NOT_FOUND,
+            "unknown_sale",
+            "%FF",
+        ),
+        (
             "missing token",
             purchase.clone(),
             None,
@@ -225,8 +234,10 @@ async fn malformed_requests_get_json_errors_and_write_nothing() -> TestResult {
             req = req.header("authorization", a);
         }
         let resp = req.send().await?;
-        assert_eq!(resp.status(), status, "{name}");
-        let json: Value = resp.json().await?;
+        let got = resp.status();
+        let text = resp.text().await?;
+        assert_eq!(got, status, "{name}: {text}");
+        let json: Value = serde_json::from_str(&text)?;
         assert_eq!(json["error"], code, "{name}: {json}");
         let message = json["message"].as_str().unwrap_or_default();
         assert!(
@@ -270,6 +281,33 @@ async fn malformed_requests_get_json_errors_and_write_nothing() -> TestResult {
         (json["error"].as_str(), json["contentType"].as_str()),
         (Some("unsupported_media_type"), Some("text/plain"))
     );
+    // A path segment that is not UTF-8 once decoded: the route's JSON 404
+    // naming it, as every other unknown name gets.
+    for (url, code) in [
+        ("/v1/orders/%FF", "unknown_order"),
+        ("/v1/sales/%FF", "unknown_sale"),
+        ("/shop/%FF", "unknown_sale"),
+    ] {
+        let resp = http
+            .get(gw.url(url))
+            .header("authorization", &good)
+            .send()
+            .await?;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{url}");
+        let json: Value = resp.json().await?;
+        assert_eq!(json["error"], code, "{url}: {json}");
+        assert!(
+            json["message"].as_str().unwrap_or_default().contains("%FF"),
+            "{url}: {json}"
+        );
+    }
+    let resp = http
+        .post(gw.url("/v1/sales/%FF/tickets"))
+        .header("authorization", &good)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(resp.json::<Value>().await?["error"], "unknown_sale");
     // An oversized Authorization header is a 400 on every route that reads it.
     let huge = format!("Bearer {}", "x".repeat(5000));
     for url in [

@@ -119,3 +119,32 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+/// One path parameter, percent-decoded. axum's `Path` answers a segment that
+/// does not decode to UTF-8 (`%FF`) with a plain-text 400; this keeps such a
+/// segment as sent instead (found by the matched route's template), so the
+/// handler answers its JSON 404 naming it (no sale name or order id is
+/// anything but ASCII).
+pub struct Segment(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Segment {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        use axum::extract::{MatchedPath, Path};
+        if let Ok(Path(decoded)) = Path::<String>::from_request_parts(parts, state).await {
+            return Ok(Self(decoded));
+        }
+        let raw = parts.extensions.get::<MatchedPath>().and_then(|m| {
+            m.as_str()
+                .split('/')
+                .zip(parts.uri.path().split('/'))
+                .find(|(template, _)| template.starts_with('{'))
+                .map(|(_, sent)| sent.to_string())
+        });
+        Ok(Self(raw.unwrap_or_default()))
+    }
+}

@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use super::error::Segment;
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -60,7 +61,7 @@ impl OrderView {
 )]
 pub async fn get_order(
     State(gw): State<Arc<Gateway>>,
-    Path(id): Path<String>,
+    Segment(id): Segment,
     headers: HeaderMap,
 ) -> Response {
     match lookup(&gw, &id, &headers).await {

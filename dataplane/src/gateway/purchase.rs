@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use super::Gateway;
 use super::commit::Decision;
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ErrorBody, Segment};
 use super::tickets;
 use crate::order::new_order_id;
 use crate::redis_conn::RedisMode;
@@ -184,7 +184,7 @@ pub mod outcome {
 )]
 pub async fn purchase(
     State(gw): State<Arc<Gateway>>,
-    Path(sale): Path<String>,
+    Segment(sale): Segment,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: axum::extract::Request,
 ) -> Response {

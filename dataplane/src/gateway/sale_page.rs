@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -25,7 +25,7 @@ use sha2::Digest;
 use tokio_util::sync::CancellationToken as Shutdown;
 
 use super::Gateway;
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ErrorBody, Segment};
 use crate::spec::{Phase, SaleSpec};
 
 /// A CDN (or a browser) may hold an answer this long.
@@ -204,7 +204,7 @@ impl SalePageMetrics {
 )]
 pub async fn get_sale(
     State(gw): State<Arc<Gateway>>,
-    Path(sale): Path<String>,
+    Segment(sale): Segment,
     request: Request,
 ) -> Response {
     let span = tracing::debug_span!("sale_page", sale = %sale);

@@ -6,7 +6,8 @@
 
 use std::sync::{Arc, LazyLock};
 
-use axum::extract::{Path, State};
+use super::error::Segment;
+use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -63,7 +64,7 @@ fn inline_hash(page: &str, open: &str, close: &str) -> String {
         (status = 404, description = "Unknown sale", body = super::error::ErrorBody),
     )
 )]
-pub async fn page(State(gw): State<Arc<Gateway>>, Path(sale): Path<String>) -> Response {
+pub async fn page(State(gw): State<Arc<Gateway>>, Segment(sale): Segment) -> Response {
     if sale != gw.sale.name {
         return ApiError::unknown_sale(&sale).into_response();
     }

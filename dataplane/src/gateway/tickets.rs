@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use super::error::Segment;
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -77,7 +78,7 @@ pub struct TicketIssued {
 )]
 pub async fn issue(
     State(gw): State<Arc<Gateway>>,
-    Path(sale): Path<String>,
+    Segment(sale): Segment,
     headers: HeaderMap,
 ) -> Response {
     let span = tracing::debug_span!("ticket", sale = %sale, user = tracing::field::Empty);
