@@ -495,6 +495,14 @@ fn spec_problems(sale: &FlashSale) -> Vec<SpecProblem> {
             ),
         });
     }
+    if !is_dns1035_label(&name) {
+        problems.push(SpecProblem {
+            reason: "InvalidName",
+            message: format!(
+                "name {name:?} must start with a letter and hold only lowercase letters, digits and '-': its Services are named after it, and a Service name is a DNS-1035 label"
+            ),
+        });
+    }
     let g = &sale.spec.gateway.replicas;
     if g.min > g.max || g.at_start.is_some_and(|a| a < g.min || a > g.max) {
         problems.push(SpecProblem {
@@ -516,6 +524,17 @@ fn spec_problems(sale: &FlashSale) -> Vec<SpecProblem> {
         });
     }
     problems
+}
+
+/// `[a-z]([-a-z0-9]*[a-z0-9])?`, what a Service's name must be; a FlashSale's
+/// own name may also start with a digit or hold dots (a DNS-1123 subdomain).
+fn is_dns1035_label(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.first().is_some_and(u8::is_ascii_lowercase)
+        && b.last()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 /// Where a sale's Redis and order database are.

@@ -37,6 +37,8 @@ pub const KIND: &str = "FlashSale";
     printcolumn = r#"{"name":"Remaining","type":"integer","description":"Units still for sale, all products","jsonPath":".status.remaining"}"#,
     printcolumn = r#"{"name":"Gateways","type":"integer","description":"Available gateway pods","jsonPath":".status.gateway.availableReplicas"}"#,
     printcolumn = r#"{"name":"Consumers","type":"integer","description":"Available consumer pods","jsonPath":".status.consumer.availableReplicas"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","description":"The Ready condition: False while the spec is refused or a child cannot be applied","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","description":"Why Ready is what it is","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -86,9 +88,9 @@ fn sale_schema_rules(schema: &mut schemars::Schema) {
         "x-kubernetes-validations".into(),
         json!([{
             "rule": "self.endTime > self.startTime",
-            "message": "endTime must be after startTime",
-            "reason": "FieldValueInvalid",
-            "fieldPath": ".endTime"
+            // No `reason` or `fieldPath`: Kubernetes knows them from 1.28,
+            // and kubectl's strict validation refuses them before.
+            "message": "endTime must be after startTime"
         }]),
     );
 }

@@ -212,6 +212,16 @@ fn values_are_honoured() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An umbrella chart hands every dependency `global`; refusing it (the
+/// schema allows no unknown top-level key) would make this chart unusable as one.
+#[test]
+fn an_umbrella_chart_s_global_values_are_accepted() -> anyhow::Result<()> {
+    let r = render(json!({"global": {"imageRegistry": "registry.example"}}))?;
+    assert!(r.schema_error.is_none(), "{:?}", r.schema_error);
+    assert!(r.render_error.is_none(), "{:?}", r.render_error);
+    Ok(())
+}
+
 #[test]
 fn the_schema_rejects_bad_values() -> anyhow::Result<()> {
     for (values, expected) in [

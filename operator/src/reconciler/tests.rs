@@ -482,6 +482,35 @@ async fn an_invalid_spec_is_reported_and_creates_nothing() -> anyhow::Result<()>
     Ok(())
 }
 
+/// A FlashSale may be named `11-11-sale` or `double11.2026`, but its Services
+/// could not be: a spec problem, so the sale is refused (`Failed`) before
+/// anything is warmed or applied, as `an_invalid_spec_is_reported_and_creates_nothing` shows.
+#[test]
+fn a_name_no_service_can_take_is_a_spec_problem() {
+    for name in ["11-11-sale", "double11.2026"] {
+        let mut sale = fixtures::sale_with_finalizer();
+        sale.metadata.name = Some(name.to_string());
+        let problems = super::spec_problems(&sale);
+        assert_eq!(
+            problems.iter().map(|p| p.reason).collect::<Vec<_>>(),
+            ["InvalidName"],
+            "{name}"
+        );
+        assert!(problems[0].message.contains(name), "{name}");
+    }
+    assert!(super::spec_problems(&fixtures::sale_with_finalizer()).is_empty());
+}
+
+#[test]
+fn service_names_follow_dns_1035() {
+    for ok in ["a", "singles-day", "sale-2026", "x1"] {
+        assert!(super::is_dns1035_label(ok), "{ok}");
+    }
+    for bad in ["", "1sale", "sale-", "Sale", "double11.2026", "-a", "a_b"] {
+        assert!(!super::is_dns1035_label(bad), "{bad}");
+    }
+}
+
 #[tokio::test]
 async fn a_missing_secret_is_reported_and_creates_nothing() -> anyhow::Result<()> {
     let mut sale = fixtures::sale_with_finalizer();
