@@ -1160,18 +1160,25 @@ async fn cleanup(
         sale: id.to_string(),
         source,
     };
+    // Until the drain timeout, a Redis that cannot be read or cleared is
+    // waited for like a backlog; after it the keys are left for a person
+    // (RedisNotCleared), so a sale whose Redis is gone can still be deleted.
+    let waited = deletion_age(sale, ctx.clock.now());
+    let in_time = waited < ctx.settings.drain_timeout;
+    let gave_up = |why: String| {
+        format!(
+            "{why} after {}s; the sale's Redis keys stay in place",
+            ctx.settings.drain_timeout.as_secs()
+        )
+    };
     if let Some(url) = &clear_with {
-        let mut conn = ctx
-            .redis
-            .for_sale(&sale.spec.redis, url)
-            .await
-            .map_err(redis_error)?;
-        let backlog = redis_store::unpersisted(&mut conn, &id, &sale.spec.sale)
-            .await
-            .map_err(redis_error)?;
-        if backlog > 0 {
-            let waited = deletion_age(sale, ctx.clock.now());
-            if waited < ctx.settings.drain_timeout {
+        let backlog = match ctx.redis.for_sale(&sale.spec.redis, url).await {
+            Ok(mut conn) => redis_store::unpersisted(&mut conn, &id, &sale.spec.sale).await,
+            Err(e) => Err(e),
+        };
+        match backlog {
+            Ok(0) => {}
+            Ok(backlog) if in_time => {
                 info!(backlog, "waiting for consumers to persist accepted orders");
                 publish(
                     "DrainingOrders",
@@ -1184,16 +1191,17 @@ async fn cleanup(
                 return Ok(Action::requeue(Duration::from_secs(5)));
             }
             // Consumers cannot drain: keep the streams for a person to recover.
-            publish(
-                "RedisNotCleared",
-                EventType::Warning,
-                format!(
-                    "{backlog} accepted order(s) still unpersisted after {}s; the sale's Redis keys stay in place",
-                    ctx.settings.drain_timeout.as_secs()
-                ),
-            )
-            .await;
-            clear_with = None;
+            Ok(backlog) => {
+                let why = format!("{backlog} accepted order(s) still unpersisted");
+                publish("RedisNotCleared", EventType::Warning, gave_up(why)).await;
+                clear_with = None;
+            }
+            Err(e) if in_time => return Err(redis_error(e)),
+            Err(e) => {
+                let why = format!("Redis unreachable ({e})");
+                publish("RedisNotCleared", EventType::Warning, gave_up(why)).await;
+                clear_with = None;
+            }
         }
     }
 
@@ -1203,21 +1211,24 @@ async fn cleanup(
     }
 
     if let Some(url) = &clear_with {
-        let mut conn = ctx
-            .redis
-            .for_sale(&sale.spec.redis, url)
-            .await
-            .map_err(redis_error)?;
-        let deleted = warm::clear_sale(&mut conn, &id, &skus)
-            .await
-            .map_err(redis_error)?;
-        info!(deleted, "redis keys cleared");
-        publish(
-            "RedisCleared",
-            EventType::Normal,
-            format!("deleted {deleted} Redis key(s) of the sale; orders in the database are kept"),
-        )
-        .await;
+        let cleared = match ctx.redis.for_sale(&sale.spec.redis, url).await {
+            Ok(mut conn) => warm::clear_sale(&mut conn, &id, &skus).await,
+            Err(e) => Err(e),
+        };
+        match cleared {
+            Ok(deleted) => {
+                info!(deleted, "redis keys cleared");
+                let note = format!(
+                    "deleted {deleted} Redis key(s) of the sale; orders in the database are kept"
+                );
+                publish("RedisCleared", EventType::Normal, note).await;
+            }
+            Err(e) if in_time => return Err(redis_error(e)),
+            Err(e) => {
+                let why = format!("Redis unreachable ({e})");
+                publish("RedisNotCleared", EventType::Warning, gave_up(why)).await;
+            }
+        }
     }
 
     let finalizers = sale

@@ -1029,14 +1029,7 @@ async fn deletion_stops_the_data_plane_then_clears_redis_and_releases() -> anyho
     // Gateways gone, but three accepted orders are not persisted yet: the
     // consumers keep running.
     let task = run(&sale, &ctx);
-    server
-        .expect(
-            Method::DELETE,
-            &format!("{deployments}/singles-day-gateway?"),
-        )
-        .await
-        .respond(404, &fixtures::not_found("deployment"));
-    serve_redis_secret(&mut server, &url).await;
+    gateways_gone_redis_secret_served(&mut server, &url).await;
     server
         .expect_event(
             "Normal",
@@ -1051,14 +1044,7 @@ async fn deletion_stops_the_data_plane_then_clears_redis_and_releases() -> anyho
 
     // Drained: consumers stopped, Redis cleared, finalizer released.
     let task = run(&sale, &ctx);
-    server
-        .expect(
-            Method::DELETE,
-            &format!("{deployments}/singles-day-gateway?"),
-        )
-        .await
-        .respond(404, &fixtures::not_found("deployment"));
-    serve_redis_secret(&mut server, &url).await;
+    gateways_gone_redis_secret_served(&mut server, &url).await;
     let call = server
         .expect(
             Method::DELETE,
@@ -1094,6 +1080,81 @@ async fn deletion_stops_the_data_plane_then_clears_redis_and_releases() -> anyho
     let metrics = ctx.metrics.render()?;
     assert!(!metrics.contains(r#"sale="singles-day""#), "{metrics}");
     Ok(())
+}
+
+/// A sale whose Redis is gone (torn down first, or out of reach) is waited
+/// for like a backlog until the drain timeout, then deleted with its keys
+/// left in place, instead of hanging in Terminating for good.
+#[tokio::test]
+async fn deletion_with_redis_unreachable_waits_out_the_drain_timeout_then_releases()
+-> anyhow::Result<()> {
+    let url = format!(
+        "redis://127.0.0.1:{}",
+        dataplane::tools::servers::free_port()?
+    );
+    let now = Timestamp::now();
+    let mut sale = live_sale(now);
+    sale.status = Some(FlashSaleStatus {
+        warmed_generation: Some(1),
+        ..Default::default()
+    });
+    sale.metadata.deletion_timestamp = Some(Time(now));
+    let clock = Arc::new(ManualClock::new(now));
+    let (ctx, mut server) = fixtures::context(clock.clone());
+    let deployments = "/apis/apps/v1/namespaces/shop/deployments";
+
+    // Within the drain timeout: an error, retried; consumers keep running.
+    let task = run(&sale, &ctx);
+    gateways_gone_redis_secret_served(&mut server, &url).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(15), task).await??;
+    assert!(matches!(outcome, Err(Error::Redis { .. })), "{outcome:?}");
+
+    // Past it: consumers stopped, keys left, finalizer released.
+    clock.set(at(
+        now,
+        i64::try_from(ctx.settings.drain_timeout.as_secs())? + 1,
+    ));
+    let task = run(&sale, &ctx);
+    gateways_gone_redis_secret_served(&mut server, &url).await;
+    let call = server.call().await;
+    assert_eq!(call.method, Method::POST, "{}", call.uri);
+    assert_eq!(call.body["reason"], json!("RedisNotCleared"));
+    let note = call.body["note"].as_str().unwrap_or_default().to_string();
+    assert!(
+        note.starts_with("Redis unreachable")
+            && note.ends_with("the sale's Redis keys stay in place"),
+        "{note}"
+    );
+    call.echo();
+    server
+        .expect(
+            Method::DELETE,
+            &format!("{deployments}/singles-day-consumer?"),
+        )
+        .await
+        .respond(404, &fixtures::not_found("deployment"));
+    server
+        .expect(Method::PATCH, &format!("{SALE}{FINALIZERS}"))
+        .await
+        .respond(200, &serde_json::to_value(&sale)?);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(15), task).await???,
+        Action::await_change()
+    );
+    Ok(())
+}
+
+/// A deletion's first two calls once the gateways are gone: their delete
+/// (404) and the Redis Secret's read.
+async fn gateways_gone_redis_secret_served(server: &mut ApiServer, url: &str) {
+    server
+        .expect(
+            Method::DELETE,
+            "/apis/apps/v1/namespaces/shop/deployments/singles-day-gateway?",
+        )
+        .await
+        .respond(404, &fixtures::not_found("deployment"));
+    serve_redis_secret(server, url).await;
 }
 
 async fn serve_redis_secret(server: &mut ApiServer, url: &str) {
