@@ -346,7 +346,9 @@ pub struct Consumer {
     reader: Reader,
     store: OrderStore,
     settings: ConsumerSettings,
-    data_failures: HashMap<String, u32>,
+    /// Refusals per entry, by stream and entry id: products' streams hand
+    /// out the same ids (`<ms>-<seq>`) at the same moments.
+    data_failures: HashMap<(usize, String), u32>,
     publisher: Publisher,
     sweeper: Option<crate::payment_timeout::Sweeper>,
 }
@@ -649,7 +651,10 @@ impl Consumer {
         for e in entries {
             if e.row.is_none() {
                 self.dead_letter(&e, "malformed stream entry").await?;
-            } else if over_delivered.contains(&e.id) {
+            } else if over_delivered
+                .iter()
+                .any(|(s, id)| *s == e.stream && *id == e.id)
+            {
                 alone.push(e);
             } else {
                 good.push(e);
@@ -699,12 +704,12 @@ impl Consumer {
                         }
                         continue;
                     }
-                    let id = pending[0].id.clone();
-                    let n = self.data_failures.entry(id.clone()).or_insert(0);
+                    let key = (pending[0].stream, pending[0].id.clone());
+                    let n = self.data_failures.entry(key.clone()).or_insert(0);
                     *n += 1;
-                    tracing::warn!(error = %e, entry = %id, failures = *n, "entry refused by the database");
+                    tracing::warn!(error = %e, entry = %key.1, failures = *n, "entry refused by the database");
                     if *n >= self.settings.max_data_failures {
-                        self.data_failures.remove(&id);
+                        self.data_failures.remove(&key);
                         let entry = pending.remove(0);
                         self.dead_letter(&entry, "refused by the database").await?;
                     } else if !backoff.wait(shutdown).await {
@@ -872,8 +877,12 @@ impl Consumer {
         Ok(())
     }
 
-    /// Ids among `entries` delivered more than `max_deliveries` times.
-    async fn over_delivered(&mut self, entries: &[Entry]) -> Result<Vec<String>, ConsumerError> {
+    /// Entries among `entries` delivered more than `max_deliveries` times,
+    /// by stream and id.
+    async fn over_delivered(
+        &mut self,
+        entries: &[Entry],
+    ) -> Result<Vec<(usize, String)>, ConsumerError> {
         let mut out = Vec::new();
         for (i, s) in self.streams.iter().enumerate() {
             let ids: Vec<&str> = entries
@@ -897,7 +906,7 @@ impl Consumer {
                 pending
                     .into_iter()
                     .filter(|(_, _, _, delivered)| *delivered > self.settings.max_deliveries)
-                    .map(|(id, ..)| id),
+                    .map(|(id, ..)| (i, id)),
             );
         }
         Ok(out)
