@@ -67,6 +67,20 @@ async fn pay(rig: &Rig, body: &str) -> Result<(u16, Value), Error> {
     post(rig, body, &payment::sign(&rig.key, body.as_bytes())).await
 }
 
+/// `callback` paid while Redis is paused (SIGSTOP): answered 503 `store_unavailable`.
+async fn paid_while_redis_is_silent_is_503(rig: &mut Rig, callback: &str) -> Result<(), Error> {
+    rig.servers.redis.pause();
+    let answered = pay(rig, callback).await;
+    rig.servers.redis.resume();
+    let (status, answer) = answered?;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (503, Some("store_unavailable")),
+        "{answer}"
+    );
+    Ok(())
+}
+
 async fn buy(rig: &Rig, user: &str) -> Result<(u16, String), Error> {
     let resp = http()
         .post(
@@ -298,15 +312,7 @@ async fn a_payment_is_not_refunded_while_redis_cannot_say_the_order_exists() -> 
     assert_eq!(status, 202);
     let callback = body("p-stall", &order, "19.99", "succeeded");
 
-    rig.servers.redis.pause();
-    let answered = pay(&rig, &callback).await;
-    rig.servers.redis.resume();
-    let (status, answer) = answered?;
-    assert_eq!(
-        (status, answer["error"].as_str()),
-        (503, Some("store_unavailable")),
-        "{answer}"
-    );
+    paid_while_redis_is_silent_is_503(&mut rig, &callback).await?;
     assert_eq!(
         payments_rows(&rig).await?,
         0,
@@ -323,6 +329,42 @@ async fn a_payment_is_not_refunded_while_redis_cannot_say_the_order_exists() -> 
     );
     assert_eq!(pg_status(&rig, &order).await?.as_deref(), Some("paid"));
     consumers.stop().await;
+    rig.gw.stop().await;
+    Ok(())
+}
+
+/// A payment committed in PostgreSQL while Redis does not answer: the order's
+/// Redis record cannot move to paid, so the answer is a 503 (nothing pushed)
+/// with the payment recorded; the provider's retry is answered from the
+/// record and moves the record. Before, the answer was 200 and nothing ever
+/// retried, so the order's page showed "confirmed" for a paid order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paid_order_whose_record_redis_did_not_take_is_marked_on_the_retry() -> Result<(), Error>
+{
+    let mut rig = rig("mark", 600).await?;
+    let (status, order) = buy(&rig, "u1").await?;
+    assert_eq!(status, 202);
+    let consumers = RunningConsumers::start(&rig.doc, &rig.servers, 1).await?;
+    assert!(until_status(&rig, &order, "confirmed").await);
+    consumers.stop().await;
+    let callback = body("p-mark", &order, "19.99", "succeeded");
+
+    paid_while_redis_is_silent_is_503(&mut rig, &callback).await?;
+    assert_eq!(pg_status(&rig, &order).await?.as_deref(), Some("paid"));
+    assert_eq!(payments_rows(&rig).await?, 1, "the payment is recorded");
+    assert_eq!(
+        redis_status(&rig, &order).await?,
+        Some(OrderStatus::Confirmed)
+    );
+
+    let (status, answer) = pay(&rig, &callback).await?;
+    assert_eq!(
+        (status, answer["outcome"].as_str()),
+        (200, Some("paid")),
+        "{answer}"
+    );
+    assert_eq!(redis_status(&rig, &order).await?, Some(OrderStatus::Paid));
+    assert_eq!(payments_rows(&rig).await?, 1);
     rig.gw.stop().await;
     Ok(())
 }

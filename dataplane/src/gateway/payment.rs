@@ -239,7 +239,7 @@ pub struct PaymentAnswer {
         (status = 413, description = "body_too_large: the body is over 4096 bytes", body = ErrorBody),
         (status = 415, description = "unsupported_media_type: a Content-Type other than application/json", body = ErrorBody),
         (status = 422, description = "Rejected: amount_mismatch or currency_mismatch; recorded, the order is unchanged", body = PaymentAnswer),
-        (status = 503, description = "payments_disabled (no payment key or order store configured), or store_unavailable (the order store, or Redis for an order not yet persisted, is unavailable; nothing recorded); retry after Retry-After seconds", body = ErrorBody,
+        (status = 503, description = "payments_disabled (no payment key or order store configured), or store_unavailable (the order store, or Redis for an order not yet persisted, is unavailable: nothing recorded; or the payment is recorded but the order's Redis record could not be marked paid: the retry is answered as recorded and marks it); retry after Retry-After seconds", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
@@ -300,9 +300,13 @@ async fn handle(
     tracing::info!(outcome = answer.outcome.as_str(), reason = ?answer.reason, fresh, "payment callback answered");
     metrics::counter!("flashsale_payment_callbacks_total", "outcome" => answer.outcome.as_str(), "repeat" => if fresh { "no" } else { "yes" }).increment(1);
     if answer.outcome == PaymentOutcome::Paid && !fresh {
-        // Redis follows PostgreSQL; a repeat heals a transition a crash may
-        // have skipped the first time.
-        mark_paid_in_redis(gw, &cb.order_id, true).await;
+        // Redis follows PostgreSQL; a repeat heals a mark the first answer's
+        // 503 (or a crash) left undone, and tells the buyer then.
+        match mark_paid_in_redis(gw, &cb.order_id).await {
+            Ok(true) => tell_paid(gw, &cb.order_id, None).await,
+            Ok(false) => {}
+            Err(e) => return Err(paid_not_marked(&e)),
+        }
     }
     Ok((status, answer))
 }
@@ -491,17 +495,16 @@ async fn decide(
         outcome,
         reason: reason.map(str::to_string),
     };
-    if let Some(user) = paid_user
-        && let Some(sku) = sku_of(&cb.order_id)
-    {
-        let event = OrderEvent::new(&cb.order_id, sku, OrderStatus::Paid, None);
-        let mut redis = gw.redis.clone();
+    if let Some(user) = paid_user {
         // Order matters: the record moves to paid before the push, so a
-        // client's resume after the push never sees it older.
-        mark_paid_in_redis(gw, &cb.order_id, false).await;
-        if let Err(e) = gw.events.publish(&mut redis, &user, &event).await {
-            tracing::debug!(error = %e, "order.paid not pushed");
+        // client's resume after the push never sees it older. A record not
+        // marked is a 503 with the payment recorded: the provider's retry
+        // is answered from the record and marks it (above), and until then
+        // no buyer is told "paid" while the order's page says otherwise.
+        if let Err(e) = mark_paid_in_redis(gw, &cb.order_id).await {
+            return Ok(Decision::Refused(paid_not_marked(&e)));
         }
+        tell_paid(gw, &cb.order_id, Some(user)).await;
     }
     Ok(Decision::Recorded {
         status,
@@ -596,30 +599,71 @@ async fn redis_status(gw: &Gateway, order_id: &str) -> Result<Option<OrderStatus
 }
 
 /// Moves the Redis record to paid (from accepted or confirmed only), and
-/// the product's counters with it.
-async fn mark_paid_in_redis(gw: &Gateway, order_id: &str, repeat: bool) {
+/// the product's counters with it; whether it moved now.
+async fn mark_paid_in_redis(gw: &Gateway, order_id: &str) -> redis::RedisResult<bool> {
     // Keys from the sale and the SKU: a product this pod does not sell
     // (added after it booted, or removed since) is marked too.
     let Some(keys) = sku_of(order_id).map(|s| ProductKeys::new(&gw.sale, s)) else {
-        return;
+        return Ok(false);
     };
     let mut redis = gw.redis.clone();
     // The info hash holds the counters.
-    let moved: Result<Vec<String>, _> = scripts::TRANSITION
-        .key(keys.orders())
-        .key(keys.info())
-        .arg(OrderStatus::Paid.as_str())
-        .arg("accepted,confirmed")
-        .arg(order_id)
-        .invoke_async(&mut redis)
-        .await;
-    match moved {
-        Ok(_) => {}
-        Err(e) if repeat => tracing::debug!(error = %e, "paid order not marked in Redis"),
-        Err(e) => {
-            tracing::warn!(error = %e, "paid order not marked in Redis; a repeated callback retries")
+    let before: Vec<String> = tokio::time::timeout(
+        gw.redis_timeout,
+        scripts::TRANSITION
+            .key(keys.orders())
+            .key(keys.info())
+            .arg(OrderStatus::Paid.as_str())
+            .arg("accepted,confirmed")
+            .arg(order_id)
+            .invoke_async(&mut redis),
+    )
+    .await
+    .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
+    Ok(before.first().is_some_and(|s| {
+        s == OrderStatus::Accepted.as_str() || s == OrderStatus::Confirmed.as_str()
+    }))
+}
+
+/// Pushes `order.paid` to the buyer (read from the record when not given).
+async fn tell_paid(gw: &Gateway, order_id: &str, user: Option<String>) {
+    let Some(sku) = sku_of(order_id) else {
+        return;
+    };
+    let mut redis = gw.redis.clone();
+    let user = match user {
+        Some(u) => u,
+        None => {
+            let orders = ProductKeys::new(&gw.sale, sku).orders();
+            let raw: redis::RedisResult<Option<String>> = redis::cmd("HGET")
+                .arg(&orders)
+                .arg(order_id)
+                .query_async(&mut redis)
+                .await;
+            match raw
+                .ok()
+                .flatten()
+                .and_then(|r| OrderRecord::decode(order_id, &r))
+            {
+                Some(rec) => rec.user,
+                None => return,
+            }
         }
+    };
+    let event = OrderEvent::new(order_id, sku, OrderStatus::Paid, None);
+    if let Err(e) = gw.events.publish(&mut redis, &user, &event).await {
+        tracing::debug!(error = %e, "order.paid not pushed");
     }
+}
+
+/// The answer to a payment recorded in PostgreSQL whose Redis record could
+/// not be marked paid: retry, and the retry marks it.
+fn paid_not_marked(e: &redis::RedisError) -> ApiError {
+    tracing::warn!(error = %e, "payment recorded, the order's Redis record not marked paid; answered 503 so the provider retries");
+    ApiError::unavailable(
+        "store_unavailable",
+        "the payment is recorded, but the order's record could not be marked paid; retry",
+    )
 }
 
 /// Applies the schema (payments tables) in the background so a gateway can
