@@ -244,6 +244,41 @@ async fn snapshot_lists_every_order_of_the_user_across_skus() -> TestResult {
     Ok(())
 }
 
+/// A pod whose spec does not list a product the sale warmed (booted after
+/// the product was removed, or before it was added) still brings the
+/// buyer's orders of it in the snapshot: the sale's `meta` lists them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_on_a_pod_that_does_not_sell_a_product_still_lists_its_orders() -> TestResult {
+    let servers = Servers::start()?;
+    let doc = sale("removed", &[("item", 20, 3), ("other", 20, 1)]);
+    warm(&servers, &doc).await?;
+    let old = RunningGateway::start(&doc, &servers.redis.url(), "gw-old").await?;
+    let mut carol = vec![
+        buy(&old, "removed", "carol", "item").await?,
+        buy(&old, "removed", "carol", "other").await?,
+    ];
+    old.stop().await;
+    let mut without = doc.clone();
+    without.spec.products.retain(|p| p.sku == "item");
+    let new = RunningGateway::start(&without, &servers.redis.url(), "gw-new").await?;
+
+    let mut socket = connect(&new, "carol", "").await?;
+    let mut snapshot = Vec::new();
+    loop {
+        let e = next_json(&mut socket).await?;
+        if e["type"] == "synced" {
+            assert_eq!(e["orders"], 2, "{e}");
+            break;
+        }
+        snapshot.push(e["orderId"].as_str().unwrap_or("").to_string());
+    }
+    snapshot.sort();
+    carol.sort();
+    assert_eq!(snapshot, carol);
+    new.stop().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_reaches_only_the_pod_holding_the_socket() -> TestResult {
     let servers = Servers::start()?;

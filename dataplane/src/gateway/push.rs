@@ -573,41 +573,72 @@ async fn send_snapshot(
 const MAX_SNAPSHOT_ORDERS: usize = 1000;
 
 /// The user's orders across the sale's SKUs: `orders_of.lua` per product
-/// (the user's chain of records, newest first), all in one round trip.
+/// (the user's chain of records, newest first). Every product the sale ever
+/// warmed counts (the `meta` record's list), not only those this pod sells:
+/// a product added after it booted, or removed since, keeps its orders in
+/// the snapshot. This pod's products and that list are read in one round
+/// trip; a second one only for products the pod does not know.
 async fn user_orders(
     gw: &Gateway,
     user: &str,
 ) -> Result<Vec<(String, OrderRecord)>, redis::RedisError> {
-    let products: Vec<_> = gw.products.values().collect();
-    // Concurrent calls on the multiplexed connection travel together (one
-    // round trip); each is an EVALSHA that loads the script only on NOSCRIPT.
-    let calls = products.iter().map(|p| {
+    let mine: Vec<String> = gw.products.keys().cloned().collect();
+    let read = async {
+        let mut redis = gw.redis.clone();
+        let (chains, all) = futures::future::try_join(
+            chains_of(gw, user, &mine),
+            crate::warm::known_skus(&mut redis, &gw.sale, mine.iter().cloned()),
+        )
+        .await?;
+        let others: Vec<String> = all.into_iter().filter(|s| !mine.contains(s)).collect();
+        let more = chains_of(gw, user, &others).await?;
+        Ok::<_, redis::RedisError>(
+            mine.iter()
+                .zip(chains)
+                .chain(others.iter().zip(more))
+                .map(|(sku, chain)| (sku.clone(), chain))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let chains = tokio::time::timeout(gw.redis_timeout * 4, read)
+        .await
+        .map_err(|_| {
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+        })??;
+    let mut out = Vec::new();
+    for (sku, chain) in chains {
+        for pair in chain.chunks_exact(2) {
+            if let Some(rec) = OrderRecord::decode(&pair[0], &pair[1]) {
+                out.push((sku.clone(), rec));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.1.at.cmp(&b.1.at).then_with(|| a.1.id.cmp(&b.1.id)));
+    Ok(out)
+}
+
+/// `orders_of.lua` for each of `skus`, concurrently: calls on the
+/// multiplexed connection travel together (one round trip); each is an
+/// EVALSHA that loads the script only on NOSCRIPT.
+async fn chains_of(
+    gw: &Gateway,
+    user: &str,
+    skus: &[String],
+) -> Result<Vec<Vec<String>>, redis::RedisError> {
+    let calls = skus.iter().map(|sku| {
+        let keys = crate::keys::ProductKeys::new(&gw.sale, sku);
         let mut redis = gw.redis.clone();
         async move {
             scripts::ORDERS_OF
-                .key(p.buyers_key())
-                .key(p.orders_key())
+                .key(keys.buyers())
+                .key(keys.orders())
                 .arg(user)
                 .arg(MAX_SNAPSHOT_ORDERS)
                 .invoke_async::<Vec<String>>(&mut redis)
                 .await
         }
     });
-    let chains = tokio::time::timeout(gw.redis_timeout * 4, futures::future::try_join_all(calls))
-        .await
-        .map_err(|_| {
-            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
-        })??;
-    let mut out = Vec::new();
-    for (p, chain) in products.iter().zip(chains) {
-        for pair in chain.chunks_exact(2) {
-            if let Some(rec) = OrderRecord::decode(&pair[0], &pair[1]) {
-                out.push((p.sku.clone(), rec));
-            }
-        }
-    }
-    out.sort_by(|a, b| a.1.at.cmp(&b.1.at).then_with(|| a.1.id.cmp(&b.1.id)));
-    Ok(out)
+    futures::future::try_join_all(calls).await
 }
 
 /// Keeps this pod subscribed to its channel and routes what arrives to
