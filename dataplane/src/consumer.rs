@@ -932,7 +932,10 @@ impl Consumer {
                         .query_async(&mut self.redis)
                         .await?;
                 claimed += ids.len();
-                if next == "0-0" || ids.is_empty() {
+                // Not on an empty answer: Redis scans at most ten times COUNT
+                // pending entries per call, so a page may claim nothing with
+                // idle entries further on; the cursor says when it is done.
+                if next == "0-0" {
                     break;
                 }
                 cursor = next;
