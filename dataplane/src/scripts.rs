@@ -93,6 +93,10 @@ pub static PUSH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("s
 /// Many events routed in one call (`push_many.lua`), for a consumer's batch.
 pub static PUSH_MANY: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/push_many.lua")));
+/// A pod's push registry entries kept alive, never taken back from the pod a
+/// user connected to since (`refresh_push.lua`).
+pub static REFRESH_PUSH: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/refresh_push.lua")));
 /// A push registry entry removed only by the pod it names (`unregister.lua`).
 pub static UNREGISTER: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/unregister.lua")));

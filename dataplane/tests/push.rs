@@ -279,6 +279,50 @@ async fn snapshot_on_a_pod_that_does_not_sell_a_product_still_lists_its_orders()
     Ok(())
 }
 
+/// A buyer reconnects to pod B while pod A still holds their old socket
+/// (half-open after a network switch, found dead only after two silent pings):
+/// A's registry refresh must not take the user back from B, or their events
+/// go to A's dead socket until A notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_s_refresh_leaves_a_user_who_reconnected_elsewhere_with_that_pod() -> TestResult {
+    let servers = Servers::start()?;
+    let doc = sale("moved", &[("item", 10, 1)]);
+    warm(&servers, &doc).await?;
+    // A refreshes every second; B not within the test.
+    let mut fast = gateway_settings(&servers, "gw-a");
+    fast.push.registry_ttl = Duration::from_secs(3);
+    let a = RunningGateway::start_with(&doc, &fast).await?;
+    let b = RunningGateway::start_on(&doc, &servers, "gw-b").await?;
+    let mut old = connect(&a, "erin", "").await?;
+    assert_eq!(next_json(&mut old).await?["type"], "synced");
+    let mut new = connect(&b, "erin", "").await?;
+    assert_eq!(next_json(&mut new).await?["type"], "synced");
+
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let entry = dataplane::keys::SaleKeys::new(&doc.id()).push_user("erin");
+    let mut conn = servers.redis_conn().await?;
+    let holder: Option<String> = redis::cmd("GET").arg(&entry).query_async(&mut conn).await?;
+    assert_eq!(
+        holder.as_deref(),
+        Some("gw-b"),
+        "the newest connection holds the entry"
+    );
+    let ttl: i64 = redis::cmd("TTL").arg(&entry).query_async(&mut conn).await?;
+    assert!(ttl > 3, "B's expiry, not A's: {ttl}");
+
+    // A user whose entry expired (or Redis lost) is written again by the pod
+    // holding their socket.
+    redis::cmd("DEL").arg(&entry).exec_async(&mut conn).await?;
+    drop(new);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let holder: Option<String> = redis::cmd("GET").arg(&entry).query_async(&mut conn).await?;
+    assert_eq!(holder.as_deref(), Some("gw-a"));
+    drop(old);
+    a.stop().await;
+    b.stop().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_reaches_only_the_pod_holding_the_socket() -> TestResult {
     let servers = Servers::start()?;

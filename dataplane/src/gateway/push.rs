@@ -719,16 +719,15 @@ pub(super) async fn refresh_registry(gw: Arc<Gateway>, shutdown: CancellationTok
         let users: Vec<String> = hub.lock().keys().cloned().collect();
         let mut redis = gw.redis.clone();
         for chunk in users.chunks(1000) {
-            let mut pipe = redis::pipe();
+            // Not a plain SET: that took a user back from the pod they
+            // reconnected to while this pod still held their dead socket,
+            // and their events went nowhere until it noticed.
+            let mut refresh = scripts::REFRESH_PUSH.prepare_invoke();
             for u in chunk {
-                pipe.cmd("SET")
-                    .arg(hub.keys.push_user(u))
-                    .arg(&hub.pod)
-                    .arg("EX")
-                    .arg(ttl)
-                    .ignore();
+                refresh.key(hub.keys.push_user(u));
             }
-            if let Err(e) = pipe.exec_async(&mut redis).await {
+            refresh.arg(&hub.pod).arg(ttl);
+            if let Err(e) = refresh.invoke_async::<i64>(&mut redis).await {
                 tracing::warn!(error = %e, "push registry refresh failed");
                 break;
             }
