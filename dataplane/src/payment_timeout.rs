@@ -198,32 +198,55 @@ impl Sweeper {
 
     /// Applies abandoned outbox rows, then cancels every due order, a batch
     /// per transaction.
+    ///
+    /// Product by product: one product's trouble in Redis (its shard's
+    /// master down, or under `replica` a promoted master with no replica of
+    /// its own) must not hold back the others' timeouts; the first error is
+    /// returned once every product had its turn.
     pub async fn sweep(&self) -> Result<SweepOutcome, SweepError> {
         let mut out = SweepOutcome::default();
-        self.apply_abandoned(&mut out).await?;
+        let mut first_error = None;
         for sku in &self.skus {
-            loop {
-                let rows = self.cancel_due(sku).await?;
-                let n = rows.len();
-                out.cancelled += n as u64;
-                metrics::counter!("flashsale_orders_cancelled_total", "reason" => REASON)
-                    .increment(n as u64);
-                if n == 0 {
-                    break;
-                }
-                if !self.settings.apply_delay.is_zero() {
-                    tokio::time::sleep(self.settings.apply_delay).await;
-                }
-                let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-                out.released += self.apply(&rows).await?;
-                self.mark_applied(&ids).await?;
-                out.applied += n as u64;
-                if (n as i64) < self.settings.batch {
-                    break;
-                }
+            if let Err(e) = self.sweep_product(sku, &mut out).await {
+                tracing::warn!(sku, error = %e, "payment timeout sweep of one product failed; the others go on");
+                first_error.get_or_insert(e);
             }
         }
-        Ok(out)
+        // Rows of products this pod does not know (a newer or older spec's).
+        if let Err(e) = self.apply_abandoned(None, &mut out).await {
+            first_error.get_or_insert(e);
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// [`Self::sweep`] for one product: its abandoned outbox rows, then its
+    /// due orders.
+    async fn sweep_product(&self, sku: &str, out: &mut SweepOutcome) -> Result<(), SweepError> {
+        self.apply_abandoned(Some(sku), out).await?;
+        loop {
+            let rows = self.cancel_due(sku).await?;
+            let n = rows.len();
+            out.cancelled += n as u64;
+            metrics::counter!("flashsale_orders_cancelled_total", "reason" => REASON)
+                .increment(n as u64);
+            if n == 0 {
+                break;
+            }
+            if !self.settings.apply_delay.is_zero() {
+                tokio::time::sleep(self.settings.apply_delay).await;
+            }
+            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            out.released += self.apply(&rows).await?;
+            self.mark_applied(&ids).await?;
+            out.applied += n as u64;
+            if (n as i64) < self.settings.batch {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// One transaction: due orders of `sku` → cancelled, `sold` lowered,
@@ -278,7 +301,12 @@ impl Sweeper {
 
     /// Outbox rows a crashed sweeper committed but never applied. Locked
     /// while applied, so two sweepers do not both pick the same rows up.
-    async fn apply_abandoned(&self, out: &mut SweepOutcome) -> Result<(), SweepError> {
+    /// Of one product (`Some(sku)`), or of every product not in `self.skus`.
+    async fn apply_abandoned(
+        &self,
+        sku: Option<&str>,
+        out: &mut SweepOutcome,
+    ) -> Result<(), SweepError> {
         loop {
             let mut client = self.store.pool().get().await?;
             let tx = client.transaction().await?;
@@ -287,6 +315,7 @@ impl Sweeper {
                     "SELECT id, sku, order_id, user_id FROM flashsale_outbox
                      WHERE sale = $1 AND applied_at IS NULL
                        AND created_at < now() - make_interval(secs => $2)
+                       AND CASE WHEN $4::text IS NULL THEN sku <> ALL($5) ELSE sku = $4 END
                      ORDER BY id
                      LIMIT $3
                      FOR UPDATE SKIP LOCKED",
@@ -294,6 +323,8 @@ impl Sweeper {
                         &self.sale.key(),
                         &self.settings.grace.as_secs_f64(),
                         &self.settings.batch,
+                        &sku,
+                        &self.skus,
                     ],
                 )
                 .await?;

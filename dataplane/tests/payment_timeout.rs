@@ -397,3 +397,86 @@ async fn an_abandoned_release_of_a_product_the_sweeper_does_not_know_is_applied(
     );
     Ok(())
 }
+
+/// One product whose releases Redis refuses (here its order records are not
+/// a hash; in a cluster, its shard's master down, or under `replica` a
+/// promoted master with no replica) holds back no other product's timeouts:
+/// the other product's release is applied and marked, the broken one's row
+/// waits for the next sweep, and the sweep reports the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_product_redis_refuses_holds_back_no_other_product_s_timeouts() -> Result<(), Error> {
+    use dataplane::order::new_order_id;
+    use dataplane::payment_timeout::{Sweeper, SweeperSettings};
+    use dataplane::scripts;
+
+    let servers = Servers::start()?;
+    let doc = sale("apart", &[("item", 10, 1), ("gadget", 10, 1)]);
+    warm(&servers, &doc).await?;
+    let mut conn = servers.redis_conn().await?;
+    let store = servers.store().await?;
+    let client = store.pool().get().await?;
+    let mut orders = Vec::new();
+    for (sku, user) in [("item", "alice"), ("gadget", "bob")] {
+        let keys = ProductKeys::new(&doc.id(), sku);
+        let order = new_order_id(sku);
+        let answer: scripts::PurchaseAnswer =
+            scripts::Purchase::new_buyer(&keys.purchase_keys(), user, &order)
+                .invocation()
+                .invoke_async(&mut conn)
+                .await?;
+        assert_eq!(answer, scripts::PurchaseAnswer::Accepted { remaining: 9 });
+        client
+            .execute(
+                "INSERT INTO flashsale_outbox (sale, sku, order_id, user_id, action, created_at)
+                 VALUES ($1, $2, $3, $4, 'release', now() - interval '1 minute')",
+                &[&doc.id().key(), &sku, &order, &user],
+            )
+            .await?;
+        orders.push((keys, order));
+    }
+    // item's order records become a string: its release fails (WRONGTYPE).
+    let item_orders = orders[0].0.orders();
+    redis::cmd("DEL")
+        .arg(&item_orders)
+        .exec_async(&mut conn)
+        .await?;
+    redis::cmd("SET")
+        .arg(&item_orders)
+        .arg("not a hash")
+        .exec_async(&mut conn)
+        .await?;
+
+    let sweeper = Sweeper::new(
+        &doc,
+        store.clone(),
+        redis_conn_of(&servers).await?,
+        SweeperSettings::default(),
+    );
+    assert!(sweeper.sweep().await.is_err(), "item's failure is reported");
+
+    let (gadget, order) = &orders[1];
+    let raw: Option<String> = redis::cmd("HGET")
+        .arg(gadget.orders())
+        .arg(order)
+        .query_async(&mut conn)
+        .await?;
+    let status = raw
+        .as_deref()
+        .and_then(|r| OrderRecord::decode(order, r))
+        .map(|r| r.status);
+    assert_eq!(status, Some(OrderStatus::Cancelled), "{raw:?}");
+    let unapplied = |sku: &str| {
+        format!("SELECT count(*) FROM flashsale_outbox WHERE applied_at IS NULL AND sku = '{sku}'")
+    };
+    assert_eq!(
+        count(&store, &unapplied("gadget")).await,
+        0,
+        "gadget's row applied"
+    );
+    assert_eq!(
+        count(&store, &unapplied("item")).await,
+        1,
+        "item's row waits"
+    );
+    Ok(())
+}
