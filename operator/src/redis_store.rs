@@ -2,17 +2,24 @@
 //! URL and mode, reused across reconciles (sales usually share one Redis).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use dataplane::lag;
 use dataplane::redis_conn::{ConnSettings, RedisConn, RedisTarget};
 use dataplane::spec::{SaleId, SaleSpec};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OnceCell};
 
 use crate::resource::RedisSpec;
 
+type Key = (String, dataplane::redis_conn::RedisMode);
+
 #[derive(Default)]
 pub struct RedisConnections {
-    by_target: Mutex<HashMap<(String, dataplane::redis_conn::RedisMode), RedisConn>>,
+    /// One cell per target, filled by its first successful connect. The map's
+    /// lock is held only to find the cell, never while connecting: a Redis
+    /// out of reach (an ended sale's, say) kept every other sale's reconcile
+    /// and scaling waiting out its connect timeout behind that lock.
+    by_target: Mutex<HashMap<Key, Arc<OnceCell<RedisConn>>>>,
 }
 
 impl RedisConnections {
@@ -20,14 +27,14 @@ impl RedisConnections {
     /// defaults of `ConnSettings`): a reconcile reports an unreachable Redis
     /// as a condition instead of hanging.
     pub async fn get(&self, target: &RedisTarget) -> Result<RedisConn, redis::RedisError> {
-        let key = (target.url(), target.mode);
-        let mut by_target = self.by_target.lock().await;
-        if let Some(conn) = by_target.get(&key) {
-            return Ok(conn.clone());
-        }
-        let conn = target.connect(&ConnSettings::default()).await?;
-        by_target.insert(key, conn.clone());
-        Ok(conn)
+        let cell = {
+            let mut by_target = self.by_target.lock().await;
+            Arc::clone(by_target.entry((target.url(), target.mode)).or_default())
+        };
+        let conn = cell
+            .get_or_try_init(|| async { target.connect(&ConnSettings::default()).await })
+            .await?;
+        Ok(conn.clone())
     }
 
     /// The connection for a sale's Redis spec and the URL its Secret holds.
@@ -49,4 +56,35 @@ pub async fn unpersisted<C: redis::aio::ConnectionLike + Send>(
     spec: &SaleSpec,
 ) -> Result<u64, redis::RedisError> {
     Ok(lag::consumer_lag(conn, sale, spec).await?.backlog())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use dataplane::redis_conn::RedisTarget;
+    use dataplane::tools::servers::RedisServer;
+
+    use super::RedisConnections;
+
+    /// A Redis that takes the connection and never answers (its listener
+    /// never accepts) is connecting for its whole timeout; a sale on another
+    /// Redis gets its connection meanwhile.
+    #[tokio::test]
+    async fn a_silent_redis_holds_back_no_other_redis() -> anyhow::Result<()> {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let silent_url = format!("redis://{}", silent.local_addr()?);
+        let server = RedisServer::start()?;
+        let conns = Arc::new(RedisConnections::default());
+        let stuck = {
+            let conns = Arc::clone(&conns);
+            tokio::spawn(async move { conns.get(&RedisTarget::standalone(silent_url)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        conns.get(&RedisTarget::standalone(server.url())).await?;
+        assert!(!stuck.is_finished(), "the silent Redis is still connecting");
+        assert!(stuck.await?.is_err(), "and fails at its timeout");
+        Ok(())
+    }
 }
