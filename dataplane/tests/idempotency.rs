@@ -201,3 +201,72 @@ async fn a_server_without_the_scripts_loads_them_and_answers() -> TestResult {
     }
     Ok(())
 }
+
+/// A sold-out pod answers a keyed request from its snapshot of the winners'
+/// keys. A unit that comes back (a payment timeout) and is sold again before
+/// this pod's stock reading sees it leaves the pod sold out, and the new
+/// winner's retry must still find their order there, not a 410.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_resold_while_a_pod_stays_sold_out_is_found_by_its_winner_s_retry() -> TestResult {
+    use dataplane::keys::ProductKeys;
+    use dataplane::order::new_order_id;
+    use dataplane::scripts;
+
+    let servers = Servers::start()?;
+    let doc = sale("resold", &[("item", 1, 1)]);
+    warm(&servers, &doc).await?;
+    let gw = RunningGateway::start(&doc, &servers.redis.url(), "gw").await?;
+    let client = http();
+    let (status, first) = keyed_purchase(&client, &gw, "resold", "alice", "ka", "item", 1).await?;
+    assert_eq!(status, 202, "{first}");
+    let (status, _) = keyed_purchase(&client, &gw, "resold", "bob", "kb", "item", 1).await?;
+    assert_eq!(status, 410);
+    // The snapshot is loaded once an unused key is answered without a token.
+    let loaded = eventually(Duration::from_secs(5), || async {
+        client
+            .post(gw.url("/v1/sales/resold/purchase"))
+            .header("idempotency-key", "never-used")
+            .json(&serde_json::json!({"sku": "item", "quantity": 1}))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().as_u16() == 410)
+    })
+    .await;
+    assert!(loaded, "replay snapshot loaded");
+
+    // Alice's unit comes back and carol wins it at once, by another pod.
+    let keys = ProductKeys::new(&doc.id(), "item");
+    let mut conn = servers.redis_conn().await?;
+    let alices = first["orderId"].as_str().ok_or("no orderId")?;
+    let (released, _): (String, String) = scripts::RELEASE
+        .key(keys.orders())
+        .key(keys.stock())
+        .key(keys.buyers())
+        .key(keys.info())
+        .arg(alices)
+        .arg("cancelled")
+        .arg("payment timeout")
+        .invoke_async(&mut conn)
+        .await?;
+    assert_eq!(released, "released");
+    let carols = new_order_id("item");
+    let purchase_keys = keys.purchase_keys();
+    let answer: scripts::PurchaseAnswer = scripts::Purchase {
+        idempotency_field: "carol\x1fkc",
+        ..scripts::Purchase::new_buyer(&purchase_keys, "carol", &carols)
+    }
+    .invocation()
+    .invoke_async(&mut conn)
+    .await?;
+    assert_eq!(answer, scripts::PurchaseAnswer::Accepted { remaining: 0 });
+
+    let found = eventually(Duration::from_secs(5), || async {
+        keyed_purchase(&client, &gw, "resold", "carol", "kc", "item", 1)
+            .await
+            .is_ok_and(|(s, body)| s == 202 && body["orderId"] == carols.as_str())
+    })
+    .await;
+    assert!(found, "carol's retry gets her order on the sold-out pod");
+    gw.stop().await;
+    Ok(())
+}

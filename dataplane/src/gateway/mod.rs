@@ -155,11 +155,14 @@ impl ProductRuntime {
 #[derive(Debug, Default)]
 pub struct Replays {
     by_key: HashMap<String, Vec<(String, String)>>,
+    /// The records it was read from (the hash's length then).
+    records: usize,
 }
 
 impl Replays {
     /// From the `idem` hash's fields (`user \x1f key`) and order ids.
     pub fn new(records: HashMap<String, String>) -> Self {
+        let count = records.len();
         let mut by_key: HashMap<String, Vec<(String, String)>> = HashMap::new();
         for (field, order) in records {
             if let Some((user, key)) = field.split_once('\x1f') {
@@ -169,7 +172,15 @@ impl Replays {
                     .push((user.to_string(), order));
             }
         }
-        Self { by_key }
+        Self {
+            by_key,
+            records: count,
+        }
+    }
+
+    /// How many records it was read from.
+    pub fn records(&self) -> usize {
+        self.records
     }
 
     /// Whether some winner used this key.
@@ -565,8 +576,24 @@ async fn load_replay_snapshots(gw: Arc<Gateway>, shutdown: Shutdown) {
             gw.limits.housekeeping();
         }
         for p in gw.products.values() {
-            if p.sold_out.load(Ordering::Relaxed) && p.replays.load().is_none() {
-                let mut conn = gw.redis.clone();
+            if !p.sold_out.load(Ordering::Relaxed) {
+                continue;
+            }
+            let mut conn = gw.redis.clone();
+            let held = p.replays.load().as_deref().map(Replays::records);
+            let stale = match held {
+                None => true,
+                // A unit that came back (a payment timeout) and was sold
+                // again between two of this pod's stock readings leaves it
+                // sold out: the new winner's key is read in, or their retry
+                // here would be answered sold out. One HLEN per tick.
+                Some(n) => redis::cmd("HLEN")
+                    .arg(p.idempotency_key())
+                    .query_async::<usize>(&mut conn)
+                    .await
+                    .is_ok_and(|now| now != n),
+            };
+            if stale {
                 load_replays(p, &mut conn, gw.replica_wait).await;
             }
         }
@@ -631,6 +658,9 @@ async fn load_replays(
             }
         }
         Ok(n) => {
+            // An older snapshot would now be missing records: keyed requests
+            // go to Redis instead.
+            p.replays.store(None);
             tracing::debug!(sku = %p.sku, records = n, "too many records for a replay snapshot")
         }
         Err(e) => tracing::debug!(error = %e, "replay snapshot not loaded"),
