@@ -183,6 +183,12 @@ fn values_are_honoured() -> anyhow::Result<()> {
     }))?;
     let d = r.get("Deployment", "flashsale");
     assert_eq!(d["spec"]["replicas"], json!(1));
+    // No lease: an upgrade never runs two operators at once.
+    assert_eq!(d["spec"]["strategy"], json!({"type": "Recreate"}));
+    assert_eq!(
+        defaults.get("Deployment", "flashsale")["spec"]["strategy"],
+        Value::Null
+    );
     let c = &d["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(
         c["image"],
