@@ -450,6 +450,25 @@ async fn a_product_removed_mid_sale_loses_no_accepted_order() -> TestResult {
 
     old.stop().await;
     new.stop().await;
+    // The audit of the live spec covers the removed product's books too.
+    let drained = dataplane::tools::audit::wait_drained(
+        &mut conn,
+        &store,
+        &doc.id(),
+        &next,
+        Duration::from_secs(15),
+    )
+    .await?;
     consumers.stop().await;
+    assert!(drained, "both products' books agree");
+    let report =
+        dataplane::tools::audit::audit(&mut conn, &store, &doc.id(), &next, &[], 0).await?;
+    let case = report
+        .products
+        .iter()
+        .find(|p| p.sku == "case")
+        .ok_or("the removed product is audited")?;
+    assert_eq!((case.units, case.consistent), (10 + late, true), "{case:?}");
+    assert!(report.passed(), "{:?}", report.problems());
     Ok(())
 }

@@ -157,6 +157,7 @@ pub async fn wait_drained<C: ConnectionLike + Send>(
     timeout: Duration,
 ) -> Result<bool, AuditError> {
     let deadline = Instant::now() + timeout;
+    let spec = &audited_spec(conn, store, sale, spec).await?;
     loop {
         let drained = match products(conn, store, sale, spec).await {
             Ok(books) => books.iter().all(|p| p.consistent && p.counters_agree),
@@ -213,6 +214,56 @@ async fn rows_per_sku(
             "cancelled" => e.cancelled_units += units,
             _ => {}
         }
+    }
+    Ok(out)
+}
+
+/// `spec` and every product the sale ever warmed or holds orders of: a
+/// product removed mid-sale keeps its stream, orders and books, and its
+/// promises are audited too, with the stock in Redis (or the database's) and
+/// the per-user limit its rules in Redis carry (none known: not checked).
+async fn audited_spec<C: ConnectionLike + Send>(
+    conn: &mut C,
+    store: &OrderStore,
+    sale: &SaleId,
+    spec: &SaleSpec,
+) -> Result<SaleSpec, AuditError> {
+    let inventory = store.inventory(sale).await?;
+    let known = crate::warm::known_skus(
+        conn,
+        sale,
+        spec.products
+            .iter()
+            .map(|p| p.sku.clone())
+            .chain(inventory.iter().map(|row| row.sku.clone())),
+    )
+    .await?;
+    let mut out = spec.clone();
+    for sku in known {
+        if out.products.iter().any(|p| p.sku == sku) {
+            continue;
+        }
+        let rules: Option<String> = redis::cmd("HGET")
+            .arg(crate::keys::ProductKeys::new(sale, &sku).info())
+            .arg("rules")
+            .query_async(conn)
+            .await?;
+        // "<layout> <start_ms> <end_ms> <limit> <price>" (purchase.lua).
+        let limit = rules
+            .as_deref()
+            .and_then(|r| r.split(' ').nth(3))
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(u32::MAX);
+        let stock = inventory
+            .iter()
+            .find(|row| row.sku == sku)
+            .map_or(0, |row| row.stock);
+        out.products.push(crate::spec::ProductSpec {
+            sku,
+            stock,
+            price: rust_decimal::Decimal::ZERO,
+            per_user_limit: limit,
+        });
     }
     Ok(out)
 }
@@ -280,6 +331,7 @@ pub async fn audit<C: ConnectionLike + Send>(
     answered: &[AcceptedOrder],
     idempotency_violations: u64,
 ) -> Result<AuditReport, AuditError> {
+    let spec = &audited_spec(conn, store, sale, spec).await?;
     let products = products(conn, store, sale, spec).await?;
 
     let client = store.pool().get().await.map_err(StoreError::from)?;
