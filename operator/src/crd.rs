@@ -183,7 +183,25 @@ mod tests {
             .collect();
         assert_eq!(
             columns,
-            ["Phase", "Remaining", "Gateways", "Consumers", "Age"]
+            [
+                "Phase",
+                "Remaining",
+                "Gateways",
+                "Consumers",
+                "Ready",
+                "Reason",
+                "Age"
+            ]
+        );
+        // The CEL rule carries only what Kubernetes 1.23-1.27 know
+        // (`reason` and `fieldPath` came with 1.28).
+        let rules = &spec["x-kubernetes-validations"];
+        assert_eq!(
+            rules,
+            &serde_json::json!([{
+                "rule": "self.endTime > self.startTime",
+                "message": "endTime must be after startTime"
+            }])
         );
         assert_eq!(
             crd["spec"]["names"]["shortNames"],
