@@ -253,7 +253,16 @@ async fn scenario_a_sale_runs_on_schedule_under_the_charts_rbac(
         .collect();
     assert_eq!(
         columns,
-        ["Name", "Phase", "Remaining", "Gateways", "Consumers", "Age"]
+        [
+            "Name",
+            "Phase",
+            "Remaining",
+            "Gateways",
+            "Consumers",
+            "Ready",
+            "Reason",
+            "Age"
+        ]
     );
     let cells = &table["rows"][0]["cells"];
     assert_eq!(cells[0], json!(name));
@@ -261,6 +270,9 @@ async fn scenario_a_sale_runs_on_schedule_under_the_charts_rbac(
     assert_eq!(cells[2], json!(400));
     assert_eq!(cells[3], json!(2));
     assert_eq!(cells[4], json!(1));
+    // The Ready condition's, read by the server's JSONPath filter.
+    assert_eq!(cells[5], json!("True"), "{cells}");
+    assert_eq!(cells[6], json!("Reconciled"), "{cells}");
 
     // Warming at its instant: Redis warmed, gateways raised to atStart (3).
     let (warming, seen) = reach(rig, name, SalePhase::Warming, 45).await;

@@ -594,6 +594,11 @@ async fn load_replay_snapshots(gw: Arc<Gateway>, shutdown: Shutdown) {
                     .is_ok_and(|now| now != n),
             };
             if stale {
+                // Until the reload succeeds, keyed requests go to Redis
+                // rather than to a snapshot known to be missing a winner.
+                if held.is_some() {
+                    p.replays.store(None);
+                }
                 load_replays(p, &mut conn, gw.replica_wait).await;
             }
         }

@@ -301,7 +301,9 @@ async fn handle(
     metrics::counter!("flashsale_payment_callbacks_total", "outcome" => answer.outcome.as_str(), "repeat" => if fresh { "no" } else { "yes" }).increment(1);
     if answer.outcome == PaymentOutcome::Paid && !fresh {
         // Redis follows PostgreSQL; a repeat heals a mark the first answer's
-        // 503 (or a crash) left undone, and tells the buyer then.
+        // 503 (or a crash) left undone, and tells the buyer then. Told on
+        // every repeat: a mark whose answer timed out may have moved the
+        // record all the same, and a socket drops a status it already sent.
         match mark_paid_in_redis(gw, &cb.order_id).await {
             Ok(true) => tell_paid(gw, &cb.order_id, None).await,
             Ok(false) => {}
@@ -599,7 +601,8 @@ async fn redis_status(gw: &Gateway, order_id: &str) -> Result<Option<OrderStatus
 }
 
 /// Moves the Redis record to paid (from accepted or confirmed only), and
-/// the product's counters with it; whether it moved now.
+/// the product's counters with it; whether it is paid now (moved by this
+/// call, or by an earlier one whose answer timed out).
 async fn mark_paid_in_redis(gw: &Gateway, order_id: &str) -> redis::RedisResult<bool> {
     // Keys from the sale and the SKU: a product this pod does not sell
     // (added after it booted, or removed since) is marked too.
@@ -620,9 +623,14 @@ async fn mark_paid_in_redis(gw: &Gateway, order_id: &str) -> redis::RedisResult<
     )
     .await
     .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
-    Ok(before.first().is_some_and(|s| {
-        s == OrderStatus::Accepted.as_str() || s == OrderStatus::Confirmed.as_str()
-    }))
+    let paid_now = [
+        OrderStatus::Accepted,
+        OrderStatus::Confirmed,
+        OrderStatus::Paid,
+    ];
+    Ok(before
+        .first()
+        .is_some_and(|s| paid_now.iter().any(|p| p.as_str() == s)))
 }
 
 /// Pushes `order.paid` to the buyer (read from the record when not given).

@@ -157,9 +157,12 @@ pub async fn wait_drained<C: ConnectionLike + Send>(
     timeout: Duration,
 ) -> Result<bool, AuditError> {
     let deadline = Instant::now() + timeout;
-    let spec = &audited_spec(conn, store, sale, spec).await?;
     loop {
-        let drained = match products(conn, store, sale, spec).await {
+        let books = match audited_spec(conn, store, sale, spec).await {
+            Ok(all) => products(conn, store, sale, &all).await,
+            Err(e) => Err(e),
+        };
+        let drained = match books {
             Ok(books) => books.iter().all(|p| p.consistent && p.counters_agree),
             Err(AuditError::Redis(e)) => return Err(AuditError::Redis(e)),
             // The database may be restarting; keep waiting.
