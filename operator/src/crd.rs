@@ -14,6 +14,18 @@ pub const CHECKED_IN: [&str; 2] = [
     "charts/flashsale/crds/flashsale.dev_flashsales.yaml",
 ];
 
+/// What `kubectl get flashsale` shows after the name (`resource.rs`'s
+/// printer columns), as the CRD test and the end-to-end test expect them.
+pub const COLUMNS: [&str; 7] = [
+    "Phase",
+    "Remaining",
+    "Gateways",
+    "Consumers",
+    "Ready",
+    "Reason",
+    "Age",
+];
+
 pub fn definition() -> CustomResourceDefinition {
     let mut crd = FlashSale::crd();
     for version in &mut crd.spec.versions {
@@ -181,18 +193,7 @@ mod tests {
             .flatten()
             .filter_map(|c| c["name"].as_str())
             .collect();
-        assert_eq!(
-            columns,
-            [
-                "Phase",
-                "Remaining",
-                "Gateways",
-                "Consumers",
-                "Ready",
-                "Reason",
-                "Age"
-            ]
-        );
+        assert_eq!(columns, super::COLUMNS);
         // The CEL rule carries only what Kubernetes 1.23-1.27 know
         // (`reason` and `fieldPath` came with 1.28).
         let rules = &spec["x-kubernetes-validations"];
