@@ -312,7 +312,7 @@ impl Sweeper {
             let tx = client.transaction().await?;
             let rows = tx
                 .query(
-                    "SELECT id, sku, order_id, user_id FROM flashsale_outbox
+                    "SELECT id, sku, order_id, user_id, action FROM flashsale_outbox
                      WHERE sale = $1 AND applied_at IS NULL
                        AND created_at < now() - make_interval(secs => $2)
                        AND CASE WHEN $4::text IS NULL THEN sku <> ALL($5) ELSE sku = $4 END
@@ -331,21 +331,29 @@ impl Sweeper {
             if rows.is_empty() {
                 return Ok(());
             }
-            let releases: Vec<Release> = rows
-                .iter()
-                .map(|r| Release {
-                    id: r.get(0),
-                    sku: r.get(1),
-                    order_id: r.get(2),
-                    user_id: r.get(3),
-                })
-                .collect();
+            // Releases (payment timeouts) and paid marks (a payment whose
+            // gateway could not mark Redis), each applied its own way.
+            let (mut releases, mut paid) = (Vec::new(), Vec::new());
+            for r in &rows {
+                let row = Release {
+                    id: r.try_get(0)?,
+                    sku: r.try_get(1)?,
+                    order_id: r.try_get(2)?,
+                    user_id: r.try_get(3)?,
+                };
+                match r.try_get::<_, &str>(4)? {
+                    "paid" => paid.push(row),
+                    _ => releases.push(row),
+                }
+            }
             tracing::info!(
-                rows = releases.len(),
-                "applying outbox rows left by an earlier sweep"
+                releases = releases.len(),
+                paid = paid.len(),
+                "applying outbox rows left unapplied"
             );
             out.released += self.apply(&releases).await?;
-            let ids: Vec<i64> = releases.iter().map(|r| r.id).collect();
+            self.apply_paid(&paid).await?;
+            let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
             tx.execute(
                 "UPDATE flashsale_outbox SET applied_at = now() WHERE id = ANY($1)",
                 &[&ids],
@@ -451,18 +459,33 @@ impl Sweeper {
         Ok(events.len() as u64)
     }
 
+    /// Moves each order's Redis record to paid (from accepted or confirmed
+    /// only, so a repeat is a no-op) and tells the users whose order this
+    /// call moved: the marks payment callbacks committed and could not make.
+    async fn apply_paid(&self, rows: &[Release]) -> Result<(), SweepError> {
+        let mut redis = self.redis.clone();
+        let mut events = Vec::new();
+        for r in rows {
+            let keys = ProductKeys::new(&self.sale, &r.sku);
+            let before = scripts::mark_paid(&mut redis, &keys, &r.order_id).await?;
+            let moved = before == OrderStatus::Accepted.as_str()
+                || before == OrderStatus::Confirmed.as_str();
+            if moved {
+                let event = OrderEvent::new(&r.order_id, &r.sku, OrderStatus::Paid, None);
+                events.push((r.user_id.clone(), event));
+            }
+        }
+        if let Err(e) = self.publisher.publish_many(&mut redis, &events).await {
+            tracing::debug!(error = %e, "order.paid not pushed");
+        }
+        Ok(())
+    }
+
     fn wait_mark(&self, sku: &str) -> String {
         ProductKeys::new(&self.sale, sku).wait_mark()
     }
 
     async fn mark_applied(&self, ids: &[i64]) -> Result<(), SweepError> {
-        let client = self.store.pool().get().await?;
-        client
-            .execute(
-                "UPDATE flashsale_outbox SET applied_at = now() WHERE id = ANY($1)",
-                &[&ids],
-            )
-            .await?;
-        Ok(())
+        Ok(self.store.mark_outbox_applied(ids).await?)
     }
 }

@@ -55,6 +55,25 @@ pub static DEAD_LETTER: LazyLock<Script> = LazyLock::new(|| {
         include_str!("scripts/dead_letter.lua")
     ))
 });
+/// Moves one order's record to paid (from accepted or confirmed only, with
+/// the product's counters: `TRANSITION`); the status it had before ('' when
+/// unknown). The payment callback and the sweeper's owed marks both use it.
+pub async fn mark_paid<C: ConnectionLike + Send>(
+    conn: &mut C,
+    keys: &crate::keys::ProductKeys,
+    order_id: &str,
+) -> RedisResult<String> {
+    let before: Vec<String> = TRANSITION
+        .key(keys.orders())
+        .key(keys.info())
+        .arg(crate::order::OrderStatus::Paid.as_str())
+        .arg("accepted,confirmed")
+        .arg(order_id)
+        .invoke_async(conn)
+        .await?;
+    Ok(before.into_iter().next().unwrap_or_default())
+}
+
 /// A buyer's Idempotency-Key bound to its first request in the sale
 /// (`claim.lua`): `{'new' | 'same' | 'reused', the key's first request, ''}`.
 pub static CLAIM_KEY: LazyLock<Script> = LazyLock::new(|| {

@@ -369,6 +369,40 @@ async fn a_paid_order_whose_record_redis_did_not_take_is_marked_on_the_retry() -
     Ok(())
 }
 
+/// The same, with a provider that never calls again: the mark is owed in the
+/// outbox, committed with the payment, and the sweeper (in the consumers)
+/// applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paid_order_whose_record_redis_did_not_take_is_marked_without_a_retry()
+-> Result<(), Error> {
+    let mut rig = rig("owed", 600).await?;
+    let (status, order) = buy(&rig, "u1").await?;
+    assert_eq!(status, 202);
+    let consumers = RunningConsumers::start(&rig.doc, &rig.servers, 1).await?;
+    assert!(until_status(&rig, &order, "confirmed").await);
+    let callback = body("p-owed", &order, "19.99", "succeeded");
+    paid_while_redis_is_silent_is_503(&mut rig, &callback).await?;
+    assert_eq!(pg_status(&rig, &order).await?.as_deref(), Some("paid"));
+
+    let marked = eventually(BOUND, || async {
+        redis_status(&rig, &order).await.ok().flatten() == Some(OrderStatus::Paid)
+    })
+    .await;
+    consumers.stop().await;
+    assert!(marked, "the sweeper marks the paid order in Redis");
+    let client = rig.servers.store().await?.pool().get().await?;
+    let unapplied: i64 = client
+        .query_one(
+            "SELECT count(*) FROM flashsale_outbox WHERE action = 'paid' AND applied_at IS NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(unapplied, 0);
+    rig.gw.stop().await;
+    Ok(())
+}
+
 /// During a rollout that adds a product, a gateway of the old spec gets the
 /// callback for a new product's order not yet persisted: it finds the order
 /// in Redis all the same (the key comes from the sale and the id's SKU) and

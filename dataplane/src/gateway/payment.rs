@@ -490,6 +490,21 @@ async fn decide(
                 "the callback is being recorded; retry",
             ))));
     }
+    // The Redis mark is owed with the payment: an outbox row in the same
+    // transaction, which the payment-timeout sweeper applies if this gateway
+    // does not (Redis down, a crash) and no callback comes again.
+    let outbox = match (&paid_user, sku_of(&cb.order_id)) {
+        (Some(user), Some(sku)) => Some(
+            tx.query_one(
+                "INSERT INTO flashsale_outbox (sale, sku, order_id, user_id, action)
+                 VALUES ($1, $2, $3, $4, 'paid') RETURNING id",
+                &[&sale, &sku, &cb.order_id, user],
+            )
+            .await?
+            .try_get::<_, i64>(0)?,
+        ),
+        _ => None,
+    };
     tx.commit().await?;
     let answer = PaymentAnswer {
         payment_id: cb.payment_id.clone(),
@@ -501,12 +516,16 @@ async fn decide(
         // Order matters: the record moves to paid before the push, so a
         // client's resume after the push never sees it older. A record not
         // marked is a 503 with the payment recorded: the provider's retry
-        // is answered from the record and marks it (above), and until then
-        // no buyer is told "paid" while the order's page says otherwise.
+        // is answered from the record and marks it (above), the sweeper
+        // applies the outbox row if none comes, and until then no buyer is
+        // told "paid" while the order's page says otherwise.
         if let Err(e) = mark_paid_in_redis(gw, &cb.order_id).await {
             return Ok(Decision::Refused(paid_not_marked(&e)));
         }
         tell_paid(gw, &cb.order_id, Some(user)).await;
+        if let Some(id) = outbox {
+            applied(payments, id).await;
+        }
     }
     Ok(Decision::Recorded {
         status,
@@ -610,16 +629,9 @@ async fn mark_paid_in_redis(gw: &Gateway, order_id: &str) -> redis::RedisResult<
         return Ok(false);
     };
     let mut redis = gw.redis.clone();
-    // The info hash holds the counters.
-    let before: Vec<String> = tokio::time::timeout(
+    let before = tokio::time::timeout(
         gw.redis_timeout,
-        scripts::TRANSITION
-            .key(keys.orders())
-            .key(keys.info())
-            .arg(OrderStatus::Paid.as_str())
-            .arg("accepted,confirmed")
-            .arg(order_id)
-            .invoke_async(&mut redis),
+        scripts::mark_paid(&mut redis, &keys, order_id),
     )
     .await
     .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
@@ -628,9 +640,15 @@ async fn mark_paid_in_redis(gw: &Gateway, order_id: &str) -> redis::RedisResult<
         OrderStatus::Confirmed,
         OrderStatus::Paid,
     ];
-    Ok(before
-        .first()
-        .is_some_and(|s| paid_now.iter().any(|p| p.as_str() == s)))
+    Ok(paid_now.iter().any(|p| p.as_str() == before))
+}
+
+/// Marks a `paid` outbox row applied. Best effort: a row left unapplied is
+/// applied again by the sweeper, a no-op on a record already paid.
+async fn applied(payments: &Payments, id: i64) {
+    if let Err(e) = payments.store.mark_outbox_applied(&[id]).await {
+        tracing::debug!(error = %e, "paid outbox row not marked applied; the sweeper will");
+    }
 }
 
 /// Pushes `order.paid` to the buyer (read from the record when not given).
