@@ -776,6 +776,13 @@ async fn apply(
                 "GatewayUnavailable",
                 "the sale is live and no gateway pod is available".to_string(),
             );
+        } else if live && available(consumer) == 0 {
+            // Gateways still answer 202, but nothing persists the orders:
+            // they wait in Redis, which a Redis without AOF could lose.
+            report.not_ready(
+                "ConsumerUnavailable",
+                "the sale is live and no consumer pod is available: accepted orders wait in Redis, unpersisted".to_string(),
+            );
         } else {
             let message = match schedule.next {
                 Some((Phase::Warming, at)) => format!("warming starts at {at}"),

@@ -167,10 +167,22 @@ async fn serve_applies(
     written: &[usize],
     refused: Option<(usize, u16, &Value)>,
 ) -> Vec<Value> {
+    serve_applies_with(server, &|_| available, written, refused).await
+}
+
+/// [`serve_applies`], each Deployment (by its index in `CHILDREN`) with
+/// `available(i)` pods available.
+async fn serve_applies_with(
+    server: &mut ApiServer,
+    available: &dyn Fn(usize) -> i32,
+    written: &[usize],
+    refused: Option<(usize, u16, &Value)>,
+) -> Vec<Value> {
     let mut applied = Vec::new();
     for (i, (path, is_deployment)) in CHILDREN.into_iter().enumerate() {
+        let n = available(i);
         let with_status = |mut body: Value| {
-            body["status"] = json!({ "availableReplicas": available, "replicas": available });
+            body["status"] = json!({ "availableReplicas": n, "replicas": n });
             body
         };
         if written.contains(&i) {
@@ -760,6 +772,37 @@ async fn a_sale_on_a_redis_cluster_is_warmed_through_its_seeds() -> anyhow::Resu
             .await?;
         assert_eq!(remaining, stock, "{sku}");
     }
+    Ok(())
+}
+
+/// A live sale whose gateways answer but whose consumers are all down (an
+/// unschedulable request, a bad image) is not Ready: its 202s wait in Redis,
+/// unpersisted.
+#[tokio::test]
+async fn a_live_sale_without_a_consumer_is_not_ready() -> anyhow::Result<()> {
+    let stores = Stores::start()?;
+    let (ctx, mut server, mut sale) = warmed_live_sale(&stores).await?;
+    let (consumer, _) = CHILDREN[3];
+    assert!(consumer.ends_with("singles-day-consumer"));
+
+    let task = run(&sale, &ctx);
+    serve_secrets(&mut server, &stores.urls()).await;
+    serve_applies_with(&mut server, &|i| if i == 3 { 0 } else { 2 }, NONE, None).await;
+    let status = serve_status(&mut server, &mut sale).await?;
+    let ready = condition(&status, "Ready");
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("False"), Some("ConsumerUnavailable")),
+        "{ready}"
+    );
+    server
+        .expect_event(
+            "Warning",
+            "ConsumerUnavailable",
+            "the sale is live and no consumer pod is available: accepted orders wait in Redis, unpersisted",
+        )
+        .await;
+    finish(task).await?;
     Ok(())
 }
 
