@@ -852,18 +852,17 @@ impl Consumer {
                 .key(s.keys.buyers())
                 .key(s.keys.info());
         }
-        inv.arg(CONSUMER_GROUP)
+        let released: (String, String) = inv
+            .arg(CONSUMER_GROUP)
             .arg(&entry.id)
             .arg(order_id.as_deref().unwrap_or(""))
-            .arg(reason);
-        let mut pipe = redis::pipe();
-        pipe.load_script(&scripts::DEAD_LETTER).ignore();
-        pipe.invoke_script(&inv);
-        let (released,): ((String, String),) = pipe.query_async(&mut self.redis).await?;
+            .arg(reason)
+            .invoke_async(&mut self.redis)
+            .await?;
         metrics::counter!("flashsale_consumer_dead_lettered_total").increment(1);
         // Told once: only the call that moved the order pushes.
-        if let (Some(id), Some(row), (outcome, _)) = (&order_id, entry.row.as_ref(), &released)
-            && outcome == "released"
+        if let (Some(id), Some(row)) = (&order_id, entry.row.as_ref())
+            && released.0 == "released"
         {
             let event = OrderEvent::new(id, &s.sku, OrderStatus::Failed, Some(reason.to_string()));
             if let Err(e) = self

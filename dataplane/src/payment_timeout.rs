@@ -333,7 +333,7 @@ impl Sweeper {
             }
             // Releases (payment timeouts) and paid marks (a payment whose
             // gateway could not mark Redis), each applied its own way.
-            let (mut releases, mut paid) = (Vec::new(), Vec::new());
+            let (mut releases, mut paid, mut ids) = (Vec::new(), Vec::new(), Vec::new());
             for r in &rows {
                 let row = Release {
                     id: r.try_get(0)?,
@@ -341,6 +341,7 @@ impl Sweeper {
                     order_id: r.try_get(2)?,
                     user_id: r.try_get(3)?,
                 };
+                ids.push(row.id);
                 match r.try_get::<_, &str>(4)? {
                     "paid" => paid.push(row),
                     _ => releases.push(row),
@@ -353,7 +354,6 @@ impl Sweeper {
             );
             out.released += self.apply(&releases).await?;
             self.apply_paid(&paid).await?;
-            let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
             tx.execute(
                 "UPDATE flashsale_outbox SET applied_at = now() WHERE id = ANY($1)",
                 &[&ids],

@@ -9,13 +9,12 @@ use redis::{Cmd, FromRedisValue, RedisResult, RedisWrite, Script, ToRedisArgs};
 use crate::keys::PurchaseKeys;
 
 /// The purchase decision (`purchase.lua`).
+pub static PURCHASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/purchase.lua")));
 /// `rejoin.lua`: a consumer's lost groups created again, only while the
 /// sale's meta record exists (standalone).
 pub static REJOIN: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/rejoin.lua")));
-
-pub static PURCHASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/purchase.lua")));
 /// Stock and limit returned for an order that will not be fulfilled
 /// (`release.lua`, after the status counters of `counters.lua`).
 pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {

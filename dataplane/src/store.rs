@@ -347,7 +347,6 @@ impl OrderStore {
         Ok(row.as_ref().map(InventoryRow::from_row))
     }
 
-    /// The sale's inventory rows.
     /// Marks outbox rows applied (their Redis side is done).
     pub async fn mark_outbox_applied(&self, ids: &[i64]) -> Result<(), StoreError> {
         let client = self.pool.get().await?;
@@ -360,6 +359,7 @@ impl OrderStore {
         Ok(())
     }
 
+    /// The sale's inventory rows.
     pub async fn inventory(&self, sale: &SaleId) -> Result<Vec<InventoryRow>, StoreError> {
         let client = self.pool.get().await?;
         let rows = client

@@ -46,6 +46,20 @@ async fn next_json(socket: &mut Socket) -> Result<Value, Box<dyn std::error::Err
     }
 }
 
+/// The events a connection sends before `synced`, and the `synced` message.
+async fn read_snapshot(
+    socket: &mut Socket,
+) -> Result<(Vec<Value>, Value), Box<dyn std::error::Error + Send + Sync>> {
+    let mut events = Vec::new();
+    loop {
+        let e = next_json(socket).await?;
+        if e["type"] == "synced" {
+            return Ok((events, e));
+        }
+        events.push(e);
+    }
+}
+
 async fn buy(
     gw: &RunningGateway,
     sale: &str,
@@ -218,20 +232,19 @@ async fn snapshot_lists_every_order_of_the_user_across_skus() -> TestResult {
     carol.push(buy(&gw, "chain", "carol", "item").await?);
 
     let mut socket = connect(&gw, "carol", "").await?;
-    let mut snapshot = Vec::new();
-    loop {
-        let e = next_json(&mut socket).await?;
-        if e["type"] == "synced" {
-            assert_eq!(e["orders"], 5, "{e}");
-            break;
-        }
-        // (The last buy's live order.accepted may race the snapshot; either
-        // way each order is sent once in its current status.)
-        snapshot.push((
-            e["orderId"].as_str().unwrap_or("").to_string(),
-            e["status"].as_str().unwrap_or("").to_string(),
-        ));
-    }
+    // (The last buy's live order.accepted may race the snapshot; either
+    // way each order is sent once in its current status.)
+    let (events, synced) = read_snapshot(&mut socket).await?;
+    assert_eq!(synced["orders"], 5, "{synced}");
+    let mut snapshot: Vec<(String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["orderId"].as_str().unwrap_or("").to_string(),
+                e["status"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
     let mut expected: Vec<(String, String)> = carol
         .iter()
         .map(|id| (id.clone(), "accepted".to_string()))
@@ -263,15 +276,12 @@ async fn snapshot_on_a_pod_that_does_not_sell_a_product_still_lists_its_orders()
     let new = RunningGateway::start(&without, &servers.redis.url(), "gw-new").await?;
 
     let mut socket = connect(&new, "carol", "").await?;
-    let mut snapshot = Vec::new();
-    loop {
-        let e = next_json(&mut socket).await?;
-        if e["type"] == "synced" {
-            assert_eq!(e["orders"], 2, "{e}");
-            break;
-        }
-        snapshot.push(e["orderId"].as_str().unwrap_or("").to_string());
-    }
+    let (events, synced) = read_snapshot(&mut socket).await?;
+    assert_eq!(synced["orders"], 2, "{synced}");
+    let mut snapshot: Vec<String> = events
+        .iter()
+        .map(|e| e["orderId"].as_str().unwrap_or("").to_string())
+        .collect();
     snapshot.sort();
     carol.sort();
     assert_eq!(snapshot, carol);

@@ -1179,10 +1179,11 @@ async fn cleanup(
         )
     };
     if let Some(url) = &clear_with {
-        let backlog = match ctx.redis.for_sale(&sale.spec.redis, url).await {
-            Ok(mut conn) => redis_store::unpersisted(&mut conn, &id, &sale.spec.sale).await,
-            Err(e) => Err(e),
-        };
+        let backlog = async {
+            let mut conn = ctx.redis.for_sale(&sale.spec.redis, url).await?;
+            redis_store::unpersisted(&mut conn, &id, &sale.spec.sale).await
+        }
+        .await;
         match backlog {
             Ok(0) => {}
             Ok(backlog) if in_time => {
@@ -1218,10 +1219,11 @@ async fn cleanup(
     }
 
     if let Some(url) = &clear_with {
-        let cleared = match ctx.redis.for_sale(&sale.spec.redis, url).await {
-            Ok(mut conn) => warm::clear_sale(&mut conn, &id, &skus).await,
-            Err(e) => Err(e),
-        };
+        let cleared = async {
+            let mut conn = ctx.redis.for_sale(&sale.spec.redis, url).await?;
+            warm::clear_sale(&mut conn, &id, &skus).await
+        }
+        .await;
         match cleared {
             Ok(deleted) => {
                 info!(deleted, "redis keys cleared");

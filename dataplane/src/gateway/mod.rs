@@ -579,27 +579,29 @@ async fn load_replay_snapshots(gw: Arc<Gateway>, shutdown: Shutdown) {
             if !p.sold_out.load(Ordering::Relaxed) {
                 continue;
             }
+            // One HLEN per tick: a snapshot is (re)read when there is none,
+            // or when the records' count moved. A unit that came back (a
+            // payment timeout) and was sold again between two of this pod's
+            // stock readings leaves it sold out: the new winner's key is read
+            // in, or their retry here would be answered sold out.
             let mut conn = gw.redis.clone();
-            let held = p.replays.load().as_deref().map(Replays::records);
-            let stale = match held {
-                None => true,
-                // A unit that came back (a payment timeout) and was sold
-                // again between two of this pod's stock readings leaves it
-                // sold out: the new winner's key is read in, or their retry
-                // here would be answered sold out. One HLEN per tick.
-                Some(n) => redis::cmd("HLEN")
-                    .arg(p.idempotency_key())
-                    .query_async::<usize>(&mut conn)
-                    .await
-                    .is_ok_and(|now| now != n),
+            let len: Result<usize, _> = redis::cmd("HLEN")
+                .arg(p.idempotency_key())
+                .query_async(&mut conn)
+                .await;
+            let n = match len {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!(error = %e, "replay snapshot not checked");
+                    continue;
+                }
             };
-            if stale {
+            let held = p.replays.load().as_deref().map(Replays::records);
+            if held != Some(n) {
                 // Until the reload succeeds, keyed requests go to Redis
                 // rather than to a snapshot known to be missing a winner.
-                if held.is_some() {
-                    p.replays.store(None);
-                }
-                load_replays(p, &mut conn, gw.replica_wait).await;
+                p.replays.store(None);
+                load_replays(p, n, &mut conn, gw.replica_wait).await;
             }
         }
     }
@@ -611,62 +613,54 @@ async fn load_replay_snapshots(gw: Arc<Gateway>, shutdown: Shutdown) {
 /// from memory, and a 202 is a promise.
 async fn load_replays(
     p: &ProductRuntime,
+    records: usize,
     conn: &mut RedisConn,
     replica_wait: Option<crate::durability::ReplicaWait>,
 ) {
-    let len: Result<usize, _> = redis::cmd("HLEN")
-        .arg(p.idempotency_key())
-        .query_async(conn)
-        .await;
-    match len {
-        Ok(n) if n <= MAX_REPLAY_SNAPSHOT => {
-            let mut pipe = redis::pipe();
-            pipe.cmd("HGETALL").arg(p.idempotency_key());
-            let all: Result<HashMap<String, String>, _> = match replica_wait {
-                None => pipe
-                    .query_async::<(HashMap<String, String>,)>(conn)
-                    .await
-                    .map(|(m,)| m),
-                Some(wait) => {
-                    pipe.ignore_errors();
-                    wait.mark_and_wait(&mut pipe, &p.layout.wait_mark());
-                    let started = std::time::Instant::now();
-                    let key = p.idempotency_key();
-                    match pipe.query_async(&mut conn.on_master_of(key)).await {
-                        Ok(replies) => {
-                            let (mut replies, held) = crate::durability::split_wait(
-                                crate::durability::WaitPath::Replay,
-                                replies,
-                                started,
-                            );
-                            match (held, replies.pop()) {
-                                (true, Some(Ok(v))) => {
-                                    redis::from_redis_value(v).map_err(redis::RedisError::from)
-                                }
-                                (true, Some(Err(e))) => Err(e),
-                                _ => Err(redis::RedisError::from((
-                                    redis::ErrorKind::Io,
-                                    "no replica confirmed the replay snapshot",
-                                ))),
-                            }
+    // Too many for memory: keyed requests go to Redis (the caller dropped
+    // any older snapshot).
+    if records > MAX_REPLAY_SNAPSHOT {
+        tracing::debug!(sku = %p.sku, records, "too many records for a replay snapshot");
+        return;
+    }
+    let mut pipe = redis::pipe();
+    pipe.cmd("HGETALL").arg(p.idempotency_key());
+    let all: Result<HashMap<String, String>, _> = match replica_wait {
+        None => pipe
+            .query_async::<(HashMap<String, String>,)>(conn)
+            .await
+            .map(|(m,)| m),
+        Some(wait) => {
+            pipe.ignore_errors();
+            wait.mark_and_wait(&mut pipe, &p.layout.wait_mark());
+            let started = std::time::Instant::now();
+            let key = p.idempotency_key();
+            match pipe.query_async(&mut conn.on_master_of(key)).await {
+                Ok(replies) => {
+                    let (mut replies, held) = crate::durability::split_wait(
+                        crate::durability::WaitPath::Replay,
+                        replies,
+                        started,
+                    );
+                    match (held, replies.pop()) {
+                        (true, Some(Ok(v))) => {
+                            redis::from_redis_value(v).map_err(redis::RedisError::from)
                         }
-                        Err(e) => Err(e),
+                        (true, Some(Err(e))) => Err(e),
+                        _ => Err(redis::RedisError::from((
+                            redis::ErrorKind::Io,
+                            "no replica confirmed the replay snapshot",
+                        ))),
                     }
                 }
-            };
-            match all {
-                Ok(map) => {
-                    tracing::debug!(sku = %p.sku, records = map.len(), "replay snapshot loaded");
-                    p.replays.store(Some(Arc::new(Replays::new(map))));
-                }
-                Err(e) => tracing::debug!(error = %e, "replay snapshot not loaded"),
+                Err(e) => Err(e),
             }
         }
-        Ok(n) => {
-            // An older snapshot would now be missing records: keyed requests
-            // go to Redis instead.
-            p.replays.store(None);
-            tracing::debug!(sku = %p.sku, records = n, "too many records for a replay snapshot")
+    };
+    match all {
+        Ok(map) => {
+            tracing::debug!(sku = %p.sku, records = map.len(), "replay snapshot loaded");
+            p.replays.store(Some(Arc::new(Replays::new(map))));
         }
         Err(e) => tracing::debug!(error = %e, "replay snapshot not loaded"),
     }

@@ -13,7 +13,7 @@ use crate::counters::{ProductCounters, product_counters};
 use crate::keys::ProductKeys;
 use crate::order::{OrderRecord, OrderStatus};
 use crate::spec::{SaleId, SaleSpec};
-use crate::store::{OrderStore, StoreError};
+use crate::store::{InventoryRow, OrderStore, StoreError};
 use crate::tools::crowd::AcceptedOrder;
 
 #[derive(Debug, thiserror::Error)]
@@ -158,12 +158,8 @@ pub async fn wait_drained<C: ConnectionLike + Send>(
 ) -> Result<bool, AuditError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let books = match audited_spec(conn, store, sale, spec).await {
-            Ok(all) => products(conn, store, sale, &all).await,
-            Err(e) => Err(e),
-        };
-        let drained = match books {
-            Ok(books) => books.iter().all(|p| p.consistent && p.counters_agree),
+        let drained = match products(conn, store, sale, spec).await {
+            Ok((_, books)) => books.iter().all(|p| p.consistent && p.counters_agree),
             Err(AuditError::Redis(e)) => return Err(AuditError::Redis(e)),
             // The database may be restarting; keep waiting.
             Err(_) => false,
@@ -227,11 +223,10 @@ async fn rows_per_sku(
 /// the per-user limit its rules in Redis carry (none known: not checked).
 async fn audited_spec<C: ConnectionLike + Send>(
     conn: &mut C,
-    store: &OrderStore,
     sale: &SaleId,
     spec: &SaleSpec,
+    inventory: &[InventoryRow],
 ) -> Result<SaleSpec, AuditError> {
-    let inventory = store.inventory(sale).await?;
     let known = crate::warm::known_skus(
         conn,
         sale,
@@ -247,7 +242,7 @@ async fn audited_spec<C: ConnectionLike + Send>(
             continue;
         }
         let rules: Option<String> = redis::cmd("HGET")
-            .arg(crate::keys::ProductKeys::new(sale, &sku).info())
+            .arg(ProductKeys::new(sale, &sku).info())
             .arg("rules")
             .query_async(conn)
             .await?;
@@ -271,17 +266,19 @@ async fn audited_spec<C: ConnectionLike + Send>(
     Ok(out)
 }
 
-/// Each product's books: Redis' stock and counters beside PostgreSQL's rows.
+/// Each product's books, of [`audited_spec`]'s products (returned with
+/// them): Redis' stock and counters beside PostgreSQL's rows.
 async fn products<C: ConnectionLike + Send>(
     conn: &mut C,
     store: &OrderStore,
     sale: &SaleId,
     spec: &SaleSpec,
-) -> Result<Vec<ProductAudit>, AuditError> {
-    let counters = product_counters(conn, sale, spec).await?;
-    let rows = rows_per_sku(store, sale).await?;
+) -> Result<(SaleSpec, Vec<ProductAudit>), AuditError> {
     let inventory = store.inventory(sale).await?;
-    Ok(spec
+    let spec = audited_spec(conn, sale, spec, &inventory).await?;
+    let counters = product_counters(conn, sale, &spec).await?;
+    let rows = rows_per_sku(store, sale).await?;
+    let books = spec
         .products
         .iter()
         .zip(counters)
@@ -321,7 +318,8 @@ async fn products<C: ConnectionLike + Send>(
                 stores_agree: database_stock.map_or(stock == remaining, |d| d == stock),
             }
         })
-        .collect())
+        .collect();
+    Ok((spec, books))
 }
 
 /// Audits the sale. `answered` are the 202s a crowd saw (may be empty when
@@ -334,11 +332,11 @@ pub async fn audit<C: ConnectionLike + Send>(
     answered: &[AcceptedOrder],
     idempotency_violations: u64,
 ) -> Result<AuditReport, AuditError> {
-    let spec = &audited_spec(conn, store, sale, spec).await?;
-    let products = products(conn, store, sale, spec).await?;
+    // The limits of every audited product, removed ones' included.
+    let (audited, products) = products(conn, store, sale, spec).await?;
 
     let client = store.pool().get().await.map_err(StoreError::from)?;
-    let limits: HashMap<&str, i64> = spec
+    let limits: HashMap<&str, i64> = audited
         .products
         .iter()
         .map(|p| (p.sku.as_str(), i64::from(p.per_user_limit)))
