@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use dataplane::spec::RateLimit;
 use serde_json::{Value, json};
+use std::time::Duration;
 
 async fn buy(gw: &RunningGateway, user: &str, forwarded_for: Option<&str>) -> (u16, Value) {
     let mut request = http()
@@ -56,5 +57,71 @@ async fn behind_a_proxy_each_client_address_has_its_own_bucket() -> TestResult {
     let (status, body) = buy(&gw, "u4", None).await;
     assert_eq!(status, 202, "{body}");
     gw.stop().await;
+    Ok(())
+}
+
+/// A gateway stopped by SIGTERM leaves the live set before its process
+/// exits, so the others take its share of the global rate limit at once
+/// rather than after its last report goes stale, and a deleted sale's
+/// cleared keys stay cleared once its pods are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_stopped_by_sigterm_has_left_the_live_set() -> TestResult {
+    let servers = Servers::start()?;
+    let doc = sale("leave", &[("item", 10, 1)]);
+    warm(&servers, &doc).await?;
+    let dir = tempfile::tempdir()?;
+    let config = write_doc(dir.path(), &doc)?;
+    let log = std::fs::File::create(dir.path().join("gateway.log"))?;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+        .arg("gateway")
+        .arg("--config")
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env("REDIS_URL", servers.redis.url())
+        .env("TOKEN_SECRET", String::from_utf8_lossy(SECRET).as_ref())
+        .env("POD_NAME", "gw-leaving")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let keys = dataplane::keys::SaleKeys::new(&doc.id());
+    let conn = servers.redis_conn().await?;
+    let live = |mut conn: redis::aio::ConnectionManager| {
+        let (members, reports) = (keys.gateways(), keys.gateway_reports());
+        async move {
+            let live: redis::RedisResult<(Vec<String>, Vec<String>)> = redis::pipe()
+                .cmd("ZRANGE")
+                .arg(members)
+                .arg(0)
+                .arg(-1)
+                .cmd("HKEYS")
+                .arg(reports)
+                .query_async(&mut conn)
+                .await;
+            live.unwrap_or_default()
+        }
+    };
+    let reported = eventually(Duration::from_secs(15), || {
+        let live = live(conn.clone());
+        async move { !live.await.0.is_empty() }
+    })
+    .await;
+    let gateway_log =
+        || std::fs::read_to_string(dir.path().join("gateway.log")).unwrap_or_default();
+    assert!(reported, "the gateway never reported:\n{}", gateway_log());
+
+    let pid = i32::try_from(child.id())?;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let status = child.wait()?;
+    assert!(status.success(), "{status}:\n{}", gateway_log());
+    assert_eq!(
+        live(conn.clone()).await,
+        (vec![], vec![]),
+        "{}",
+        gateway_log()
+    );
     Ok(())
 }

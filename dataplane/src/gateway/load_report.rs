@@ -15,6 +15,11 @@ use crate::keys::SaleKeys;
 /// Reports older than this are stale: the pod is gone or cannot reach Redis.
 pub const REPORT_TTL: Duration = Duration::from_secs(5);
 
+/// The live set and the reports expire this long after the last report, so
+/// a gateway that reports after its sale's keys were cleared (a pod
+/// force-deleted while its process still ran) leaves nothing behind for good.
+const KEYS_TTL: Duration = Duration::from_secs(60);
+
 /// One gateway pod's load at one instant.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -85,6 +90,7 @@ async fn publish(
 ) -> Result<u64, redis::RedisError> {
     let json = serde_json::to_string(report).unwrap_or_default();
     let stale_before = report.at_ms - i64::try_from(REPORT_TTL.as_millis()).unwrap_or(5000);
+    let ttl_ms = u64::try_from(KEYS_TTL.as_millis()).unwrap_or(60_000);
     let mut conn = gw.redis.clone();
     let (stale, live): (Vec<String>, u64) = redis::pipe()
         .cmd("ZADD")
@@ -108,6 +114,14 @@ async fn publish(
         .ignore()
         .cmd("ZCARD")
         .arg(keys.gateways())
+        .cmd("PEXPIRE")
+        .arg(keys.gateways())
+        .arg(ttl_ms)
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(keys.gateway_reports())
+        .arg(ttl_ms)
+        .ignore()
         .query_async(&mut conn)
         .await?;
     if !stale.is_empty() {

@@ -25,6 +25,7 @@ use axum::http::HeaderName;
 use axum::routing::{get, post};
 use futures::FutureExt;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken as Shutdown;
 
 use crate::breaker::Breaker;
@@ -462,9 +463,10 @@ impl Gateway {
     /// Background work: load reports (which also re-split the global rate
     /// limit), the sale page's snapshot (which also moves the sold-out
     /// flags), replay snapshots and rate-limiter housekeeping, the push
-    /// channel subscription and registry refresh.
-    pub fn spawn_background(self: &Arc<Self>, shutdown: Shutdown) {
-        tokio::spawn(load_report::run(Arc::clone(self), shutdown.clone()));
+    /// channel subscription and registry refresh. Returns the load reporter,
+    /// whose last act on shutdown is to take this pod out of the live set.
+    pub fn spawn_background(self: &Arc<Self>, shutdown: Shutdown) -> JoinHandle<()> {
+        let reporter = tokio::spawn(load_report::run(Arc::clone(self), shutdown.clone()));
         let gw = Arc::clone(self);
         tokio::spawn(crate::live::follow(
             self.redis.clone(),
@@ -498,6 +500,7 @@ impl Gateway {
             shutdown.cancelled().await;
             own.cancel();
         });
+        reporter
     }
 
     /// Takes a new spec from the operator: window, rate limits, per-user
@@ -666,15 +669,21 @@ async fn load_replays(
     }
 }
 
+/// How long a stopping gateway waits to leave the live set: a Redis that
+/// does not answer in this time must not hold the pod's exit.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Serves the public and admin routers until `shutdown` fires; in-flight
-/// requests finish first.
+/// requests finish first, then the pod leaves the live set, so it is gone
+/// from Redis before the process exits: the other gateways take its share
+/// of the rate limit at once, and a deleted sale's cleared keys stay cleared.
 pub async fn serve(
     gw: Arc<Gateway>,
     public: TcpListener,
     admin: TcpListener,
     shutdown: Shutdown,
 ) -> Result<(), GatewayError> {
-    gw.spawn_background(shutdown.clone());
+    let reporter = gw.spawn_background(shutdown.clone());
     let public_app = gw
         .router()
         .into_make_service_with_connect_info::<SocketAddr>();
@@ -686,6 +695,9 @@ pub async fn serve(
     let admin_task =
         axum::serve(admin, admin_app).with_graceful_shutdown(async move { s2.cancelled().await });
     let (a, b) = tokio::join!(public_task, admin_task);
+    if tokio::time::timeout(LEAVE_TIMEOUT, reporter).await.is_err() {
+        tracing::warn!("left the live set unannounced: Redis did not answer in time");
+    }
     a.map_err(GatewayError::Serve)?;
     b.map_err(GatewayError::Serve)?;
     Ok(())

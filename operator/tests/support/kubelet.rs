@@ -3,7 +3,14 @@
 //! the real `flashsale` binary, with the Pod's own args and env (Secrets and
 //! the pod name resolved as the kubelet would, the ConfigMap volume written to
 //! a dir), waits for its readiness probe and then marks the Pod Ready through
-//! its status subresource. A Pod that disappears gets SIGTERM, as on deletion.
+//! its status subresource.
+//!
+//! Deletion is graceful, as on a real node: each Pod is bound to this node
+//! (a Pod bound to none is deleted from the API at once), so a deleted Pod
+//! stays Terminating while its process gets SIGTERM, and its deletion is
+//! finished (grace 0) only once the process exited, or was SIGKILLed at the
+//! end of the Pod's grace period. What waits for Pods to go (a foreground
+//! deletion, the operator's cleanup) thus waits for the processes.
 //!
 //! Ports are the one change: every process binds its own free loopback ports
 //! (`--listen`/`--admin-listen`) instead of the container's 8080/9090.
@@ -15,8 +22,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use dataplane::tools::servers::free_port;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Node as NodeObject, Pod, Secret};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::task::JoinHandle;
@@ -60,6 +67,7 @@ pub fn dataplane_binary() -> &'static Path {
 /// One Pod's process.
 pub struct PodProcess {
     pub pod: String,
+    uid: Option<String>,
     pub component: String,
     pub http: Option<u16>,
     pub admin: u16,
@@ -73,14 +81,27 @@ impl PodProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn terminate(&mut self) {
+    fn signal(&mut self, signal: i32) {
         if let Ok(pid) = i32::try_from(self.child.id()) {
             // SAFETY: kill(2) on our own child's pid.
             unsafe {
-                libc::kill(pid, libc::SIGTERM);
+                libc::kill(pid, signal);
             }
         }
     }
+
+    fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+/// A process told to stop, and what its Pod's deletion still needs.
+struct Stopping {
+    process: PodProcess,
+    /// SIGKILL after this (the Pod's grace period).
+    kill_at: std::time::Instant,
+    /// The Pod's deletion was finished (or the Pod was gone already).
+    finished: bool,
 }
 
 impl Drop for PodProcess {
@@ -95,10 +116,13 @@ type Running = Arc<Mutex<HashMap<String, PodProcess>>>;
 /// Runs the Pods of one namespace until dropped.
 pub struct Kubelet {
     running: Running,
-    stopped: Arc<Mutex<Vec<PodProcess>>>,
+    stopped: Arc<Mutex<Vec<Stopping>>>,
     task: JoinHandle<()>,
     dir: tempfile::TempDir,
 }
+
+/// The node the Pods are bound to.
+const NODE: &str = "flashsale-e2e-node";
 
 impl Kubelet {
     pub fn start(client: Client, namespace: &str) -> anyhow::Result<Self> {
@@ -107,6 +131,7 @@ impl Kubelet {
             .tempdir()?;
         let running: Running = Arc::default();
         let stopped = Arc::new(Mutex::new(Vec::new()));
+        let nodes: Api<NodeObject> = Api::all(client.clone());
         let node = Node {
             pods: Api::namespaced(client.clone(), namespace),
             config_maps: Api::namespaced(client.clone(), namespace),
@@ -116,6 +141,12 @@ impl Kubelet {
             stopped: stopped.clone(),
         };
         let task = tokio::spawn(async move {
+            // The node must exist before a Pod is bound to it: the pod
+            // garbage collector deletes Pods bound to a node it does not know.
+            while let Err(e) = register(&nodes).await {
+                eprintln!("kubelet: register node {NODE}: {e:#}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
             loop {
                 if let Err(e) = node.sync().await {
                     eprintln!("kubelet: {e:#}");
@@ -148,7 +179,8 @@ impl Kubelet {
         };
         stopped
             .iter_mut()
-            .map(|p| {
+            .map(|s| {
+                let p = &mut s.process;
                 let code = p.child.try_wait().ok().flatten().and_then(|s| s.code());
                 (p.pod.clone(), code)
             })
@@ -186,6 +218,15 @@ impl Drop for Kubelet {
     }
 }
 
+async fn register(nodes: &Api<NodeObject>) -> anyhow::Result<()> {
+    let node = serde_json::from_value(json!({"metadata": {"name": NODE}}))?;
+    match nodes.create(&PostParams::default(), &node).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_already_exists() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -197,7 +238,7 @@ struct Node {
     secrets: Api<Secret>,
     dir: PathBuf,
     running: Running,
-    stopped: Arc<Mutex<Vec<PodProcess>>>,
+    stopped: Arc<Mutex<Vec<Stopping>>>,
 }
 
 impl Node {
@@ -208,6 +249,14 @@ impl Node {
             .iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
             .map(|p| (p.name_any(), p))
+            .collect();
+        let grace: HashMap<String, u64> = pods
+            .items
+            .iter()
+            .map(|p| {
+                let seconds = p.metadata.deletion_grace_period_seconds.unwrap_or(30);
+                (p.name_any(), u64::try_from(seconds).unwrap_or(0))
+            })
             .collect();
         // Pods gone or terminating: SIGTERM, as the kubelet does.
         let gone: Vec<PodProcess> = {
@@ -223,11 +272,19 @@ impl Node {
             names.iter().filter_map(|n| running.remove(n)).collect()
         };
         for mut p in gone {
-            p.terminate();
+            p.signal(libc::SIGTERM);
+            let seconds = grace.get(&p.pod).copied().unwrap_or(0);
+            let stopping = Stopping {
+                // A Pod already gone from the API was force-deleted.
+                finished: !grace.contains_key(&p.pod),
+                kill_at: std::time::Instant::now() + Duration::from_secs(seconds),
+                process: p,
+            };
             if let Ok(mut stopped) = self.stopped.lock() {
-                stopped.push(p);
+                stopped.push(stopping);
             }
         }
+        self.finish_deletions().await?;
         for (name, pod) in &live {
             let known = self
                 .running
@@ -265,8 +322,79 @@ impl Node {
         Ok(())
     }
 
+    /// Finishes the deletion of each Pod whose process exited, after
+    /// SIGKILL for one past its grace period.
+    async fn finish_deletions(&self) -> anyhow::Result<()> {
+        let done: Vec<(String, Option<String>)> = {
+            let mut stopped = self
+                .stopped
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?;
+            let now = std::time::Instant::now();
+            stopped
+                .iter_mut()
+                .filter(|s| !s.finished)
+                .filter_map(|s| {
+                    if !s.process.exited() && now >= s.kill_at {
+                        s.process.signal(libc::SIGKILL);
+                        let _ = s.process.child.wait();
+                    }
+                    s.process
+                        .exited()
+                        .then(|| (s.process.pod.clone(), s.process.uid.clone()))
+                })
+                .collect()
+        };
+        for (pod, uid) in done {
+            let params = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(Preconditions {
+                    uid,
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match self.pods.delete(&pod, &params).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.is_not_found() || status.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+            if let Ok(mut stopped) = self.stopped.lock() {
+                for s in stopped.iter_mut().filter(|s| s.process.pod == pod) {
+                    s.finished = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Binds a Pod to this node, as the scheduler would.
+    async fn bind(&self, pod: &Pod) -> anyhow::Result<()> {
+        if pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_ref())
+            .is_some()
+        {
+            return Ok(());
+        }
+        let name = pod.name_any();
+        let binding = json!({
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": name},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": NODE},
+        });
+        let _: serde_json::Value = self
+            .pods
+            .create_subresource("binding", &name, &PostParams::default(), &binding)
+            .await?;
+        Ok(())
+    }
+
     async fn start(&self, pod: &Pod) -> anyhow::Result<PodProcess> {
         let name = pod.name_any();
+        self.bind(pod).await?;
         let spec = pod
             .spec
             .as_ref()
@@ -376,6 +504,7 @@ impl Node {
             .spawn()?;
         Ok(PodProcess {
             pod: name,
+            uid: pod.metadata.uid.clone(),
             component: container.name.clone(),
             http,
             admin,
