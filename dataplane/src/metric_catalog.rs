@@ -73,6 +73,12 @@ pub const GATEWAY: &[Metric] = &[
         &[],
     ),
     metric(
+        "flashsale_gateway_commit_abandoned_total",
+        Counter,
+        "Queued purchases not run because their request had already been answered 503 store_timeout (group commit)",
+        &[],
+    ),
+    metric(
         "flashsale_gateway_requests_total",
         Counter,
         "Purchase answers by outcome",

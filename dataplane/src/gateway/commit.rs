@@ -129,6 +129,19 @@ async fn commit<C: ConnectionLike>(
     wait: ReplicaWait,
 ) {
     for _ in 0..2 {
+        // A caller that stopped waiting was answered 503 (the gateway's
+        // Redis timeout ran out while the queue was long): its purchase must
+        // not run, or it would hold a unit for an order its buyer was told
+        // failed. Dropping it here also sheds stale work at the peak.
+        let queued = jobs.len();
+        jobs.retain(|j| !j.reply.is_closed());
+        if jobs.len() < queued {
+            metrics::counter!("flashsale_gateway_commit_abandoned_total")
+                .increment((queued - jobs.len()) as u64);
+        }
+        if jobs.is_empty() {
+            return;
+        }
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for j in &jobs {
@@ -194,5 +207,65 @@ async fn commit<C: ConnectionLike>(
             redis::ErrorKind::Server(redis::ServerErrorKind::NoScript),
             "the purchase script could not be loaded",
         ))));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::keys::ProductKeys;
+    use crate::tools::servers::RedisServer;
+
+    fn job(user: &str, reply: oneshot::Sender<redis::RedisResult<Decision>>) -> Job {
+        Job {
+            user: user.to_string(),
+            quantity: 1,
+            order_id: format!("item.{user}"),
+            idempotency_field: String::new(),
+            ticket: None,
+            reply,
+        }
+    }
+
+    /// A purchase whose caller stopped waiting before its batch went out
+    /// (answered 503 store_timeout) is not run: no unit is held for it.
+    #[tokio::test]
+    async fn a_purchase_nobody_waits_for_any_more_is_not_run()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let redis = RedisServer::start()?;
+        let mut conn = redis::Client::open(redis.url())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let doc = crate::tools::bench::doc("commit", &[("item", 10)])?;
+        crate::warm::warm_sale(&mut conn, &doc.id(), &doc.spec).await?;
+        let keys = ProductKeys::new(&doc.id(), "item");
+
+        let (gone, answer) = oneshot::channel();
+        drop(answer);
+        let (waiting, answer) = oneshot::channel();
+        let wait = ReplicaWait {
+            timeout: Duration::from_millis(10),
+        };
+        let jobs = vec![job("gone", gone), job("waiting", waiting)];
+        commit(&keys.purchase_keys(), &mut conn, jobs, wait).await;
+
+        let decision = answer.await??;
+        assert!(matches!(
+            decision.answer,
+            scripts::PurchaseAnswer::Accepted { remaining: 9 }
+        ));
+        let stock: i64 = redis::cmd("GET")
+            .arg(keys.stock())
+            .query_async(&mut conn)
+            .await?;
+        let gone: bool = redis::cmd("HEXISTS")
+            .arg(keys.buyers())
+            .arg("gone")
+            .query_async(&mut conn)
+            .await?;
+        assert_eq!((stock, gone), (9, false));
+        Ok(())
     }
 }
