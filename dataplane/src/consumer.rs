@@ -124,16 +124,21 @@ struct Reader {
     marks: std::sync::Arc<Vec<String>>,
     /// The sale's meta record (`rejoin.lua` checks it).
     meta: String,
-    /// Set when one stream's read failed while others succeeded: its
-    /// entries are pending here and the next read must go through history.
-    reread: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Per stream (cluster): its last read failed, or read history and found
+    /// some, so what it delivered is pending here and it is read from history
+    /// until that comes back empty. Per stream, so a stream whose master
+    /// keeps failing (a promoted master with no replica yet) holds back no
+    /// other product's new orders.
+    behind: std::sync::Arc<Vec<std::sync::atomic::AtomicBool>>,
 }
 
 impl Reader {
-    /// Whether a partly failed read left entries to re-read (and clears it).
-    fn take_reread(&self) -> bool {
-        self.reread
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
+    /// Whether some stream is read from history (no read ahead meanwhile:
+    /// it would deliver the batch being processed a second time).
+    fn any_behind(&self) -> bool {
+        self.behind
+            .iter()
+            .any(|b| b.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 
@@ -146,18 +151,27 @@ impl Reader {
                 .read_streams(conn.clone(), all, history, !history)
                 .await;
         }
-        let each =
-            |block: bool| {
-                let reader = &self;
-                futures::future::join_all(reader.conns.iter().enumerate().map(move |(i, conn)| {
-                    reader.read_streams(conn.clone(), i..i + 1, history, block)
-                }))
-            };
-        let entries = merge(each(false).await, &self.reread)?;
+        let each = |block: bool| {
+            let reader = &self;
+            futures::future::join_all(reader.conns.iter().enumerate().map(move |(i, conn)| {
+                let from_history = history
+                    || reader
+                        .behind
+                        .get(i)
+                        .is_some_and(|b| b.load(std::sync::atomic::Ordering::Relaxed));
+                async move {
+                    let read = reader
+                        .read_streams(conn.clone(), i..i + 1, from_history, block && !from_history)
+                        .await;
+                    (from_history, read)
+                }
+            }))
+        };
+        let entries = merge(each(false).await, &self.behind)?;
         if !entries.is_empty() || history {
             return Ok(entries);
         }
-        merge(each(true).await, &self.reread)
+        merge(each(true).await, &self.behind)
     }
 
     /// One XREADGROUP over the streams at `streams` (indexes into `names`).
@@ -311,28 +325,43 @@ pub(crate) async fn join_group<C: redis::aio::ConnectionLike + Send>(
     }
 }
 
-/// The entries of per-stream reads. A stream whose read failed (its master
-/// is failing over) is read again on the next call and does not hold back
-/// the others; only when every read failed is it an error.
+/// The entries of per-stream reads, each with whether it read history. A
+/// stream whose read failed (its master is failing over) is read from its
+/// history until that comes back empty, and does not hold back the others;
+/// only when every read failed is it an error.
 fn merge<E: std::fmt::Display>(
-    reads: Vec<Result<Vec<Entry>, E>>,
-    reread: &std::sync::atomic::AtomicBool,
+    reads: Vec<(bool, Result<Vec<Entry>, E>)>,
+    behind: &[std::sync::atomic::AtomicBool],
 ) -> Result<Vec<Entry>, E> {
+    use std::sync::atomic::Ordering::Relaxed;
     let mut entries = Vec::new();
     let mut failed = None;
-    for read in reads {
+    let mut succeeded = false;
+    for (i, (from_history, read)) in reads.into_iter().enumerate() {
+        let flag = behind.get(i);
         match read {
-            Ok(mut e) => entries.append(&mut e),
-            Err(e) => failed = Some(e),
+            Ok(mut e) => {
+                succeeded = true;
+                // History found empty: the stream is caught up.
+                if let Some(b) = flag.filter(|_| from_history && e.is_empty()) {
+                    b.store(false, Relaxed);
+                }
+                entries.append(&mut e);
+            }
+            Err(e) => {
+                // What the failed read delivered (or left unconfirmed) is
+                // pending here: this stream's next read goes through history.
+                if let Some(b) = flag {
+                    b.store(true, Relaxed);
+                }
+                failed = Some(e);
+            }
         }
     }
     match failed {
-        Some(e) if entries.is_empty() => Err(e),
+        Some(e) if !succeeded => Err(e),
         Some(e) => {
-            // What the failed read delivered (or left unconfirmed) is
-            // pending here: the next read goes through history.
             tracing::warn!(error = %e, "reading one stream failed; the others go on");
-            reread.store(true, std::sync::atomic::Ordering::Relaxed);
             Ok(entries)
         }
         None => Ok(entries),
@@ -424,7 +453,12 @@ impl Consumer {
                 .wait(settings.replica_wait),
             marks: std::sync::Arc::new(streams.iter().map(|s| s.keys.wait_mark()).collect()),
             meta: crate::keys::SaleKeys::new(&sale).meta(),
-            reread: Default::default(),
+            behind: std::sync::Arc::new(
+                streams
+                    .iter()
+                    .map(|_| std::sync::atomic::AtomicBool::new(false))
+                    .collect(),
+            ),
         };
         let mut consumer = Self {
             sale,
@@ -568,14 +602,13 @@ impl Consumer {
                     continue;
                 }
             };
-            // One stream's read failed while others delivered: its entries
-            // are pending here, so the next read goes through history.
-            let reread = self.reader.take_reread();
+            // A stream read from history (its read failed while the others
+            // delivered) gets no read ahead: it would deliver this batch again.
             if entries.is_empty() {
-                history = reread;
+                history = false;
                 continue;
             }
-            if !history && !reread {
+            if !history && !self.reader.any_behind() {
                 prefetch = Some(tokio::spawn(self.reader.clone().read(false)));
             }
             let mut committed = Vec::new();
@@ -598,9 +631,6 @@ impl Consumer {
                     }
                     Ok(())
                 }));
-            }
-            if reread {
-                history = true;
             }
             if let Err(e) = result {
                 tracing::warn!(error = %e, "batch left pending; it will be read again");
@@ -1096,6 +1126,49 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream whose read keeps failing (a promoted master with no replica
+    /// yet) is read from history alone: the others go back to new entries
+    /// once theirs is empty, and the read is an error only when all failed.
+    #[test]
+    fn a_failing_stream_keeps_only_itself_in_history() {
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        let behind = [AtomicBool::new(false), AtomicBool::new(false)];
+        let flags = || behind.iter().map(|b| b.load(Relaxed)).collect::<Vec<_>>();
+        let pending = || {
+            vec![Entry {
+                stream: 0,
+                id: "1-0".into(),
+                row: None,
+            }]
+        };
+
+        // New entries from the first stream, the second's master down.
+        let read = merge::<&str>(vec![(false, Ok(pending())), (false, Err("down"))], &behind);
+        assert_eq!(read.map(|e| e.len()), Ok(1));
+        assert_eq!(flags(), [false, true]);
+        // The first is empty, the second still down: no error, and only
+        // the second stays behind.
+        let read = merge(vec![(false, Ok(Vec::new())), (true, Err("down"))], &behind);
+        assert_eq!(read.map(|e| e.len()), Ok(0));
+        assert_eq!(flags(), [false, true]);
+        // Back: its history delivers, then comes back empty.
+        let read = merge::<&str>(
+            vec![(false, Ok(Vec::new())), (true, Ok(pending()))],
+            &behind,
+        );
+        assert_eq!(read.map(|e| e.len()), Ok(1));
+        assert_eq!(flags(), [false, true]);
+        let read = merge::<&str>(
+            vec![(false, Ok(Vec::new())), (true, Ok(Vec::new()))],
+            &behind,
+        );
+        assert_eq!(read.map(|e| e.len()), Ok(0));
+        assert_eq!(flags(), [false, false]);
+        // Every read failed: an error.
+        let read = merge(vec![(false, Err("down")), (false, Err("down"))], &behind);
+        assert_eq!(read.map(|e| e.len()), Err("down"));
+    }
 
     fn entry(fields: &[(&str, &str)]) -> StreamId {
         StreamId {

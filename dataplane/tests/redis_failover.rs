@@ -20,7 +20,7 @@ use dataplane::consumer::{Consumer, ConsumerSettings};
 use dataplane::durability::Durability;
 use dataplane::gateway::GatewaySettings;
 use dataplane::keys::ProductKeys;
-use dataplane::redis_conn::{ConnSettings, RedisMode, RedisTarget};
+use dataplane::redis_conn::{ConnSettings, RedisConn, RedisMode, RedisTarget};
 use dataplane::spec::SaleId;
 use dataplane::store::OrderStore;
 use dataplane::tools::audit::{AuditReport, audit, wait_drained};
@@ -41,6 +41,23 @@ struct Outcome {
     replica_back_s: f64,
     killed_at_s: f64,
     sold_after_failover: bool,
+}
+
+/// `doc` warmed on the cluster, its order store migrated.
+async fn warm_on(
+    cluster: &RedisCluster,
+    pg: &PostgresServer,
+    doc: &dataplane::spec::SaleDocument,
+) -> Result<(RedisTarget, RedisConn, OrderStore), Box<dyn std::error::Error + Send + Sync>> {
+    let target = RedisTarget {
+        mode: RedisMode::Cluster,
+        urls: cluster.seed_urls(),
+    };
+    let mut conn = target.connect(&ConnSettings::default()).await?;
+    dataplane::warm::warm_sale(&mut conn, &doc.id(), &doc.spec).await?;
+    let store = OrderStore::connect(&pg.url(), 2)?;
+    store.migrate().await?;
+    Ok((target, conn, store))
 }
 
 /// Three SKUs whose products live on three different masters.
@@ -79,14 +96,7 @@ async fn crowd_through_failover(
             (skus[2].as_str(), OTHER_STOCK, 1),
         ],
     );
-    let target = RedisTarget {
-        mode: RedisMode::Cluster,
-        urls: cluster.seed_urls(),
-    };
-    let mut conn = target.connect(&ConnSettings::default()).await?;
-    dataplane::warm::warm_sale(&mut conn, &doc.id(), &doc.spec).await?;
-    let store = OrderStore::connect(&pg.url(), 2)?;
-    store.migrate().await?;
+    let (target, _, store) = warm_on(&cluster, &pg, &doc).await?;
 
     let consumers = CancellationToken::new();
     let mut consumer_tasks = Vec::new();
@@ -297,5 +307,99 @@ async fn local_durability_reports_the_202s_a_failover_lost() -> TestResult {
         o.report.oversold()
     );
     assert!(o.crowd.accepted > 1_000);
+    Ok(())
+}
+
+/// Under `replica`, a product whose master has no replica to acknowledge
+/// its writes (a promoted master before a node rejoins) holds back only its
+/// own orders: the consumer keeps persisting the other products' new orders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_without_a_replica_holds_back_no_other_product_s_orders() -> TestResult {
+    let mut cluster = tokio::task::spawn_blocking(RedisCluster::start).await??;
+    let pg = tokio::task::spawn_blocking(PostgresServer::start).await??;
+    let probe = sale("unreplicated", &[("probe", 1, 1)]);
+    let skus = skus_on_three_masters(&cluster, &probe.id())?;
+    let (stuck, healthy) = (skus[0].as_str(), skus[1].as_str());
+    let doc = sale("unreplicated", &[(stuck, 10, 5), (healthy, 10, 5)]);
+    let (target, mut conn, store) = warm_on(&cluster, &pg, &doc).await?;
+
+    let stop = CancellationToken::new();
+    let mut settings = ConsumerSettings::new(target.url(), pg.url());
+    settings.redis_mode = Some(RedisMode::Cluster);
+    settings.durability = Some(Durability::Replica);
+    let consumer = Consumer::start(&doc, settings, &stop)
+        .await?
+        .ok_or("the consumer did not start")?;
+    let consumer_task = tokio::spawn(consumer.run(stop.clone()));
+    let mut settings = GatewaySettings::new(target.url(), SECRET.to_vec());
+    settings.redis_mode = Some(RedisMode::Cluster);
+    settings.durability = Some(Durability::Replica);
+    // Time for the committer's first call to connect on a busy machine: the
+    // purchase below is answered by its WAIT, not by the gateway's timeout.
+    settings.redis_timeout = Duration::from_secs(2);
+    let gw = RunningGateway::start_with(&doc, &settings).await?;
+    let buy = |user: &'static str, sku: &'static str| {
+        let url = gw.url("/v1/sales/unreplicated/purchase");
+        async move {
+            let resp = http()
+                .post(url)
+                .bearer_auth(token(user))
+                .json(&serde_json::json!({"sku": sku, "quantity": 1}))
+                .send()
+                .await?;
+            let status = resp.status().as_u16();
+            let body: serde_json::Value = resp.json().await?;
+            Ok::<_, reqwest::Error>((status, body))
+        }
+    };
+    let stuck: &'static str = Box::leak(stuck.to_string().into_boxed_str());
+    let healthy: &'static str = Box::leak(healthy.to_string().into_boxed_str());
+
+    // Both products sell and persist (and the gateway's per-product
+    // connections are up) before the stuck product's replica stops.
+    for (user, sku) in [("cy", stuck), ("di", healthy)] {
+        let (status, body) = buy(user, sku).await?;
+        assert_eq!(status, 202, "{body}");
+    }
+    let sale_id = doc.id().to_string();
+    let rows = |n: i64| {
+        let (store, sale_id) = (&store, &sale_id);
+        eventually(Duration::from_secs(15), move || async move {
+            order_rows(store, sale_id).await.map(|r| r.0).unwrap_or(0) >= n
+        })
+    };
+    assert!(rows(2).await, "the first orders were not persisted");
+
+    let replica = cluster.pause_replica_of(&ProductKeys::new(&doc.id(), stuck).stock())?;
+    // Written on its master, acknowledged by no replica: not a 202.
+    let (status, body) = buy("ann", stuck).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("replication_pending")),
+        "{body}"
+    );
+    let entries: usize = redis::cmd("XLEN")
+        .arg(ProductKeys::new(&doc.id(), stuck).stream())
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(entries, 2);
+    // The consumer reads it and cannot confirm it; its stream stays behind.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, body) = buy("bob", healthy).await?;
+    assert_eq!(status, 202, "{body}");
+    let persisted = rows(3).await;
+    cluster.resume(replica);
+    assert!(
+        persisted,
+        "the healthy product's order waited for another product's replica"
+    );
+    // With its replica back, the held-back order is persisted too.
+    assert!(
+        rows(4).await,
+        "the held-back order was not persisted once its replica was back"
+    );
+    stop.cancel();
+    let _ = consumer_task.await;
+    gw.stop().await;
     Ok(())
 }

@@ -187,6 +187,34 @@ impl RedisCluster {
         })
     }
 
+    /// SIGSTOPs the replica of the master serving `key`'s slot: the master
+    /// stays up, but no replica acknowledges its writes (`WAIT` returns 0).
+    /// Returns the replica's port, for [`Self::resume`].
+    pub fn pause_replica_of(&mut self, key: &str) -> Result<u16, ServerError> {
+        let master = self.master_of(key)?;
+        let replica = self
+            .nodes()?
+            .into_iter()
+            .find(|n| n.replica_of.as_deref() == Some(master.id.as_str()))
+            .map(|n| n.port);
+        let server = replica.and_then(|port| self.nodes.iter_mut().find(|n| n.port() == port));
+        let Some(server) = server else {
+            return Err(ServerError::Failed {
+                what: format!("find the replica of node 127.0.0.1:{}", master.port),
+                log: self.logs(),
+            });
+        };
+        server.pause();
+        Ok(server.port())
+    }
+
+    /// SIGCONT after [`Self::pause_replica_of`].
+    pub fn resume(&mut self, port: u16) {
+        if let Some(server) = self.nodes.iter_mut().find(|n| n.port() == port) {
+            server.resume();
+        }
+    }
+
     /// Starts a killed node again on its port and data dir; it rejoins the
     /// cluster (as a replica of whoever took its slots over).
     pub fn restart(&mut self, port: u16) -> Result<(), ServerError> {
