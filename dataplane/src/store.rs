@@ -2,6 +2,8 @@
 //! the inventory rows that guard against overselling a second time, and the
 //! batched, idempotent insert of accepted orders.
 
+use std::time::Duration;
+
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
@@ -226,7 +228,23 @@ impl OrderStore {
             .parse()
             .map_err(|e: tokio_postgres::Error| StoreError::Config(e.to_string()))?;
         let mut config = config;
-        config.connect_timeout(std::time::Duration::from_secs(2));
+        config.connect_timeout(Duration::from_secs(2));
+        // A database host that vanishes without a reset (a lost node, a
+        // partition) must fail a call in seconds, not hang every consumer
+        // until TCP gives up (about 15 min with data in flight, 2 h idle).
+        // What the URL sets wins (`tcp_user_timeout`, `keepalives_idle`, …).
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(Duration::from_secs(30));
+        }
+        if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+            config.keepalives_idle(Duration::from_secs(10));
+        }
+        if config.get_keepalives_interval().is_none() {
+            config.keepalives_interval(Duration::from_secs(5));
+        }
+        if config.get_keepalives_retries().is_none() {
+            config.keepalives_retries(3);
+        }
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -236,8 +254,10 @@ impl OrderStore {
         );
         let pool = Pool::builder(manager)
             .max_size(max_connections)
-            .wait_timeout(Some(std::time::Duration::from_secs(5)))
-            .create_timeout(Some(std::time::Duration::from_secs(3)))
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(Duration::from_secs(3)))
+            // Recycling a pooled connection runs a query (`Verified`).
+            .recycle_timeout(Some(Duration::from_secs(5)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Config(e.to_string()))?;
