@@ -66,14 +66,8 @@ async fn buy(
     user: &str,
     sku: &str,
 ) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
-    let resp = http()
-        .post(gw.url(&format!("/v1/sales/{sale}/purchase")))
-        .bearer_auth(token(user))
-        .json(&serde_json::json!({"sku": sku, "quantity": 1}))
-        .send()
-        .await?;
-    assert_eq!(resp.status(), 202);
-    let body: Value = resp.json().await?;
+    let (status, body) = buy_one(gw, sale, user, sku).await?;
+    assert_eq!(status, 202, "{body}");
     Ok(body["orderId"].as_str().ok_or("no orderId")?.to_string())
 }
 

@@ -338,22 +338,7 @@ async fn a_master_without_a_replica_holds_back_no_other_product_s_orders() -> Te
     // purchase below is answered by its WAIT, not by the gateway's timeout.
     settings.redis_timeout = Duration::from_secs(2);
     let gw = RunningGateway::start_with(&doc, &settings).await?;
-    let buy = |user: &'static str, sku: &'static str| {
-        let url = gw.url("/v1/sales/unreplicated/purchase");
-        async move {
-            let resp = http()
-                .post(url)
-                .bearer_auth(token(user))
-                .json(&serde_json::json!({"sku": sku, "quantity": 1}))
-                .send()
-                .await?;
-            let status = resp.status().as_u16();
-            let body: serde_json::Value = resp.json().await?;
-            Ok::<_, reqwest::Error>((status, body))
-        }
-    };
-    let stuck: &'static str = Box::leak(stuck.to_string().into_boxed_str());
-    let healthy: &'static str = Box::leak(healthy.to_string().into_boxed_str());
+    let buy = |user, sku| buy_one(&gw, "unreplicated", user, sku);
 
     // Both products sell and persist (and the gateway's per-product
     // connections are up) before the stuck product's replica stops.
@@ -400,6 +385,57 @@ async fn a_master_without_a_replica_holds_back_no_other_product_s_orders() -> Te
     );
     stop.cancel();
     let _ = consumer_task.await;
+    gw.stop().await;
+    Ok(())
+}
+
+/// A stalled cluster master fails only its own products' calls: the other
+/// products keep selling and the pod stays ready (each product has its own
+/// circuit breaker; the pod goes unready only when every product's is open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_master_stops_only_its_own_products() -> TestResult {
+    let mut cluster = tokio::task::spawn_blocking(RedisCluster::start).await??;
+    let pg = tokio::task::spawn_blocking(PostgresServer::start).await??;
+    let probe = sale("stalled", &[("probe", 1, 1)]);
+    let skus = skus_on_three_masters(&cluster, &probe.id())?;
+    let (stalled, healthy) = (skus[0].as_str(), skus[1].as_str());
+    let doc = sale("stalled", &[(stalled, 100, 100), (healthy, 100, 100)]);
+    let (target, _, _store) = warm_on(&cluster, &pg, &doc).await?;
+    let mut settings = GatewaySettings::new(target.url(), SECRET.to_vec());
+    settings.redis_mode = Some(RedisMode::Cluster);
+    settings.durability = Some(Durability::Local);
+    let gw = RunningGateway::start_with(&doc, &settings).await?;
+    // Both sell, and the gateway's connections to both masters are up.
+    for sku in [stalled, healthy] {
+        let (status, body) = buy_one(&gw, "stalled", "cy", sku).await?;
+        assert_eq!(status, 202, "{body}");
+    }
+
+    let master = cluster.pause_master_of(&ProductKeys::new(&doc.id(), stalled).stock())?;
+    // Enough failures at once to open the stalled product's breaker.
+    let users: Vec<String> = (0..6).map(|i| format!("u{i}")).collect();
+    let stalled_answers =
+        futures::future::join_all(users.iter().map(|u| buy_one(&gw, "stalled", u, stalled))).await;
+    let (status, body) = buy_one(&gw, "stalled", "dee", healthy).await?;
+    let ready = http()
+        .get(format!("http://{}/readyz", gw.admin))
+        .send()
+        .await?;
+    let ready = (ready.status().as_u16(), ready.text().await?);
+    let (after, _) = buy_one(&gw, "stalled", "eve", stalled).await?;
+    cluster.resume(master);
+    let statuses: Vec<u16> = stalled_answers
+        .into_iter()
+        .map(|a| a.map(|(s, _)| s).unwrap_or(0))
+        .collect();
+    assert!(statuses.iter().all(|s| *s == 503), "{statuses:?}");
+    assert_eq!(after, 503, "the stalled product's breaker is open");
+    assert_eq!(status, 202, "the healthy product stopped selling: {body}");
+    assert_eq!(
+        ready.0, 200,
+        "the pod went unready for one master: {}",
+        ready.1
+    );
     gw.stop().await;
     Ok(())
 }

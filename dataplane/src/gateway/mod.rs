@@ -113,6 +113,10 @@ pub struct ProductRuntime {
     /// memory instead of a false "sold out" (no new record can appear while
     /// the stock is 0).
     pub replays: ArcSwapOption<Replays>,
+    /// The product's own circuit breaker: in a cluster each product is in
+    /// one slot, so a master that fails opens only its products' breakers
+    /// and the others keep selling.
+    pub breaker: Breaker,
     /// The sold-out answer, serialized once: the crowd after a sell-out is
     /// answered without building JSON per request.
     sold_out_body: axum::body::Bytes,
@@ -233,7 +237,6 @@ pub struct Gateway {
     /// Issues and checks this sale's purchase tickets.
     pub tickets: crate::ticket::TicketSigner,
     pub limits: RateLimiters,
-    pub breaker: Breaker,
     pub redis_timeout: Duration,
     pub client_ip_header: Option<HeaderName>,
     pub clock_skew: Duration,
@@ -352,6 +355,7 @@ impl Gateway {
                     layout_refused: AtomicBool::new(false),
                     retired: AtomicBool::new(false),
                     replays: ArcSwapOption::empty(),
+                    breaker: Breaker::new(5, Duration::from_secs(1)),
                     sold_out_body: axum::body::to_bytes(
                         axum::response::IntoResponse::into_response(purchase::sold_out(&p.sku))
                             .into_body(),
@@ -373,7 +377,6 @@ impl Gateway {
             purchases,
             verifier: TokenVerifier::new(&settings.token_secret),
             tickets: crate::ticket::TicketSigner::new(&settings.token_secret, &sale)?,
-            breaker: Breaker::new(5, Duration::from_secs(1)),
             redis_timeout: settings.redis_timeout,
             client_ip_header: settings.client_ip_header.clone(),
             clock_skew: settings.clock_skew,

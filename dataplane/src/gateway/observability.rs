@@ -24,13 +24,18 @@ pub fn admin_router(gw: Arc<Gateway>) -> Router {
 }
 
 /// Ready when Redis answers a PING in time (on a Redis Cluster, any master)
-/// and the breaker is closed: a pod that cannot reach Redis is taken out of
-/// the Service rather than failing requests.
+/// and not every product's breaker is open: a pod that cannot reach Redis is
+/// taken out of the Service rather than failing requests, while one failing
+/// cluster master (its products' breakers) leaves the pod selling the rest.
 async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
-    if gw.breaker.is_open() {
+    let products = &gw.products;
+    if !products.is_empty() && products.values().all(|p| p.breaker.is_open()) {
         return (StatusCode::SERVICE_UNAVAILABLE, "redis circuit open").into_response();
     }
-    let mut conn = gw.redis.clone();
+    // The purchases' connection: in a cluster it does not retry, so one
+    // stalled master does not hold this PING up (the pod's other connection
+    // waits out its retries and topology refreshes behind such a master).
+    let mut conn = gw.purchases.clone();
     match tokio::time::timeout(Duration::from_secs(1), conn.ping()).await {
         Ok(Ok(_)) => "ready".into_response(),
         Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("redis: {e}")).into_response(),

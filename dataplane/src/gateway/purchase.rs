@@ -135,8 +135,8 @@ pub mod outcome {
 /// bearer token (401 `unauthenticated`); the purchase ticket, when the sale
 /// requires one (403 `ticket_required` without the header, `ticket_invalid`
 /// for a bad signature, another buyer's or sale's ticket, or an expired one);
-/// rate limits (429 `rate_limited`); the circuit breaker, open for 1 s after 5
-/// Redis failures in a row (503 `store_unavailable`); the Idempotency-Key's
+/// rate limits (429 `rate_limited`); the product's circuit breaker, open for
+/// 1 s after 5 of its Redis calls failed in a row (503 `store_unavailable`); the Idempotency-Key's
 /// first use in this sale (422 `idempotency_key_reused`); then the atomic
 /// decision in Redis, where an idempotent replay comes first, then the sale
 /// window by Redis' clock, then the ticket's single use (403 `ticket_invalid`,
@@ -400,7 +400,7 @@ async fn handle(
         );
     }
     // 7. The script (after the key's binding, for a keyed request).
-    if !gw.breaker.allow() {
+    if !product.breaker.allow() {
         return fail(
             UNAVAILABLE,
             ApiError::unavailable(
@@ -424,7 +424,8 @@ async fn handle(
     {
         let invocation = claim.invocation(&idem_field);
         let call = invocation.invoke_async::<(String, String, String)>(&mut conn);
-        let (verdict, first, _) = bounded(gw, "idempotency key binding", call).await?;
+        let (verdict, first, _) =
+            bounded(gw, &product.breaker, "idempotency key binding", call).await?;
         if verdict == "reused" {
             return Err(key_reused(gw, &mut conn, k, &idem_field, &first).await);
         }
@@ -436,7 +437,7 @@ async fn handle(
         // redis.durability: replica — the script and a WAIT, batched per product.
         Some(committer) => {
             let call = committer.submit(&user, req.quantity, &order_id, &idem_field, ticket);
-            bounded(gw, "purchase script", call).await
+            bounded(gw, &product.breaker, "purchase script", call).await
         }
         None => {
             let purchase = scripts::Purchase {
@@ -453,7 +454,7 @@ async fn handle(
             };
             let mut purchases = gw.purchases.clone();
             let call = invocation.invoke_async::<PurchaseAnswer>(&mut purchases);
-            bounded(gw, "purchase script", call)
+            bounded(gw, &product.breaker, "purchase script", call)
                 .await
                 .map(|answer| Decision {
                     answer,
@@ -555,17 +556,18 @@ fn unexpected_answer<T>(answer: &str) -> Outcome<T> {
 /// the breaker learns its outcome, and a failure or a timeout is a fast 503.
 async fn bounded<T>(
     gw: &Gateway,
+    breaker: &crate::breaker::Breaker,
     what: &'static str,
     call: impl Future<Output = redis::RedisResult<T>>,
 ) -> Outcome<T> {
     use outcome::UNAVAILABLE;
     match tokio::time::timeout(gw.redis_timeout, call).await {
         Ok(Ok(v)) => {
-            gw.breaker.success();
+            breaker.success();
             Ok(v)
         }
         Ok(Err(e)) => {
-            gw.breaker.failure();
+            breaker.failure();
             tracing::warn!(error = %e, what, "redis call failed");
             fail(
                 UNAVAILABLE,
@@ -573,7 +575,7 @@ async fn bounded<T>(
             )
         }
         Err(_) => {
-            gw.breaker.failure();
+            breaker.failure();
             tracing::warn!(
                 timeout_ms = gw.redis_timeout.as_millis(),
                 what,

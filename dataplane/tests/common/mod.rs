@@ -364,6 +364,23 @@ pub fn http() -> reqwest::Client {
     }
 }
 
+/// One purchase of a unit of `sku` by `user`: the status and the JSON body.
+pub async fn buy_one(
+    gw: &RunningGateway,
+    sale: &str,
+    user: &str,
+    sku: &str,
+) -> Result<(u16, serde_json::Value), reqwest::Error> {
+    let resp = http()
+        .post(gw.url(&format!("/v1/sales/{sale}/purchase")))
+        .bearer_auth(token(user))
+        .json(&serde_json::json!({"sku": sku, "quantity": 1}))
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.json().await?))
+}
+
 /// Rows in flashsale_orders for the sale and their distinct ids.
 pub async fn order_rows(
     store: &OrderStore,

@@ -197,18 +197,35 @@ impl RedisCluster {
             .into_iter()
             .find(|n| n.replica_of.as_deref() == Some(master.id.as_str()))
             .map(|n| n.port);
-        let server = replica.and_then(|port| self.nodes.iter_mut().find(|n| n.port() == port));
-        let Some(server) = server else {
+        let Some(port) = replica else {
             return Err(ServerError::Failed {
                 what: format!("find the replica of node 127.0.0.1:{}", master.port),
                 log: self.logs(),
             });
         };
-        server.pause();
-        Ok(server.port())
+        self.pause(port)
     }
 
-    /// SIGCONT after [`Self::pause_replica_of`].
+    /// SIGSTOPs the master serving `key`'s slot: its clients' calls hang
+    /// until they time out (and, after `cluster-node-timeout`, its replica
+    /// takes over). Returns its port, for [`Self::resume`].
+    pub fn pause_master_of(&mut self, key: &str) -> Result<u16, ServerError> {
+        let port = self.master_of(key)?.port;
+        self.pause(port)
+    }
+
+    fn pause(&mut self, port: u16) -> Result<u16, ServerError> {
+        let Some(server) = self.nodes.iter_mut().find(|n| n.port() == port) else {
+            return Err(ServerError::Failed {
+                what: format!("pause node 127.0.0.1:{port}"),
+                log: "no such node in this cluster".into(),
+            });
+        };
+        server.pause();
+        Ok(port)
+    }
+
+    /// SIGCONT after [`Self::pause_replica_of`] or [`Self::pause_master_of`].
     pub fn resume(&mut self, port: u16) {
         if let Some(server) = self.nodes.iter_mut().find(|n| n.port() == port) {
             server.resume();
