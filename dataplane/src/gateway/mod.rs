@@ -667,6 +667,12 @@ async fn load_replays(
         Ok(map) => {
             tracing::debug!(sku = %p.sku, records = map.len(), "replay snapshot loaded");
             p.replays.store(Some(Arc::new(Replays::new(map))));
+            // Stock came back while this was read: the refresher cleared the
+            // flag, then the snapshot, and this one may have landed after it.
+            // Kept, it would answer the next sell-out's winners sold out.
+            if !p.sold_out.load(Ordering::SeqCst) {
+                p.replays.store(None);
+            }
         }
         Err(e) => tracing::debug!(error = %e, "replay snapshot not loaded"),
     }

@@ -386,7 +386,9 @@ fn update_sold_out_flags(gw: &Gateway, reading: &StockReading) {
             p.sold_out.store(true, Ordering::Relaxed);
         } else if *remaining > 0 && flagged {
             tracing::info!(sku = %p.sku, remaining, "stock returned; sold-out flag cleared");
-            p.sold_out.store(false, Ordering::Relaxed);
+            // Flag first (SeqCst), then the snapshot: a snapshot loader
+            // that stores after this sees the flag down and drops its own.
+            p.sold_out.store(false, Ordering::SeqCst);
             p.replays.store(None);
         }
     }
