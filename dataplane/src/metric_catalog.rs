@@ -89,6 +89,7 @@ pub const GATEWAY: &[Metric] = &[
                 "duplicate",
                 "sold_out",
                 "sold_out_local",
+                "insufficient_stock",
                 "limit_reached",
                 "not_started",
                 "ended",

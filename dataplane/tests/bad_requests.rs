@@ -518,3 +518,43 @@ async fn redis_down_is_a_fast_503_not_a_hang() -> TestResult {
     gw.stop().await;
     Ok(())
 }
+
+/// A request for more units than are left is 409 insufficient_stock with
+/// what is left, not "sold out": the product stays on sale for a smaller
+/// request, which still wins (the pod raised no sold-out flag).
+#[tokio::test]
+async fn more_units_than_are_left_is_insufficient_stock_not_sold_out() -> TestResult {
+    let servers = Servers::start()?;
+    let doc = sale("few", &[("item", 1, 5)]);
+    warm(&servers, &doc).await?;
+    let gw = RunningGateway::start(&doc, &servers.redis.url(), "gw-few").await?;
+    let ask = |user: &'static str, quantity: i64| {
+        let url = gw.url("/v1/sales/few/purchase");
+        async move {
+            let resp = http()
+                .post(url)
+                .bearer_auth(token(user))
+                .json(&serde_json::json!({"sku": "item", "quantity": quantity}))
+                .send()
+                .await?;
+            let status = resp.status().as_u16();
+            Ok::<_, reqwest::Error>((status, resp.json::<Value>().await?))
+        }
+    };
+    let (status, body) = ask("ann", 2).await?;
+    assert_eq!(
+        (status, body["error"].as_str(), body["remaining"].as_i64()),
+        (409, Some("insufficient_stock"), Some(1)),
+        "{body}"
+    );
+    let (status, body) = ask("bob", 1).await?;
+    assert_eq!(status, 202, "{body}");
+    let (status, body) = ask("cy", 1).await?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (410, Some("sold_out")),
+        "{body}"
+    );
+    gw.stop().await;
+    Ok(())
+}

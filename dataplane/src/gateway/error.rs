@@ -39,7 +39,8 @@ pub struct ErrorBody {
     /// limit_reached (decided in Redis): units the buyer already holds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub held: Option<i64>,
-    /// sold_out (decided in Redis): units left (0).
+    /// sold_out (decided in Redis): units left (0); insufficient_stock: the
+    /// units left, fewer than the quantity asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remaining: Option<i64>,
     /// idempotency_key_reused: the order the key's first request made, if it won.

@@ -108,6 +108,7 @@ pub mod outcome {
     pub const DUPLICATE: &str = "duplicate";
     pub const SOLD_OUT: &str = "sold_out";
     pub const SOLD_OUT_LOCAL: &str = "sold_out_local";
+    pub const INSUFFICIENT_STOCK: &str = "insufficient_stock";
     pub const LIMIT: &str = "limit_reached";
     pub const NOT_STARTED: &str = "not_started";
     pub const ENDED: &str = "ended";
@@ -136,12 +137,13 @@ pub mod outcome {
 /// requires one (403 `ticket_required` without the header, `ticket_invalid`
 /// for a bad signature, another buyer's or sale's ticket, or an expired one);
 /// rate limits (429 `rate_limited`); the product's circuit breaker, open for
-/// 1 s after 5 of its Redis calls failed in a row (503 `store_unavailable`); the Idempotency-Key's
-/// first use in this sale (422 `idempotency_key_reused`); then the atomic
+/// 1 s after 5 of its Redis calls failed in a row (503 `store_unavailable`);
+/// the Idempotency-Key's first use in this sale (422
+/// `idempotency_key_reused`); then the atomic
 /// decision in Redis, where an idempotent replay comes first, then the sale
 /// window by Redis' clock, then the ticket's single use (403 `ticket_invalid`,
 /// reason `used`), then stock and limit (202, or 410 `sold_out`, 409
-/// `limit_reached`, 425, 410 `ended`, 503). "Sold out" is public, so a
+/// `insufficient_stock` or `limit_reached`, 425, 410 `ended`, 503). "Sold out" is public, so a
 /// request for a product this gateway already knows is sold out is answered
 /// before its token and ticket are checked, unless it carries an
 /// `Idempotency-Key` that a winner used: that may be a winner's retry,
@@ -170,7 +172,7 @@ pub mod outcome {
         (status = 401, description = "unauthenticated: missing, malformed, forged or expired token, or a subject that is not a user id (checked after the sold-out flag, see above)", body = ErrorBody),
         (status = 403, description = "ticket_required: the sale requires a Purchase-Ticket header; ticket_invalid: the ticket's signature does not verify, or it is another buyer's or another sale's, expired, or already spent on this product (reason: malformed, bad_signature, other_buyer, other_sale, expired, used). No stock is touched", body = ErrorBody),
         (status = 404, description = "unknown_sale (no sale of that name on this gateway; `sale`), unknown_sku (`sku`), or not_found (an empty sale name: no route)", body = ErrorBody),
-        (status = 409, description = "limit_reached: the quantity is above the product's per-user limit, or with what the buyer already holds it would be; the body carries `limit` and `held` or `quantity`", body = ErrorBody),
+        (status = 409, description = "limit_reached: the quantity is above the product's per-user limit, or with what the buyer already holds it would be; the body carries `limit` and `held` or `quantity`. insufficient_stock: fewer units are left than the quantity asked for (the body carries `sku` and `remaining`); a smaller quantity can still win", body = ErrorBody),
         (status = 410, description = "sold_out (the body names the `sku`), or ended (the body carries `endedAt`)", body = ErrorBody),
         (status = 413, description = "body_too_large: the body is over 1024 bytes", body = ErrorBody),
         (status = 415, description = "unsupported_media_type: a Content-Type other than application/json", body = ErrorBody),
@@ -486,14 +488,21 @@ async fn handle(
             Some(k) => Err(key_reused(gw, &mut conn, k, &idem_field, &a).await),
             None => unexpected_answer(&verdict),
         },
-        "soldout" => {
-            if a == "0" {
-                product.sold_out.store(true, Ordering::Relaxed);
-            }
-            fail(
-                SOLD_OUT,
-                sold_out(sku).with("remaining", a.parse::<i64>().unwrap_or(0)),
+        // Fewer units left than asked for: the product is not sold out (a
+        // smaller request can still win), so no flag and no 410.
+        "soldout" if a != "0" => fail(
+            INSUFFICIENT_STOCK,
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "insufficient_stock",
+                format!("only {a} of {sku} left; ask for fewer"),
             )
+            .with("sku", sku)
+            .with("remaining", a.parse::<i64>().unwrap_or(0)),
+        ),
+        "soldout" => {
+            product.sold_out.store(true, Ordering::Relaxed);
+            fail(SOLD_OUT, sold_out(sku).with("remaining", 0))
         }
         "limit" => fail(
             LIMIT,
