@@ -579,6 +579,15 @@ impl Consumer {
                     if let Some(next) = other {
                         let _ = next.await;
                     }
+                    // A read of history must not overtake the last batch's
+                    // confirmation: its entries are acknowledged only there,
+                    // so the read would deliver (and insert) them again.
+                    if (history || self.reader.any_behind())
+                        && let Some(previous) = finishing.take()
+                        && !finished_ok(previous).await
+                    {
+                        history = true;
+                    }
                     tokio::select! {
                         r = self.reader.clone().read(history) => r,
                         _ = shutdown.cancelled() => break,

@@ -154,3 +154,85 @@ async fn sigkill_mid_batch_then_new_consumer_persists_everything_once() -> TestR
     gw.stop().await;
     Ok(())
 }
+
+/// A consumer back from a crash drains what it had read from its history,
+/// each entry once: a history read waits for the last batch's confirmation
+/// (its entries' XACK), or it would deliver that batch a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_consumer_drains_its_history_once() -> TestResult {
+    use dataplane::consumer::{Consumer, ConsumerSettings};
+    use dataplane::keys::{CONSUMER_GROUP, ProductKeys};
+    const ORDERS: usize = 600;
+    const BATCH: usize = 100;
+    let servers = Servers::start()?;
+    let doc = sale("history", &[("item", ORDERS as i64, 1)]);
+    warm(&servers, &doc).await?;
+    let gw = RunningGateway::start(&doc, &servers.redis.url(), "gw-history").await?;
+    let users: Vec<String> = (0..ORDERS).map(|i| format!("u{i}")).collect();
+    for chunk in users.chunks(50) {
+        let answers =
+            futures::future::join_all(chunk.iter().map(|u| buy_one(&gw, "history", u, "item")))
+                .await;
+        for a in answers {
+            assert_eq!(a?.0, 202);
+        }
+    }
+    gw.stop().await;
+
+    // A consumer's earlier life read every entry and died before persisting.
+    let stream = ProductKeys::new(&doc.id(), "item").stream();
+    let mut conn = servers.redis_conn().await?;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg(CONSUMER_GROUP)
+        .arg("0")
+        .query_async(&mut conn)
+        .await?;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(CONSUMER_GROUP)
+        .arg("consumer-h")
+        .arg("COUNT")
+        .arg(ORDERS)
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut conn)
+        .await?;
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await?;
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut settings = ConsumerSettings::new(servers.redis.url(), servers.pg.url());
+    settings.name = "consumer-h".into();
+    settings.batch_size = BATCH;
+    let consumer = Consumer::start(&doc, settings, &stop)
+        .await?
+        .ok_or("the consumer did not start")?;
+    let task = tokio::spawn(consumer.run(stop.clone()));
+    let store = servers.store().await?;
+    let sale_id = doc.id().to_string();
+    let drained = eventually(Duration::from_secs(30), || async {
+        order_rows(&store, &sale_id).await.map(|r| r.0).unwrap_or(0) == ORDERS as i64
+    })
+    .await;
+    stop.cancel();
+    let _ = task.await;
+    assert!(drained, "the backlog was not persisted");
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await?;
+    let acks: usize = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_xack:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    // One XACK per batch of the history (each batch's entries once).
+    assert_eq!(acks, ORDERS / BATCH, "{stats}");
+    Ok(())
+}
