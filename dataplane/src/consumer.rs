@@ -611,12 +611,12 @@ impl Consumer {
                     continue;
                 }
             };
-            // A stream read from history (its read failed while the others
-            // delivered) gets no read ahead: it would deliver this batch again.
             if entries.is_empty() {
                 history = false;
                 continue;
             }
+            // No read ahead while a stream is read from history (its read
+            // failed while the others delivered): it would deliver this batch again.
             if !history && !self.reader.any_behind() {
                 prefetch = Some(tokio::spawn(self.reader.clone().read(false)));
             }

@@ -528,19 +528,7 @@ async fn more_units_than_are_left_is_insufficient_stock_not_sold_out() -> TestRe
     let doc = sale("few", &[("item", 1, 5)]);
     warm(&servers, &doc).await?;
     let gw = RunningGateway::start(&doc, &servers.redis.url(), "gw-few").await?;
-    let ask = |user: &'static str, quantity: i64| {
-        let url = gw.url("/v1/sales/few/purchase");
-        async move {
-            let resp = http()
-                .post(url)
-                .bearer_auth(token(user))
-                .json(&serde_json::json!({"sku": "item", "quantity": quantity}))
-                .send()
-                .await?;
-            let status = resp.status().as_u16();
-            Ok::<_, reqwest::Error>((status, resp.json::<Value>().await?))
-        }
-    };
+    let ask = |user, quantity| buy_units(&gw, "few", user, "item", quantity);
     let (status, body) = ask("ann", 2).await?;
     assert_eq!(
         (status, body["error"].as_str(), body["remaining"].as_i64()),

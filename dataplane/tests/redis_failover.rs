@@ -60,6 +60,15 @@ async fn warm_on(
     Ok((target, conn, store))
 }
 
+/// A gateway's settings for the cluster at `target`, under `durability`.
+fn cluster_gateway(target: &RedisTarget, durability: Durability, pod: &str) -> GatewaySettings {
+    let mut settings = GatewaySettings::new(target.url(), SECRET.to_vec());
+    settings.redis_mode = Some(RedisMode::Cluster);
+    settings.durability = Some(durability);
+    settings.pod = pod.to_string();
+    settings
+}
+
 /// Three SKUs whose products live on three different masters.
 fn skus_on_three_masters(
     cluster: &RedisCluster,
@@ -113,10 +122,7 @@ async fn crowd_through_failover(
     }
     let mut gateways = Vec::new();
     for pod in ["gw-1", "gw-2"] {
-        let mut settings = GatewaySettings::new(target.url(), SECRET.to_vec());
-        settings.redis_mode = Some(RedisMode::Cluster);
-        settings.durability = Some(durability);
-        settings.pod = pod.to_string();
+        let settings = cluster_gateway(&target, durability, pod);
         gateways.push(RunningGateway::start_with(&doc, &settings).await?);
     }
     let addrs: Vec<SocketAddr> = gateways.iter().map(|g| g.addr).collect();
@@ -331,11 +337,9 @@ async fn a_master_without_a_replica_holds_back_no_other_product_s_orders() -> Te
         .await?
         .ok_or("the consumer did not start")?;
     let consumer_task = tokio::spawn(consumer.run(stop.clone()));
-    let mut settings = GatewaySettings::new(target.url(), SECRET.to_vec());
-    settings.redis_mode = Some(RedisMode::Cluster);
-    settings.durability = Some(Durability::Replica);
-    // Time for the committer's first call to connect on a busy machine: the
-    // purchase below is answered by its WAIT, not by the gateway's timeout.
+    let mut settings = cluster_gateway(&target, Durability::Replica, "gw");
+    // A debug build on a busy machine: the purchase below is answered by
+    // its WAIT, not by the gateway's timeout.
     settings.redis_timeout = Duration::from_secs(2);
     let gw = RunningGateway::start_with(&doc, &settings).await?;
     let buy = |user, sku| buy_one(&gw, "unreplicated", user, sku);
@@ -401,9 +405,7 @@ async fn a_stalled_master_stops_only_its_own_products() -> TestResult {
     let (stalled, healthy) = (skus[0].as_str(), skus[1].as_str());
     let doc = sale("stalled", &[(stalled, 100, 100), (healthy, 100, 100)]);
     let (target, _, _store) = warm_on(&cluster, &pg, &doc).await?;
-    let mut settings = GatewaySettings::new(target.url(), SECRET.to_vec());
-    settings.redis_mode = Some(RedisMode::Cluster);
-    settings.durability = Some(Durability::Local);
+    let settings = cluster_gateway(&target, Durability::Local, "gw");
     let gw = RunningGateway::start_with(&doc, &settings).await?;
     // Both sell, and the gateway's connections to both masters are up.
     for sku in [stalled, healthy] {

@@ -18,7 +18,7 @@ pub const REPORT_TTL: Duration = Duration::from_secs(5);
 /// The live set and the reports expire this long after the last report, so
 /// a gateway that reports after its sale's keys were cleared (a pod
 /// force-deleted while its process still ran) leaves nothing behind for good.
-const KEYS_TTL: Duration = Duration::from_secs(60);
+const KEYS_TTL_MS: u64 = 60_000;
 
 /// One gateway pod's load at one instant.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -90,7 +90,6 @@ async fn publish(
 ) -> Result<u64, redis::RedisError> {
     let json = serde_json::to_string(report).unwrap_or_default();
     let stale_before = report.at_ms - i64::try_from(REPORT_TTL.as_millis()).unwrap_or(5000);
-    let ttl_ms = u64::try_from(KEYS_TTL.as_millis()).unwrap_or(60_000);
     let mut conn = gw.redis.clone();
     let (stale, live): (Vec<String>, u64) = redis::pipe()
         .cmd("ZADD")
@@ -116,11 +115,11 @@ async fn publish(
         .arg(keys.gateways())
         .cmd("PEXPIRE")
         .arg(keys.gateways())
-        .arg(ttl_ms)
+        .arg(KEYS_TTL_MS)
         .ignore()
         .cmd("PEXPIRE")
         .arg(keys.gateway_reports())
-        .arg(ttl_ms)
+        .arg(KEYS_TTL_MS)
         .ignore()
         .query_async(&mut conn)
         .await?;

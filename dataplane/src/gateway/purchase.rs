@@ -139,11 +139,11 @@ pub mod outcome {
 /// rate limits (429 `rate_limited`); the product's circuit breaker, open for
 /// 1 s after 5 of its Redis calls failed in a row (503 `store_unavailable`);
 /// the Idempotency-Key's first use in this sale (422
-/// `idempotency_key_reused`); then the atomic
-/// decision in Redis, where an idempotent replay comes first, then the sale
-/// window by Redis' clock, then the ticket's single use (403 `ticket_invalid`,
-/// reason `used`), then stock and limit (202, or 410 `sold_out`, 409
-/// `insufficient_stock` or `limit_reached`, 425, 410 `ended`, 503). "Sold out" is public, so a
+/// `idempotency_key_reused`); then the atomic decision in Redis, where an
+/// idempotent replay comes first, then the sale window by Redis' clock, then
+/// the ticket's single use (403 `ticket_invalid`, reason `used`), then stock
+/// and limit (202, or 410 `sold_out`, 409 `insufficient_stock` or
+/// `limit_reached`, 425, 410 `ended`, 503). "Sold out" is public, so a
 /// request for a product this gateway already knows is sold out is answered
 /// before its token and ticket are checked, unless it carries an
 /// `Idempotency-Key` that a winner used: that may be a winner's retry,

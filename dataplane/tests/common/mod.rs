@@ -371,10 +371,21 @@ pub async fn buy_one(
     user: &str,
     sku: &str,
 ) -> Result<(u16, serde_json::Value), reqwest::Error> {
+    buy_units(gw, sale, user, sku, 1).await
+}
+
+/// One purchase of `quantity` units of `sku` by `user`.
+pub async fn buy_units(
+    gw: &RunningGateway,
+    sale: &str,
+    user: &str,
+    sku: &str,
+    quantity: i64,
+) -> Result<(u16, serde_json::Value), reqwest::Error> {
     let resp = http()
         .post(gw.url(&format!("/v1/sales/{sale}/purchase")))
         .bearer_auth(token(user))
-        .json(&serde_json::json!({"sku": sku, "quantity": 1}))
+        .json(&serde_json::json!({"sku": sku, "quantity": quantity}))
         .send()
         .await?;
     let status = resp.status().as_u16();
