@@ -157,9 +157,11 @@ pub async fn apply<C: ConnectionLike + Send>(
     store.set_stock(sale, &pairs(&raises)).await?;
 
     // 2. Redis: stock by difference (never reset), price, limit, window.
-    let products = match warm::write_products(conn, sale, spec).await {
+    let previous = applied.as_ref().map(|l| &l.spec);
+    let products = match warm::write_products(conn, sale, spec, &counters, previous).await {
         Ok(p) => p,
-        // Sold moved between the check and the script: nothing was cut.
+        // Sold moved between the check and a cut: the cuts before it were
+        // put back, and nothing else was written.
         Err(e @ WarmError::BelowSold { .. }) => {
             return Err(ApplyError::Refused(vec![below_sold(&e)]));
         }

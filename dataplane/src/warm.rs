@@ -3,7 +3,7 @@
 
 use redis::aio::ConnectionLike;
 
-use crate::counters::product_counters;
+use crate::counters::{ProductCounters, product_counters};
 use crate::keys::{ProductKeys, SaleKeys};
 use crate::scripts;
 use crate::spec::{ProductSpec, SaleId, SaleSpec};
@@ -57,20 +57,49 @@ pub async fn warm_sale<C: ConnectionLike + Send>(
             });
         }
     }
-    write_products(conn, sale, spec).await
+    write_products(conn, sale, spec, &counters, None).await
 }
 
-/// `warm.lua` for each product, then the sale's meta record, with no check
-/// of its own beforehand (the script still refuses a cut below sold
-/// atomically): for a caller that already read the counters and checked.
-pub(crate) async fn write_products<C: ConnectionLike + Send>(
+/// `warm.lua` for each product, then the sale's meta record, for a caller
+/// that already read `counters` (Redis' counters in `spec`'s product order)
+/// and checked them. Sales go on meanwhile, so the script still refuses a
+/// cut below sold, atomically: cuts are written first, and when one is
+/// refused the cuts written before it are put back (to the stock `counters`
+/// read and the rules of `previous`, the spec the sale ran with, or of
+/// `spec` without one), so a refusal leaves every product as it was.
+pub async fn write_products<C: ConnectionLike + Send>(
     conn: &mut C,
     sale: &SaleId,
     spec: &SaleSpec,
+    counters: &[Option<ProductCounters>],
+    previous: Option<&SaleSpec>,
 ) -> Result<Vec<ProductWarm>, WarmError> {
-    let mut out = Vec::with_capacity(spec.products.len());
-    for p in &spec.products {
-        out.push(warm_product(conn, sale, spec, p, 0).await?);
+    let stock_before = |i: usize| counters.get(i).and_then(Option::as_ref).map(|c| c.stock);
+    let is_cut = |i: usize| stock_before(i).is_some_and(|s| spec.products[i].stock < s);
+    let (cuts, others): (Vec<usize>, Vec<usize>) =
+        (0..spec.products.len()).partition(|&i| is_cut(i));
+    let mut written: Vec<Option<ProductWarm>> = vec![None; spec.products.len()];
+    for (n, &i) in cuts.iter().enumerate() {
+        match warm_product(conn, sale, spec, &spec.products[i], 0).await {
+            Ok(w) => written[i] = Some(w),
+            Err(e) => {
+                for &j in &cuts[..n] {
+                    let p = &spec.products[j];
+                    let found = previous
+                        .and_then(|s| s.products.iter().find(|q| q.sku == p.sku).map(|q| (s, q)));
+                    let (rules, was) = found.unwrap_or((spec, p));
+                    let back = ProductSpec {
+                        stock: stock_before(j).unwrap_or(was.stock),
+                        ..was.clone()
+                    };
+                    warm_product(conn, sale, rules, &back, 0).await?;
+                }
+                return Err(e);
+            }
+        }
+    }
+    for i in others {
+        written[i] = Some(warm_product(conn, sale, spec, &spec.products[i], 0).await?);
     }
     // Every SKU ever warmed stays listed: a product removed from the spec
     // still has accepted orders in its stream for consumers to persist.
@@ -83,7 +112,7 @@ pub(crate) async fn write_products<C: ConnectionLike + Send>(
         .arg(jiff::Timestamp::now().as_millisecond())
         .exec_async(conn)
         .await?;
-    Ok(out)
+    Ok(written.into_iter().flatten().collect())
 }
 
 /// The SKUs `skus` names, then every other SKU the sale's meta record says

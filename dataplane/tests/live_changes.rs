@@ -351,6 +351,71 @@ async fn a_change_that_cannot_apply_changes_nothing() -> TestResult {
     Ok(())
 }
 
+/// A product's catalog entry (stock, price, limit, window, rules) and the
+/// units it has left.
+async fn product_keys(
+    conn: &mut redis::aio::ConnectionManager,
+    keys: &dataplane::keys::ProductKeys,
+) -> Result<(std::collections::BTreeMap<String, String>, i64), redis::RedisError> {
+    let info = redis::cmd("HGETALL")
+        .arg(keys.info())
+        .query_async(conn)
+        .await?;
+    let left = redis::cmd("GET")
+        .arg(keys.stock())
+        .query_async(conn)
+        .await?;
+    Ok((info, left))
+}
+
+/// Sales go on between an apply's check and its writes, so a cut the check
+/// allowed may be below sold by the time it is written: that cut is refused,
+/// and the cuts written before it are put back, rules and stock, so the
+/// refusal changes nothing, as it says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_overtaken_by_sales_puts_back_the_cuts_before_it() -> TestResult {
+    let servers = Servers::start()?;
+    let store = servers.store().await?;
+    let doc = sale("overtaken", &[("phone", 100, 5), ("case", 100, 5)]);
+    apply(&servers, &store, &doc, &doc.spec).await?;
+    let gw = RunningGateway::start(&doc, &servers.redis.url(), "gw-overtaken").await?;
+    let client = http();
+    let mut conn = servers.redis_conn().await?;
+    let id = doc.id();
+    // What the apply's check read: nothing sold yet, so both cuts pass it.
+    let checked = dataplane::counters::product_counters(&mut conn, &id, &doc.spec).await?;
+    let mut next = with_stock(&with_stock(&doc.spec, "phone", 50), "case", 5);
+    next.products[0].per_user_limit = 2;
+    next.products[0].price = "29.99".parse()?;
+    let phone = dataplane::keys::ProductKeys::new(&id, "phone");
+    let before = product_keys(&mut conn, &phone).await?;
+    // Then the crowd buys ten cases: the cut to five is now below sold.
+    for i in 0..10 {
+        assert_eq!(buy(&client, &gw, &format!("u{i}"), "case").await?, 202);
+    }
+    let written =
+        dataplane::warm::write_products(&mut conn, &id, &next, &checked, Some(&doc.spec)).await;
+    match written {
+        Err(dataplane::warm::WarmError::BelowSold { sku, sold, .. }) => {
+            assert_eq!((sku.as_str(), sold), ("case", 10));
+        }
+        other => panic!("expected the case's cut refused, got {other:?}"),
+    }
+    // The phone's cut, written first, is undone: stock, price, limit, rules.
+    assert_eq!(product_keys(&mut conn, &phone).await?, before);
+    assert_eq!(sold(&servers, &doc, "case").await?, 10);
+    for i in 0..3 {
+        assert_eq!(
+            buy(&client, &gw, "phone-buyer", "phone").await?,
+            202,
+            "unit {i}"
+        );
+    }
+
+    gw.stop().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_product_removed_mid_sale_loses_no_accepted_order() -> TestResult {
     let servers = Servers::start()?;
