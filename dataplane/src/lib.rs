@@ -11,6 +11,7 @@ pub mod counters;
 pub mod durability;
 pub mod events;
 pub mod gateway;
+pub mod jwt;
 pub mod keys;
 pub mod lag;
 pub mod live;

@@ -78,7 +78,8 @@ struct BenchArgs {
     /// `tickets` (purchases without vs with purchase tickets, switched live
     /// on one gateway, and the script without vs with a ticket key),
     /// `sold-out` (sold-out answers vs trivial endpoint), `read-path` (the
-    /// sale page vs trivial GET; Redis commands/s during read storms), `persist`
+    /// sale page vs trivial GET; Redis commands/s during read storms), `token`
+    /// (the gateway's login token check vs `jsonwebtoken`'s), `persist`
     /// (consumer vs raw batched INSERT), `ws-memory` (gateway RSS per idle
     /// WebSocket), `push-latency` (purchase → pushed event at a steady rate)
     /// or `redis-modes` (accept path on one Redis vs a Redis Cluster,
@@ -768,6 +769,18 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
             }
             serde_json::to_string_pretty(&r)?
         }
+        "token" => {
+            let r = bench::token(a.requests, a.rounds)?;
+            println!(
+                "login token check, {} verifications x {} rounds: gateway {:.0} ns vs jsonwebtoken {:.0} ns per token: ratio {:.2}",
+                r.verifications_per_round,
+                r.rounds,
+                r.gateway_ns_per_token,
+                r.jsonwebtoken_ns_per_token,
+                r.gateway_vs_jsonwebtoken
+            );
+            serde_json::to_string_pretty(&r)?
+        }
         "persist" => {
             let r = bench::persist(a.orders, a.batch_size).await?;
             println!(
@@ -816,7 +829,7 @@ async fn bench(a: BenchArgs) -> Result<ExitCode> {
         )?,
         other => {
             bail!(
-                "bench takes accept, tickets, sold-out, read-path, persist, ws-memory, push-latency or redis-modes, not {other:?}"
+                "bench takes accept, tickets, sold-out, read-path, token, persist, ws-memory, push-latency or redis-modes, not {other:?}"
             )
         }
     };

@@ -14,10 +14,11 @@
 
 use hmac::{Hmac, Mac};
 use jiff::{SignedDuration, Timestamp};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+use crate::jwt::{Hs256, JwtError};
 use crate::spec::{SaleId, SaleSpec};
 
 /// Domain separation for the ticket key (versioned: a new label retires every ticket).
@@ -98,22 +99,16 @@ pub struct VerifiedTicket {
 pub struct TicketSigner {
     sale: String,
     encoding: EncodingKey,
-    decoding: DecodingKey,
-    validation: Validation,
+    decoding: Hs256,
 }
 
 impl TicketSigner {
     pub fn new(token_secret: &[u8], sale: &SaleId) -> Result<Self, KeyError> {
         let key = derive_key(token_secret)?;
-        let mut validation = Validation::new(Algorithm::HS256);
-        // Expiry is the `expMs` claim, checked here in milliseconds.
-        validation.validate_exp = false;
-        validation.required_spec_claims.clear();
         Ok(Self {
             sale: sale.key(),
             encoding: EncodingKey::from_secret(&key),
-            decoding: DecodingKey::from_secret(&key),
-            validation,
+            decoding: Hs256::new(&key).map_err(|e| KeyError(e.0))?,
         })
     }
 
@@ -141,13 +136,11 @@ impl TicketSigner {
         user: &str,
         now_ms: i64,
     ) -> Result<VerifiedTicket, TicketError> {
-        use jsonwebtoken::errors::ErrorKind;
-        let claims = jsonwebtoken::decode::<Claims>(ticket, &self.decoding, &self.validation)
-            .map_err(|e| match e.kind() {
-                ErrorKind::InvalidSignature => TicketError::BadSignature,
-                _ => TicketError::Malformed,
-            })?
-            .claims;
+        // Expiry is the `expMs` claim, checked below in milliseconds.
+        let claims: Claims = self.decoding.verify(ticket).map_err(|e| match e {
+            JwtError::BadSignature => TicketError::BadSignature,
+            JwtError::Malformed => TicketError::Malformed,
+        })?;
         if claims.sale != self.sale {
             return Err(TicketError::OtherSale);
         }

@@ -281,6 +281,8 @@ pub enum GatewayError {
     EmptySecret,
     #[error(transparent)]
     TicketKey(#[from] crate::ticket::KeyError),
+    #[error("login token key: {0}")]
+    TokenKey(#[from] crate::jwt::KeyError),
     #[error("payment order store: {0}")]
     PaymentStore(#[from] crate::store::StoreError),
 }
@@ -375,7 +377,7 @@ impl Gateway {
             products,
             redis,
             purchases,
-            verifier: TokenVerifier::new(&settings.token_secret),
+            verifier: TokenVerifier::new(&settings.token_secret)?,
             tickets: crate::ticket::TicketSigner::new(&settings.token_secret, &sale)?,
             redis_timeout: settings.redis_timeout,
             client_ip_header: settings.client_ip_header.clone(),

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{Consumer, ConsumerSettings};
@@ -47,6 +47,10 @@ pub enum BenchError {
     },
     #[error("websocket client: {0}")]
     Client(String),
+    #[error("token: {0}")]
+    Token(#[from] crate::token::SignError),
+    #[error("token key: {0}")]
+    TokenKey(#[from] crate::jwt::KeyError),
     #[error("gateway process: {0}")]
     GatewayProcess(#[from] crate::tools::gateway_process::GatewayProcessError),
     #[error("{0}")]
@@ -902,6 +906,63 @@ pub struct PersistReport {
     pub raw_insert_rows_per_s: f64,
     pub consumer_vs_raw_insert: f64,
     pub batch_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenReport {
+    pub verifications_per_round: u64,
+    pub rounds: usize,
+    /// `jsonwebtoken::decode` with the validation the gateway used before.
+    pub jsonwebtoken_ns_per_token: f64,
+    /// `token::TokenVerifier::user`, as the gateway checks a login token now.
+    pub gateway_ns_per_token: f64,
+    pub gateway_vs_jsonwebtoken: f64,
+}
+
+/// One login token verified over and over by the gateway's verifier and by
+/// `jsonwebtoken` as the gateway used it before, in interleaved rounds on
+/// one thread; the medians per token.
+pub fn token(verifications: u64, rounds: usize) -> Result<TokenReport, BenchError> {
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+    #[derive(Deserialize)]
+    struct Claims {
+        #[allow(dead_code)]
+        sub: String,
+        #[allow(dead_code)]
+        exp: u64,
+    }
+    let token = crate::token::issue(SECRET, "user-1234567", 3600)?;
+    let ours = crate::token::TokenVerifier::new(SECRET)?;
+    let mut before = Validation::new(Algorithm::HS256);
+    before.leeway = 0;
+    before.set_required_spec_claims(&["exp", "sub"]);
+    let key = DecodingKey::from_secret(SECRET);
+    let n = verifications.max(1);
+    let per_token = |f: &dyn Fn() -> bool| {
+        let started = Instant::now();
+        let ok = (0..n).filter(|_| f()).count();
+        (started.elapsed().as_nanos() as f64 / n as f64, ok as u64 == n)
+    };
+    let (mut theirs_ns, mut ours_ns) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) {
+        let (t, t_ok) = per_token(&|| {
+            jsonwebtoken::decode::<Claims>(std::hint::black_box(&token), &key, &before).is_ok()
+        });
+        let (o, o_ok) = per_token(&|| ours.user(std::hint::black_box(&token)).is_ok());
+        if !(t_ok && o_ok) {
+            return Err(BenchError::Setup("a verifier refused a valid token".into()));
+        }
+        theirs_ns.push(t);
+        ours_ns.push(o);
+    }
+    let (theirs, ours) = (median_f(&theirs_ns), median_f(&ours_ns));
+    Ok(TokenReport {
+        verifications_per_round: n,
+        rounds: rounds.max(1),
+        jsonwebtoken_ns_per_token: theirs,
+        gateway_ns_per_token: ours,
+        gateway_vs_jsonwebtoken: ours / theirs.max(f64::MIN_POSITIVE),
+    })
 }
 
 /// Consumer persistence (stream → committed rows, confirmed and acked) vs a

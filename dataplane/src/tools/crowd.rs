@@ -3,6 +3,7 @@
 //! sale wants one), with a share of client retries that reuse their
 //! Idempotency-Key (and ticket), and a tally of every answer.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,9 +14,10 @@ use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper::client::conn::http1;
+use hyper::header::HeaderValue;
 use hyper_util::rt::TokioIo;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpSocket;
 
 /// What to send.
@@ -223,6 +225,8 @@ pub enum CrowdError {
     NoBuyers,
     #[error("signing user tokens: {0}")]
     Token(#[from] crate::token::SignError),
+    #[error("a request header: {0}")]
+    Header(#[from] hyper::header::InvalidHeaderValue),
     #[error("latency histogram: {0}")]
     Histogram(String),
 }
@@ -247,13 +251,27 @@ pub async fn run(config: CrowdConfig) -> Result<CrowdResult, CrowdError> {
     if config.skus.is_empty() && config.target.buys() {
         return Err(CrowdError::NoSku);
     }
-    let tokens: Vec<String> = config
+    // Each buyer's `Authorization` value and each SKU's body are built once,
+    // before the clock starts: the crowd stands in for many clients, and
+    // what it spends per request is CPU the gateway under test does not get.
+    let mut tokens: Vec<HeaderValue> = Vec::new();
+    for u in config
         .buyers
         .range(config.requests)
         .ok_or(CrowdError::NoBuyers)?
-        .map(|u| crate::token::issue(&config.token_secret, &format!("user-{u}"), 3600))
-        .collect::<Result<_, _>>()?;
-    let tokens = Arc::new(tokens);
+    {
+        let token = crate::token::issue(&config.token_secret, &format!("user-{u}"), 3600)?;
+        tokens.push(HeaderValue::try_from(["Bearer ", &token].concat())?);
+    }
+    let tokens = Arc::new(Requests {
+        tokens,
+        // Without SKUs (the trivial endpoint's run) the body names none.
+        bodies: std::iter::once("")
+            .chain(config.skus.iter().map(String::as_str))
+            .skip(usize::from(!config.skus.is_empty()))
+            .map(|sku| Bytes::from(format!(r#"{{"sku":"{sku}","quantity":1}}"#)))
+            .collect(),
+    });
     let config = Arc::new(config);
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -277,6 +295,14 @@ pub async fn run(config: CrowdConfig) -> Result<CrowdResult, CrowdError> {
 }
 
 type Sender = http1::SendRequest<Full<Bytes>>;
+
+/// What every request is made of, prepared before the run.
+struct Requests {
+    /// `Bearer <token>`, by the buyer's slot.
+    tokens: Vec<HeaderValue>,
+    /// The purchase body, by SKU (`CrowdConfig::skus`' order).
+    bodies: Vec<Bytes>,
+}
 
 async fn connect(config: &CrowdConfig, c: usize) -> Option<Sender> {
     let addr = config.gateways[c % config.gateways.len()];
@@ -307,7 +333,7 @@ async fn connect(config: &CrowdConfig, c: usize) -> Option<Sender> {
 async fn connection(
     c: usize,
     config: Arc<CrowdConfig>,
-    tokens: Arc<Vec<String>>,
+    tokens: Arc<Requests>,
     next: Arc<AtomicU64>,
     started: Instant,
 ) -> Result<CrowdResult, CrowdError> {
@@ -357,19 +383,17 @@ async fn connection(
                 (first.saturating_add(n), n)
             }
         };
-        let sku = config
-            .skus
-            .get(rng.random_range(0..config.skus.len().max(1)))
-            .map(String::as_str)
-            .unwrap_or("");
+        let pick = rng.random_range(0..config.skus.len().max(1));
+        let sku = config.skus.get(pick).map(String::as_str).unwrap_or("");
+        let body = tokens.bodies.get(pick).cloned().unwrap_or_default();
         let key = match config.target {
             Target::UnkeyedPurchase => String::new(),
             _ => format!("{:032x}", rng.random::<u128>()),
         };
-        let token = &tokens[usize::try_from(slot).unwrap_or(0) % tokens.len().max(1)];
-        let body = format!(r#"{{"sku":"{sku}","quantity":1}}"#);
+        let all = &tokens.tokens;
+        let token = &all[usize::try_from(slot).unwrap_or(0) % all.len().max(1)];
         let ticket = if config.target == Target::TicketedPurchase {
-            let t = Call::new(&tickets_path, token, "");
+            let t = Call::new(&tickets_path, token, Bytes::new());
             let (answer, _) = send(&mut sender, started, &config, c, &t).await;
             match answer.ticket {
                 Some(ticket) if answer.status == 201 => {
@@ -379,7 +403,7 @@ async fn connection(
                 // No ticket (too early, ended, ...): that answer is the buy's.
                 _ => {
                     out.sent += 1;
-                    tally(&mut out, &answer, "", sku);
+                    tally(&mut out, &answer, user, sku);
                     continue;
                 }
             }
@@ -389,11 +413,11 @@ async fn connection(
         let call = Call {
             idempotency_key: &key,
             ticket: ticket.as_deref(),
-            ..Call::new(&path, token, &body)
+            ..Call::new(&path, token, body)
         };
         let first = timed(&mut sender, started, &config, c, &call, &mut out).await;
         out.sent += 1;
-        tally(&mut out, &first, &format!("user-{user}"), sku);
+        tally(&mut out, &first, user, sku);
         if config.target.buys()
             && !key.is_empty()
             && first.status != 0
@@ -411,7 +435,7 @@ async fn connection(
                 (_, _, Some(_), 202) => {
                     // A refused first attempt may pass on retry (stock came
                     // back or a rate limit expired): a new, legitimate order.
-                    tally(&mut out, &again, &format!("user-{user}"), sku);
+                    tally(&mut out, &again, user, sku);
                 }
                 _ => {}
             }
@@ -423,14 +447,15 @@ async fn connection(
 /// One request: the path, the buyer's token, the body and the optional headers.
 struct Call<'a> {
     path: &'a str,
-    token: &'a str,
-    body: &'a str,
+    /// The `Authorization` value.
+    token: &'a HeaderValue,
+    body: Bytes,
     idempotency_key: &'a str,
     ticket: Option<&'a str>,
 }
 
 impl<'a> Call<'a> {
-    fn new(path: &'a str, token: &'a str, body: &'a str) -> Self {
+    fn new(path: &'a str, token: &'a HeaderValue, body: Bytes) -> Self {
         Self {
             path,
             token,
@@ -496,7 +521,7 @@ async fn send(
     } else {
         let mut req = Request::post(call.path)
             .header("host", "gateway")
-            .header("authorization", format!("Bearer {}", call.token))
+            .header("authorization", call.token.clone())
             .header("content-type", "application/json");
         if !call.idempotency_key.is_empty() {
             req = req.header("idempotency-key", call.idempotency_key);
@@ -504,7 +529,7 @@ async fn send(
         if let Some(t) = call.ticket {
             req = req.header("purchase-ticket", t);
         }
-        req.body(Full::new(Bytes::from(call.body.to_string())))
+        req.body(Full::new(call.body.clone()))
     };
     let Ok(req) = req else {
         return failed;
@@ -530,23 +555,17 @@ async fn send(
     // Parsed for the POST targets, so a side-by-side run costs the client the
     // same; the GET pair returns bodies of different sizes (the page's
     // hundreds of bytes, ping's 15), so neither is parsed: both are read whole.
-    let json: Option<serde_json::Value> = if config.target.reads() {
-        None
+    let reply: Reply = if config.target.reads() {
+        Reply::default()
     } else {
-        serde_json::from_slice(&bytes).ok()
-    };
-    let field = |name: &str| {
-        json.as_ref()
-            .and_then(|j| j.get(name))
-            .and_then(|v| v.as_str())
-            .map(str::to_string)
+        serde_json::from_slice(&bytes).unwrap_or_default()
     };
     (
         Answer {
             status,
-            order_id: field("orderId"),
-            error: field("error"),
-            ticket: field("ticket"),
+            order_id: reply.order_id.map(Cow::into_owned),
+            error: reply.error.map(Cow::into_owned),
+            ticket: reply.ticket.map(Cow::into_owned),
             retry_after,
             at_s: started.elapsed().as_secs_f64(),
         },
@@ -554,7 +573,19 @@ async fn send(
     )
 }
 
-fn tally(out: &mut CrowdResult, a: &Answer, user: &str, sku: &str) {
+/// The fields of an answer the tally reads, borrowed from its body.
+#[derive(Default, Deserialize)]
+struct Reply<'a> {
+    #[serde(rename = "orderId", borrow, default)]
+    order_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    error: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    ticket: Option<Cow<'a, str>>,
+}
+
+/// Counts `a`, an answer to buyer `user-<user>`.
+fn tally(out: &mut CrowdResult, a: &Answer, user: u32, sku: &str) {
     match (a.status, a.error.as_deref()) {
         (0, _) => out.transport_errors += 1,
         (200, _) => out.ok += 1,
@@ -563,7 +594,7 @@ fn tally(out: &mut CrowdResult, a: &Answer, user: &str, sku: &str) {
             if let Some(id) = &a.order_id {
                 out.orders.push(AcceptedOrder {
                     order_id: id.clone(),
-                    user: user.to_string(),
+                    user: format!("user-{user}"),
                     sku: sku.to_string(),
                 });
             }
