@@ -941,7 +941,10 @@ pub fn token(verifications: u64, rounds: usize) -> Result<TokenReport, BenchErro
     let per_token = |f: &dyn Fn() -> bool| {
         let started = Instant::now();
         let ok = (0..n).filter(|_| f()).count();
-        (started.elapsed().as_nanos() as f64 / n as f64, ok as u64 == n)
+        (
+            started.elapsed().as_nanos() as f64 / n as f64,
+            ok as u64 == n,
+        )
     };
     let (mut theirs_ns, mut ours_ns) = (Vec::new(), Vec::new());
     for _ in 0..rounds.max(1) {
