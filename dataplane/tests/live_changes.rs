@@ -196,7 +196,16 @@ async fn stock_raised_three_times_and_cut_once_under_a_crowd_fails_no_order() ->
     }
     assert_eq!(report.products[0].stock, spec.products[0].stock);
     let accepted: i64 = report.products.iter().map(|p| p.units).sum();
-    assert_eq!(accepted as u64, result.accepted, "accepted = persisted");
+    // A purchase answered 503 store_timeout may still have been decided
+    // after the gateway stopped waiting (a loaded machine): its row is
+    // persisted with no 202 seen for it, and such rows came only from 5xx.
+    let unanswered = report.unanswered_rows.unwrap_or(0);
+    assert_eq!(
+        accepted as u64,
+        result.accepted + unanswered as u64,
+        "accepted + unanswered = persisted: {tally}"
+    );
+    assert!(unanswered as u64 <= result.server_errors, "{tally}");
 
     gw1.stop().await;
     gw2.stop().await;

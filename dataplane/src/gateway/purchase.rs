@@ -180,7 +180,7 @@ pub mod outcome {
         (status = 425, description = "not_started: the sale has not started (the body carries `startsAt`)", body = ErrorBody),
         (status = 429, description = "rate_limited (per user, per IP or global, named in `scope`); retry after Retry-After seconds", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "store_unavailable or store_timeout (Redis unreachable or slow), sale_not_ready (not warmed yet), store_protocol, redis_layout (the sale was warmed by a data plane with another Redis key layout: finish it on the version that started it), or, under redis.durability: replica, replication_pending: the order (orderId) is taken on the Redis master but no replica confirmed it in time (a retry with the same Idempotency-Key returns that order, a retry without one may make a second order); retry after Retry-After seconds", body = ErrorBody,
+        (status = 503, description = "store_unavailable or store_timeout (Redis unreachable or slow; after store_timeout the decision may still have been taken: a retry with the same Idempotency-Key returns the order if it was), sale_not_ready (not warmed yet), store_protocol, redis_layout (the sale was warmed by a data plane with another Redis key layout: finish it on the version that started it), or, under redis.durability: replica, replication_pending: the order (orderId) is taken on the Redis master but no replica confirmed it in time (a retry with the same Idempotency-Key returns that order, a retry without one may make a second order); retry after Retry-After seconds", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
@@ -592,7 +592,10 @@ async fn bounded<T>(
             );
             fail(
                 UNAVAILABLE,
-                ApiError::unavailable("store_timeout", "the stock store is slow; retry shortly"),
+                ApiError::unavailable(
+                    "store_timeout",
+                    "the stock store is slow and may still decide this purchase; retry shortly with the same Idempotency-Key to get its order if it was taken",
+                ),
             )
         }
     }
