@@ -209,12 +209,19 @@ impl SaleKeys {
         self.key("idem")
     }
 
+    /// String: the holder of the sale's apply lock (`stock::apply`), with a
+    /// TTL so a holder that died frees it.
+    pub fn apply_lock(&self) -> String {
+        self.key("apply")
+    }
+
     pub fn all(&self) -> Vec<String> {
         vec![
             self.meta(),
             self.gateways(),
             self.gateway_reports(),
             self.idempotency(),
+            self.apply_lock(),
         ]
     }
 }

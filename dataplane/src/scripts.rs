@@ -100,6 +100,10 @@ pub static ORDERS_OF: LazyLock<Script> =
 /// Catalog and stock written once per sale (`warm.lua`).
 pub static WARM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/warm.lua")));
 
+/// A lock released only by its holder (`unlock.lua`).
+pub static UNLOCK: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/unlock.lua")));
+
 /// A sale's applied spec published for running pods (`publish_spec.lua`).
 pub static PUBLISH_SPEC: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/publish_spec.lua")));

@@ -15,7 +15,9 @@ use jiff::Timestamp;
 use redis::aio::ConnectionLike;
 
 use crate::counters::ProductCounters;
+use crate::keys::SaleKeys;
 use crate::live::{self, LiveError};
+use crate::scripts;
 use crate::spec::{SaleId, SaleSpec, SpecProblem};
 use crate::store::{OrderStore, OrderTally, StoreError};
 use crate::warm::{self, ProductWarm, WarmError};
@@ -33,7 +35,14 @@ pub enum ApplyError {
     /// Nothing was changed; the running sale keeps its applied spec.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Refused(Vec<SpecProblem>),
+    /// Another apply of this sale holds its lock; nothing was changed.
+    #[error("another apply of this sale is in progress ({holder}); retry shortly")]
+    Busy { holder: String },
 }
+
+/// How long an apply may hold the sale's lock. An apply takes well under a
+/// second; a holder that died frees the sale after this.
+pub const APPLY_LOCK_MS: u64 = 30_000;
 
 /// One product's stock as both stores hold it after an apply.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,7 +128,55 @@ fn below_sold(e: &WarmError) -> SpecProblem {
 
 /// Applies `spec` to the sale in PostgreSQL and Redis (see the module doc)
 /// and publishes it for running gateways and consumers.
+///
+/// One apply of a sale at a time: two interleaved (an operator that lost
+/// its Lease still finishing one while the new leader starts, or
+/// `flashsale warm` run by hand beside the operator) could each raise
+/// PostgreSQL and Redis in the other's order and leave Redis able to sell
+/// units PostgreSQL does not cover. The second is refused with
+/// [`ApplyError::Busy`], having changed nothing, and its caller retries.
 pub async fn apply<C: ConnectionLike + Send>(
+    conn: &mut C,
+    store: &OrderStore,
+    sale: &SaleId,
+    spec: &SaleSpec,
+    now: Timestamp,
+) -> Result<Applied, ApplyError> {
+    let lock = SaleKeys::new(sale).apply_lock();
+    let token = format!(
+        "{}/{}/{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown-host".into()),
+        std::process::id(),
+        ulid::Ulid::new()
+    );
+    let taken: Option<String> = redis::cmd("SET")
+        .arg(&lock)
+        .arg(&token)
+        .arg("NX")
+        .arg("PX")
+        .arg(APPLY_LOCK_MS)
+        .query_async(conn)
+        .await?;
+    if taken.is_none() {
+        let holder: Option<String> = redis::cmd("GET").arg(&lock).query_async(conn).await?;
+        return Err(ApplyError::Busy {
+            holder: holder.unwrap_or_else(|| "just released".into()),
+        });
+    }
+    let result = apply_locked(conn, store, sale, spec, now).await;
+    // Not released (Redis gone, or this future dropped): it lapses.
+    if let Err(e) = scripts::UNLOCK
+        .key(&lock)
+        .arg(&token)
+        .invoke_async::<i64>(conn)
+        .await
+    {
+        tracing::warn!(error = %e, sale = %sale.key(), "apply lock not released; it lapses in {APPLY_LOCK_MS} ms");
+    }
+    result
+}
+
+async fn apply_locked<C: ConnectionLike + Send>(
     conn: &mut C,
     store: &OrderStore,
     sale: &SaleId,

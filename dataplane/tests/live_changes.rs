@@ -425,6 +425,70 @@ async fn a_cut_overtaken_by_sales_puts_back_the_cuts_before_it() -> TestResult {
     Ok(())
 }
 
+/// One apply of a sale at a time: while another holds the sale's lock, an
+/// apply changes nothing and says who holds it; once released, it applies.
+/// Applies racing each other with different stocks leave PostgreSQL covering
+/// every unit Redis can sell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applies_of_one_sale_take_turns() -> TestResult {
+    let servers = Servers::start()?;
+    let store = servers.store().await?;
+    let doc = sale("turns", &[("phone", 100, 5), ("case", 100, 5)]);
+    apply(&servers, &store, &doc, &doc.spec).await?;
+    let mut conn = servers.redis_conn().await?;
+    let lock = dataplane::keys::SaleKeys::new(&doc.id()).apply_lock();
+    // Released after a successful apply.
+    let held: Option<String> = redis::cmd("GET").arg(&lock).query_async(&mut conn).await?;
+    assert_eq!(held, None);
+
+    redis::cmd("SET")
+        .arg(&lock)
+        .arg("other-operator/1/x")
+        .exec_async(&mut conn)
+        .await?;
+    let raised = with_stock(&doc.spec, "phone", 300);
+    match apply(&servers, &store, &doc, &raised).await {
+        Err(ApplyError::Busy { holder }) => assert_eq!(holder, "other-operator/1/x"),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    let counters = dataplane::counters::product_counters(&mut conn, &doc.id(), &doc.spec).await?;
+    assert_eq!(counters[0].as_ref().map(|c| c.stock), Some(100));
+    let row = store.inventory_row(&doc.id(), "phone").await?;
+    assert_eq!(row.map(|r| r.stock), Some(100));
+    redis::cmd("DEL").arg(&lock).exec_async(&mut conn).await?;
+    apply(&servers, &store, &doc, &raised).await?;
+
+    // Pairs of applies at once, one raising what the other cuts.
+    for round in 0..20i64 {
+        let a = with_stock(&with_stock(&doc.spec, "phone", 200 + round), "case", 50);
+        let b = with_stock(&with_stock(&doc.spec, "phone", 60), "case", 250 + round);
+        let (ra, rb) = tokio::join!(
+            apply(&servers, &store, &doc, &a),
+            apply(&servers, &store, &doc, &b)
+        );
+        for r in [&ra, &rb] {
+            assert!(
+                matches!(r, Ok(_) | Err(ApplyError::Busy { .. })),
+                "round {round}: {r:?}"
+            );
+        }
+        assert!(ra.is_ok() || rb.is_ok(), "round {round}: neither applied");
+        let counters =
+            dataplane::counters::product_counters(&mut conn, &doc.id(), &doc.spec).await?;
+        for c in counters.iter().flatten() {
+            let row = store.inventory_row(&doc.id(), &c.sku).await?;
+            let database = row.map(|r| r.stock).unwrap_or(0);
+            assert!(
+                database >= c.stock,
+                "round {round}: {} Redis {} above PostgreSQL {database}",
+                c.sku,
+                c.stock
+            );
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_product_removed_mid_sale_loses_no_accepted_order() -> TestResult {
     let servers = Servers::start()?;

@@ -901,6 +901,10 @@ async fn sync_stores(
                 database_unavailable(report, &e);
                 return Ok(trouble(held(running.clone()).await?));
             }
+            Err(e @ ApplyError::Busy { .. }) => {
+                report.not_warmed("ApplyInProgress", e.to_string());
+                return Ok(trouble(held(running.clone()).await?));
+            }
             Err(e) => {
                 let message = e.to_string();
                 warn!(%message, "applying the spec failed");
