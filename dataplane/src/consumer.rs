@@ -130,9 +130,42 @@ struct Reader {
     /// keeps failing (a promoted master with no replica yet) holds back no
     /// other product's new orders.
     behind: std::sync::Arc<Vec<std::sync::atomic::AtomicBool>>,
+    /// Per stream (cluster): when its next read may go, in milliseconds
+    /// since `epoch`. A read that failed is not tried again for twice as
+    /// long as it took (at least a second), so a stalled master, whose reads
+    /// fail only at the response timeout, holds every read round of the
+    /// other products for that long only once in a while.
+    retry_at: std::sync::Arc<Vec<std::sync::atomic::AtomicU64>>,
+    epoch: Instant,
 }
 
 impl Reader {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether stream `i`'s last read failed too recently to read it again.
+    fn backing_off(&self, i: usize) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.retry_at
+            .get(i)
+            .is_some_and(|at| at.load(Relaxed) > self.now_ms())
+    }
+
+    fn after_read(&self, i: usize, ok: bool, took: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(at) = self.retry_at.get(i) else {
+            return;
+        };
+        let next = if ok {
+            0
+        } else {
+            let wait = u64::try_from(took.as_millis().saturating_mul(2)).unwrap_or(u64::MAX);
+            self.now_ms().saturating_add(wait.max(1_000))
+        };
+        at.store(next, Relaxed);
+    }
+
     /// Whether some stream is read from history (no read ahead meanwhile:
     /// it would deliver the batch being processed a second time).
     fn any_behind(&self) -> bool {
@@ -160,10 +193,20 @@ impl Reader {
                         .get(i)
                         .is_some_and(|b| b.load(std::sync::atomic::Ordering::Relaxed));
                 async move {
+                    if reader.backing_off(i) {
+                        if block {
+                            // As long as a blocking read would wait, so a
+                            // round of nothing but skipped streams is no spin.
+                            tokio::time::sleep(Duration::from_millis(reader.block_ms as u64)).await;
+                        }
+                        return (from_history, None);
+                    }
+                    let started = Instant::now();
                     let read = reader
                         .read_streams(conn.clone(), i..i + 1, from_history, block && !from_history)
                         .await;
-                    (from_history, read)
+                    reader.after_read(i, read.is_ok(), started.elapsed());
+                    (from_history, Some(read))
                 }
             }))
         };
@@ -329,8 +372,12 @@ pub(crate) async fn join_group<C: redis::aio::ConnectionLike + Send>(
 /// stream whose read failed (its master is failing over) is read from its
 /// history until that comes back empty, and does not hold back the others;
 /// only when every read failed is it an error.
+/// One stream's read in a round: whether it read history, and what it got
+/// (`None`: not read, backing off).
+type StreamRead<E> = (bool, Option<Result<Vec<Entry>, E>>);
+
 fn merge<E: std::fmt::Display>(
-    reads: Vec<(bool, Result<Vec<Entry>, E>)>,
+    reads: Vec<StreamRead<E>>,
     behind: &[std::sync::atomic::AtomicBool],
 ) -> Result<Vec<Entry>, E> {
     use std::sync::atomic::Ordering::Relaxed;
@@ -339,6 +386,10 @@ fn merge<E: std::fmt::Display>(
     let mut succeeded = false;
     for (i, (from_history, read)) in reads.into_iter().enumerate() {
         let flag = behind.get(i);
+        // Not read this round (backing off): it stays as it was.
+        let Some(read) = read else {
+            continue;
+        };
         match read {
             Ok(mut e) => {
                 succeeded = true;
@@ -459,6 +510,13 @@ impl Consumer {
                     .map(|_| std::sync::atomic::AtomicBool::new(false))
                     .collect(),
             ),
+            retry_at: std::sync::Arc::new(
+                streams
+                    .iter()
+                    .map(|_| std::sync::atomic::AtomicU64::new(0))
+                    .collect(),
+            ),
+            epoch: Instant::now(),
         };
         let mut consumer = Self {
             sale,
@@ -556,13 +614,26 @@ impl Consumer {
         let mut backoff = Backoff::new();
         let mut finishing: Option<tokio::task::JoinHandle<redis::RedisResult<()>>> = None;
         let mut prefetch: Option<tokio::task::JoinHandle<Result<Vec<Entry>, ConsumerError>>> = None;
+        // Claims run beside the loop, one task per stream: a stalled master
+        // would otherwise hold every product's batches (and claims) for its
+        // response timeout on each round.
+        let mut claiming: Vec<Option<tokio::task::JoinHandle<usize>>> = Vec::new();
         while !shutdown.is_cancelled() {
+            for slot in &mut claiming {
+                if slot.as_ref().is_some_and(|c| c.is_finished())
+                    && let Some(done) = slot.take()
+                    && done.await.unwrap_or(0) > 0
+                {
+                    history = true;
+                }
+            }
             if last_claim.elapsed() >= self.settings.claim_every {
                 last_claim = Instant::now();
-                match self.claim_abandoned().await {
-                    Ok(n) if n > 0 => history = true,
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "claiming abandoned entries failed"),
+                claiming.resize_with(self.streams.len(), || None);
+                for (i, slot) in claiming.iter_mut().enumerate() {
+                    if slot.is_none() {
+                        *slot = Some(tokio::spawn(self.claim_abandoned(i)));
+                    }
                 }
             }
             let read = match prefetch.take() {
@@ -652,6 +723,10 @@ impl Consumer {
         if let Some(next) = prefetch.take() {
             // Entries it read stay pending for this consumer's next life or a claim.
             next.abort();
+        }
+        // Whatever they claimed already is this consumer's, claimed again later.
+        for claim in claiming.into_iter().flatten() {
+            claim.abort();
         }
         if let Some(previous) = finishing.take() {
             finished_ok(previous).await;
@@ -950,40 +1025,74 @@ impl Consumer {
         Ok(out)
     }
 
-    /// Takes over entries another consumer left pending for `claim_idle`.
-    async fn claim_abandoned(&mut self) -> Result<usize, ConsumerError> {
+    /// Takes over the entries another consumer left pending on stream `i`
+    /// for `claim_idle`.
+    fn claim_abandoned(
+        &self,
+        i: usize,
+    ) -> impl std::future::Future<Output = usize> + Send + 'static {
         let idle = u64::try_from(self.settings.claim_idle.as_millis()).unwrap_or(30_000);
-        let mut claimed = 0;
-        for s in &self.streams {
-            let mut cursor = "0-0".to_string();
-            loop {
-                let (next, ids, _deleted): (String, Vec<String>, Vec<String>) =
-                    redis::cmd("XAUTOCLAIM")
-                        .arg(&s.name)
-                        .arg(CONSUMER_GROUP)
-                        .arg(&self.settings.name)
-                        .arg(idle)
-                        .arg(&cursor)
-                        .arg("COUNT")
-                        .arg(self.settings.batch_size)
-                        .arg("JUSTID")
-                        .query_async(&mut self.redis)
-                        .await?;
-                claimed += ids.len();
-                // Not on an empty answer: Redis scans at most ten times COUNT
-                // pending entries per call, so a page may claim nothing with
-                // idle entries further on; the cursor says when it is done.
-                if next == "0-0" {
-                    break;
+        // The stream's own reading connection (in a cluster, one per
+        // stream): a stalled master's requests hold up no other product's.
+        let conns = &self.reader.conns;
+        let mut redis = conns
+            .get(i)
+            .or(conns.first())
+            .unwrap_or(&self.redis)
+            .clone();
+        let stream = self
+            .streams
+            .get(i)
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        let (name, count) = (self.settings.name.clone(), self.settings.batch_size);
+        async move {
+            match claim_stream(&mut redis, &stream, &name, idle, count).await {
+                Ok(0) => 0,
+                Ok(claimed) => {
+                    tracing::info!(%stream, claimed, "claimed entries abandoned by another consumer");
+                    metrics::counter!("flashsale_consumer_claimed_total").increment(claimed as u64);
+                    claimed
                 }
-                cursor = next;
+                Err(e) => {
+                    tracing::warn!(%stream, error = %e, "claiming abandoned entries failed");
+                    0
+                }
             }
         }
-        if claimed > 0 {
-            tracing::info!(claimed, "claimed entries abandoned by another consumer");
-            metrics::counter!("flashsale_consumer_claimed_total").increment(claimed as u64);
+    }
+}
+
+/// `XAUTOCLAIM` over one stream's whole pending list, for `consumer`.
+async fn claim_stream(
+    redis: &mut RedisConn,
+    stream: &str,
+    consumer: &str,
+    idle_ms: u64,
+    count: usize,
+) -> redis::RedisResult<usize> {
+    let mut claimed = 0;
+    let mut cursor = "0-0".to_string();
+    loop {
+        let (next, ids, _deleted): (String, Vec<String>, Vec<String>) = redis::cmd("XAUTOCLAIM")
+            .arg(stream)
+            .arg(CONSUMER_GROUP)
+            .arg(consumer)
+            .arg(idle_ms)
+            .arg(&cursor)
+            .arg("COUNT")
+            .arg(count)
+            .arg("JUSTID")
+            .query_async(redis)
+            .await?;
+        claimed += ids.len();
+        // Not on an empty answer: Redis scans at most ten times COUNT
+        // pending entries per call, so a page may claim nothing with idle
+        // entries further on; the cursor says when it is done.
+        if next == "0-0" {
+            return Ok(claimed);
         }
-        Ok(claimed)
+        cursor = next;
     }
 }
 
@@ -1153,29 +1262,48 @@ mod tests {
         };
 
         // New entries from the first stream, the second's master down.
-        let read = merge::<&str>(vec![(false, Ok(pending())), (false, Err("down"))], &behind);
+        let read = merge::<&str>(
+            vec![(false, Some(Ok(pending()))), (false, Some(Err("down")))],
+            &behind,
+        );
         assert_eq!(read.map(|e| e.len()), Ok(1));
         assert_eq!(flags(), [false, true]);
         // The first is empty, the second still down: no error, and only
         // the second stays behind.
-        let read = merge(vec![(false, Ok(Vec::new())), (true, Err("down"))], &behind);
+        let read = merge(
+            vec![(false, Some(Ok(Vec::new()))), (true, Some(Err("down")))],
+            &behind,
+        );
         assert_eq!(read.map(|e| e.len()), Ok(0));
         assert_eq!(flags(), [false, true]);
         // Back: its history delivers, then comes back empty.
         let read = merge::<&str>(
-            vec![(false, Ok(Vec::new())), (true, Ok(pending()))],
+            vec![(false, Some(Ok(Vec::new()))), (true, Some(Ok(pending())))],
             &behind,
         );
         assert_eq!(read.map(|e| e.len()), Ok(1));
         assert_eq!(flags(), [false, true]);
         let read = merge::<&str>(
-            vec![(false, Ok(Vec::new())), (true, Ok(Vec::new()))],
+            vec![(false, Some(Ok(Vec::new()))), (true, Some(Ok(Vec::new())))],
             &behind,
         );
         assert_eq!(read.map(|e| e.len()), Ok(0));
         assert_eq!(flags(), [false, false]);
+        // Failing again, then backing off: not read, it stays behind, and
+        // the round is no error.
+        let read = merge::<&str>(
+            vec![(false, Some(Ok(Vec::new()))), (false, Some(Err("down")))],
+            &behind,
+        );
+        assert_eq!(read.map(|e| e.len()), Ok(0));
+        let read = merge::<&str>(vec![(false, Some(Ok(pending()))), (true, None)], &behind);
+        assert_eq!(read.map(|e| e.len()), Ok(1));
+        assert_eq!(flags(), [false, true]);
         // Every read failed: an error.
-        let read = merge(vec![(false, Err("down")), (false, Err("down"))], &behind);
+        let read = merge(
+            vec![(false, Some(Err("down"))), (false, Some(Err("down")))],
+            &behind,
+        );
         assert_eq!(read.map(|e| e.len()), Err("down"));
     }
 

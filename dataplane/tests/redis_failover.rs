@@ -441,3 +441,88 @@ async fn a_stalled_master_stops_only_its_own_products() -> TestResult {
     gw.stop().await;
     Ok(())
 }
+
+/// A consumer takes over entries another one left pending product by
+/// product: with one product's master stalled, the others' abandoned orders
+/// are claimed and persisted meanwhile, and the stalled one's once its
+/// master is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_master_holds_back_no_other_product_s_claims() -> TestResult {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("dataplane=debug")
+        .try_init();
+    let mut cluster = tokio::task::spawn_blocking(RedisCluster::start).await??;
+    let pg = tokio::task::spawn_blocking(PostgresServer::start).await??;
+    let probe = sale("claims", &[("probe", 1, 1)]);
+    let skus = skus_on_three_masters(&cluster, &probe.id())?;
+    let (stalled, healthy) = (skus[0].as_str(), skus[1].as_str());
+    let doc = sale("claims", &[(stalled, 10, 5), (healthy, 10, 5)]);
+    let (target, mut conn, store) = warm_on(&cluster, &pg, &doc).await?;
+    let gw = RunningGateway::start_with(&doc, &cluster_gateway(&target, Durability::Local, "gw"))
+        .await?;
+    // One order of each product, read by a consumer that then died: its
+    // entries stay pending under its name.
+    for sku in [stalled, healthy] {
+        let (status, body) = buy_one(&gw, "claims", "cy", sku).await?;
+        assert_eq!(status, 202, "{body}");
+        let stream = ProductKeys::new(&doc.id(), sku).stream();
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&stream)
+            .arg(dataplane::keys::CONSUMER_GROUP)
+            .arg("0")
+            .exec_async(&mut conn)
+            .await;
+        if let Err(e) = created
+            && e.code() != Some("BUSYGROUP")
+        {
+            return Err(e.into());
+        }
+        let read: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(dataplane::keys::CONSUMER_GROUP)
+            .arg("ghost")
+            .arg("COUNT")
+            .arg(10)
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(">")
+            .query_async(&mut conn)
+            .await?;
+        assert_ne!(read, redis::Value::Nil, "the ghost read nothing of {sku}");
+    }
+
+    let stop = CancellationToken::new();
+    let mut settings = ConsumerSettings::new(target.url(), pg.url());
+    settings.redis_mode = Some(RedisMode::Cluster);
+    settings.name = "heir".into();
+    settings.claim_idle = Duration::from_secs(2);
+    settings.claim_every = Duration::from_millis(300);
+    let consumer = Consumer::start(&doc, settings, &stop)
+        .await?
+        .ok_or("the consumer did not start")?;
+    let consumer_task = tokio::spawn(consumer.run(stop.clone()));
+    let master = cluster.pause_master_of(&ProductKeys::new(&doc.id(), stalled).stock())?;
+
+    let sale_id = doc.id().to_string();
+    let rows = |n: i64| {
+        let (store, sale_id) = (&store, &sale_id);
+        eventually(Duration::from_secs(20), move || async move {
+            order_rows(store, sale_id).await.map(|r| r.0).unwrap_or(0) >= n
+        })
+    };
+    let healthy_persisted = rows(1).await;
+    cluster.resume(master);
+    assert!(
+        healthy_persisted,
+        "the healthy product's abandoned order waited for the stalled master"
+    );
+    assert!(
+        rows(2).await,
+        "the stalled product's abandoned order was not claimed once its master was back"
+    );
+    stop.cancel();
+    let _ = consumer_task.await;
+    gw.stop().await;
+    Ok(())
+}
