@@ -448,9 +448,6 @@ async fn a_stalled_master_stops_only_its_own_products() -> TestResult {
 /// master is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_master_holds_back_no_other_product_s_claims() -> TestResult {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("dataplane=debug")
-        .try_init();
     let mut cluster = tokio::task::spawn_blocking(RedisCluster::start).await??;
     let pg = tokio::task::spawn_blocking(PostgresServer::start).await??;
     let probe = sale("claims", &[("probe", 1, 1)]);
