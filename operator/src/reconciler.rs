@@ -691,13 +691,13 @@ async fn apply(
     let generation = sale.metadata.generation;
     let apply_now =
         report.previous.warmed_generation != generation && (warmed_before || live_by_new);
-    let mut redis_trouble = false;
+    let mut retry: Option<Duration> = None;
     let mut sync_events = 0..0;
     let spec = if warmed_before || apply_now {
         let before = report.events.len();
         let synced = sync_stores(sale, ctx, &urls, apply_now, problems, &mut report).await?;
         sync_events = before..report.events.len();
-        redis_trouble = synced.trouble;
+        retry = synced.retry;
         synced.spec
     } else {
         let spec = &sale.spec.sale;
@@ -808,21 +808,25 @@ async fn apply(
     }
 
     let after = schedule.requeue_after(now, ctx.settings.refresh);
-    Ok(match (after, redis_trouble) {
-        (Some(d), true) => Action::requeue(d.min(ctx.settings.retry)),
-        (None, true) => Action::requeue(ctx.settings.retry),
-        (Some(d), false) => Action::requeue(d),
-        (None, false) => Action::await_change(),
+    Ok(match (after, retry) {
+        (Some(d), Some(r)) => Action::requeue(d.min(r)),
+        (None, Some(r)) => Action::requeue(r),
+        (Some(d), None) => Action::requeue(d),
+        (None, None) => Action::await_change(),
     })
 }
+
+/// How soon an edit refused because another apply of the sale held its
+/// lock is tried again.
+const APPLY_BUSY_RETRY: Duration = Duration::from_secs(2);
 
 /// What `sync_stores` decided.
 struct Synced {
     /// The spec the sale runs on: the new one, or the one applied before
     /// when the new one cannot apply to the running sale.
     spec: SaleSpec,
-    /// Redis or PostgreSQL needs another look soon.
-    trouble: bool,
+    /// Redis or PostgreSQL needs another look, after this long at most.
+    retry: Option<Duration>,
 }
 
 /// Applies the spec to PostgreSQL and Redis (when `apply_now`) through
@@ -850,7 +854,7 @@ async fn sync_stores(
     let held = |running: Option<SaleSpec>| in_force(ctx, sale, edited, running);
     let trouble = |spec: SaleSpec| Synced {
         spec,
-        trouble: true,
+        retry: Some(ctx.settings.retry),
     };
     let mut conn = match ctx.redis.for_sale(&sale.spec.redis, &urls.redis).await {
         Ok(c) => c,
@@ -903,7 +907,11 @@ async fn sync_stores(
             }
             Err(e @ ApplyError::Busy { .. }) => {
                 report.not_warmed("ApplyInProgress", e.to_string());
-                return Ok(trouble(held(running.clone()).await?));
+                // Another apply takes milliseconds (or its lock lapses).
+                return Ok(Synced {
+                    spec: held(running.clone()).await?,
+                    retry: Some(APPLY_BUSY_RETRY.min(ctx.settings.retry)),
+                });
             }
             Err(e) => {
                 let message = e.to_string();
@@ -972,7 +980,7 @@ async fn sync_stores(
         let lost = problems.iter().any(|p| p.reason == "StockMissing");
         return Ok(Synced {
             spec,
-            trouble: lost,
+            retry: lost.then_some(ctx.settings.retry),
         });
     }
     let missing: Vec<&str> = spec
@@ -995,7 +1003,7 @@ async fn sync_stores(
         ));
         Ok(Synced {
             spec,
-            trouble: store.is_none(),
+            retry: store.is_none().then_some(ctx.settings.retry),
         })
     } else {
         // Redis lost keys it had (a restart without AOF?): re-warming would
@@ -1007,7 +1015,7 @@ async fn sync_stores(
         report.not_warmed("StockMissing", message);
         Ok(Synced {
             spec,
-            trouble: true,
+            retry: Some(ctx.settings.retry),
         })
     }
 }

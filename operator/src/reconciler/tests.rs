@@ -918,6 +918,59 @@ async fn a_stock_cut_below_sold_is_refused_with_a_condition() -> anyhow::Result<
     Ok(())
 }
 
+/// An edit while another apply holds the sale's lock (an operator replica
+/// that lost its Lease finishing one): nothing changes, the condition names
+/// the holder, and the edit is tried again in seconds, not after the 30 s a
+/// Redis outage waits.
+#[tokio::test]
+async fn an_edit_while_another_apply_holds_the_sale_is_retried_soon() -> anyhow::Result<()> {
+    let stores = Stores::start()?;
+    let mut conn = redis_conn(&stores.redis).await?;
+    let (ctx, mut server, mut sale) = warmed_live_sale(&stores).await?;
+    let lock = dataplane::keys::SaleKeys::new(&SaleId::new("shop", "singles-day")).apply_lock();
+    redis::cmd("SET")
+        .arg(&lock)
+        .arg("old-leader/7/x")
+        .exec_async(&mut conn)
+        .await?;
+
+    sale.metadata.generation = Some(2);
+    sale.spec.sale.products[0].stock = 1500;
+    let task = run(&sale, &ctx);
+    serve_children(&mut server, &stores.urls(), 2, NONE).await;
+    let status = serve_status(&mut server, &mut sale).await?;
+    let message = "another apply of this sale is in progress (old-leader/7/x); retry shortly";
+    server
+        .expect_event("Warning", "ApplyInProgress", message)
+        .await;
+    assert_eq!(finish(task).await?, Action::requeue(Duration::from_secs(2)));
+    assert_eq!(
+        condition(&status, "Ready")["reason"],
+        json!("ApplyInProgress")
+    );
+    assert_eq!(status["warmedGeneration"], json!(1));
+    assert_eq!(remaining(&mut conn, "phone-17").await?, 1000);
+
+    // The holder done, the edit applies.
+    redis::cmd("DEL").arg(&lock).exec_async(&mut conn).await?;
+    let status = rewarm(
+        &mut server,
+        &ctx,
+        &mut sale,
+        &stores.urls(),
+        CONFIG,
+        &[(
+            "Normal",
+            "StockChanged",
+            "phone-17: stock +500, 1500 remaining",
+        )],
+    )
+    .await?;
+    assert_eq!(status["warmedGeneration"], json!(2));
+    assert_eq!(remaining(&mut conn, "phone-17").await?, 1500);
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_edit_a_running_sale_cannot_take_keeps_it_running_as_it_was() -> anyhow::Result<()> {
     let stores = Stores::start()?;
