@@ -368,14 +368,15 @@ pub(crate) async fn join_group<C: redis::aio::ConnectionLike + Send>(
     }
 }
 
-/// The entries of per-stream reads, each with whether it read history. A
-/// stream whose read failed (its master is failing over) is read from its
-/// history until that comes back empty, and does not hold back the others;
-/// only when every read failed is it an error.
 /// One stream's read in a round: whether it read history, and what it got
 /// (`None`: not read, backing off).
 type StreamRead<E> = (bool, Option<Result<Vec<Entry>, E>>);
 
+/// The entries of per-stream reads, each with whether it read history. A
+/// stream whose read failed (its master is failing over) is read from its
+/// history until that comes back empty, and does not hold back the others;
+/// a stream not read this round stays as it was; only when every read
+/// failed is it an error.
 fn merge<E: std::fmt::Display>(
     reads: Vec<StreamRead<E>>,
     behind: &[std::sync::atomic::AtomicBool],
@@ -1032,14 +1033,14 @@ impl Consumer {
         i: usize,
     ) -> impl std::future::Future<Output = usize> + Send + 'static {
         let idle = u64::try_from(self.settings.claim_idle.as_millis()).unwrap_or(30_000);
-        // The stream's own reading connection (in a cluster, one per
-        // stream): a stalled master's requests hold up no other product's.
-        let conns = &self.reader.conns;
-        let mut redis = conns
-            .get(i)
-            .or(conns.first())
-            .unwrap_or(&self.redis)
-            .clone();
+        // In a cluster, the stream's own reading connection: a stalled
+        // master's requests hold up no other product's. On one Redis the
+        // reader's single connection blocks in its reads; claims keep theirs.
+        let own = match self.redis.mode() {
+            RedisMode::Cluster => self.reader.conns.get(i),
+            RedisMode::Standalone => None,
+        };
+        let mut redis = own.unwrap_or(&self.redis).clone();
         let stream = self
             .streams
             .get(i)

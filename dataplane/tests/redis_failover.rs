@@ -69,6 +69,33 @@ fn cluster_gateway(target: &RedisTarget, durability: Durability, pod: &str) -> G
     settings
 }
 
+/// A consumer's settings for the cluster at `target`.
+fn cluster_consumer(target: &RedisTarget, pg: &PostgresServer) -> ConsumerSettings {
+    let mut settings = ConsumerSettings::new(target.url(), pg.url());
+    settings.redis_mode = Some(RedisMode::Cluster);
+    settings
+}
+
+/// A consumer of `doc` with `settings`, running until `stop`.
+async fn run_consumer(
+    doc: &dataplane::spec::SaleDocument,
+    settings: ConsumerSettings,
+    stop: &CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, Box<dyn std::error::Error + Send + Sync>> {
+    let consumer = Consumer::start(doc, settings, stop)
+        .await?
+        .ok_or("the consumer did not start")?;
+    Ok(tokio::spawn(consumer.run(stop.clone())))
+}
+
+/// Whether `sale` holds at least `n` order rows within `within`.
+async fn rows_within(store: &OrderStore, sale: &str, n: i64, within: Duration) -> bool {
+    eventually(within, || async {
+        order_rows(store, sale).await.map(|r| r.0).unwrap_or(0) >= n
+    })
+    .await
+}
+
 /// Three SKUs whose products live on three different masters.
 fn skus_on_three_masters(
     cluster: &RedisCluster,
@@ -110,8 +137,7 @@ async fn crowd_through_failover(
     let consumers = CancellationToken::new();
     let mut consumer_tasks = Vec::new();
     for i in 0..2 {
-        let mut settings = ConsumerSettings::new(target.url(), pg.url());
-        settings.redis_mode = Some(RedisMode::Cluster);
+        let mut settings = cluster_consumer(&target, &pg);
         settings.durability = Some(durability);
         settings.name = format!("failover-consumer-{i}");
         settings.claim_idle = Duration::from_secs(2);
@@ -330,13 +356,9 @@ async fn a_master_without_a_replica_holds_back_no_other_product_s_orders() -> Te
     let (target, mut conn, store) = warm_on(&cluster, &pg, &doc).await?;
 
     let stop = CancellationToken::new();
-    let mut settings = ConsumerSettings::new(target.url(), pg.url());
-    settings.redis_mode = Some(RedisMode::Cluster);
+    let mut settings = cluster_consumer(&target, &pg);
     settings.durability = Some(Durability::Replica);
-    let consumer = Consumer::start(&doc, settings, &stop)
-        .await?
-        .ok_or("the consumer did not start")?;
-    let consumer_task = tokio::spawn(consumer.run(stop.clone()));
+    let consumer_task = run_consumer(&doc, settings, &stop).await?;
     let mut settings = cluster_gateway(&target, Durability::Replica, "gw");
     // A debug build on a busy machine: the purchase below is answered by
     // its WAIT, not by the gateway's timeout.
@@ -351,12 +373,7 @@ async fn a_master_without_a_replica_holds_back_no_other_product_s_orders() -> Te
         assert_eq!(status, 202, "{body}");
     }
     let sale_id = doc.id().to_string();
-    let rows = |n: i64| {
-        let (store, sale_id) = (&store, &sale_id);
-        eventually(Duration::from_secs(15), move || async move {
-            order_rows(store, sale_id).await.map(|r| r.0).unwrap_or(0) >= n
-        })
-    };
+    let rows = |n| rows_within(&store, &sale_id, n, Duration::from_secs(15));
     assert!(rows(2).await, "the first orders were not persisted");
 
     let replica = cluster.pause_replica_of(&ProductKeys::new(&doc.id(), stuck).stock())?;
@@ -490,24 +507,15 @@ async fn a_stalled_master_holds_back_no_other_product_s_claims() -> TestResult {
     }
 
     let stop = CancellationToken::new();
-    let mut settings = ConsumerSettings::new(target.url(), pg.url());
-    settings.redis_mode = Some(RedisMode::Cluster);
+    let mut settings = cluster_consumer(&target, &pg);
     settings.name = "heir".into();
     settings.claim_idle = Duration::from_secs(2);
     settings.claim_every = Duration::from_millis(300);
-    let consumer = Consumer::start(&doc, settings, &stop)
-        .await?
-        .ok_or("the consumer did not start")?;
-    let consumer_task = tokio::spawn(consumer.run(stop.clone()));
+    let consumer_task = run_consumer(&doc, settings, &stop).await?;
     let master = cluster.pause_master_of(&ProductKeys::new(&doc.id(), stalled).stock())?;
 
     let sale_id = doc.id().to_string();
-    let rows = |n: i64| {
-        let (store, sale_id) = (&store, &sale_id);
-        eventually(Duration::from_secs(20), move || async move {
-            order_rows(store, sale_id).await.map(|r| r.0).unwrap_or(0) >= n
-        })
-    };
+    let rows = |n| rows_within(&store, &sale_id, n, Duration::from_secs(20));
     let healthy_persisted = rows(1).await;
     cluster.resume(master);
     assert!(

@@ -263,23 +263,28 @@ pub async fn run(config: CrowdConfig) -> Result<CrowdResult, CrowdError> {
         let token = crate::token::issue(&config.token_secret, &format!("user-{u}"), 3600)?;
         tokens.push(HeaderValue::try_from(["Bearer ", &token].concat())?);
     }
-    let tokens = Arc::new(Requests {
-        tokens,
-        // Without SKUs (the trivial endpoint's run) the body names none.
-        bodies: std::iter::once("")
-            .chain(config.skus.iter().map(String::as_str))
-            .skip(usize::from(!config.skus.is_empty()))
-            .map(|sku| Bytes::from(format!(r#"{{"sku":"{sku}","quantity":1}}"#)))
-            .collect(),
-    });
+    // Without SKUs (the trivial endpoint's run) the body names none.
+    let skus: Vec<&str> = match config.skus.as_slice() {
+        [] => vec![""],
+        all => all.iter().map(String::as_str).collect(),
+    };
+    let bodies = skus
+        .iter()
+        .map(|sku| Bytes::from(format!(r#"{{"sku":"{sku}","quantity":1}}"#)))
+        .collect();
+    let prepared = Arc::new(Requests { tokens, bodies });
     let config = Arc::new(config);
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(config.connections);
     for c in 0..config.connections {
-        let (config, tokens, next) = (Arc::clone(&config), Arc::clone(&tokens), Arc::clone(&next));
+        let (config, prepared, next) = (
+            Arc::clone(&config),
+            Arc::clone(&prepared),
+            Arc::clone(&next),
+        );
         tasks.push(tokio::spawn(async move {
-            connection(c, config, tokens, next, started).await
+            connection(c, config, prepared, next, started).await
         }));
     }
     let mut total = CrowdResult::default();
@@ -333,7 +338,7 @@ async fn connect(config: &CrowdConfig, c: usize) -> Option<Sender> {
 async fn connection(
     c: usize,
     config: Arc<CrowdConfig>,
-    tokens: Arc<Requests>,
+    prepared: Arc<Requests>,
     next: Arc<AtomicU64>,
     started: Instant,
 ) -> Result<CrowdResult, CrowdError> {
@@ -385,12 +390,12 @@ async fn connection(
         };
         let pick = rng.random_range(0..config.skus.len().max(1));
         let sku = config.skus.get(pick).map(String::as_str).unwrap_or("");
-        let body = tokens.bodies.get(pick).cloned().unwrap_or_default();
+        let body = prepared.bodies.get(pick).cloned().unwrap_or_default();
         let key = match config.target {
             Target::UnkeyedPurchase => String::new(),
             _ => format!("{:032x}", rng.random::<u128>()),
         };
-        let all = &tokens.tokens;
+        let all = &prepared.tokens;
         let token = &all[usize::try_from(slot).unwrap_or(0) % all.len().max(1)];
         let ticket = if config.target == Target::TicketedPurchase {
             let t = Call::new(&tickets_path, token, Bytes::new());
