@@ -4,13 +4,15 @@
 //! that holds the user's socket.
 //!
 //! Routing: `fs:{ns/sale}:push:user:<user>` names the pod (TTL refreshed
-//! while the socket is open); `push.lua` reads it and PUBLISHes on that pod's
-//! channel only. Pub/sub is lossy (a pod restarting its subscription misses
-//! what was sent meanwhile); the guarantee is the resume snapshot a client
-//! gets on (re)connect. See docs/push.md.
+//! while the socket is open); a publisher reads it (`push.lua` for one
+//! event, an `MGET` for a batch) and PUBLISHes on that pod's channel only.
+//! Pub/sub is lossy (a pod restarting its subscription misses what was sent
+//! meanwhile); the guarantee is the resume snapshot a client gets on
+//! (re)connect. See docs/push.md.
 
 use std::borrow::Cow;
 
+use redis::RedisWrite;
 use redis::aio::ConnectionLike;
 use serde::{Deserialize, Serialize};
 
@@ -122,18 +124,39 @@ impl Publisher {
         call
     }
 
-    /// One `push_many.lua` call, written straight into the command: no key
-    /// or message string of its own per event.
-    fn many(&self, events: &[(String, OrderEvent)]) -> scripts::Call {
-        let mut call = scripts::Call::new(&scripts::PUSH_MANY, events.len(), 1 + events.len());
+    /// The registry entries of a batch's users, one `MGET` (all share the
+    /// sale's hash tag, so one node answers it in a cluster too).
+    fn registry_of(&self, events: &[(String, OrderEvent)]) -> redis::Cmd {
+        let mut mget = redis::Cmd::with_capacity(1 + events.len(), 64 * events.len());
+        mget.arg("MGET");
         for (user, _) in events {
-            call.arg_fmt(self.keys.push_user_key(user));
+            mget.write_arg_fmt(self.keys.push_user_key(user));
         }
-        call.arg(&self.prefix);
-        for (user, event) in events {
-            call.arg_with(|w| encode_into(w, user, event));
+        mget
+    }
+
+    /// A `PUBLISH` on `pod`'s channel for each event whose user the registry
+    /// placed there (`pods` in `events` order); events of users without a
+    /// socket are neither encoded nor sent.
+    fn publishes(
+        &self,
+        events: &[(String, OrderEvent)],
+        pods: &[Option<String>],
+    ) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        for ((user, event), pod) in events.iter().zip(pods) {
+            let Some(pod) = pod else { continue };
+            let mut publish = redis::cmd("PUBLISH");
+            publish.write_arg_fmt(format_args!("{}{pod}", self.prefix));
+            {
+                // A failed encode would leave a partial message the pod drops
+                // as unreadable JSON; these plain fields do not fail.
+                let mut w = publish.writer_for_next_arg();
+                let _ = encode_into(&mut w, user, event);
+            }
+            pipe.add_command(publish);
         }
-        call
+        pipe
     }
 
     /// Routes one event; true if a gateway pod received it.
@@ -149,8 +172,12 @@ impl Publisher {
         Ok(reached > 0)
     }
 
-    /// Routes many events, one script call per chunk; returns how many
-    /// reached a pod.
+    /// Routes many events: per 500, one `MGET` of their users' registry
+    /// entries, then one pipelined `PUBLISH` per event whose user holds a
+    /// socket. Returns how many reached a pod. A winner without a socket
+    /// (an API client, a closed tab: most of a crowd) costs Redis one key of
+    /// an `MGET`; a script taking every event's message cost it the whole
+    /// message as an argument (see docs/push.md).
     pub async fn publish_many<C: ConnectionLike + Send>(
         &self,
         conn: &mut C,
@@ -158,7 +185,14 @@ impl Publisher {
     ) -> Result<usize, redis::RedisError> {
         let mut reached = 0;
         for chunk in events.chunks(PUBLISH_CHUNK) {
-            let routed: usize = self.many(chunk).invoke_async(conn).await?;
+            let pods: Vec<Option<String>> = self.registry_of(chunk).query_async(conn).await?;
+            let pipe = self.publishes(chunk, &pods);
+            let routed = if pipe.is_empty() {
+                0
+            } else {
+                let listeners: Vec<i64> = pipe.query_async(conn).await?;
+                listeners.iter().filter(|&&n| n > 0).count()
+            };
             metrics::counter!("flashsale_push_published_total", "routed" => "yes")
                 .increment(routed as u64);
             metrics::counter!("flashsale_push_published_total", "routed" => "no")
@@ -179,43 +213,52 @@ mod tests {
         format!("{user}\n{json}")
     }
 
-    /// The calls carry what the scripts read: each user's registry key,
-    /// the channel prefix, and each event's wire form in the same order.
+    /// The batch reads each user's registry key, then publishes the wire
+    /// form on the channel of the pod that holds the user, only for users
+    /// that have one; a single event goes through `push.lua`.
     #[test]
-    fn publisher_calls_carry_keys_prefix_and_wire_forms() {
+    fn publisher_commands_carry_keys_channels_and_wire_forms() {
         let publisher = Publisher::new(&SaleId::new("shop", "sale"));
         let keys = SaleKeys::new(&SaleId::new("shop", "sale"));
-        let events: Vec<(String, OrderEvent)> = ["alice", "bob"]
+        let events: Vec<(String, OrderEvent)> = ["alice", "bob", "carol"]
             .iter()
             .map(|u| {
                 let e = OrderEvent::new(&format!("item.{u}"), "item", OrderStatus::Accepted, None);
                 (u.to_string(), e)
             })
             .collect();
-        let packed = |call: scripts::Call| {
-            redis::pipe()
-                .add_command(call.into_cmd())
-                .get_packed_pipeline()
-        };
-        let mut many = scripts::PUSH_MANY.prepare_invoke();
+        let mut mget = redis::cmd("MGET");
         for (u, _) in &events {
-            many.key(keys.push_user(u));
-        }
-        many.arg(keys.push_channel_prefix());
-        for (u, e) in &events {
-            many.arg(wire(u, e));
+            mget.arg(keys.push_user(u));
         }
         assert_eq!(
-            packed(publisher.many(&events)),
-            redis::pipe().invoke_script(&many).get_packed_pipeline()
+            publisher.registry_of(&events).get_packed_command(),
+            mget.get_packed_command()
         );
+        let pods = [Some("pod-a".to_string()), None, Some("pod-b".to_string())];
+        let mut publishes = redis::pipe();
+        for (i, pod) in [(0, "pod-a"), (2, "pod-b")] {
+            let (u, e) = &events[i];
+            publishes
+                .cmd("PUBLISH")
+                .arg(format!("{}{pod}", keys.push_channel_prefix()))
+                .arg(wire(u, e));
+        }
+        assert_eq!(
+            publisher.publishes(&events, &pods).get_packed_pipeline(),
+            publishes.get_packed_pipeline()
+        );
+        assert!(publisher.publishes(&events, &[None, None, None]).is_empty());
         let (u, e) = &events[0];
         let mut one = scripts::PUSH.prepare_invoke();
         one.key(keys.push_user(u))
             .arg(keys.push_channel_prefix())
             .arg(wire(u, e));
+        let packed = redis::pipe()
+            .add_command(publisher.invocation(u, e).into_cmd())
+            .get_packed_pipeline();
         assert_eq!(
-            packed(publisher.invocation(u, e)),
+            packed,
             redis::pipe().invoke_script(&one).get_packed_pipeline()
         );
     }

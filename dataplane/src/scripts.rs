@@ -112,9 +112,6 @@ pub static PUBLISH_SPEC: LazyLock<Script> =
 pub const PURCHASE_SOURCE: &str = include_str!("scripts/purchase.lua");
 /// One push event routed to the pod holding the user's socket (`push.lua`).
 pub static PUSH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/push.lua")));
-/// Many events routed in one call (`push_many.lua`), for a consumer's batch.
-pub static PUSH_MANY: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/push_many.lua")));
 /// A pod's push registry entries kept alive, never taken back from the pod a
 /// user connected to since (`refresh_push.lua`).
 pub static REFRESH_PUSH: LazyLock<Script> =
