@@ -130,13 +130,21 @@ struct Reader {
     /// keeps failing (a promoted master with no replica yet) holds back no
     /// other product's new orders.
     behind: std::sync::Arc<Vec<std::sync::atomic::AtomicBool>>,
-    /// Per stream (cluster): when its next read may go, in milliseconds
-    /// since `epoch`. A read that failed is not tried again for twice as
-    /// long as it took (at least a second), so a stalled master, whose reads
-    /// fail only at the response timeout, holds every read round of the
-    /// other products for that long only once in a while.
-    retry_at: std::sync::Arc<Vec<std::sync::atomic::AtomicU64>>,
+    /// Per stream (cluster): whether it is read in the next round.
+    health: std::sync::Arc<Vec<StreamHealth>>,
     epoch: Instant,
+}
+
+/// Per stream (cluster): whether its last call failed, and when it may be
+/// tried again.
+#[derive(Default)]
+struct StreamHealth {
+    /// Its last read or probe failed: it sits rounds out until a probe answers.
+    failed: std::sync::atomic::AtomicBool,
+    /// When the next probe may go, in milliseconds since `Reader::epoch`.
+    retry_at: std::sync::atomic::AtomicU64,
+    /// A probe is under way (one at a time per stream).
+    probing: std::sync::atomic::AtomicBool,
 }
 
 impl Reader {
@@ -144,26 +152,63 @@ impl Reader {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Whether stream `i`'s last read failed too recently to read it again.
-    fn backing_off(&self, i: usize) -> bool {
+    /// Whether stream `i` sits this round out: its last read failed, so it
+    /// is read again only once a probe (`PING` to its master) has answered,
+    /// and a probe goes only when twice as long as the failed call took (at
+    /// least a second) has passed. The probe runs beside the rounds: a
+    /// stalled master, whose calls fail only at the response timeout, holds
+    /// the other products' reads for that long once, when it stalls, not
+    /// each time it is tried again.
+    fn sits_out(&self, i: usize) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
-        self.retry_at
-            .get(i)
-            .is_some_and(|at| at.load(Relaxed) > self.now_ms())
+        let Some(h) = self.health.get(i) else {
+            return false;
+        };
+        if !h.failed.load(Relaxed) {
+            return false;
+        }
+        if h.retry_at.load(Relaxed) <= self.now_ms() && !h.probing.swap(true, Relaxed) {
+            let reader = self.clone();
+            tokio::spawn(async move { reader.probe(i).await });
+        }
+        true
+    }
+
+    async fn probe(self, i: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (Some(conn), Some(name), Some(h)) =
+            (self.conns.get(i), self.names.get(i), self.health.get(i))
+        else {
+            return;
+        };
+        let started = Instant::now();
+        let mut conn = conn.clone();
+        let answered = redis::cmd("PING")
+            .query_async::<()>(&mut conn.on_master_of(name))
+            .await;
+        match answered {
+            Ok(()) => h.failed.store(false, Relaxed),
+            Err(e) => {
+                tracing::debug!(stream = %name, error = %e, "stream's master still not answering");
+                self.after_read(i, false, started.elapsed());
+            }
+        }
+        h.probing.store(false, Relaxed);
     }
 
     fn after_read(&self, i: usize, ok: bool, took: Duration) {
         use std::sync::atomic::Ordering::Relaxed;
-        let Some(at) = self.retry_at.get(i) else {
+        let Some(h) = self.health.get(i) else {
             return;
         };
-        let next = if ok {
-            0
-        } else {
-            let wait = u64::try_from(took.as_millis().saturating_mul(2)).unwrap_or(u64::MAX);
-            self.now_ms().saturating_add(wait.max(1_000))
-        };
-        at.store(next, Relaxed);
+        if ok {
+            h.failed.store(false, Relaxed);
+            return;
+        }
+        let wait = u64::try_from(took.as_millis().saturating_mul(2)).unwrap_or(u64::MAX);
+        h.retry_at
+            .store(self.now_ms().saturating_add(wait.max(1_000)), Relaxed);
+        h.failed.store(true, Relaxed);
     }
 
     /// Whether some stream is read from history (no read ahead meanwhile:
@@ -186,17 +231,23 @@ impl Reader {
         }
         let each = |block: bool| {
             let reader = &self;
+            let sitting_out: Vec<bool> = (0..reader.conns.len())
+                .map(|i| reader.sits_out(i))
+                .collect();
+            // A round of nothing but streams sitting out waits as long as a
+            // blocking read would, so it is no spin; one with any stream to
+            // read waits for those reads only.
+            let idle = block && sitting_out.iter().all(|s| *s);
             futures::future::join_all(reader.conns.iter().enumerate().map(move |(i, conn)| {
                 let from_history = history
                     || reader
                         .behind
                         .get(i)
                         .is_some_and(|b| b.load(std::sync::atomic::Ordering::Relaxed));
+                let sits_out = sitting_out.get(i).copied().unwrap_or(false);
                 async move {
-                    if reader.backing_off(i) {
-                        if block {
-                            // As long as a blocking read would wait, so a
-                            // round of nothing but skipped streams is no spin.
+                    if sits_out {
+                        if idle {
                             tokio::time::sleep(Duration::from_millis(reader.block_ms as u64)).await;
                         }
                         return (from_history, None);
@@ -511,12 +562,7 @@ impl Consumer {
                     .map(|_| std::sync::atomic::AtomicBool::new(false))
                     .collect(),
             ),
-            retry_at: std::sync::Arc::new(
-                streams
-                    .iter()
-                    .map(|_| std::sync::atomic::AtomicU64::new(0))
-                    .collect(),
-            ),
+            health: std::sync::Arc::new(streams.iter().map(|_| StreamHealth::default()).collect()),
             epoch: Instant::now(),
         };
         let mut consumer = Self {

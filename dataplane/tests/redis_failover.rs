@@ -96,6 +96,49 @@ async fn rows_within(store: &OrderStore, sale: &str, n: i64, within: Duration) -
     .await
 }
 
+/// A sale of two products whose masters differ, warmed, and a gateway
+/// selling it: the stage of the stalled-master tests.
+struct TwoMasters {
+    cluster: RedisCluster,
+    pg: PostgresServer,
+    doc: dataplane::spec::SaleDocument,
+    stalled: String,
+    healthy: String,
+    target: RedisTarget,
+    conn: RedisConn,
+    store: OrderStore,
+    gw: RunningGateway,
+}
+
+async fn two_masters(
+    name: &str,
+    stock: i64,
+    limit: u32,
+) -> Result<TwoMasters, Box<dyn std::error::Error + Send + Sync>> {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start).await??;
+    let pg = tokio::task::spawn_blocking(PostgresServer::start).await??;
+    let probe = sale(name, &[("probe", 1, 1)]);
+    let mut skus = skus_on_three_masters(&cluster, &probe.id())?.into_iter();
+    let (Some(stalled), Some(healthy)) = (skus.next(), skus.next()) else {
+        return Err("no two masters".into());
+    };
+    let doc = sale(name, &[(&stalled, stock, limit), (&healthy, stock, limit)]);
+    let (target, conn, store) = warm_on(&cluster, &pg, &doc).await?;
+    let gw = RunningGateway::start_with(&doc, &cluster_gateway(&target, Durability::Local, "gw"))
+        .await?;
+    Ok(TwoMasters {
+        cluster,
+        pg,
+        doc,
+        stalled,
+        healthy,
+        target,
+        conn,
+        store,
+        gw,
+    })
+}
+
 /// Three SKUs whose products live on three different masters.
 fn skus_on_three_masters(
     cluster: &RedisCluster,
@@ -415,15 +458,15 @@ async fn a_master_without_a_replica_holds_back_no_other_product_s_orders() -> Te
 /// circuit breaker; the pod goes unready only when every product's is open).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_master_stops_only_its_own_products() -> TestResult {
-    let mut cluster = tokio::task::spawn_blocking(RedisCluster::start).await??;
-    let pg = tokio::task::spawn_blocking(PostgresServer::start).await??;
-    let probe = sale("stalled", &[("probe", 1, 1)]);
-    let skus = skus_on_three_masters(&cluster, &probe.id())?;
-    let (stalled, healthy) = (skus[0].as_str(), skus[1].as_str());
-    let doc = sale("stalled", &[(stalled, 100, 100), (healthy, 100, 100)]);
-    let (target, _, _store) = warm_on(&cluster, &pg, &doc).await?;
-    let settings = cluster_gateway(&target, Durability::Local, "gw");
-    let gw = RunningGateway::start_with(&doc, &settings).await?;
+    let TwoMasters {
+        mut cluster,
+        doc,
+        stalled,
+        healthy,
+        gw,
+        ..
+    } = two_masters("stalled", 100, 100).await?;
+    let (stalled, healthy) = (stalled.as_str(), healthy.as_str());
     // Both sell, and the gateway's connections to both masters are up.
     for sku in [stalled, healthy] {
         let (status, body) = buy_one(&gw, "stalled", "cy", sku).await?;
@@ -459,21 +502,96 @@ async fn a_stalled_master_stops_only_its_own_products() -> TestResult {
     Ok(())
 }
 
+/// A stalled master, whose calls fail only at the response timeout, holds
+/// the other products' reads once, when it stalls: after that its stream
+/// sits the read rounds out and is probed beside them, so new orders of the
+/// other products are persisted promptly however long the stall lasts (it
+/// used to hold a round again each time its back-off ended), and its own
+/// once the master is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_master_holds_the_other_products_reads_only_once() -> TestResult {
+    let TwoMasters {
+        mut cluster,
+        pg,
+        doc,
+        stalled,
+        healthy,
+        target,
+        store,
+        gw,
+        ..
+    } = two_masters("once", 100, 100).await?;
+    let (stalled, healthy) = (stalled.as_str(), healthy.as_str());
+    let stop = CancellationToken::new();
+    let consumer_task = run_consumer(&doc, cluster_consumer(&target, &pg), &stop).await?;
+    let sale_id = doc.id().to_string();
+    for sku in [stalled, healthy] {
+        let (status, body) = buy_one(&gw, "once", "cy", sku).await?;
+        assert_eq!(status, 202, "{body}");
+    }
+    assert!(rows_within(&store, &sale_id, 2, Duration::from_secs(20)).await);
+
+    let master = cluster.pause_master_of(&ProductKeys::new(&doc.id(), stalled).stock())?;
+    // The stalled stream's first read fails at its response timeout (the
+    // block time and 5 s); then it waits twice that before it is tried again.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let watched = Instant::now();
+    let (mut slowest, mut persisted) = (Duration::ZERO, 2);
+    while watched.elapsed() < Duration::from_secs(17) {
+        let (status, body) = buy_one(&gw, "once", &format!("h{persisted}"), healthy).await?;
+        assert_eq!(status, 202, "{body}");
+        let bought = Instant::now();
+        persisted += 1;
+        assert!(rows_within(&store, &sale_id, persisted, Duration::from_secs(20)).await);
+        slowest = slowest.max(bought.elapsed());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    cluster.resume(master);
+    // The stall may have outlasted the cluster's node timeout (a replica
+    // promoted): the gateway answers 503 until its slot map catches up.
+    let (mut status, mut body) = (0, serde_json::Value::Null);
+    for _ in 0..60 {
+        (status, body) = buy_one(&gw, "once", "late", stalled).await?;
+        if status == 202 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let stalled_persisted =
+        rows_within(&store, &sale_id, persisted + 1, Duration::from_secs(30)).await;
+    stop.cancel();
+    let _ = consumer_task.await;
+    gw.stop().await;
+    assert!(
+        slowest < Duration::from_secs(3),
+        "a healthy product's order waited {slowest:?} for the stalled master"
+    );
+    assert_eq!(status, 202, "{body}");
+    assert!(
+        stalled_persisted,
+        "the stalled product's order was not persisted once its master was back"
+    );
+    Ok(())
+}
+
 /// A consumer takes over entries another one left pending product by
 /// product: with one product's master stalled, the others' abandoned orders
 /// are claimed and persisted meanwhile, and the stalled one's once its
 /// master is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_master_holds_back_no_other_product_s_claims() -> TestResult {
-    let mut cluster = tokio::task::spawn_blocking(RedisCluster::start).await??;
-    let pg = tokio::task::spawn_blocking(PostgresServer::start).await??;
-    let probe = sale("claims", &[("probe", 1, 1)]);
-    let skus = skus_on_three_masters(&cluster, &probe.id())?;
-    let (stalled, healthy) = (skus[0].as_str(), skus[1].as_str());
-    let doc = sale("claims", &[(stalled, 10, 5), (healthy, 10, 5)]);
-    let (target, mut conn, store) = warm_on(&cluster, &pg, &doc).await?;
-    let gw = RunningGateway::start_with(&doc, &cluster_gateway(&target, Durability::Local, "gw"))
-        .await?;
+    let TwoMasters {
+        mut cluster,
+        pg,
+        doc,
+        stalled,
+        healthy,
+        target,
+        mut conn,
+        store,
+        gw,
+    } = two_masters("claims", 10, 5).await?;
+    let (stalled, healthy) = (stalled.as_str(), healthy.as_str());
     // One order of each product, read by a consumer that then died: its
     // entries stay pending under its name.
     for sku in [stalled, healthy] {
