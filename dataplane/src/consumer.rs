@@ -190,13 +190,13 @@ impl Reader {
             Ok(()) => h.failed.store(false, Relaxed),
             Err(e) => {
                 tracing::debug!(stream = %name, error = %e, "stream's master still not answering");
-                self.after_read(i, false, started.elapsed());
+                self.after_call(i, false, started.elapsed());
             }
         }
         h.probing.store(false, Relaxed);
     }
 
-    fn after_read(&self, i: usize, ok: bool, took: Duration) {
+    fn after_call(&self, i: usize, ok: bool, took: Duration) {
         use std::sync::atomic::Ordering::Relaxed;
         let Some(h) = self.health.get(i) else {
             return;
@@ -256,7 +256,7 @@ impl Reader {
                     let read = reader
                         .read_streams(conn.clone(), i..i + 1, from_history, block && !from_history)
                         .await;
-                    reader.after_read(i, read.is_ok(), started.elapsed());
+                    reader.after_call(i, read.is_ok(), started.elapsed());
                     (from_history, Some(read))
                 }
             }))
