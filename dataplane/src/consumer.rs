@@ -186,13 +186,10 @@ impl Reader {
         let answered = redis::cmd("PING")
             .query_async::<()>(&mut conn.on_master_of(name))
             .await;
-        match answered {
-            Ok(()) => h.failed.store(false, Relaxed),
-            Err(e) => {
-                tracing::debug!(stream = %name, error = %e, "stream's master still not answering");
-                self.after_call(i, false, started.elapsed());
-            }
+        if let Err(e) = &answered {
+            tracing::debug!(stream = %name, error = %e, "stream's master still not answering");
         }
+        self.after_call(i, answered.is_ok(), started.elapsed());
         h.probing.store(false, Relaxed);
     }
 

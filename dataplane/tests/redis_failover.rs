@@ -97,7 +97,8 @@ async fn rows_within(store: &OrderStore, sale: &str, n: i64, within: Duration) -
 }
 
 /// A sale of two products whose masters differ, warmed, and a gateway
-/// selling it: the stage of the stalled-master tests.
+/// that has sold one unit of each to buyer `cy` (so its connections to both
+/// masters are up): the stage of the stalled-master tests.
 struct TwoMasters {
     cluster: RedisCluster,
     pg: PostgresServer,
@@ -126,6 +127,10 @@ async fn two_masters(
     let (target, conn, store) = warm_on(&cluster, &pg, &doc).await?;
     let gw = RunningGateway::start_with(&doc, &cluster_gateway(&target, Durability::Local, "gw"))
         .await?;
+    for sku in [&stalled, &healthy] {
+        let (status, body) = buy_one(&gw, name, "cy", sku).await?;
+        assert_eq!(status, 202, "{body}");
+    }
     Ok(TwoMasters {
         cluster,
         pg,
@@ -467,11 +472,6 @@ async fn a_stalled_master_stops_only_its_own_products() -> TestResult {
         ..
     } = two_masters("stalled", 100, 100).await?;
     let (stalled, healthy) = (stalled.as_str(), healthy.as_str());
-    // Both sell, and the gateway's connections to both masters are up.
-    for sku in [stalled, healthy] {
-        let (status, body) = buy_one(&gw, "stalled", "cy", sku).await?;
-        assert_eq!(status, 202, "{body}");
-    }
 
     let master = cluster.pause_master_of(&ProductKeys::new(&doc.id(), stalled).stock())?;
     // Enough failures at once to open the stalled product's breaker.
@@ -525,15 +525,11 @@ async fn a_stalled_master_holds_the_other_products_reads_only_once() -> TestResu
     let stop = CancellationToken::new();
     let consumer_task = run_consumer(&doc, cluster_consumer(&target, &pg), &stop).await?;
     let sale_id = doc.id().to_string();
-    for sku in [stalled, healthy] {
-        let (status, body) = buy_one(&gw, "once", "cy", sku).await?;
-        assert_eq!(status, 202, "{body}");
-    }
     assert!(rows_within(&store, &sale_id, 2, Duration::from_secs(20)).await);
 
     let master = cluster.pause_master_of(&ProductKeys::new(&doc.id(), stalled).stock())?;
     // The stalled stream's first read fails at its response timeout (the
-    // block time and 5 s); then it waits twice that before it is tried again.
+    // block time and 5 s); then it sits the rounds out, probed beside them.
     tokio::time::sleep(Duration::from_secs(7)).await;
     let watched = Instant::now();
     let (mut slowest, mut persisted) = (Duration::ZERO, 2);
@@ -597,11 +593,9 @@ async fn a_stalled_master_holds_back_no_other_product_s_claims() -> TestResult {
         gw,
     } = two_masters("claims", 10, 5).await?;
     let (stalled, healthy) = (stalled.as_str(), healthy.as_str());
-    // One order of each product, read by a consumer that then died: its
-    // entries stay pending under its name.
+    // The stage's order of each product, read by a consumer that then died:
+    // its entries stay pending under its name.
     for sku in [stalled, healthy] {
-        let (status, body) = buy_one(&gw, "claims", "cy", sku).await?;
-        assert_eq!(status, 202, "{body}");
         let stream = ProductKeys::new(&doc.id(), sku).stream();
         let created: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")
